@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs a pinned Prefect 3 into a venv cached outside the repo and prints its path.
+# Re-running is cheap: the venv is reused when it already has the pinned version.
+set -euo pipefail
+
+PREFECT_VERSION="${PREFECT_VERSION:-3.9.1}"
+CACHE="${PAO_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/prefect-agent-operator}"
+VENV="$CACHE/venv-prefect-$PREFECT_VERSION"
+
+if [ -x "$VENV/bin/prefect" ] && [ -f "$VENV/.complete" ]; then
+  echo "$VENV"
+  exit 0
+fi
+
+PY="${PYTHON:-python3}"
+if ! "$PY" -c 'import venv' >/dev/null 2>&1; then
+  # Debian splits venv out of the interpreter package.
+  if command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq >&2 && apt-get install -y -qq python3-venv >&2
+  fi
+fi
+
+mkdir -p "$CACHE"
+rm -rf "$VENV"
+"$PY" -m venv "$VENV" >&2
+"$VENV/bin/pip" install --quiet --upgrade pip >&2 || true
+"$VENV/bin/pip" install --quiet "prefect==$PREFECT_VERSION" >&2
+touch "$VENV/.complete"
+echo "$VENV"

@@ -1,0 +1,115 @@
+//! A flow run's environment and its precedence rules.
+//!
+//! Later layers win: (1) the agent's `env_vars`, (2) the run's own `env` job variable
+//! (pool defaults < deployment < run, merged by the backend), (3) the fixed variables
+//! the run needs to reach Prefect (API URL, credentials, flow-run id, log shipping off
+//! under `no_cloud_logs`). In job variables a `null` value removes a variable.
+
+use std::collections::BTreeMap;
+
+use serde_json::{Map, Value};
+
+use crate::backend::EnvValue;
+
+/// Why a run's `env` job variable could not be used.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("job variable `env` is invalid: {0}")]
+pub struct EnvError(String);
+
+/// Computes the run's environment from the three layers.
+pub fn run_environment(
+    agent_env: &BTreeMap<String, String>,
+    job_variables: &Map<String, Value>,
+    fixed: &BTreeMap<String, EnvValue>,
+) -> Result<BTreeMap<String, EnvValue>, EnvError> {
+    let mut env: BTreeMap<String, EnvValue> = agent_env
+        .iter()
+        .map(|(k, v)| (k.clone(), EnvValue::Plain(v.clone())))
+        .collect();
+    match job_variables.get("env") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(vars)) => {
+            for (k, v) in vars {
+                match v {
+                    Value::Null => {
+                        env.remove(k);
+                    }
+                    Value::String(s) => {
+                        env.insert(k.clone(), EnvValue::Plain(s.clone()));
+                    }
+                    Value::Bool(_) | Value::Number(_) => {
+                        env.insert(k.clone(), EnvValue::Plain(v.to_string()));
+                    }
+                    other => {
+                        return Err(EnvError(format!(
+                            "`{k}` must be a string, number, boolean or null, got {other}"
+                        )));
+                    }
+                }
+            }
+        }
+        Some(other) => {
+            return Err(EnvError(format!(
+                "expected an object of NAME: value, got {other}"
+            )));
+        }
+    }
+    env.extend(fixed.iter().map(|(k, v)| (k.clone(), v.clone())));
+    Ok(env)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secret::SecretString;
+    use serde_json::json;
+
+    fn plain(s: &str) -> EnvValue {
+        EnvValue::Plain(s.into())
+    }
+
+    #[test]
+    fn later_layers_win() {
+        let agent = BTreeMap::from([
+            ("TEAM".to_string(), "data".to_string()),
+            ("SHARED".to_string(), "agent".to_string()),
+            ("PREFECT_API_URL".to_string(), "http://wrong".to_string()),
+            ("DROP".to_string(), "me".to_string()),
+        ]);
+        let vars = json!({"env": {"SHARED": "run", "N": 3, "B": true, "DROP": null}});
+        let fixed = BTreeMap::from([
+            ("PREFECT_API_URL".to_string(), plain("http://right/api")),
+            (
+                "PREFECT_API_KEY".to_string(),
+                EnvValue::Secret(SecretString::new("k")),
+            ),
+        ]);
+        let env = run_environment(&agent, vars.as_object().unwrap(), &fixed).unwrap();
+        assert_eq!(env["TEAM"], plain("data"));
+        assert_eq!(env["SHARED"], plain("run"));
+        assert_eq!(env["N"], plain("3"));
+        assert_eq!(env["B"], plain("true"));
+        assert!(!env.contains_key("DROP"));
+        assert_eq!(env["PREFECT_API_URL"], plain("http://right/api"));
+        assert!(matches!(env["PREFECT_API_KEY"], EnvValue::Secret(_)));
+    }
+
+    #[test]
+    fn a_bad_env_variable_is_named() {
+        let fixed = BTreeMap::new();
+        let err = run_environment(
+            &BTreeMap::new(),
+            json!({"env": ["A=1"]}).as_object().unwrap(),
+            &fixed,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("expected an object"), "{err}");
+        let err = run_environment(
+            &BTreeMap::new(),
+            json!({"env": {"A": {"x": 1}}}).as_object().unwrap(),
+            &fixed,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("`A`"), "{err}");
+    }
+}

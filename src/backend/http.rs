@@ -1,0 +1,344 @@
+//! The one HTTP client every backend uses: auth, JSON, and retries with backoff.
+
+use std::time::Duration;
+
+use rand::Rng;
+use reqwest::{Method, StatusCode};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::secret::SecretString;
+
+/// How requests authenticate.
+#[derive(Clone, Debug, Default)]
+pub enum Auth {
+    #[default]
+    None,
+    /// `Authorization: Bearer <key>` (Prefect Cloud, Prefect 1 API keys).
+    Bearer(SecretString),
+    /// HTTP basic auth from a `user:password` string (`PREFECT_API_AUTH_STRING`).
+    Basic(SecretString),
+}
+
+/// When and how often to retry a request that failed for a passing reason.
+#[derive(Clone, Copy, Debug)]
+pub struct RetryPolicy {
+    /// Total tries, the first included.
+    pub attempts: u32,
+    pub base_delay: Duration,
+    pub max_delay: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            attempts: 7,
+            base_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(5),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// Exponential backoff with full jitter in the upper half: `base * 2^n`, capped.
+    pub fn delay(&self, retry: u32) -> Duration {
+        let exp = self
+            .base_delay
+            .saturating_mul(1u32 << retry.min(16))
+            .min(self.max_delay);
+        let half = exp / 2;
+        half + exp.mul_f64(rand::rng().random_range(0.0..0.5))
+    }
+}
+
+/// What went wrong with a request, after retries.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error("cannot reach the Prefect API at {url}: {cause}")]
+    Unreachable { url: String, cause: String },
+    #[error(
+        "the Prefect API at {url} rejected the credentials (HTTP {status}); check the API key or auth string"
+    )]
+    Unauthorized { url: String, status: u16 },
+    #[error("{method} {path}: not found: {detail}")]
+    NotFound {
+        method: Method,
+        path: String,
+        detail: String,
+    },
+    #[error("{method} {path} failed with HTTP {status}: {detail}")]
+    Status {
+        method: Method,
+        path: String,
+        status: u16,
+        detail: String,
+    },
+    #[error("{method} {path}: the response is not what was expected: {cause}")]
+    Decode {
+        method: Method,
+        path: String,
+        cause: String,
+    },
+}
+
+impl HttpError {
+    /// True for failures that would likely go away by themselves.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Unreachable { .. } => true,
+            Self::Status { status, .. } => is_retryable_status(*status, ""),
+            _ => false,
+        }
+    }
+}
+
+fn is_retryable_status(status: u16, body: &str) -> bool {
+    matches!(status, 429 | 502 | 503 | 504)
+        || (status == 500 && body.contains("database is locked"))
+}
+
+/// The innermost cause of an error: "Connection refused (os error 111)", not a chain of wrappers.
+pub fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = err;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
+
+/// The `detail` of a Prefect error body, or the body itself, shortened.
+fn error_detail(body: &str) -> String {
+    let detail = serde_json::from_str::<Value>(body)
+        .ok()
+        .and_then(|v| match v.get("detail") {
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(other) => Some(other.to_string()),
+            None => v.get("exception_detail").map(|d| d.to_string()),
+        })
+        .unwrap_or_else(|| body.trim().to_string());
+    let mut detail = detail;
+    if detail.len() > 300 {
+        let mut cut = 300;
+        while !detail.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        detail.truncate(cut);
+        detail.push('…');
+    }
+    detail
+}
+
+/// A JSON API client bound to one base URL.
+#[derive(Clone, Debug)]
+pub struct ApiClient {
+    http: reqwest::Client,
+    base: String,
+    auth: Auth,
+    retry: RetryPolicy,
+}
+
+impl ApiClient {
+    pub fn new(base: &str, auth: Auth, retry: RetryPolicy) -> Result<Self, HttpError> {
+        crate::install_crypto_provider();
+        let http = reqwest::Client::builder()
+            .user_agent(concat!(
+                "prefect-agent-operator/",
+                env!("CARGO_PKG_VERSION")
+            ))
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(30))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|e| HttpError::Unreachable {
+                url: base.to_string(),
+                cause: root_cause(&e),
+            })?;
+        Ok(Self {
+            http,
+            base: base.trim_end_matches('/').to_string(),
+            auth,
+            retry,
+        })
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    /// Sends a request and decodes a JSON answer; `204 No Content` decodes as `null`.
+    pub async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<T, HttpError> {
+        let text = self.send(method.clone(), path, body).await?;
+        let text = if text.is_empty() { "null" } else { &text };
+        serde_json::from_str(text).map_err(|e| HttpError::Decode {
+            method,
+            path: path.to_string(),
+            cause: e.to_string(),
+        })
+    }
+
+    /// Sends a request, retrying transient failures, and returns the body of a 2xx answer.
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<String, HttpError> {
+        let url = format!("{}{}", self.base, path);
+        let mut retry = 0;
+        loop {
+            let (err, after) = match self.send_once(method.clone(), &url, body).await {
+                Ok((_, text)) => return Ok(text),
+                Err(Attempt::Final(e)) => return Err(e),
+                Err(Attempt::Retry { err, after }) => (err, after),
+            };
+            if retry + 1 >= self.retry.attempts {
+                return Err(err);
+            }
+            let delay = after.unwrap_or_else(|| self.retry.delay(retry));
+            tracing::debug!(%method, path, retry, ?delay, error = %err, "retrying Prefect API call");
+            tokio::time::sleep(delay).await;
+            retry += 1;
+        }
+    }
+
+    async fn send_once(
+        &self,
+        method: Method,
+        url: &str,
+        body: Option<&Value>,
+    ) -> Result<(StatusCode, String), Attempt> {
+        let mut req = self.http.request(method.clone(), url);
+        req = match &self.auth {
+            Auth::None => req,
+            Auth::Bearer(key) => req.bearer_auth(key.expose()),
+            Auth::Basic(s) => {
+                let (user, pass) = s.expose().split_once(':').unwrap_or((s.expose(), ""));
+                req.basic_auth(user, Some(pass))
+            }
+        };
+        if let Some(body) = body {
+            req = req.json(body);
+        }
+        let path = url.strip_prefix(&self.base).unwrap_or(url).to_string();
+        let resp = match req.send().await {
+            Ok(resp) => resp,
+            Err(e) => {
+                return Err(Attempt::Retry {
+                    err: HttpError::Unreachable {
+                        url: self.base.clone(),
+                        cause: root_cause(&e),
+                    },
+                    after: None,
+                });
+            }
+        };
+        let status = resp.status();
+        let retry_after = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(|s| Duration::from_secs(s.min(30)));
+        let text = match resp.text().await {
+            Ok(t) => t,
+            Err(e) => {
+                return Err(Attempt::Retry {
+                    err: HttpError::Unreachable {
+                        url: self.base.clone(),
+                        cause: root_cause(&e),
+                    },
+                    after: None,
+                });
+            }
+        };
+        if status.is_success() {
+            return Ok((status, text));
+        }
+        let code = status.as_u16();
+        let err = match code {
+            401 | 403 => HttpError::Unauthorized {
+                url: self.base.clone(),
+                status: code,
+            },
+            404 => HttpError::NotFound {
+                method,
+                path,
+                detail: error_detail(&text),
+            },
+            _ => HttpError::Status {
+                method,
+                path,
+                status: code,
+                detail: error_detail(&text),
+            },
+        };
+        if is_retryable_status(code, &text) {
+            Err(Attempt::Retry {
+                err,
+                after: retry_after,
+            })
+        } else {
+            Err(Attempt::Final(err))
+        }
+    }
+}
+
+enum Attempt {
+    Final(HttpError),
+    Retry {
+        err: HttpError,
+        after: Option<Duration>,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delays_grow_and_are_capped() {
+        let p = RetryPolicy {
+            attempts: 10,
+            base_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(2),
+        };
+        for n in 0..10 {
+            let d = p.delay(n);
+            let exp = (Duration::from_millis(100) * 2u32.pow(n)).min(Duration::from_secs(2));
+            assert!(
+                d >= exp / 2 && d <= exp,
+                "retry {n}: {d:?} not in [{:?}, {exp:?}]",
+                exp / 2
+            );
+        }
+    }
+
+    #[test]
+    fn retryable_statuses() {
+        assert!(is_retryable_status(503, ""));
+        assert!(is_retryable_status(429, ""));
+        assert!(is_retryable_status(
+            500,
+            "sqlite3.OperationalError: database is locked"
+        ));
+        assert!(!is_retryable_status(500, "boom"));
+        assert!(!is_retryable_status(404, ""));
+        assert!(!is_retryable_status(422, ""));
+    }
+
+    #[test]
+    fn error_detail_reads_prefect_bodies() {
+        assert_eq!(
+            error_detail(r#"{"detail": "Work pool \"x\" not found."}"#),
+            r#"Work pool "x" not found."#
+        );
+        assert!(error_detail(r#"{"exception_message":"Invalid request received.","exception_detail":[{"loc":["body"]}]}"#).contains("loc"));
+        assert_eq!(error_detail("plain text\n"), "plain text");
+        assert!(error_detail(&"é".repeat(400)).ends_with('…'));
+    }
+}

@@ -1,0 +1,207 @@
+//! How the agent talks to Prefect: the [`Backend`] trait and the flow-run types it speaks.
+
+pub mod http;
+pub mod prefect3;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+
+use crate::secret::SecretString;
+
+pub use http::HttpError;
+
+/// The kind of a flow-run state, as Prefect 3 names them (Prefect 1 maps onto these).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum StateKind {
+    Scheduled,
+    Pending,
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+    Crashed,
+    Paused,
+    Cancelling,
+    Unknown,
+}
+
+impl StateKind {
+    pub fn parse(s: &str) -> Self {
+        match s.to_ascii_uppercase().as_str() {
+            "SCHEDULED" => Self::Scheduled,
+            "PENDING" => Self::Pending,
+            "RUNNING" => Self::Running,
+            "COMPLETED" => Self::Completed,
+            "FAILED" => Self::Failed,
+            "CANCELLED" => Self::Cancelled,
+            "CRASHED" => Self::Crashed,
+            "PAUSED" => Self::Paused,
+            "CANCELLING" => Self::Cancelling,
+            _ => Self::Unknown,
+        }
+    }
+
+    /// A final state: nothing will move the run on by itself.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            Self::Completed | Self::Failed | Self::Cancelled | Self::Crashed
+        )
+    }
+}
+
+/// A flow run as the agent needs it, whatever the backend.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FlowRun {
+    pub id: String,
+    pub name: String,
+    pub flow_id: Option<String>,
+    pub deployment_id: Option<String>,
+    pub state: StateKind,
+    /// When the run's current state began (server clock).
+    pub state_since: Option<DateTime<Utc>>,
+    pub state_message: Option<String>,
+    pub scheduled_start: Option<DateTime<Utc>>,
+    /// The run's own job variables (Prefect 3) or run_config (Prefect 1).
+    pub job_variables: Map<String, Value>,
+    pub infrastructure_pid: Option<String>,
+}
+
+/// The answer to a claim.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// The run is ours to launch.
+    Claimed,
+    /// Another agent or worker has it.
+    Taken(String),
+    /// Not now (a concurrency limit, a WAIT); it will be offered again.
+    Delayed(String),
+}
+
+/// An environment variable value: the key must reach a Kubernetes Job only as a `secretKeyRef`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EnvValue {
+    Plain(String),
+    Secret(SecretString),
+}
+
+/// What a backend knows about how a run must be started.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RunContext {
+    /// Job variables merged: pool defaults < deployment < run.
+    pub job_variables: Map<String, Value>,
+    /// Variables the run needs to talk to Prefect; they win over everything else.
+    pub fixed_env: BTreeMap<String, EnvValue>,
+}
+
+/// What registering the agent returned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Registration {
+    pub agent_id: String,
+    /// The pool's type (Prefect 3) or the agent type (Prefect 1).
+    pub kind: String,
+}
+
+/// Severity of a log line shipped to Prefect for a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogLevel {
+    Info,
+    Error,
+}
+
+/// Errors a backend reports, each with a message a user can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error(transparent)]
+    Http(#[from] HttpError),
+    #[error(
+        "work pool `{pool}` does not exist at {url}; create it (`prefect work-pool create {pool} --type process`) or pass --create-pool"
+    )]
+    UnknownPool { pool: String, url: String },
+    #[error("work queue `{queue}` does not exist in work pool `{pool}`")]
+    UnknownQueue { pool: String, queue: String },
+    #[error("unexpected answer from the Prefect API to {call}: {detail}")]
+    Protocol { call: &'static str, detail: String },
+}
+
+impl BackendError {
+    /// True when retrying later may succeed (the API was unreachable or overloaded).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Http(e) if e.is_transient())
+    }
+}
+
+/// How to talk to Prefect. One implementation per API flavour; the agent loop is written once.
+///
+/// Every call is retried by the implementation where that is safe; an error
+/// returned here has already survived the retry policy.
+pub trait Backend: Send + Sync + 'static {
+    /// Announces the agent (Prefect 3: checks the pool and queues, first heartbeat).
+    fn register(&self) -> impl Future<Output = Result<Registration, BackendError>> + Send;
+    /// Tells Prefect the agent is alive.
+    fn heartbeat(&self) -> impl Future<Output = Result<(), BackendError>> + Send;
+    /// Runs due now or within the prefetch window, not yet claimed.
+    fn poll(&self) -> impl Future<Output = Result<Vec<FlowRun>, BackendError>> + Send;
+    /// Claims one run, exactly once: a retried claim that already succeeded is `Claimed`.
+    fn claim(&self, run: &FlowRun) -> impl Future<Output = Result<Claim, BackendError>> + Send;
+    /// Everything needed to start the run's infrastructure.
+    fn context(
+        &self,
+        run: &FlowRun,
+        no_cloud_logs: bool,
+    ) -> impl Future<Output = Result<RunContext, BackendError>> + Send;
+    /// Records the infrastructure id of a launched run.
+    fn launched(
+        &self,
+        run_id: &str,
+        infra_id: &str,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send;
+    /// Ends a run whose infrastructure failed (Prefect 3: CRASHED) with the cause.
+    fn crash(
+        &self,
+        run_id: &str,
+        message: &str,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send;
+    /// Ends a run whose cancellation has been carried out.
+    fn cancelled(&self, run_id: &str) -> impl Future<Output = Result<(), BackendError>> + Send;
+    /// Runs the user asked to cancel, in this agent's pool.
+    fn cancelling(&self) -> impl Future<Output = Result<Vec<FlowRun>, BackendError>> + Send;
+    /// Runs this agent claimed but never recorded as launched.
+    fn orphans(&self) -> impl Future<Output = Result<Vec<FlowRun>, BackendError>> + Send;
+    /// True when the run's current state is a claim this agent made.
+    fn is_own_claim(&self, run: &FlowRun) -> bool;
+    /// The run as it is now.
+    fn read(&self, run_id: &str) -> impl Future<Output = Result<FlowRun, BackendError>> + Send;
+    /// Ships one log line for a run.
+    fn log(
+        &self,
+        run_id: &str,
+        level: LogLevel,
+        message: &str,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn final_states() {
+        for s in ["COMPLETED", "failed", "CANCELLED", "CRASHED"] {
+            assert!(StateKind::parse(s).is_final(), "{s}");
+        }
+        for s in [
+            "SCHEDULED",
+            "PENDING",
+            "RUNNING",
+            "CANCELLING",
+            "PAUSED",
+            "weird",
+        ] {
+            assert!(!StateKind::parse(s).is_final(), "{s}");
+        }
+    }
+}

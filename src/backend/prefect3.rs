@@ -1,0 +1,599 @@
+//! The Prefect 3 work-pool backend: poll a pool, claim runs with a transition id, report back.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use reqwest::Method;
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+use tokio::sync::RwLock;
+
+use super::http::{ApiClient, Auth, HttpError, RetryPolicy};
+use super::{
+    Backend, BackendError, Claim, EnvValue, FlowRun, LogLevel, Registration, RunContext, StateKind,
+};
+use crate::secret::SecretString;
+
+/// Where and how this backend polls.
+#[derive(Clone, Debug)]
+pub struct Prefect3Config {
+    pub api_url: String,
+    pub auth: Auth,
+    pub pool: String,
+    /// Empty = every queue of the pool.
+    pub queues: Vec<String>,
+    /// The worker name Prefect shows; also marks this agent's claims.
+    pub agent_name: String,
+    /// How far ahead of their start time runs are picked up.
+    pub prefetch: Duration,
+    pub heartbeat_interval: Duration,
+    /// Create the pool with this type when it is missing.
+    pub create_pool: Option<String>,
+    /// Most runs asked for per poll (the server returns at most 200).
+    pub poll_limit: usize,
+    pub retry: RetryPolicy,
+}
+
+/// The `state.message` a claim carries, so a restarted agent recognises its own claims.
+pub fn claim_marker(agent_name: &str) -> String {
+    format!("Claimed by agent {agent_name}")
+}
+
+/// The Prefect 3 REST backend.
+pub struct Prefect3 {
+    api: ApiClient,
+    cfg: Prefect3Config,
+    /// Job-variable defaults from the pool's base job template, refreshed at registration.
+    pool_defaults: RwLock<Map<String, Value>>,
+}
+
+impl Prefect3 {
+    pub fn new(cfg: Prefect3Config) -> Result<Self, BackendError> {
+        let api = ApiClient::new(&cfg.api_url, cfg.auth.clone(), cfg.retry)?;
+        Ok(Self {
+            api,
+            cfg,
+            pool_defaults: RwLock::new(Map::new()),
+        })
+    }
+
+    fn pool_path(&self) -> String {
+        format!("/work_pools/{}", urlencode(&self.cfg.pool))
+    }
+
+    async fn set_state(&self, run_id: &str, state: Value) -> Result<SetStateResponse, HttpError> {
+        self.api
+            .call(
+                Method::POST,
+                &format!("/flow_runs/{run_id}/set_state"),
+                Some(&state),
+            )
+            .await
+    }
+
+    async fn filter_runs(&self, state: &str) -> Result<Vec<FlowRun>, BackendError> {
+        let mut body = json!({
+            "flow_runs": {"state": {"type": {"any_": [state]}}},
+            "work_pools": {"name": {"any_": [self.cfg.pool]}},
+            "limit": 200,
+        });
+        if !self.cfg.queues.is_empty() {
+            body["work_queues"] = json!({"name": {"any_": self.cfg.queues}});
+        }
+        let runs: Vec<ApiFlowRun> = self
+            .api
+            .call(Method::POST, "/flow_runs/filter", Some(&body))
+            .await?;
+        Ok(runs.into_iter().map(FlowRun::from).collect())
+    }
+
+    async fn read_pool(&self) -> Result<Value, BackendError> {
+        match self.api.call(Method::GET, &self.pool_path(), None).await {
+            Ok(pool) => Ok(pool),
+            Err(HttpError::NotFound { .. }) => match &self.cfg.create_pool {
+                Some(kind) => {
+                    let body =
+                        json!({"name": self.cfg.pool, "type": kind, "base_job_template": {}});
+                    tracing::info!(pool = %self.cfg.pool, kind, "creating missing work pool");
+                    Ok(self
+                        .api
+                        .call(Method::POST, "/work_pools/", Some(&body))
+                        .await?)
+                }
+                None => Err(BackendError::UnknownPool {
+                    pool: self.cfg.pool.clone(),
+                    url: self.api.base_url().to_string(),
+                }),
+            },
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// Percent-encodes a path segment (pool and queue names may hold spaces).
+fn urlencode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Job-variable defaults of a base job template (`variables.properties.*.default`).
+pub fn template_defaults(base_job_template: &Value) -> Map<String, Value> {
+    base_job_template
+        .pointer("/variables/properties")
+        .and_then(Value::as_object)
+        .map(|props| {
+            props
+                .iter()
+                .filter_map(|(k, v)| v.get("default").map(|d| (k.clone(), d.clone())))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Job variables as Prefect merges them: pool defaults < deployment < run, key by key.
+pub fn merge_job_variables(layers: &[&Map<String, Value>]) -> Map<String, Value> {
+    let mut out = Map::new();
+    for layer in layers {
+        for (k, v) in layer.iter() {
+            out.insert(k.clone(), v.clone());
+        }
+    }
+    out
+}
+
+/// The variables a run needs to reach Prefect; they override anything else.
+pub fn fixed_env(
+    api_url: &str,
+    auth: &Auth,
+    run_id: &str,
+    no_cloud_logs: bool,
+) -> BTreeMap<String, EnvValue> {
+    let mut env = BTreeMap::new();
+    env.insert("PREFECT_API_URL".into(), EnvValue::Plain(api_url.into()));
+    match auth {
+        Auth::None => {}
+        Auth::Bearer(key) => {
+            env.insert("PREFECT_API_KEY".into(), EnvValue::Secret(key.clone()));
+        }
+        Auth::Basic(s) => {
+            env.insert(
+                "PREFECT_API_AUTH_STRING".into(),
+                EnvValue::Secret(s.clone()),
+            );
+        }
+    }
+    env.insert(
+        "PREFECT__FLOW_RUN_ID".into(),
+        EnvValue::Plain(run_id.into()),
+    );
+    if no_cloud_logs {
+        env.insert(
+            "PREFECT_LOGGING_TO_API_ENABLED".into(),
+            EnvValue::Plain("false".into()),
+        );
+    }
+    env
+}
+
+/// What a claim's answer means, given the transition id we sent.
+pub fn interpret_claim(resp: &SetStateResponse, transition_id: &str) -> Claim {
+    let reason = resp.reason().unwrap_or_default();
+    match resp.status.as_str() {
+        "ACCEPT" => Claim::Claimed,
+        // Our own earlier attempt already moved the run (a lost response, retried).
+        "REJECT" | "ABORT" if resp.current_transition_id() == Some(transition_id) => Claim::Claimed,
+        "ABORT" => Claim::Taken(reason),
+        "REJECT" if resp.current_kind() == Some(StateKind::Scheduled) => Claim::Delayed(reason),
+        "REJECT" => Claim::Taken(reason),
+        "WAIT" => Claim::Delayed(format!("the server asked to wait: {reason}")),
+        other => Claim::Delayed(format!("unexpected orchestration answer {other}: {reason}")),
+    }
+}
+
+/// The body of `POST /flow_runs/{id}/set_state`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct SetStateResponse {
+    pub status: String,
+    #[serde(default)]
+    pub state: Option<ApiState>,
+    #[serde(default)]
+    pub details: Value,
+}
+
+impl SetStateResponse {
+    fn reason(&self) -> Option<String> {
+        self.details
+            .get("reason")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    }
+
+    fn current_transition_id(&self) -> Option<&str> {
+        self.state
+            .as_ref()?
+            .state_details
+            .get("transition_id")?
+            .as_str()
+    }
+
+    fn current_kind(&self) -> Option<StateKind> {
+        self.state.as_ref().map(|s| StateKind::parse(&s.kind))
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct ApiState {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub message: Option<String>,
+    #[serde(default)]
+    pub timestamp: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub state_details: Value,
+}
+
+#[derive(Debug, Deserialize)]
+struct ApiFlowRun {
+    id: String,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    flow_id: Option<String>,
+    #[serde(default)]
+    deployment_id: Option<String>,
+    #[serde(default)]
+    state: Option<ApiState>,
+    #[serde(default)]
+    next_scheduled_start_time: Option<DateTime<Utc>>,
+    #[serde(default)]
+    expected_start_time: Option<DateTime<Utc>>,
+    #[serde(default)]
+    job_variables: Option<Map<String, Value>>,
+    #[serde(default)]
+    infrastructure_pid: Option<String>,
+}
+
+impl From<ApiFlowRun> for FlowRun {
+    fn from(r: ApiFlowRun) -> Self {
+        let state = r.state.as_ref();
+        FlowRun {
+            id: r.id,
+            name: r.name,
+            flow_id: r.flow_id,
+            deployment_id: r.deployment_id,
+            state: state
+                .map(|s| StateKind::parse(&s.kind))
+                .unwrap_or(StateKind::Unknown),
+            state_since: state.and_then(|s| s.timestamp),
+            state_message: state.and_then(|s| s.message.clone()),
+            scheduled_start: r.next_scheduled_start_time.or(r.expected_start_time),
+            job_variables: r.job_variables.unwrap_or_default(),
+            infrastructure_pid: r.infrastructure_pid,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct ScheduledRun {
+    flow_run: ApiFlowRun,
+}
+
+#[derive(Debug, Deserialize)]
+struct Worker {
+    #[serde(default)]
+    id: Option<String>,
+    name: String,
+}
+
+impl Backend for Prefect3 {
+    async fn register(&self) -> Result<Registration, BackendError> {
+        let pool = self.read_pool().await?;
+        let kind = pool
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        *self.pool_defaults.write().await = pool
+            .get("base_job_template")
+            .map(template_defaults)
+            .unwrap_or_default();
+        for queue in &self.cfg.queues {
+            let path = format!("{}/queues/{}", self.pool_path(), urlencode(queue));
+            match self.api.send(Method::GET, &path, None).await {
+                Ok(_) => {}
+                Err(HttpError::NotFound { .. }) => {
+                    return Err(BackendError::UnknownQueue {
+                        pool: self.cfg.pool.clone(),
+                        queue: queue.clone(),
+                    });
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.heartbeat().await?;
+        let workers: Vec<Worker> = self
+            .api
+            .call(
+                Method::POST,
+                &format!("{}/workers/filter", self.pool_path()),
+                Some(&json!({"workers": {"name": {"any_": [self.cfg.agent_name]}}})),
+            )
+            .await
+            .unwrap_or_default();
+        let agent_id = workers
+            .into_iter()
+            .find(|w| w.name == self.cfg.agent_name)
+            .and_then(|w| w.id)
+            .unwrap_or_else(|| format!("{}/{}", self.cfg.pool, self.cfg.agent_name));
+        Ok(Registration { agent_id, kind })
+    }
+
+    async fn heartbeat(&self) -> Result<(), BackendError> {
+        let body = json!({
+            "name": self.cfg.agent_name,
+            "heartbeat_interval_seconds": self.cfg.heartbeat_interval.as_secs().max(1),
+        });
+        self.api
+            .send(
+                Method::POST,
+                &format!("{}/workers/heartbeat", self.pool_path()),
+                Some(&body),
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn poll(&self) -> Result<Vec<FlowRun>, BackendError> {
+        let before = Utc::now()
+            + chrono::Duration::from_std(self.cfg.prefetch).unwrap_or(chrono::Duration::zero());
+        let mut body = json!({
+            "scheduled_before": before.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            "limit": self.cfg.poll_limit,
+        });
+        if !self.cfg.queues.is_empty() {
+            body["work_queue_names"] = json!(self.cfg.queues);
+        }
+        let runs: Vec<ScheduledRun> = match self
+            .api
+            .call(
+                Method::POST,
+                &format!("{}/get_scheduled_flow_runs", self.pool_path()),
+                Some(&body),
+            )
+            .await
+        {
+            Ok(runs) => runs,
+            Err(HttpError::NotFound { .. }) => {
+                return Err(BackendError::UnknownPool {
+                    pool: self.cfg.pool.clone(),
+                    url: self.api.base_url().to_string(),
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        Ok(runs.into_iter().map(|r| r.flow_run.into()).collect())
+    }
+
+    async fn claim(&self, run: &FlowRun) -> Result<Claim, BackendError> {
+        let transition_id = uuid::Uuid::new_v4().to_string();
+        let state = json!({
+            "state": {
+                "type": "PENDING",
+                "name": "Pending",
+                "message": claim_marker(&self.cfg.agent_name),
+                "state_details": {"transition_id": transition_id},
+            }
+        });
+        let resp = self.set_state(&run.id, state).await?;
+        Ok(interpret_claim(&resp, &transition_id))
+    }
+
+    async fn context(
+        &self,
+        run: &FlowRun,
+        no_cloud_logs: bool,
+    ) -> Result<RunContext, BackendError> {
+        let deployment_vars = match &run.deployment_id {
+            Some(id) => {
+                let dep: Value = self
+                    .api
+                    .call(Method::GET, &format!("/deployments/{id}"), None)
+                    .await?;
+                dep.get("job_variables")
+                    .and_then(Value::as_object)
+                    .cloned()
+                    .unwrap_or_default()
+            }
+            None => Map::new(),
+        };
+        let defaults = self.pool_defaults.read().await;
+        Ok(RunContext {
+            job_variables: merge_job_variables(&[&defaults, &deployment_vars, &run.job_variables]),
+            fixed_env: fixed_env(&self.cfg.api_url, &self.cfg.auth, &run.id, no_cloud_logs),
+        })
+    }
+
+    async fn launched(&self, run_id: &str, infra_id: &str) -> Result<(), BackendError> {
+        self.api
+            .send(
+                Method::PATCH,
+                &format!("/flow_runs/{run_id}"),
+                Some(&json!({"infrastructure_pid": infra_id})),
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn crash(&self, run_id: &str, message: &str) -> Result<(), BackendError> {
+        let state = json!({"state": {"type": "CRASHED", "name": "Crashed", "message": message}});
+        let resp = self.set_state(run_id, state).await?;
+        if resp.status != "ACCEPT" {
+            tracing::warn!(run_id, status = %resp.status, reason = ?resp.reason(), "Prefect refused to mark the run crashed");
+        }
+        Ok(())
+    }
+
+    async fn cancelled(&self, run_id: &str) -> Result<(), BackendError> {
+        let state = json!({"state": {"type": "CANCELLED", "name": "Cancelled",
+            "message": "Cancelled: the agent stopped the flow run's infrastructure"}});
+        let resp = self.set_state(run_id, state).await?;
+        if resp.status != "ACCEPT" {
+            tracing::warn!(run_id, status = %resp.status, reason = ?resp.reason(), "Prefect refused to mark the run cancelled");
+        }
+        Ok(())
+    }
+
+    async fn cancelling(&self) -> Result<Vec<FlowRun>, BackendError> {
+        self.filter_runs("CANCELLING").await
+    }
+
+    async fn orphans(&self) -> Result<Vec<FlowRun>, BackendError> {
+        let marker = claim_marker(&self.cfg.agent_name);
+        Ok(self
+            .filter_runs("PENDING")
+            .await?
+            .into_iter()
+            .filter(|r| r.state_message.as_deref() == Some(marker.as_str()))
+            .filter(|r| r.infrastructure_pid.is_none())
+            .collect())
+    }
+
+    fn is_own_claim(&self, run: &FlowRun) -> bool {
+        run.state_message.as_deref() == Some(claim_marker(&self.cfg.agent_name).as_str())
+    }
+
+    async fn read(&self, run_id: &str) -> Result<FlowRun, BackendError> {
+        let run: ApiFlowRun = self
+            .api
+            .call(Method::GET, &format!("/flow_runs/{run_id}"), None)
+            .await?;
+        Ok(run.into())
+    }
+
+    async fn log(&self, run_id: &str, level: LogLevel, message: &str) -> Result<(), BackendError> {
+        let level = match level {
+            LogLevel::Info => 20,
+            LogLevel::Error => 40,
+        };
+        let body = json!([{
+            "name": crate::APP_NAME,
+            "level": level,
+            "message": message,
+            "timestamp": Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            "flow_run_id": run_id,
+        }]);
+        self.api.send(Method::POST, "/logs/", Some(&body)).await?;
+        Ok(())
+    }
+}
+
+/// Reads `PREFECT_API_KEY`-style credentials into the auth the client sends.
+pub fn auth_from(key: Option<SecretString>, auth_string: Option<SecretString>) -> Auth {
+    match (key, auth_string) {
+        (Some(k), _) => Auth::Bearer(k),
+        (None, Some(s)) => Auth::Basic(s),
+        (None, None) => Auth::None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resp(body: Value) -> SetStateResponse {
+        serde_json::from_value(body).unwrap()
+    }
+
+    #[test]
+    fn claim_answers() {
+        let t = "t-1";
+        assert_eq!(
+            interpret_claim(
+                &resp(json!({"status": "ACCEPT", "details": {"type": "accept_details"}})),
+                t
+            ),
+            Claim::Claimed
+        );
+        // A retried claim whose first attempt went through.
+        let again = json!({"status": "REJECT",
+            "state": {"type": "PENDING", "state_details": {"transition_id": t}},
+            "details": {"reason": "This run has already made this state transition."}});
+        assert_eq!(interpret_claim(&resp(again), t), Claim::Claimed);
+        let other = json!({"status": "ABORT",
+            "state": {"type": "PENDING", "state_details": {"transition_id": "someone-else"}},
+            "details": {"reason": "This run is in a PENDING state and cannot transition to a PENDING state."}});
+        assert!(
+            matches!(interpret_claim(&resp(other), t), Claim::Taken(r) if r.contains("PENDING state"))
+        );
+        let limit = json!({"status": "REJECT",
+            "state": {"type": "SCHEDULED", "name": "AwaitingConcurrencySlot", "state_details": {}},
+            "details": {"reason": "Deployment concurrency limit reached."}});
+        assert!(
+            matches!(interpret_claim(&resp(limit), t), Claim::Delayed(r) if r.contains("concurrency"))
+        );
+        let wait = json!({"status": "WAIT", "details": {"delay_seconds": 5, "reason": "busy"}});
+        assert!(matches!(interpret_claim(&resp(wait), t), Claim::Delayed(_)));
+    }
+
+    #[test]
+    fn job_variables_merge_in_order() {
+        let template = json!({"job_configuration": {}, "variables": {"properties": {
+            "command": {"type": "string", "default": "prefect flow-run execute"},
+            "env": {"type": "object", "default": {"POOL": "1"}},
+            "working_dir": {"type": "string"}
+        }}});
+        let pool = template_defaults(&template);
+        assert_eq!(pool.len(), 2);
+        let deployment = json!({"env": {"DEP": "1"}, "working_dir": "/srv"})
+            .as_object()
+            .unwrap()
+            .clone();
+        let run = json!({"env": {"RUN": "1"}}).as_object().unwrap().clone();
+        let merged = merge_job_variables(&[&pool, &deployment, &run]);
+        assert_eq!(merged["command"], "prefect flow-run execute");
+        assert_eq!(merged["working_dir"], "/srv");
+        assert_eq!(merged["env"], json!({"RUN": "1"}));
+    }
+
+    #[test]
+    fn fixed_env_carries_credentials_as_secrets() {
+        let env = fixed_env(
+            "http://x/api",
+            &Auth::Bearer(SecretString::new("k")),
+            "run-1",
+            true,
+        );
+        assert_eq!(
+            env["PREFECT_API_KEY"],
+            EnvValue::Secret(SecretString::new("k"))
+        );
+        assert_eq!(env["PREFECT__FLOW_RUN_ID"], EnvValue::Plain("run-1".into()));
+        assert_eq!(
+            env["PREFECT_LOGGING_TO_API_ENABLED"],
+            EnvValue::Plain("false".into())
+        );
+        let env = fixed_env(
+            "http://x/api",
+            &Auth::Basic(SecretString::new("u:p")),
+            "r",
+            false,
+        );
+        assert!(env.contains_key("PREFECT_API_AUTH_STRING"));
+        assert!(!env.contains_key("PREFECT_LOGGING_TO_API_ENABLED"));
+    }
+
+    #[test]
+    fn urlencodes_names() {
+        assert_eq!(urlencode("my pool/x"), "my%20pool%2Fx");
+        assert_eq!(urlencode("k8s-pool_1"), "k8s-pool_1");
+    }
+}

@@ -1,0 +1,265 @@
+//! The command line: `agent` runs one standalone agent. Every flag can also come from the environment.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::agent::{Agent, StopReason};
+use crate::backend::prefect3::Prefect3;
+use crate::deploy::process::ProcessDeployer;
+use crate::settings::AgentSettings;
+use crate::telemetry::{self, LogFormat};
+
+/// Runs Prefect agents: pulls scheduled flow runs from Prefect and starts one
+/// piece of infrastructure per run.
+#[derive(Debug, Parser)]
+#[command(name = "prefect-agent-operator", version, propagate_version = true)]
+pub struct Cli {
+    /// Log format.
+    #[arg(
+        long,
+        env = "PAO_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
+    pub log_format: LogFormat,
+    /// Log level or filter (`info`, `debug`, `prefect_agent_operator=debug`).
+    #[arg(long, env = "PAO_LOG_LEVEL", default_value = "info", global = true)]
+    pub log_level: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run one standalone agent, like `prefect agent … start` / `prefect worker start`.
+    Agent(Box<AgentArgs>),
+}
+
+/// Which Prefect API the agent speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Flavor {
+    /// Prefect 3 work pools (REST).
+    Prefect3,
+}
+
+/// Where claimed runs are started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DeployerKind {
+    /// A local subprocess per run (`prefect flow-run execute`).
+    Process,
+}
+
+/// Flags of `agent`. Names of the seed's arguments are kept; Prefect's own
+/// environment variables are read where they exist.
+#[derive(Debug, Clone, Args)]
+pub struct AgentArgs {
+    /// Prefect API URL, ending in /api (Cloud: .../api/accounts/<id>/workspaces/<id>).
+    /// Falls back to PREFECT__CLOUD__API.
+    #[arg(long, env = "PREFECT_API_URL", help_heading = "Prefect API")]
+    pub api_url: Option<String>,
+    /// API key, sent as a Bearer token. Prefer the variable to the flag (flags show in `ps`).
+    /// Falls back to PREFECT__CLOUD__API_KEY, PREFECT__CLOUD__AGENT__AUTH_TOKEN, PREFECT__CLOUD__AUTH_TOKEN.
+    #[arg(
+        long,
+        short = 'k',
+        env = "PREFECT_API_KEY",
+        hide_env_values = true,
+        help_heading = "Prefect API"
+    )]
+    pub key: Option<String>,
+    /// `user:password` for a self-hosted server started with PREFECT_SERVER_API_AUTH_STRING.
+    #[arg(
+        long,
+        env = "PREFECT_API_AUTH_STRING",
+        hide_env_values = true,
+        help_heading = "Prefect API"
+    )]
+    pub auth_string: Option<String>,
+    /// API flavour.
+    #[arg(
+        long,
+        env = "PAO_FLAVOR",
+        value_enum,
+        default_value = "prefect3",
+        help_heading = "Prefect API"
+    )]
+    pub flavor: Option<Flavor>,
+    /// Work pool to take runs from (Prefect 3).
+    #[arg(long, short = 'p', env = "PAO_WORK_POOL", help_heading = "Prefect API")]
+    pub pool: Option<String>,
+    /// Work queue of the pool (repeatable; none = all queues).
+    #[arg(
+        long = "queue",
+        short = 'q',
+        env = "PAO_WORK_QUEUES",
+        value_delimiter = ',',
+        help_heading = "Prefect API"
+    )]
+    pub queues: Vec<String>,
+    /// Create the work pool with this type when it does not exist.
+    #[arg(
+        long,
+        env = "PAO_CREATE_POOL",
+        value_name = "TYPE",
+        help_heading = "Prefect API"
+    )]
+    pub create_pool: Option<String>,
+
+    /// Agent name shown in Prefect; also marks this agent's claims, so give each agent its own.
+    /// Falls back to PREFECT__CLOUD__AGENT__NAME, then "agent".
+    #[arg(long, short = 'n', help_heading = "Agent (the seed's arguments)")]
+    pub name: Option<String>,
+    /// Label (repeatable). Falls back to PREFECT__CLOUD__AGENT__LABELS (`['a', 'b']`).
+    #[arg(
+        long = "label",
+        short = 'l',
+        help_heading = "Agent (the seed's arguments)"
+    )]
+    pub labels: Vec<String>,
+    /// KEY=VALUE added to every flow run's environment (repeatable).
+    /// Falls back to PREFECT__CLOUD__AGENT__ENV_VARS (a JSON object).
+    #[arg(
+        long = "env",
+        short = 'e',
+        value_name = "KEY=VALUE",
+        help_heading = "Agent (the seed's arguments)"
+    )]
+    pub env_vars: Vec<String>,
+    /// Stop after this many polls (0 = register and stop). Default: poll forever.
+    #[arg(
+        long,
+        env = "PAO_MAX_POLLS",
+        help_heading = "Agent (the seed's arguments)"
+    )]
+    pub max_polls: Option<u64>,
+    /// Serve GET /api/health and GET /api/poke here (`0.0.0.0:8080` or `http://0.0.0.0:8080`).
+    /// Falls back to PREFECT__CLOUD__AGENT__AGENT_ADDRESS.
+    #[arg(long, help_heading = "Agent (the seed's arguments)")]
+    pub agent_address: Option<String>,
+    /// Ship no logs to Prefect, from the agent or from the runs it starts.
+    /// Also on when PREFECT__CLOUD__SEND_FLOW_RUN_LOGS=false.
+    #[arg(
+        long,
+        env = "PAO_NO_CLOUD_LOGS",
+        help_heading = "Agent (the seed's arguments)"
+    )]
+    pub no_cloud_logs: bool,
+    /// Prefect 1 agent configuration id (not used by Prefect 3).
+    #[arg(
+        long,
+        env = "PREFECT__CLOUD__AGENT__AGENT_CONFIG_ID",
+        help_heading = "Agent (the seed's arguments)"
+    )]
+    pub agent_config_id: Option<String>,
+
+    /// Longest sleep between polls while idle (the seed backs off from 0.25 s up to this).
+    #[arg(long, env = "PAO_POLL_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration, help_heading = "Polling")]
+    pub poll_interval: Duration,
+    /// Runs scheduled this far in the future are picked up already.
+    #[arg(long, env = "PAO_PREFETCH", default_value = "10s", value_parser = humantime::parse_duration, help_heading = "Polling")]
+    pub prefetch: Duration,
+    /// How often the agent tells Prefect it is alive.
+    #[arg(long, env = "PAO_HEARTBEAT_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration, help_heading = "Polling")]
+    pub heartbeat_interval: Duration,
+    /// How often cancellations and claimed-but-unlaunched runs are looked for.
+    #[arg(long, env = "PAO_MAINTENANCE_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration, help_heading = "Polling")]
+    pub maintenance_interval: Duration,
+    /// A run this agent claimed this long ago without launching it is launched again.
+    #[arg(long, env = "PAO_ADOPT_AFTER", default_value = "15s", value_parser = humantime::parse_duration, help_heading = "Polling")]
+    pub adopt_after: Duration,
+    /// Claims and launches under way at once (default: min(32, cpus + 4), as the seed).
+    #[arg(long, env = "PAO_SUBMIT_CONCURRENCY", help_heading = "Polling")]
+    pub submit_concurrency: Option<usize>,
+
+    /// Where runs are started.
+    #[arg(
+        long,
+        env = "PAO_DEPLOYER",
+        value_enum,
+        default_value = "process",
+        help_heading = "Infrastructure"
+    )]
+    pub deployer: Option<DeployerKind>,
+    /// Process deployer: command run for each flow run, unless the run's job variables set `command`.
+    #[arg(long, env = "PAO_PROCESS_COMMAND", default_value = crate::deploy::process::DEFAULT_COMMAND, help_heading = "Infrastructure")]
+    pub command: String,
+    /// Process deployer: working directory, unless the job variables set `working_dir`.
+    #[arg(long, env = "PAO_PROCESS_WORKING_DIR", help_heading = "Infrastructure")]
+    pub working_dir: Option<std::path::PathBuf>,
+
+    /// Fault injection for tests: abort right after a claim, before the launch.
+    #[arg(long, env = "PAO_FAULT_ABORT_AFTER_CLAIM", hide = true)]
+    pub fault_abort_after_claim: bool,
+}
+
+/// Runs the command line; errors become one line on stderr and a non-zero exit code.
+pub fn run(cli: Cli) -> ExitCode {
+    if let Err(e) = telemetry::init(cli.log_format, &cli.log_level) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.command {
+        Command::Agent(args) => runtime.block_on(run_agent(*args)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(CliError { message, code }) => {
+            tracing::error!("{message}");
+            eprintln!("error: {message}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+/// An error for the user: one line, and the exit code (2 for usage, 1 otherwise).
+#[derive(Debug)]
+pub struct CliError {
+    pub message: String,
+    pub code: u8,
+}
+
+impl CliError {
+    fn usage(e: impl std::fmt::Display) -> Self {
+        Self {
+            message: e.to_string(),
+            code: 2,
+        }
+    }
+
+    fn runtime(e: impl std::fmt::Display) -> Self {
+        Self {
+            message: e.to_string(),
+            code: 1,
+        }
+    }
+}
+
+async fn run_agent(args: AgentArgs) -> Result<(), CliError> {
+    let settings =
+        AgentSettings::resolve(&args, |k| std::env::var(k).ok()).map_err(CliError::usage)?;
+    for warning in &settings.warnings {
+        tracing::warn!("{warning}");
+    }
+    let shutdown = crate::signals::shutdown_on_signals().map_err(CliError::runtime)?;
+    let backend = Prefect3::new(settings.prefect3).map_err(CliError::runtime)?;
+    let deployer = ProcessDeployer::new(settings.process);
+    let agent = Agent::new(settings.agent, backend, deployer);
+    match agent.start(shutdown).await.map_err(CliError::runtime)? {
+        StopReason::MaxPolls => tracing::info!("max polls reached"),
+        StopReason::Shutdown => {}
+    }
+    Ok(())
+}

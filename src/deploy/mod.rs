@@ -1,0 +1,73 @@
+//! Starting a claimed run's infrastructure: the [`Deployer`] trait (the seed's `deploy_flows`).
+
+pub mod process;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+
+use serde_json::{Map, Value};
+use tokio::sync::oneshot;
+
+use crate::backend::{EnvValue, FlowRun};
+
+/// Everything a deployer needs to start one run.
+#[derive(Clone, Debug)]
+pub struct Launch {
+    pub run: FlowRun,
+    /// Merged job variables (pool defaults < deployment < run).
+    pub job_variables: Map<String, Value>,
+    /// The run's environment after precedence was applied (see `agent::env`).
+    pub env: BTreeMap<String, EnvValue>,
+}
+
+/// How a run's infrastructure ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Exit {
+    /// Success of the infrastructure itself, not of the flow.
+    pub success: bool,
+    /// A sentence for the user: "the process exited with code 1".
+    pub description: String,
+}
+
+/// A started run.
+#[derive(Debug)]
+pub struct Launched {
+    /// What Prefect stores as `infrastructure_pid`.
+    pub infra_id: String,
+    /// For the run log: "process 1234 on host".
+    pub description: String,
+    /// Resolves when the infrastructure ends, where the deployer can observe that.
+    pub exit: Option<oneshot::Receiver<Exit>>,
+}
+
+/// The answer to "stop this run's infrastructure".
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Stopped {
+    /// It was running and has been stopped.
+    Stopped,
+    /// Its infrastructure would be here, but nothing of it runs any more.
+    NotFound,
+    /// Its infrastructure belongs to another agent (another host, another cluster).
+    NotMine,
+}
+
+/// Errors starting or stopping infrastructure, worded for the run's state message.
+#[derive(Debug, thiserror::Error)]
+pub enum DeployError {
+    #[error("job variable `{name}` is invalid: {reason}")]
+    InvalidJobVariable { name: &'static str, reason: String },
+    #[error("could not start `{program}`: {cause}")]
+    Spawn { program: String, cause: String },
+    #[error("could not stop the flow run's infrastructure: {0}")]
+    Stop(String),
+}
+
+/// Starts, finds and stops a run's infrastructure on one platform.
+pub trait Deployer: Send + Sync + 'static {
+    /// Starts the infrastructure for a claimed run.
+    fn deploy(&self, launch: Launch) -> impl Future<Output = Result<Launched, DeployError>> + Send;
+    /// Infrastructure already running for this run, if any (its infra id): makes re-adoption safe.
+    fn find(&self, run: &FlowRun) -> impl Future<Output = Option<String>> + Send;
+    /// Stops the run's infrastructure.
+    fn stop(&self, run: &FlowRun) -> impl Future<Output = Result<Stopped, DeployError>> + Send;
+}

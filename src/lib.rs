@@ -1,0 +1,24 @@
+//! prefect-agent-operator: Prefect agents as Kubernetes resources.
+//!
+//! Data flows one way: a [`backend::Backend`] finds and claims flow runs, the
+//! [`agent::Agent`] loop decides what to do with them, a [`deploy::Deployer`]
+//! starts the infrastructure, and what happens is reported back through the
+//! backend.
+
+pub mod agent;
+pub mod backend;
+pub mod cli;
+pub mod deploy;
+pub mod secret;
+pub mod settings;
+pub mod signals;
+pub mod telemetry;
+
+/// The field manager, user agent and log target this program identifies itself with.
+pub const APP_NAME: &str = "prefect-agent-operator";
+
+/// Makes rustls usable: kube and reqwest would otherwise each bring a crypto provider
+/// and rustls refuses to pick one. Idempotent.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
