@@ -217,7 +217,6 @@ pub fn run(cli: Cli) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(CliError { message, code }) => {
-            tracing::error!("{message}");
             eprintln!("error: {message}");
             ExitCode::from(code)
         }

@@ -166,14 +166,6 @@ impl<B: Backend, D: Deployer> Agent<B, D> {
         let inner = &self.inner;
         let span = tracing::info_span!("agent", agent = %inner.cfg.name);
         async move {
-            let reg = inner
-                .backend
-                .register()
-                .await
-                .map_err(AgentError::Register)?;
-            inner.stats.set_agent_id(&reg.agent_id);
-            tracing::info!(agent_id = %reg.agent_id, kind = %reg.kind, "agent registered");
-
             let background = shutdown.child_token();
             let tasks = TaskTracker::new();
             if let Some(addr) = inner.cfg.agent_address {
@@ -191,6 +183,19 @@ impl<B: Backend, D: Deployer> Agent<B, D> {
                     background.clone(),
                 ));
             }
+            // The agent API is up before registration: a busy port fails at once, and
+            // health answers while a slow server is still being reached.
+            let reg = match inner.backend.register().await {
+                Ok(reg) => reg,
+                Err(e) => {
+                    background.cancel();
+                    tasks.close();
+                    tasks.wait().await;
+                    return Err(AgentError::Register(e));
+                }
+            };
+            inner.stats.set_agent_id(&reg.agent_id);
+            tracing::info!(agent_id = %reg.agent_id, kind = %reg.kind, "agent registered");
             tasks.spawn(
                 Inner::heartbeat_loop(self.inner.clone(), background.clone()).in_current_span(),
             );
@@ -206,7 +211,16 @@ impl<B: Backend, D: Deployer> Agent<B, D> {
             background.cancel();
             tasks.close();
             tasks.wait().await;
-            tracing::info!(stats = ?inner.stats.snapshot(), "agent stopped");
+            let s = inner.stats.snapshot();
+            tracing::info!(
+                polls = s.polls,
+                poll_errors = s.poll_errors,
+                runs_submitted = s.runs_submitted,
+                runs_failed = s.runs_failed,
+                runs_cancelled = s.runs_cancelled,
+                runs_adopted = s.runs_adopted,
+                "agent stopped"
+            );
             Ok(reason)
         }
         .instrument(span)
@@ -256,6 +270,9 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
                     false
                 }
             };
+            if this.cfg.max_polls.is_some_and(|max| polls >= max) {
+                return StopReason::MaxPolls;
+            }
             let sleep = backoff.after_poll(found);
             tokio::select! {
                 _ = tokio::time::sleep(sleep) => {}
@@ -356,6 +373,17 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
     /// When a run's infrastructure ends before the run did, the run is crashed with the cause.
     async fn watch_exit(&self, run_id: String, exit: oneshot::Receiver<Exit>) {
         let Ok(exit) = exit.await else { return };
+        match self.backend.final_state(&run_id).await {
+            Ok(Some(state)) => {
+                tracing::info!(?state, exit = %exit.description, "flow run finished");
+                return;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, exit = %exit.description, "could not read the run after its infrastructure ended");
+                return;
+            }
+        }
         let run = match self.backend.read(&run_id).await {
             Ok(run) => run,
             Err(e) => {
@@ -363,10 +391,6 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
                 return;
             }
         };
-        if run.state.is_final() {
-            tracing::info!(state = ?run.state, exit = %exit.description, "flow run finished");
-            return;
-        }
         if matches!(run.state, StateKind::Cancelling) {
             // The cancellation pass reports this one.
             return;

@@ -23,8 +23,10 @@ pub enum Auth {
 /// When and how often to retry a request that failed for a passing reason.
 #[derive(Clone, Copy, Debug)]
 pub struct RetryPolicy {
-    /// Total tries, the first included.
+    /// Total tries, the first included, while the server answers "busy" (503, locked).
     pub attempts: u32,
+    /// Total tries while nothing answers at all: a wrong URL should fail fast.
+    pub unreachable_attempts: u32,
     pub base_delay: Duration,
     pub max_delay: Duration,
 }
@@ -32,7 +34,8 @@ pub struct RetryPolicy {
 impl Default for RetryPolicy {
     fn default() -> Self {
         Self {
-            attempts: 7,
+            attempts: 12,
+            unreachable_attempts: 6,
             base_delay: Duration::from_millis(100),
             max_delay: Duration::from_secs(5),
         }
@@ -196,7 +199,11 @@ impl ApiClient {
                 Err(Attempt::Final(e)) => return Err(e),
                 Err(Attempt::Retry { err, after }) => (err, after),
             };
-            if retry + 1 >= self.retry.attempts {
+            let budget = match err {
+                HttpError::Unreachable { .. } => self.retry.unreachable_attempts,
+                _ => self.retry.attempts,
+            };
+            if retry + 1 >= budget {
                 return Err(err);
             }
             let delay = after.unwrap_or_else(|| self.retry.delay(retry));
@@ -304,6 +311,7 @@ mod tests {
     fn retry_delays_grow_and_are_capped() {
         let p = RetryPolicy {
             attempts: 10,
+            unreachable_attempts: 10,
             base_delay: Duration::from_millis(100),
             max_delay: Duration::from_secs(2),
         };

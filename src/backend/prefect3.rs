@@ -88,6 +88,37 @@ impl Prefect3 {
         Ok(runs.into_iter().map(FlowRun::from).collect())
     }
 
+    /// Puts back a state our late claim overwrote (best effort; logged either way).
+    async fn restore(&self, run_id: &str, previous: &ApiState) {
+        let state = json!({"state": {"type": previous.kind, "name": previous.name,
+            "message": previous.message, "data": previous.data}, "force": true});
+        match self.set_state(run_id, state).await {
+            Ok(r) if r.status == "ACCEPT" => {
+                tracing::warn!(run_id, restored = %previous.kind, "a late claim displaced the run's state; restored it")
+            }
+            Ok(r) => {
+                tracing::error!(run_id, status = %r.status, "could not restore the state a late claim displaced")
+            }
+            Err(e) => {
+                tracing::error!(run_id, error = %e, "could not restore the state a late claim displaced")
+            }
+        }
+    }
+
+    /// The run's states, oldest first.
+    async fn history(&self, run_id: &str) -> Result<Vec<ApiState>, BackendError> {
+        let mut states: Vec<ApiState> = self
+            .api
+            .call(
+                Method::GET,
+                &format!("/flow_run_states/?flow_run_id={run_id}"),
+                None,
+            )
+            .await?;
+        states.sort_by_key(|s| s.timestamp);
+        Ok(states)
+    }
+
     async fn read_pool(&self) -> Result<Value, BackendError> {
         match self.api.call(Method::GET, &self.pool_path(), None).await {
             Ok(pool) => Ok(pool),
@@ -198,6 +229,47 @@ pub fn interpret_claim(resp: &SetStateResponse, transition_id: &str) -> Claim {
     }
 }
 
+/// The claim round: the PENDING states after the run was last SCHEDULED. `None` when the
+/// newest state before them is not SCHEDULED (a claim that landed on a running or
+/// finished run, which Prefect accepts because it allows re-runs).
+fn current_claims(history: &[ApiState]) -> Option<&[ApiState]> {
+    let last_other = history
+        .iter()
+        .rposition(|s| StateKind::parse(&s.kind) != StateKind::Pending)?;
+    (StateKind::parse(&history[last_other].kind) == StateKind::Scheduled)
+        .then(|| &history[last_other + 1..])
+}
+
+/// A claim holds only when it is the one PENDING state since the run was last SCHEDULED.
+pub fn verify_claim(history: &[ApiState], transition_id: &str) -> bool {
+    match current_claims(history) {
+        Some([only]) => {
+            only.state_details
+                .get("transition_id")
+                .and_then(Value::as_str)
+                == Some(transition_id)
+        }
+        _ => false,
+    }
+}
+
+/// Who owns a claim round that nobody launched: its first claim, as every agent sees it.
+pub fn claimant_of_record(history: &[ApiState]) -> Option<&ApiState> {
+    current_claims(history)?.first()
+}
+
+/// The state our claim displaced, when it was not SCHEDULED: it must be put back.
+pub fn displaced_by<'a>(history: &'a [ApiState], transition_id: &str) -> Option<&'a ApiState> {
+    let ours = history.iter().rposition(|s| {
+        s.state_details.get("transition_id").and_then(Value::as_str) == Some(transition_id)
+    })?;
+    let before = history[..ours]
+        .iter()
+        .rev()
+        .find(|s| StateKind::parse(&s.kind) != StateKind::Pending)?;
+    (StateKind::parse(&before.kind) != StateKind::Scheduled).then_some(before)
+}
+
 /// The body of `POST /flow_runs/{id}/set_state`.
 #[derive(Clone, Debug, Deserialize)]
 pub struct SetStateResponse {
@@ -239,6 +311,10 @@ pub struct ApiState {
     pub timestamp: Option<DateTime<Utc>>,
     #[serde(default)]
     pub state_details: Value,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub data: Value,
 }
 
 #[derive(Debug, Deserialize)]
@@ -325,7 +401,7 @@ impl Backend for Prefect3 {
             .call(
                 Method::POST,
                 &format!("{}/workers/filter", self.pool_path()),
-                Some(&json!({"workers": {"name": {"any_": [self.cfg.agent_name]}}})),
+                Some(&json!({"limit": 200})),
             )
             .await
             .unwrap_or_default();
@@ -384,6 +460,15 @@ impl Backend for Prefect3 {
     }
 
     async fn claim(&self, run: &FlowRun) -> Result<Claim, BackendError> {
+        // The poll may be seconds old (a burst waits for submission slots): a run that
+        // moved on meanwhile must not be claimed, as Prefect would accept it as a re-run.
+        let now = self.read(&run.id).await?;
+        if now.state != StateKind::Scheduled {
+            return Ok(Claim::Taken(format!(
+                "no longer scheduled: {:?}",
+                now.state
+            )));
+        }
         let transition_id = uuid::Uuid::new_v4().to_string();
         let state = json!({
             "state": {
@@ -394,7 +479,22 @@ impl Backend for Prefect3 {
             }
         });
         let resp = self.set_state(&run.id, state).await?;
-        Ok(interpret_claim(&resp, &transition_id))
+        let claim = interpret_claim(&resp, &transition_id);
+        if claim != Claim::Claimed {
+            return Ok(claim);
+        }
+        // ACCEPT is not proof: a SQLite-backed server has accepted two concurrent PENDING
+        // transitions. The history decides, the same way for every agent.
+        let history = self.history(&run.id).await?;
+        if verify_claim(&history, &transition_id) {
+            return Ok(Claim::Claimed);
+        }
+        if let Some(previous) = displaced_by(&history, &transition_id) {
+            self.restore(&run.id, previous).await;
+        }
+        Ok(Claim::Taken(
+            "another agent claimed it at the same moment".into(),
+        ))
     }
 
     async fn context(
@@ -458,13 +558,17 @@ impl Backend for Prefect3 {
 
     async fn orphans(&self) -> Result<Vec<FlowRun>, BackendError> {
         let marker = claim_marker(&self.cfg.agent_name);
-        Ok(self
-            .filter_runs("PENDING")
-            .await?
-            .into_iter()
-            .filter(|r| r.state_message.as_deref() == Some(marker.as_str()))
-            .filter(|r| r.infrastructure_pid.is_none())
-            .collect())
+        let mut orphans = Vec::new();
+        for run in self.filter_runs("PENDING").await? {
+            if run.infrastructure_pid.is_some() {
+                continue;
+            }
+            let history = self.history(&run.id).await?;
+            if claimant_of_record(&history).and_then(|s| s.message.as_deref()) == Some(&marker) {
+                orphans.push(run);
+            }
+        }
+        Ok(orphans)
     }
 
     fn is_own_claim(&self, run: &FlowRun) -> bool {
@@ -477,6 +581,24 @@ impl Backend for Prefect3 {
             .call(Method::GET, &format!("/flow_runs/{run_id}"), None)
             .await?;
         Ok(run.into())
+    }
+
+    async fn final_state(&self, run_id: &str) -> Result<Option<StateKind>, BackendError> {
+        let run = self.read(run_id).await?;
+        if run.state.is_final() {
+            return Ok(Some(run.state));
+        }
+        let newest = self
+            .history(run_id)
+            .await?
+            .last()
+            .map(|s| StateKind::parse(&s.kind))
+            .filter(|k| k.is_final());
+        if let Some(kind) = newest {
+            tracing::warn!(run_id, current = ?run.state, history = ?kind,
+                "Prefect's current state lags its history (concurrent writes on the server); trusting the history");
+        }
+        Ok(newest)
     }
 
     async fn log(&self, run_id: &str, level: LogLevel, message: &str) -> Result<(), BackendError> {
@@ -542,6 +664,75 @@ mod tests {
         );
         let wait = json!({"status": "WAIT", "details": {"delay_seconds": 5, "reason": "busy"}});
         assert!(matches!(interpret_claim(&resp(wait), t), Claim::Delayed(_)));
+    }
+
+    fn state(kind: &str, ts: &str, message: Option<&str>, transition: Option<&str>) -> ApiState {
+        serde_json::from_value(json!({"type": kind, "timestamp": ts, "message": message,
+            "state_details": {"transition_id": transition}}))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_claim_holds_only_alone_in_its_round() {
+        let sched = state("SCHEDULED", "2026-01-01T00:00:00Z", None, None);
+        let b = state(
+            "PENDING",
+            "2026-01-01T00:00:01Z",
+            Some("Claimed by agent b"),
+            Some("tb"),
+        );
+        let a = state(
+            "PENDING",
+            "2026-01-01T00:00:02Z",
+            Some("Claimed by agent a"),
+            Some("ta"),
+        );
+        assert!(verify_claim(&[sched.clone(), b.clone()], "tb"));
+        assert!(!verify_claim(&[sched.clone(), b.clone()], "ta"));
+        // Two accepted claims: neither launches now; the first one adopts it later.
+        let both = [sched.clone(), b.clone(), a.clone()];
+        assert!(!verify_claim(&both, "ta"));
+        assert!(!verify_claim(&both, "tb"));
+        assert_eq!(
+            claimant_of_record(&both).unwrap().message.as_deref(),
+            Some("Claimed by agent b")
+        );
+        // An earlier round (crashed, then rescheduled) does not count.
+        let crashed = state("CRASHED", "2026-01-01T00:00:03Z", None, None);
+        let again = state("SCHEDULED", "2026-01-01T00:00:04Z", None, None);
+        let c = state(
+            "PENDING",
+            "2026-01-01T00:00:05Z",
+            Some("Claimed by agent a"),
+            Some("tc"),
+        );
+        assert!(verify_claim(
+            &[sched, b, a, crashed, again.clone(), c.clone()],
+            "tc"
+        ));
+        assert!(claimant_of_record(std::slice::from_ref(&again)).is_none());
+        let running = state("RUNNING", "2026-01-01T00:00:06Z", None, None);
+        assert!(!verify_claim(
+            &[again.clone(), c.clone(), running.clone()],
+            "tc"
+        ));
+        // A late claim on a finished run (Prefect accepts it as a re-run) does not hold
+        // and names the state to put back.
+        let done = state("COMPLETED", "2026-01-01T00:00:07Z", None, None);
+        let late = state(
+            "PENDING",
+            "2026-01-01T00:00:08Z",
+            Some("Claimed by agent b"),
+            Some("tl"),
+        );
+        let h = [again, c, running, done, late];
+        assert!(!verify_claim(&h, "tl"));
+        assert!(claimant_of_record(&h).is_none());
+        assert_eq!(
+            displaced_by(&h, "tl").map(|s| s.kind.as_str()),
+            Some("COMPLETED")
+        );
+        assert!(displaced_by(&h, "tc").is_none(), "tc followed SCHEDULED");
     }
 
     #[test]

@@ -1,0 +1,427 @@
+//! Test harness: a real Prefect server, the agent binary as a child process, and waiting with deadlines.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use prefect_agent_operator::backend::http::{ApiClient, Auth, HttpError, RetryPolicy};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+/// The Prefect venv: `PAO_PREFECT_VENV`, else the cache `scripts/setup-prefect.sh` fills.
+pub fn prefect_venv() -> PathBuf {
+    if let Ok(v) = std::env::var("PAO_PREFECT_VENV") {
+        return PathBuf::from(v);
+    }
+    let out = Command::new("bash")
+        .arg(repo().join("scripts/setup-prefect.sh"))
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run scripts/setup-prefect.sh");
+    assert!(out.status.success(), "scripts/setup-prefect.sh failed");
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A free loopback port, never the same one twice in this test process.
+pub fn free_port() -> u16 {
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        let mut given = GIVEN.lock().expect("ports");
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
+}
+
+/// Polls `cond` until it returns `Some`, or panics with `what` at the deadline.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut cond: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = cond().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A `prefect server` on a free loopback port with a private SQLite database.
+pub struct PrefectServer {
+    pub url: String,
+    pub home: PathBuf,
+}
+
+impl PrefectServer {
+    /// One server per test binary, shared by its tests (each uses its own pool).
+    pub fn shared() -> &'static PrefectServer {
+        static SERVER: OnceLock<PrefectServer> = OnceLock::new();
+        SERVER.get_or_init(|| Self::start(&[]))
+    }
+
+    /// A server that requires HTTP basic auth with `auth_string`.
+    pub fn with_auth(auth_string: &str) -> &'static PrefectServer {
+        static SERVER: OnceLock<PrefectServer> = OnceLock::new();
+        SERVER.get_or_init(|| Self::start(&[("PREFECT_SERVER_API_AUTH_STRING", auth_string)]))
+    }
+
+    fn start(extra_env: &[(&str, &str)]) -> PrefectServer {
+        let venv = prefect_venv();
+        let port = free_port();
+        let home = tempfile::Builder::new()
+            .prefix("pao-prefect-")
+            .tempdir()
+            .expect("tempdir")
+            .keep();
+        let log = std::fs::File::create(home.join("server.log")).expect("server log");
+        let mut cmd = Command::new(venv.join("bin/prefect"));
+        cmd.args([
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+        ])
+        .env("PREFECT_HOME", &home)
+        .env("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        .env("PREFECT_SERVER_UI_ENABLED", "false")
+        .env_remove("PREFECT_API_URL")
+        .env_remove("PREFECT_API_KEY")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log);
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        spawn_tied_to_test_process(cmd);
+        let url = format!("http://127.0.0.1:{port}/api");
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !http_get_ok(port, "/api/health") {
+            assert!(
+                Instant::now() < deadline,
+                "prefect server did not become healthy; see {}",
+                home.join("server.log").display()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        PrefectServer { url, home }
+    }
+
+    pub fn api(&self) -> Api {
+        Api::new(&self.url, Auth::None)
+    }
+}
+
+/// Starts `cmd` from a thread that never ends, with a parent-death signal, so the
+/// child goes away with the test process even though statics are never dropped.
+fn spawn_tied_to_test_process(mut cmd: Command) {
+    use std::os::unix::process::CommandExt;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
+                    .map_err(std::io::Error::from)
+            });
+        }
+        let child = cmd.spawn();
+        let failed = child.is_err();
+        let _ = tx.send(child.map(|_| ()).map_err(|e| e.to_string()));
+        if !failed {
+            loop {
+                std::thread::park();
+            }
+        }
+    });
+    rx.recv()
+        .expect("spawner thread")
+        .expect("spawn prefect server");
+}
+
+/// A plain HTTP/1.0 GET, answering whether the status was 2xx (no runtime needed).
+fn http_get_ok(port: u16, path: &str) -> bool {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    if write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut buf = String::new();
+    let _ = s.read_to_string(&mut buf);
+    buf.starts_with("HTTP/1.1 2") || buf.starts_with("HTTP/1.0 2")
+}
+
+/// Calls a test makes on the Prefect API (with the crate's own retrying client).
+pub struct Api {
+    pub client: ApiClient,
+}
+
+impl Api {
+    pub fn new(url: &str, auth: Auth) -> Self {
+        let retry = RetryPolicy {
+            attempts: 30,
+            unreachable_attempts: 30,
+            ..RetryPolicy::default()
+        };
+        Self {
+            client: ApiClient::new(url, auth, retry).expect("client"),
+        }
+    }
+
+    pub async fn call(&self, method: Method, path: &str, body: Option<Value>) -> Value {
+        self.try_call(method.clone(), path, body)
+            .await
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+
+    pub async fn try_call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, HttpError> {
+        self.client.call(method, path, body.as_ref()).await
+    }
+
+    pub async fn create_pool(&self, name: &str) {
+        self.call(
+            Method::POST,
+            "/work_pools/",
+            Some(json!({"name": name, "type": "process", "base_job_template": {}})),
+        )
+        .await;
+    }
+
+    /// A deployment of `examples/flows/hello.py:hello` in `pool` with these job variables.
+    pub async fn create_deployment(&self, pool: &str, job_variables: Value) -> String {
+        let flow = self
+            .call(Method::POST, "/flows/", Some(json!({"name": "hello"})))
+            .await;
+        let dir = repo().join("examples/flows");
+        let dir = dir.to_str().expect("utf-8 path");
+        let dep = self
+            .call(
+                Method::POST,
+                "/deployments/",
+                Some(json!({
+                    "name": format!("hello-{pool}"),
+                    "flow_id": flow["id"],
+                    "work_pool_name": pool,
+                    "entrypoint": "hello.py:hello",
+                    "path": dir,
+                    "pull_steps": [{"prefect.deployments.steps.set_working_directory": {"directory": dir}}],
+                    "job_variables": job_variables,
+                })),
+            )
+            .await;
+        dep["id"].as_str().expect("deployment id").to_string()
+    }
+
+    pub async fn create_run(&self, deployment: &str) -> String {
+        let run = self
+            .call(
+                Method::POST,
+                &format!("/deployments/{deployment}/create_flow_run"),
+                Some(json!({})),
+            )
+            .await;
+        run["id"].as_str().expect("run id").to_string()
+    }
+
+    /// A run of `deployment` scheduled for `at`.
+    pub async fn create_run_at(
+        &self,
+        deployment: &str,
+        at: chrono::DateTime<chrono::Utc>,
+    ) -> String {
+        let when = at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        let run = self
+            .call(
+                Method::POST,
+                &format!("/deployments/{deployment}/create_flow_run"),
+                Some(json!({"state": {"type": "SCHEDULED", "name": "Scheduled",
+                    "state_details": {"scheduled_time": when}}})),
+            )
+            .await;
+        run["id"].as_str().expect("run id").to_string()
+    }
+
+    pub async fn run(&self, id: &str) -> Value {
+        self.call(Method::GET, &format!("/flow_runs/{id}"), None)
+            .await
+    }
+
+    pub async fn state(&self, id: &str) -> String {
+        self.run(id).await["state"]["type"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// Waits until the run is in `state` and returns the run.
+    pub async fn wait_state(&self, id: &str, state: &str, timeout: Duration) -> Value {
+        wait_for(&format!("run {id} to be {state}"), timeout, || async {
+            let run = self.run(id).await;
+            (run["state"]["type"] == state).then_some(run)
+        })
+        .await
+    }
+
+    pub async fn set_state(&self, id: &str, kind: &str, force: bool) -> Value {
+        self.call(
+            Method::POST,
+            &format!("/flow_runs/{id}/set_state"),
+            Some(json!({"state": {"type": kind}, "force": force})),
+        )
+        .await
+    }
+
+    pub async fn logs(&self, run_id: &str) -> Vec<String> {
+        let logs = self
+            .call(
+                Method::POST,
+                "/logs/filter",
+                Some(json!({"logs": {"flow_run_id": {"any_": [run_id]}}})),
+            )
+            .await;
+        logs.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|l| l["message"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// How many times the run entered `kind` (its state history).
+    pub async fn times_in_state(&self, run_id: &str, kind: &str) -> usize {
+        let states = self
+            .call(
+                Method::GET,
+                &format!("/flow_run_states/?flow_run_id={run_id}"),
+                None,
+            )
+            .await;
+        states
+            .as_array()
+            .map(|a| a.iter().filter(|s| s["type"] == kind).count())
+            .unwrap_or_default()
+    }
+}
+
+/// A unique name for a test's pool.
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    )
+}
+
+/// The agent binary running as a child process; killed when dropped.
+pub struct AgentProcess {
+    pub child: Child,
+    pub log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// The agent command with a clean environment (no PREFECT_* from the caller).
+pub fn agent_command(args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_prefect-agent-operator"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("PREFECT") || k.starts_with("PAO_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.arg("agent").args(args).stdin(Stdio::null());
+    cmd
+}
+
+impl AgentProcess {
+    pub fn start(args: &[&str]) -> Self {
+        Self::start_with(agent_command(args))
+    }
+
+    pub fn start_with(mut cmd: Command) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("agent.log");
+        let file = std::fs::File::create(&log).expect("log file");
+        cmd.stdout(file.try_clone().expect("log")).stderr(file);
+        let child = cmd.spawn().expect("start the agent binary");
+        Self {
+            child,
+            log,
+            _dir: dir,
+        }
+    }
+
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig);
+    }
+
+    /// Waits for the agent to exit and returns its status.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent did not exit within {timeout:?}; output:\n{}",
+                self.output()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The command line of the fake flow runner, recording into `record`.
+pub fn fake_runner(record: &Path, mode: &str) -> String {
+    format!(
+        "{} {} {} {mode}",
+        prefect_venv().join("bin/python").display(),
+        repo().join("tests/fixtures/fake_flow_run.py").display(),
+        record.display()
+    )
+}
+
+/// Lines of a record file written by the fake runner.
+pub fn recorded(record: &Path) -> Vec<String> {
+    std::fs::read_to_string(record)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}

@@ -1,0 +1,565 @@
+//! The agent, as a binary, against a real `prefect server`: each test has its own pool.
+
+mod common;
+
+use std::collections::{BTreeSet, HashSet};
+use std::time::{Duration, Instant};
+
+use common::*;
+use nix::sys::signal::Signal;
+use serde_json::json;
+
+async fn server() -> &'static PrefectServer {
+    tokio::task::spawn_blocking(PrefectServer::shared)
+        .await
+        .expect("server start")
+}
+
+fn prefect_command() -> String {
+    format!(
+        "{} flow-run execute",
+        prefect_venv().join("bin/prefect").display()
+    )
+}
+
+/// Flags every test agent shares: fast loops so tests wait on conditions, not clocks.
+fn agent_args<'a>(url: &'a str, pool: &'a str, name: &'a str) -> Vec<&'a str> {
+    vec![
+        "--api-url",
+        url,
+        "--pool",
+        pool,
+        "--name",
+        name,
+        "--poll-interval",
+        "1s",
+        "--maintenance-interval",
+        "1s",
+        "--adopt-after",
+        "1s",
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deployment_run_completes_with_its_logs_in_prefect() {
+    let server = server().await;
+    let api = server.api();
+    let pool = unique("hello");
+    api.create_pool(&pool).await;
+    let dep = api.create_deployment(&pool, json!({})).await;
+    let run = api.create_run(&dep).await;
+
+    let cmd = prefect_command();
+    let mut args = agent_args(&server.url, &pool, "hello-agent");
+    args.extend(["--command", &cmd, "--env", "GREETING_FROM=agent"]);
+    let agent = AgentProcess::start(&args);
+
+    let done = api
+        .wait_state(&run, "COMPLETED", Duration::from_secs(120))
+        .await;
+    let pid = done["infrastructure_pid"].as_str().unwrap_or_default();
+    assert!(
+        pid.contains(':'),
+        "infrastructure_pid is host:pid, got {pid:?}"
+    );
+    // The flow ships its logs in the background; they may land just after COMPLETED.
+    let logs = wait_for(
+        "the flow's own log in Prefect",
+        Duration::from_secs(30),
+        || async {
+            let logs = api.logs(&run).await;
+            logs.iter()
+                .any(|l| l.contains("Hello, world!"))
+                .then_some(logs)
+        },
+    )
+    .await;
+    assert!(
+        logs.iter()
+            .any(|l| l.starts_with("Submitted for execution: process")),
+        "the agent's submission log reached Prefect: {logs:?}"
+    );
+    assert_eq!(api.times_in_state(&run, "RUNNING").await, 1);
+    let workers = api
+        .call(
+            reqwest::Method::POST,
+            &format!("/work_pools/{pool}/workers/filter"),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(
+        workers[0]["name"], "hello-agent",
+        "heartbeat registered the worker"
+    );
+    assert_eq!(workers[0]["status"], "ONLINE");
+    drop(agent);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_agents_racing_over_100_runs_execute_each_exactly_once() {
+    let server = server().await;
+    let api = server.api();
+    let pool = unique("race");
+    api.create_pool(&pool).await;
+    let dir = tempfile::tempdir().unwrap();
+    let record = dir.path().join("runs.txt");
+    let dep = api
+        .create_deployment(&pool, json!({"command": fake_runner(&record, "complete")}))
+        .await;
+    let (port_a, port_b) = (free_port(), free_port());
+    let (addr_a, addr_b) = (format!("127.0.0.1:{port_a}"), format!("127.0.0.1:{port_b}"));
+    let mut args_a = agent_args(&server.url, &pool, "racer-a");
+    args_a.extend(["--agent-address", &addr_a, "--prefetch", "1s"]);
+    let mut args_b = agent_args(&server.url, &pool, "racer-b");
+    args_b.extend(["--agent-address", &addr_b, "--prefetch", "1s"]);
+    let a = AgentProcess::start(&args_a);
+    let b = AgentProcess::start(&args_b);
+    let http = reqwest::Client::new();
+    for addr in [&addr_a, &addr_b] {
+        wait_for(
+            "both agents registered",
+            Duration::from_secs(60),
+            || async {
+                let h: serde_json::Value = http
+                    .get(format!("http://{addr}/api/health"))
+                    .send()
+                    .await
+                    .ok()?
+                    .json()
+                    .await
+                    .ok()?;
+                h["agentId"].as_str().map(|_| ())
+            },
+        )
+        .await;
+    }
+    // All due at the same instant, so both agents see all of them at once.
+    let due = chrono::Utc::now() + chrono::Duration::seconds(8);
+    let mut runs = BTreeSet::new();
+    for _ in 0..100 {
+        runs.insert(api.create_run_at(&dep, due).await);
+    }
+
+    wait_for("100 runs executed", Duration::from_secs(180), || async {
+        let done: BTreeSet<String> = recorded(&record).into_iter().collect();
+        (done.len() == 100).then_some(())
+    })
+    .await;
+    // Give late duplicates (a second claim, a re-adoption) every chance to show:
+    // several more polls and maintenance passes of both agents.
+    for addr in [&addr_a, &addr_b] {
+        let polls = || async {
+            let h: serde_json::Value = http
+                .get(format!("http://{addr}/api/health"))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            h["polls"].as_u64()
+        };
+        let now = wait_for("health", Duration::from_secs(10), polls).await;
+        wait_for("three more polls", Duration::from_secs(90), || async {
+            polls().await.filter(|p| *p >= now + 3)
+        })
+        .await;
+    }
+    for run in &runs {
+        // The history, not the current-state pointer: the SQLite server can let a stale
+        // concurrent claim overwrite the pointer after COMPLETED (see docs/prefect3.md).
+        let states = api
+            .call(
+                reqwest::Method::GET,
+                &format!("/flow_run_states/?flow_run_id={run}"),
+                None,
+            )
+            .await;
+        let kinds: Vec<&str> = states
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|s| s["type"].as_str())
+            .collect();
+        assert!(
+            kinds.contains(&"COMPLETED"),
+            "run {run} completed: {kinds:?}"
+        );
+        assert!(
+            !kinds.contains(&"CRASHED"),
+            "run {run} was not crashed by an agent: {kinds:?}"
+        );
+    }
+    let lines = recorded(&record);
+    let unique_ids: BTreeSet<String> = lines.iter().cloned().collect();
+    if lines.len() != unique_ids.len() {
+        let mut seen = HashSet::new();
+        let dup = lines.iter().find(|l| !seen.insert(l.as_str())).unwrap();
+        let states = api
+            .call(
+                reqwest::Method::GET,
+                &format!("/flow_run_states/?flow_run_id={dup}"),
+                None,
+            )
+            .await;
+        for s in states.as_array().unwrap() {
+            eprintln!(
+                "DUP {dup} {} {} {}",
+                s["timestamp"], s["type"], s["message"]
+            );
+        }
+        for l in a
+            .output()
+            .lines()
+            .chain(b.output().lines())
+            .filter(|l| l.contains(dup.as_str()))
+        {
+            eprintln!("LOG {l}");
+        }
+    }
+    assert_eq!(
+        lines.len(),
+        100,
+        "100 executions, no more: duplicates = {}",
+        lines.len() - unique_ids.len()
+    );
+    assert_eq!(unique_ids, runs, "every run executed");
+    // The log line follows the infrastructure-id update, which may land after COMPLETED.
+    let submitted = |out: String| out.matches("submitted for execution").count();
+    wait_for(
+        "both agents' logs to count 100 submissions",
+        Duration::from_secs(30),
+        || async { (submitted(a.output()) + submitted(b.output()) == 100).then_some(()) },
+    )
+    .await;
+    let (na, nb) = (submitted(a.output()), submitted(b.output()));
+    eprintln!("racer-a launched {na}, racer-b launched {nb}");
+    assert!(
+        na > 0 && nb > 0,
+        "both agents took part in the race: {na} + {nb}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn max_polls_zero_registers_and_never_polls() {
+    let server = server().await;
+    let api = server.api();
+    let pool = unique("max0");
+    api.create_pool(&pool).await;
+    let dep = api
+        .create_deployment(&pool, json!({"command": "true"}))
+        .await;
+    let run = api.create_run(&dep).await;
+
+    let mut args = agent_args(&server.url, &pool, "zero");
+    args.extend(["--max-polls", "0", "--log-format", "json"]);
+    let mut agent = AgentProcess::start(&args);
+    let status = agent.wait_exit(Duration::from_secs(60)).await;
+    assert!(status.success(), "exit 0; output:\n{}", agent.output());
+    assert_eq!(stopped_field(&agent.output(), "polls"), Some(0));
+    assert_eq!(api.state(&run).await, "SCHEDULED", "nothing was claimed");
+    let workers = api
+        .call(
+            reqwest::Method::POST,
+            &format!("/work_pools/{pool}/workers/filter"),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(workers[0]["name"], "zero", "registered all the same");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn max_polls_three_stops_after_three_polls_failed_ones_included() {
+    let server = server().await;
+    let api = server.api();
+    let pool = unique("max3");
+    api.create_pool(&pool).await;
+    let mut args = agent_args(&server.url, &pool, "three");
+    args.extend(["--max-polls", "3", "--log-format", "json"]);
+    let mut agent = AgentProcess::start(&args);
+    let status = agent.wait_exit(Duration::from_secs(60)).await;
+    assert!(status.success(), "exit 0; output:\n{}", agent.output());
+    assert_eq!(stopped_field(&agent.output(), "polls"), Some(3));
+
+    // Polls that fail count too: delete the pool under a running agent.
+    let mut args = agent_args(&server.url, &pool, "three-failing");
+    args.extend(["--max-polls", "3", "--log-format", "json"]);
+    let pool2 = pool.clone();
+    let mut agent = AgentProcess::start(&args);
+    wait_for("the agent to register", Duration::from_secs(30), || async {
+        agent.output().contains("agent registered").then_some(())
+    })
+    .await;
+    api.call(
+        reqwest::Method::DELETE,
+        &format!("/work_pools/{pool2}"),
+        None,
+    )
+    .await;
+    let status = agent.wait_exit(Duration::from_secs(60)).await;
+    assert!(status.success(), "exit 0; output:\n{}", agent.output());
+    let out = agent.output();
+    assert_eq!(stopped_field(&out, "polls"), Some(3));
+    assert!(
+        stopped_field(&out, "poll_errors").unwrap_or(0) >= 1,
+        "{out}"
+    );
+}
+
+/// A numeric field of the agent's final "agent stopped" JSON log line.
+fn stopped_field(output: &str, field: &str) -> Option<u64> {
+    output
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["message"] == "agent stopped")
+        .and_then(|v| v[field].as_u64())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn poke_wakes_an_idle_agent_at_once() {
+    let server = server().await;
+    let api = server.api();
+    let pool = unique("poke");
+    api.create_pool(&pool).await;
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let agent = AgentProcess::start(&[
+        "--api-url",
+        &server.url,
+        "--pool",
+        &pool,
+        "--name",
+        "poked",
+        "--poll-interval",
+        "60s",
+        "--agent-address",
+        &addr,
+    ]);
+    let http = reqwest::Client::new();
+    let health = format!("http://{addr}/api/health");
+    let polls = || async {
+        let r = http.get(&health).send().await.ok()?;
+        assert_eq!(r.status(), 200);
+        r.json::<serde_json::Value>().await.ok()?["polls"].as_u64()
+    };
+    // After the 5th poll the seed's backoff sleeps 8 s.
+    let before = wait_for("the agent to back off", Duration::from_secs(30), || async {
+        polls().await.filter(|p| *p >= 5)
+    })
+    .await;
+    let poked = Instant::now();
+    let r = http
+        .get(format!("http://{addr}/api/poke"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    wait_for(
+        "a poll right after the poke",
+        Duration::from_secs(5),
+        || async { polls().await.filter(|p| *p > before) },
+    )
+    .await;
+    let woke = poked.elapsed();
+    assert!(
+        woke < Duration::from_secs(1),
+        "poke woke the agent after {woke:?}, not at once"
+    );
+    eprintln!("poke → poll in {woke:?}");
+    drop(agent);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_whose_launch_fails_ends_crashed_with_the_cause() {
+    let server = server().await;
+    let api = server.api();
+    let pool = unique("badlaunch");
+    api.create_pool(&pool).await;
+    let dep = api
+        .create_deployment(&pool, json!({"command": "/nonexistent/flow-runner --go"}))
+        .await;
+    let run = api.create_run(&dep).await;
+    let agent = AgentProcess::start(&agent_args(&server.url, &pool, "bad-launch"));
+    let crashed = api
+        .wait_state(&run, "CRASHED", Duration::from_secs(60))
+        .await;
+    let message = crashed["state"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("could not start `/nonexistent/flow-runner`")
+            && message.contains("No such file"),
+        "cause in the state message: {message:?}"
+    );
+    assert!(
+        api.logs(&run)
+            .await
+            .iter()
+            .any(|l| l.contains("could not start")),
+        "and in the run's logs"
+    );
+    drop(agent);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_process_that_exits_early_crashes_its_run_with_the_exit_code() {
+    let server = server().await;
+    let api = server.api();
+    let pool = unique("exit3");
+    api.create_pool(&pool).await;
+    let dir = tempfile::tempdir().unwrap();
+    let record = dir.path().join("runs.txt");
+    let dep = api
+        .create_deployment(&pool, json!({"command": fake_runner(&record, "exit3")}))
+        .await;
+    let run = api.create_run(&dep).await;
+    let agent = AgentProcess::start(&agent_args(&server.url, &pool, "exit3"));
+    let crashed = api
+        .wait_state(&run, "CRASHED", Duration::from_secs(60))
+        .await;
+    let message = crashed["state"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("exited with code 3"), "{message:?}");
+    assert_eq!(recorded(&record), std::slice::from_ref(&run));
+    drop(agent);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cancelling_a_running_run_stops_its_process_and_ends_cancelled() {
+    let server = server().await;
+    let api = server.api();
+    let pool = unique("cancel");
+    api.create_pool(&pool).await;
+    let dir = tempfile::tempdir().unwrap();
+    let record = dir.path().join("runs.txt");
+    let dep = api
+        .create_deployment(&pool, json!({"command": fake_runner(&record, "sleep")}))
+        .await;
+    let run = api.create_run(&dep).await;
+    let agent = AgentProcess::start(&agent_args(&server.url, &pool, "canceller"));
+    let running = api
+        .wait_state(&run, "RUNNING", Duration::from_secs(60))
+        .await;
+    let infra = running["infrastructure_pid"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let pid: i32 = match infra.rsplit_once(':') {
+        Some((_, pid)) => pid.parse().expect("pid"),
+        None => {
+            // The PATCH may land just after RUNNING; read again.
+            let run = api
+                .wait_state(&run, "RUNNING", Duration::from_secs(10))
+                .await;
+            run["infrastructure_pid"]
+                .as_str()
+                .and_then(|s| s.rsplit_once(':'))
+                .expect("host:pid")
+                .1
+                .parse()
+                .unwrap()
+        }
+    };
+    assert!(alive(pid), "flow process {pid} runs");
+
+    let answer = api.set_state(&run, "CANCELLING", false).await;
+    assert_eq!(answer["status"], "ACCEPT", "{answer}");
+    api.wait_state(&run, "CANCELLED", Duration::from_secs(60))
+        .await;
+    wait_for(
+        "the flow process to be gone",
+        Duration::from_secs(15),
+        || async { (!alive(pid)).then_some(()) },
+    )
+    .await;
+    drop(agent);
+}
+
+fn alive(pid: i32) -> bool {
+    // A zombie is dead for our purpose: it only waits to be reaped.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_killed_between_claim_and_launch_still_runs_the_run_exactly_once() {
+    let server = server().await;
+    let api = server.api();
+    let pool = unique("adopt");
+    api.create_pool(&pool).await;
+    let dir = tempfile::tempdir().unwrap();
+    let record = dir.path().join("runs.txt");
+    let dep = api
+        .create_deployment(&pool, json!({"command": fake_runner(&record, "complete")}))
+        .await;
+    let run = api.create_run(&dep).await;
+
+    let mut args = agent_args(&server.url, &pool, "phoenix");
+    args.push("--fault-abort-after-claim");
+    let mut first = AgentProcess::start(&args);
+    let status = first.wait_exit(Duration::from_secs(60)).await;
+    assert!(!status.success(), "the first agent died mid-submission");
+    let claimed = api.run(&run).await;
+    assert_eq!(claimed["state"]["type"], "PENDING", "claimed…");
+    assert!(claimed["infrastructure_pid"].is_null(), "…never launched");
+    assert!(recorded(&record).is_empty());
+
+    let second = AgentProcess::start(&agent_args(&server.url, &pool, "phoenix"));
+    api.wait_state(&run, "COMPLETED", Duration::from_secs(60))
+        .await;
+    assert_eq!(
+        recorded(&record),
+        std::slice::from_ref(&run),
+        "executed exactly once"
+    );
+    assert_eq!(api.times_in_state(&run, "PENDING").await, 1, "claimed once");
+    assert!(
+        second.output().contains("launching a run claimed earlier"),
+        "{}",
+        second.output()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_finishes_submissions_under_way_and_exits_zero() {
+    let server = server().await;
+    let api = server.api();
+    let pool = unique("term");
+    api.create_pool(&pool).await;
+    let dir = tempfile::tempdir().unwrap();
+    let record = dir.path().join("runs.txt");
+    let dep = api
+        .create_deployment(&pool, json!({"command": fake_runner(&record, "complete")}))
+        .await;
+    let mut runs = HashSet::new();
+    for _ in 0..20 {
+        runs.insert(api.create_run(&dep).await);
+    }
+    let mut args = agent_args(&server.url, &pool, "terminated");
+    args.extend(["--submit-concurrency", "2"]);
+    let mut agent = AgentProcess::start(&args);
+    wait_for("a first submission", Duration::from_secs(60), || async {
+        agent
+            .output()
+            .contains("submitted for execution")
+            .then_some(())
+    })
+    .await;
+    agent.signal(Signal::SIGTERM);
+    let status = agent.wait_exit(Duration::from_secs(60)).await;
+    assert!(
+        status.success(),
+        "exit 0 on SIGTERM; output:\n{}",
+        agent.output()
+    );
+    // Every run it claimed was launched: none is left PENDING without infrastructure.
+    for run in &runs {
+        let r = api.run(run).await;
+        let state = r["state"]["type"].as_str().unwrap_or_default();
+        assert!(
+            state == "SCHEDULED" || !r["infrastructure_pid"].is_null(),
+            "run {run} left {state} without infrastructure"
+        );
+    }
+}
