@@ -9,7 +9,7 @@ command -v cargo >/dev/null || { echo "error: cargo not found; install Rust with
 echo "==> Prefect venv"
 PAO_PREFECT_VENV="$(bash scripts/setup-prefect.sh)"
 export PAO_PREFECT_VENV
-"$PAO_PREFECT_VENV/bin/prefect" version | head -1
+echo "using $PAO_PREFECT_VENV"
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
