@@ -563,3 +563,107 @@ async fn sigterm_finishes_submissions_under_way_and_exits_zero() {
         );
     }
 }
+
+/// The environment the fake runner saw, as a map.
+fn env_seen(record: &std::path::Path) -> serde_json::Map<String, serde_json::Value> {
+    let path = format!("{}.env.json", record.display());
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    serde_json::from_str(&text).expect("env json")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_environment_follows_the_documented_precedence() {
+    let server = server().await;
+    let api = server.api();
+    let pool = unique("env");
+    api.create_pool(&pool).await;
+    let dir = tempfile::tempdir().unwrap();
+    let record = dir.path().join("runs.txt");
+    let dep = api
+        .create_deployment(
+            &pool,
+            json!({"command": fake_runner(&record, "env"),
+                   "env": {"SHARED": "deployment", "DEP_ONLY": "1", "PREFECT__FLOW_RUN_ID": "nope"}}),
+        )
+        .await;
+    let run = api
+        .create_run_with(&dep, json!({"env": {"SHARED": "run"}}))
+        .await;
+    let mut args = agent_args(&server.url, &pool, "env-agent");
+    args.extend([
+        "--env",
+        "TEAM=agent",
+        "--env",
+        "SHARED=agent",
+        "--env",
+        "PREFECT_API_URL=http://wrong/api",
+    ]);
+    let agent = AgentProcess::start(&args);
+    api.wait_state(&run, "COMPLETED", Duration::from_secs(60))
+        .await;
+    let env = env_seen(&record);
+    assert_eq!(env["TEAM"], "agent", "agent env_vars reach the run");
+    assert_eq!(env["DEP_ONLY"], "1", "deployment env merges with the run's");
+    assert_eq!(
+        env["SHARED"], "run",
+        "run job variables beat deployment and agent"
+    );
+    assert_eq!(
+        env["PREFECT_API_URL"],
+        server.url.as_str(),
+        "fixed variables win"
+    );
+    assert_eq!(
+        env["PREFECT__FLOW_RUN_ID"],
+        run.as_str(),
+        "fixed variables win"
+    );
+    assert!(
+        !env.contains_key("PREFECT_LOGGING_TO_API_ENABLED"),
+        "log shipping stays on"
+    );
+    let logs = api.logs(&run).await;
+    assert!(
+        logs.iter()
+            .any(|l| l.starts_with("Submitted for execution")),
+        "{logs:?}"
+    );
+    drop(agent);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_cloud_logs_silences_the_agent_and_turns_off_shipping_in_runs() {
+    let server = server().await;
+    let api = server.api();
+    let pool = unique("nologs");
+    api.create_pool(&pool).await;
+    let dir = tempfile::tempdir().unwrap();
+    let record = dir.path().join("runs.txt");
+    let dep = api
+        .create_deployment(
+            &pool,
+            json!({"command": fake_runner(&record, "env"), "env": {"PREFECT_LOGGING_TO_API_ENABLED": "true"}}),
+        )
+        .await;
+    let run = api.create_run(&dep).await;
+    let mut args = agent_args(&server.url, &pool, "quiet");
+    args.push("--no-cloud-logs");
+    let agent = AgentProcess::start(&args);
+    api.wait_state(&run, "COMPLETED", Duration::from_secs(60))
+        .await;
+    let env = env_seen(&record);
+    assert_eq!(
+        env["PREFECT_LOGGING_TO_API_ENABLED"], "false",
+        "a job variable cannot turn it back on"
+    );
+    assert!(
+        agent.output().contains("submitted for execution"),
+        "the agent did launch it"
+    );
+    assert_eq!(
+        api.logs(&run).await,
+        Vec::<String>::new(),
+        "the agent shipped no log line"
+    );
+    drop(agent);
+}

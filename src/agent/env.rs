@@ -1,7 +1,7 @@
 //! A flow run's environment and its precedence rules.
 //!
 //! Later layers win: (1) the agent's `env_vars`, (2) the run's own `env` job variable
-//! (pool defaults < deployment < run, merged by the backend), (3) the fixed variables
+//! (pool defaults < deployment < run, merged variable by variable by the backend), (3) the fixed variables
 //! the run needs to reach Prefect (API URL, credentials, flow-run id, log shipping off
 //! under `no_cloud_logs`). In job variables a `null` value removes a variable.
 

@@ -239,11 +239,16 @@ impl Api {
     }
 
     pub async fn create_run(&self, deployment: &str) -> String {
+        self.create_run_with(deployment, json!({})).await
+    }
+
+    /// A run of `deployment` with its own job variables.
+    pub async fn create_run_with(&self, deployment: &str, job_variables: Value) -> String {
         let run = self
             .call(
                 Method::POST,
                 &format!("/deployments/{deployment}/create_flow_run"),
-                Some(json!({})),
+                Some(json!({"job_variables": job_variables})),
             )
             .await;
         run["id"].as_str().expect("run id").to_string()
