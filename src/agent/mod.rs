@@ -373,31 +373,24 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
     /// When a run's infrastructure ends before the run did, the run is crashed with the cause.
     async fn watch_exit(&self, run_id: String, exit: oneshot::Receiver<Exit>) {
         let Ok(exit) = exit.await else { return };
-        match self.backend.final_state(&run_id).await {
-            Ok(Some(state)) => {
-                tracing::info!(?state, exit = %exit.description, "flow run finished");
-                return;
-            }
-            Ok(None) => {}
-            Err(e) => {
-                tracing::warn!(error = %e, exit = %exit.description, "could not read the run after its infrastructure ended");
-                return;
-            }
-        }
-        let run = match self.backend.read(&run_id).await {
-            Ok(run) => run,
+        let state = match self.backend.settled_state(&run_id).await {
+            Ok(state) => state,
             Err(e) => {
                 tracing::warn!(error = %e, exit = %exit.description, "could not read the run after its infrastructure ended");
                 return;
             }
         };
-        if matches!(run.state, StateKind::Cancelling) {
+        if state.is_final() {
+            tracing::info!(?state, exit = %exit.description, "flow run finished");
+            return;
+        }
+        if state == StateKind::Cancelling {
             // The cancellation pass reports this one.
             return;
         }
         let message = format!(
-            "Flow run infrastructure exited while the run was {:?}: {}",
-            run.state, exit.description
+            "Flow run infrastructure exited while the run was {state:?}: {}",
+            exit.description
         );
         tracing::warn!(%message);
         AgentStats::inc(&self.stats.runs_failed);

@@ -173,14 +173,12 @@ pub trait Backend: Send + Sync + 'static {
     fn orphans(&self) -> impl Future<Output = Result<Vec<FlowRun>, BackendError>> + Send;
     /// True when the run's current state is a claim this agent made.
     fn is_own_claim(&self, run: &FlowRun) -> bool;
-    /// The run as it is now.
-    fn read(&self, run_id: &str) -> impl Future<Output = Result<FlowRun, BackendError>> + Send;
-    /// The final state the run reached, if any. Where the server's current state lags its
-    /// own history (a stale write on SQLite), the history's newest state counts.
-    fn final_state(
+    /// The run's state now. Where the server's current state lags its own history (a
+    /// stale write on SQLite), a final state in the history wins.
+    fn settled_state(
         &self,
         run_id: &str,
-    ) -> impl Future<Output = Result<Option<StateKind>, BackendError>> + Send;
+    ) -> impl Future<Output = Result<StateKind, BackendError>> + Send;
     /// Ships one log line for a run.
     fn log(
         &self,

@@ -88,6 +88,15 @@ impl Prefect3 {
         Ok(runs.into_iter().map(FlowRun::from).collect())
     }
 
+    /// The run as it is now.
+    async fn read(&self, run_id: &str) -> Result<FlowRun, BackendError> {
+        let run: ApiFlowRun = self
+            .api
+            .call(Method::GET, &format!("/flow_runs/{run_id}"), None)
+            .await?;
+        Ok(run.into())
+    }
+
     /// Puts back a state our late claim overwrote (best effort; logged either way).
     async fn restore(&self, run_id: &str, previous: &ApiState) {
         let state = json!({"state": {"type": previous.kind, "name": previous.name,
@@ -626,18 +635,10 @@ impl Backend for Prefect3 {
         run.state_message.as_deref() == Some(claim_marker(&self.cfg.agent_name).as_str())
     }
 
-    async fn read(&self, run_id: &str) -> Result<FlowRun, BackendError> {
-        let run: ApiFlowRun = self
-            .api
-            .call(Method::GET, &format!("/flow_runs/{run_id}"), None)
-            .await?;
-        Ok(run.into())
-    }
-
-    async fn final_state(&self, run_id: &str) -> Result<Option<StateKind>, BackendError> {
+    async fn settled_state(&self, run_id: &str) -> Result<StateKind, BackendError> {
         let run = self.read(run_id).await?;
         if run.state.is_final() {
-            return Ok(Some(run.state));
+            return Ok(run.state);
         }
         let newest = self
             .history(run_id)
@@ -645,11 +646,14 @@ impl Backend for Prefect3 {
             .last()
             .map(|s| StateKind::parse(&s.kind))
             .filter(|k| k.is_final());
-        if let Some(kind) = newest {
-            tracing::warn!(run_id, current = ?run.state, history = ?kind,
-                "Prefect's current state lags its history (concurrent writes on the server); trusting the history");
+        match newest {
+            Some(kind) => {
+                tracing::warn!(run_id, current = ?run.state, history = ?kind,
+                    "Prefect's current state lags its history (concurrent writes on the server); trusting the history");
+                Ok(kind)
+            }
+            None => Ok(run.state),
         }
-        Ok(newest)
     }
 
     async fn log(&self, run_id: &str, level: LogLevel, message: &str) -> Result<(), BackendError> {
