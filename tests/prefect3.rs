@@ -9,12 +9,6 @@ use common::*;
 use nix::sys::signal::Signal;
 use serde_json::json;
 
-async fn server() -> &'static PrefectServer {
-    tokio::task::spawn_blocking(PrefectServer::shared)
-        .await
-        .expect("server start")
-}
-
 fn prefect_command() -> String {
     format!(
         "{} flow-run execute",
@@ -42,10 +36,9 @@ fn agent_args<'a>(url: &'a str, pool: &'a str, name: &'a str) -> Vec<&'a str> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_deployment_run_completes_with_its_logs_in_prefect() {
-    let server = server().await;
-    let api = server.api();
-    let pool = unique("hello");
-    api.create_pool(&pool).await;
+    let Setup {
+        server, api, pool, ..
+    } = Setup::new("hello").await;
     let dep = api.create_deployment(&pool, json!({})).await;
     let run = api.create_run(&dep).await;
 
@@ -97,12 +90,13 @@ async fn a_deployment_run_completes_with_its_logs_in_prefect() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn two_agents_racing_over_100_runs_execute_each_exactly_once() {
-    let server = server().await;
-    let api = server.api();
-    let pool = unique("race");
-    api.create_pool(&pool).await;
-    let dir = tempfile::tempdir().unwrap();
-    let record = dir.path().join("runs.txt");
+    let Setup {
+        server,
+        api,
+        pool,
+        record,
+        _dir,
+    } = Setup::new("race").await;
     let dep = api
         .create_deployment(&pool, json!({"command": fake_runner(&record, "complete")}))
         .await;
@@ -242,10 +236,9 @@ async fn two_agents_racing_over_100_runs_execute_each_exactly_once() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn max_polls_zero_registers_and_never_polls() {
-    let server = server().await;
-    let api = server.api();
-    let pool = unique("max0");
-    api.create_pool(&pool).await;
+    let Setup {
+        server, api, pool, ..
+    } = Setup::new("max0").await;
     let dep = api
         .create_deployment(&pool, json!({"command": "true"}))
         .await;
@@ -270,10 +263,9 @@ async fn max_polls_zero_registers_and_never_polls() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn max_polls_three_stops_after_three_polls_failed_ones_included() {
-    let server = server().await;
-    let api = server.api();
-    let pool = unique("max3");
-    api.create_pool(&pool).await;
+    let Setup {
+        server, api, pool, ..
+    } = Setup::new("max3").await;
     let mut args = agent_args(&server.url, &pool, "three");
     args.extend(["--max-polls", "3", "--log-format", "json"]);
     let mut agent = AgentProcess::start(&args);
@@ -317,10 +309,7 @@ fn stopped_field(output: &str, field: &str) -> Option<u64> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn poke_wakes_an_idle_agent_at_once() {
-    let server = server().await;
-    let api = server.api();
-    let pool = unique("poke");
-    api.create_pool(&pool).await;
+    let Setup { server, pool, .. } = Setup::new("poke").await;
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let agent = AgentProcess::start(&[
@@ -371,10 +360,9 @@ async fn poke_wakes_an_idle_agent_at_once() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_run_whose_launch_fails_ends_crashed_with_the_cause() {
-    let server = server().await;
-    let api = server.api();
-    let pool = unique("badlaunch");
-    api.create_pool(&pool).await;
+    let Setup {
+        server, api, pool, ..
+    } = Setup::new("badlaunch").await;
     let dep = api
         .create_deployment(&pool, json!({"command": "/nonexistent/flow-runner --go"}))
         .await;
@@ -401,12 +389,13 @@ async fn a_run_whose_launch_fails_ends_crashed_with_the_cause() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_process_that_exits_early_crashes_its_run_with_the_exit_code() {
-    let server = server().await;
-    let api = server.api();
-    let pool = unique("exit3");
-    api.create_pool(&pool).await;
-    let dir = tempfile::tempdir().unwrap();
-    let record = dir.path().join("runs.txt");
+    let Setup {
+        server,
+        api,
+        pool,
+        record,
+        _dir,
+    } = Setup::new("exit3").await;
     let dep = api
         .create_deployment(&pool, json!({"command": fake_runner(&record, "exit3")}))
         .await;
@@ -423,12 +412,13 @@ async fn a_process_that_exits_early_crashes_its_run_with_the_exit_code() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cancelling_a_running_run_stops_its_process_and_ends_cancelled() {
-    let server = server().await;
-    let api = server.api();
-    let pool = unique("cancel");
-    api.create_pool(&pool).await;
-    let dir = tempfile::tempdir().unwrap();
-    let record = dir.path().join("runs.txt");
+    let Setup {
+        server,
+        api,
+        pool,
+        record,
+        _dir,
+    } = Setup::new("cancel").await;
     let dep = api
         .create_deployment(&pool, json!({"command": fake_runner(&record, "sleep")}))
         .await;
@@ -484,12 +474,13 @@ fn alive(pid: i32) -> bool {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_agent_killed_between_claim_and_launch_still_runs_the_run_exactly_once() {
-    let server = server().await;
-    let api = server.api();
-    let pool = unique("adopt");
-    api.create_pool(&pool).await;
-    let dir = tempfile::tempdir().unwrap();
-    let record = dir.path().join("runs.txt");
+    let Setup {
+        server,
+        api,
+        pool,
+        record,
+        _dir,
+    } = Setup::new("adopt").await;
     let dep = api
         .create_deployment(&pool, json!({"command": fake_runner(&record, "complete")}))
         .await;
@@ -523,12 +514,13 @@ async fn an_agent_killed_between_claim_and_launch_still_runs_the_run_exactly_onc
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_finishes_submissions_under_way_and_exits_zero() {
-    let server = server().await;
-    let api = server.api();
-    let pool = unique("term");
-    api.create_pool(&pool).await;
-    let dir = tempfile::tempdir().unwrap();
-    let record = dir.path().join("runs.txt");
+    let Setup {
+        server,
+        api,
+        pool,
+        record,
+        _dir,
+    } = Setup::new("term").await;
     let dep = api
         .create_deployment(&pool, json!({"command": fake_runner(&record, "complete")}))
         .await;
@@ -573,12 +565,13 @@ fn env_seen(record: &std::path::Path) -> serde_json::Map<String, serde_json::Val
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_run_environment_follows_the_documented_precedence() {
-    let server = server().await;
-    let api = server.api();
-    let pool = unique("env");
-    api.create_pool(&pool).await;
-    let dir = tempfile::tempdir().unwrap();
-    let record = dir.path().join("runs.txt");
+    let Setup {
+        server,
+        api,
+        pool,
+        record,
+        _dir,
+    } = Setup::new("env").await;
     let dep = api
         .create_deployment(
             &pool,
@@ -633,12 +626,13 @@ async fn a_run_environment_follows_the_documented_precedence() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn no_cloud_logs_silences_the_agent_and_turns_off_shipping_in_runs() {
-    let server = server().await;
-    let api = server.api();
-    let pool = unique("nologs");
-    api.create_pool(&pool).await;
-    let dir = tempfile::tempdir().unwrap();
-    let record = dir.path().join("runs.txt");
+    let Setup {
+        server,
+        api,
+        pool,
+        record,
+        _dir,
+    } = Setup::new("nologs").await;
     let dep = api
         .create_deployment(
             &pool,

@@ -335,6 +335,35 @@ impl Api {
     }
 }
 
+/// What most tests start from: the shared server, a fresh pool, a record file for the fake runner.
+pub struct Setup {
+    pub server: &'static PrefectServer,
+    pub api: Api,
+    pub pool: String,
+    pub record: PathBuf,
+    pub _dir: tempfile::TempDir,
+}
+
+impl Setup {
+    pub async fn new(prefix: &str) -> Setup {
+        let server = tokio::task::spawn_blocking(PrefectServer::shared)
+            .await
+            .expect("server start");
+        let api = server.api();
+        let pool = unique(prefix);
+        api.create_pool(&pool).await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let record = dir.path().join("runs.txt");
+        Setup {
+            server,
+            api,
+            pool,
+            record,
+            _dir: dir,
+        }
+    }
+}
+
 /// A unique name for a test's pool.
 pub fn unique(prefix: &str) -> String {
     format!(
