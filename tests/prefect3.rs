@@ -565,13 +565,18 @@ fn env_seen(record: &std::path::Path) -> serde_json::Map<String, serde_json::Val
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_run_environment_follows_the_documented_precedence() {
+    // Pool defaults are the lowest job-variable layer.
+    let template = json!({"job_configuration": {"command": "{{ command }}", "env": "{{ env }}"},
+        "variables": {"type": "object", "properties": {
+            "command": {"type": "string"},
+            "env": {"type": "object", "default": {"POOL_ONLY": "pool", "SHARED": "pool"}}}}});
     let Setup {
         server,
         api,
         pool,
         record,
         _dir,
-    } = Setup::new("env").await;
+    } = Setup::with_template("env", template).await;
     let dep = api
         .create_deployment(
             &pool,
@@ -596,6 +601,7 @@ async fn a_run_environment_follows_the_documented_precedence() {
         .await;
     let env = env_seen(&record);
     assert_eq!(env["TEAM"], "agent", "agent env_vars reach the run");
+    assert_eq!(env["POOL_ONLY"], "pool", "pool defaults merge in");
     assert_eq!(env["DEP_ONLY"], "1", "deployment env merges with the run's");
     assert_eq!(
         env["SHARED"], "run",
@@ -659,5 +665,54 @@ async fn no_cloud_logs_silences_the_agent_and_turns_off_shipping_in_runs() {
         Vec::<String>::new(),
         "the agent shipped no log line"
     );
+    drop(agent);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn queues_split_a_pool_s_work() {
+    let Setup {
+        server,
+        api,
+        pool,
+        record,
+        _dir,
+    } = Setup::new("queues").await;
+    api.create_queue(&pool, "fast").await;
+    api.create_queue(&pool, "slow").await;
+    let fast = api
+        .create_deployment_in(
+            &pool,
+            "fast",
+            json!({"command": fake_runner(&record, "complete")}),
+        )
+        .await;
+    let slow = api
+        .create_deployment_in(
+            &pool,
+            "slow",
+            json!({"command": fake_runner(&record, "complete")}),
+        )
+        .await;
+    let fast_run = api.create_run(&fast).await;
+    let slow_run = api.create_run(&slow).await;
+
+    let mut args = agent_args(&server.url, &pool, "fast-only");
+    args.extend(["--queue", "fast", "--max-polls", "4"]);
+    let mut agent = AgentProcess::start(&args);
+    api.wait_state(&fast_run, "COMPLETED", Duration::from_secs(60))
+        .await;
+    assert!(agent.wait_exit(Duration::from_secs(60)).await.success());
+    assert_eq!(
+        api.state(&slow_run).await,
+        "SCHEDULED",
+        "another queue's run is left alone"
+    );
+    assert_eq!(recorded(&record), std::slice::from_ref(&fast_run));
+
+    let mut args = agent_args(&server.url, &pool, "slow-too");
+    args.extend(["--queue", "fast,slow"]);
+    let agent = AgentProcess::start(&args);
+    api.wait_state(&slow_run, "COMPLETED", Duration::from_secs(60))
+        .await;
     drop(agent);
 }

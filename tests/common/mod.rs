@@ -205,16 +205,40 @@ impl Api {
     }
 
     pub async fn create_pool(&self, name: &str) {
+        self.create_pool_with_template(name, json!({})).await;
+    }
+
+    pub async fn create_pool_with_template(&self, name: &str, base_job_template: Value) {
         self.call(
             Method::POST,
             "/work_pools/",
-            Some(json!({"name": name, "type": "process", "base_job_template": {}})),
+            Some(json!({"name": name, "type": "process", "base_job_template": base_job_template})),
+        )
+        .await;
+    }
+
+    pub async fn create_queue(&self, pool: &str, queue: &str) {
+        self.call(
+            Method::POST,
+            &format!("/work_pools/{pool}/queues/"),
+            Some(json!({"name": queue})),
         )
         .await;
     }
 
     /// A deployment of `examples/flows/hello.py:hello` in `pool` with these job variables.
     pub async fn create_deployment(&self, pool: &str, job_variables: Value) -> String {
+        self.create_deployment_in(pool, "default", job_variables)
+            .await
+    }
+
+    /// The same, in a named work queue of the pool.
+    pub async fn create_deployment_in(
+        &self,
+        pool: &str,
+        queue: &str,
+        job_variables: Value,
+    ) -> String {
         let flow = self
             .call(Method::POST, "/flows/", Some(json!({"name": "hello"})))
             .await;
@@ -225,7 +249,8 @@ impl Api {
                 Method::POST,
                 "/deployments/",
                 Some(json!({
-                    "name": format!("hello-{pool}"),
+                    "name": format!("hello-{pool}-{queue}"),
+                    "work_queue_name": queue,
                     "flow_id": flow["id"],
                     "work_pool_name": pool,
                     "entrypoint": "hello.py:hello",
@@ -346,12 +371,17 @@ pub struct Setup {
 
 impl Setup {
     pub async fn new(prefix: &str) -> Setup {
+        Self::with_template(prefix, json!({})).await
+    }
+
+    /// The same with a pool whose base job template is `template`.
+    pub async fn with_template(prefix: &str, template: Value) -> Setup {
         let server = tokio::task::spawn_blocking(PrefectServer::shared)
             .await
             .expect("server start");
         let api = server.api();
         let pool = unique(prefix);
-        api.create_pool(&pool).await;
+        api.create_pool_with_template(&pool, template).await;
         let dir = tempfile::tempdir().expect("tempdir");
         let record = dir.path().join("runs.txt");
         Setup {
