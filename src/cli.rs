@@ -36,6 +36,8 @@ pub struct Cli {
 pub enum Command {
     /// Run one standalone agent, like `prefect agent … start` / `prefect worker start`.
     Agent(Box<AgentArgs>),
+    /// Print the PrefectAgent CustomResourceDefinition (YAML), as kept in crds/.
+    Crdgen,
 }
 
 /// Which Prefect API the agent speaks.
@@ -197,6 +199,18 @@ pub struct AgentArgs {
 
 /// Runs the command line; errors become one line on stderr and a non-zero exit code.
 pub fn run(cli: Cli) -> ExitCode {
+    if matches!(cli.command, Command::Crdgen) {
+        return match crate::crd::crd_yaml() {
+            Ok(yaml) => {
+                print!("{yaml}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: cannot render the CRD: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Err(e) = telemetry::init(cli.log_format, &cli.log_level) {
         eprintln!("error: {e}");
         return ExitCode::from(2);
@@ -213,6 +227,7 @@ pub fn run(cli: Cli) -> ExitCode {
     };
     let result = match cli.command {
         Command::Agent(args) => runtime.block_on(run_agent(*args)),
+        Command::Crdgen => Ok(()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,149 @@
+#!/usr/bin/env bash
+# A real Kubernetes API server (+ etcd, optionally the controller manager) on loopback,
+# built from Debian's own `kubernetes` source package and cached outside the repo.
+#
+#   scripts/kube-apiserver.sh install          build once (cached), print the bin dir
+#   scripts/kube-apiserver.sh start DIR [--controller-manager]
+#                                              start in DIR; writes DIR/kubeconfig, DIR/env
+#   scripts/kube-apiserver.sh stop DIR         stop what `start DIR` started
+set -euo pipefail
+
+CACHE="${PAO_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/prefect-agent-operator}"
+PKG_VERSION="1.20.5+really1.20.2-1.1+deb12u1"
+BIN="$CACHE/kube-$PKG_VERSION/bin"
+
+log() { echo "kube-apiserver.sh: $*" >&2; }
+
+need_root() {
+  if [ "$(id -u)" -ne 0 ]; then
+    if command -v sudo >/dev/null; then echo sudo; else log "apt-get needs root"; exit 1; fi
+  fi
+}
+
+install() {
+  if [ -x "$BIN/kube-apiserver" ] && [ -x "$BIN/kube-controller-manager" ] && command -v etcd >/dev/null; then
+    echo "$BIN"
+    return
+  fi
+  local sudo; sudo="$(need_root)"
+  # Source packages: a deb-src entry beside the machine's own Debian entry.
+  if ! grep -rqs '^Types: deb-src' /etc/apt/sources.list.d/; then
+    $sudo tee /etc/apt/sources.list.d/pao-deb-src.sources >/dev/null <<'SRC'
+Types: deb-src
+URIs: http://deb.debian.org/debian
+Suites: bookworm bookworm-updates
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+  fi
+  log "installing build dependencies (apt)"
+  $sudo apt-get update -qq >&2
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq golang-go etcd-server etcd-client \
+    golang-github-modern-go-reflect2-dev dpkg-dev rsync openssl >&2
+  local src="$CACHE/kube-src"
+  rm -rf "$src" && mkdir -p "$src"
+  (cd "$src" && apt-get source -qq "kubernetes=$PKG_VERSION" >&2)
+  local tree; tree="$(find "$src" -maxdepth 1 -mindepth 1 -type d -name 'kubernetes-*' | head -1)"
+  [ -n "$tree" ] || { log "apt-get source kubernetes gave no tree"; exit 1; }
+  # The vendored reflect2 does not build with Go 1.19; Debian's own copy does.
+  rm -rf "$tree/vendor/github.com/modern-go/reflect2"
+  cp -r /usr/share/gocode/src/github.com/modern-go/reflect2 "$tree/vendor/github.com/modern-go/reflect2"
+  log "building kube-apiserver and kube-controller-manager (about 3 minutes on 2 cores)"
+  (
+    cd "$tree"
+    mkdir -p .go/src/k8s.io .home
+    ln -sfn ../../.. .go/src/k8s.io/kubernetes
+    export GOPATH="$PWD/.go" CGO_ENABLED=0 GO111MODULE=off HOME="$PWD/.home"
+    cd .go/src/k8s.io/kubernetes
+    make WHAT="cmd/kube-apiserver cmd/kube-controller-manager" >&2
+  )
+  mkdir -p "$BIN"
+  cp "$tree/_output/bin/kube-apiserver" "$tree/_output/bin/kube-controller-manager" "$BIN/"
+  rm -rf "$src"
+  echo "$BIN"
+}
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+wait_until() { # seconds, command...
+  local deadline=$(( $(date +%s) + $1 )); shift
+  until "$@" >/dev/null 2>&1; do
+    [ "$(date +%s)" -lt "$deadline" ] || return 1
+    sleep 0.2
+  done
+}
+
+start() {
+  local dir="$1" cm="${2:-}"
+  local bin; bin="$(install)"
+  mkdir -p "$dir"
+  dir="$(cd "$dir" && pwd)"
+  local etcd_port peer_port api_port token
+  etcd_port="$(free_port)"; peer_port="$(free_port)"; api_port="$(free_port)"
+  token="$(openssl rand -hex 16)"
+  openssl genrsa -out "$dir/sa.key" 2048 2>/dev/null
+  openssl rsa -in "$dir/sa.key" -pubout -out "$dir/sa.pub" 2>/dev/null
+  echo "$token,admin,1,\"system:masters\"" > "$dir/tokens.csv"
+  etcd --data-dir "$dir/etcd" --name default \
+    --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
+    --listen-peer-urls "http://127.0.0.1:$peer_port" --initial-advertise-peer-urls "http://127.0.0.1:$peer_port" \
+    --initial-cluster "default=http://127.0.0.1:$peer_port" > "$dir/etcd.log" 2>&1 &
+  echo $! > "$dir/etcd.pid"
+  "$bin/kube-apiserver" --etcd-servers "http://127.0.0.1:$etcd_port" --bind-address 127.0.0.1 \
+    --secure-port "$api_port" --cert-dir "$dir/certs" --token-auth-file "$dir/tokens.csv" \
+    --authorization-mode RBAC --service-account-key-file "$dir/sa.pub" \
+    --service-account-signing-key-file "$dir/sa.key" \
+    --service-account-issuer https://kubernetes.default.svc \
+    --service-cluster-ip-range 10.96.0.0/24 --feature-gates TTLAfterFinished=true \
+    > "$dir/apiserver.log" 2>&1 &
+  echo $! > "$dir/apiserver.pid"
+  cat > "$dir/kubeconfig" <<KC
+apiVersion: v1
+kind: Config
+clusters:
+- name: local
+  cluster: {server: "https://127.0.0.1:$api_port", insecure-skip-tls-verify: true}
+users:
+- name: admin
+  user: {token: "$token"}
+contexts:
+- name: local
+  context: {cluster: local, user: admin, namespace: default}
+current-context: local
+KC
+  if ! wait_until 60 curl -skf -H "Authorization: Bearer $token" "https://127.0.0.1:$api_port/readyz"; then
+    log "API server not ready after 60 s; see $dir/apiserver.log"; stop "$dir"; exit 1
+  fi
+  if [ "$cm" = "--controller-manager" ]; then
+    "$bin/kube-controller-manager" --kubeconfig "$dir/kubeconfig" --bind-address 127.0.0.1 \
+      --secure-port 0 --port 0 --leader-elect=false \
+      --controllers job,garbagecollector,ttl-after-finished,serviceaccount,serviceaccount-token,namespace \
+      --service-account-private-key-file "$dir/sa.key" --root-ca-file "$dir/certs/apiserver.crt" \
+      --feature-gates TTLAfterFinished=true > "$dir/controller-manager.log" 2>&1 &
+    echo $! > "$dir/controller-manager.pid"
+  fi
+  echo "KUBECONFIG=$dir/kubeconfig" > "$dir/env"
+  echo "$dir/kubeconfig"
+}
+
+stop() {
+  local dir="$1"
+  # The API server goes before etcd.
+  for name in controller-manager apiserver etcd; do
+    local pidfile="$dir/$name.pid"
+    [ -f "$pidfile" ] || continue
+    local pid; pid="$(cat "$pidfile")"
+    kill "$pid" 2>/dev/null || true
+    wait_until 15 bash -c "! kill -0 $pid" || kill -9 "$pid" 2>/dev/null || true
+    rm -f "$pidfile"
+  done
+}
+
+case "${1:-}" in
+  install) install ;;
+  start) shift; start "$@" ;;
+  stop) shift; stop "$@" ;;
+  *) echo "usage: $0 install | start DIR [--controller-manager] | stop DIR" >&2; exit 2 ;;
+esac

@@ -1,0 +1,280 @@
+//! The `PrefectAgent` resource: the seed's `Agent(...)` arguments, where work comes from,
+//! and how each flow run's Job is built. `crds/prefectagent.yaml` is generated from this.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::CustomResource;
+use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
+use serde::{Deserialize, Serialize};
+
+/// One Prefect agent, run by the operator.
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "prefect.io",
+    version = "v1alpha1",
+    kind = "PrefectAgent",
+    namespaced,
+    shortname = "pfa",
+    status = "PrefectAgentStatus",
+    derive = "Default",
+    derive = "PartialEq",
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Flavor","type":"string","jsonPath":".spec.api.flavor"}"#,
+    printcolumn = r#"{"name":"Pool","type":"string","jsonPath":".spec.api.workPool"}"#,
+    printcolumn = r#"{"name":"Labels","type":"string","priority":1,"jsonPath":".spec.labels"}"#,
+    printcolumn = r#"{"name":"Active","type":"integer","jsonPath":".status.activeJobs"}"#,
+    printcolumn = r#"{"name":"Submitted","type":"integer","jsonPath":".status.runsSubmitted"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct PrefectAgentSpec {
+    /// Agent name shown in Prefect (default: metadata.name). Marks this agent's claims.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub name: Option<String>,
+    /// Prefect 1: configuration fetched from the backend agent config with this id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_config_id: Option<String>,
+    /// Prefect 1 labels: a run is offered when its labels are a subset of these.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub labels: Vec<String>,
+    /// Added to every flow run's environment (lowest precedence).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env_vars: BTreeMap<String, String>,
+    /// Unset = poll forever, 0 = never poll, N = stop after N polls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_polls: Option<u64>,
+    /// `host:port` where the agent serves /api/health and /api/poke.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_address: Option<String>,
+    /// Ship no logs to Prefect, from the agent or its flow runs.
+    #[serde(default)]
+    pub no_cloud_logs: bool,
+    /// Where the work comes from.
+    pub api: ApiSpec,
+    /// How each flow run's Job is built.
+    #[serde(default)]
+    pub job: JobSpec,
+    /// Longest sleep between polls, e.g. `10s`, `1m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
+    pub poll_interval: Option<String>,
+    /// Most runs with live Jobs at once (unset = no limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub concurrency_limit: Option<u32>,
+    /// Stop polling; Jobs already started keep running.
+    #[serde(default)]
+    pub suspend: bool,
+}
+
+/// Which Prefect API the agent speaks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Flavor {
+    /// Prefect 3 work pools (REST).
+    #[default]
+    Prefect3,
+    /// Prefect 1 Server/Cloud (GraphQL).
+    Prefect1,
+}
+
+/// A key of a Secret in the resource's namespace.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct SecretKeyRef {
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+/// The Prefect API and where to take runs from.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiSpec {
+    /// API URL ending in /api (Cloud: .../api/accounts/<id>/workspaces/<id>).
+    #[schemars(regex(pattern = r"^https?://.+"))]
+    pub url: String,
+    #[serde(default)]
+    pub flavor: Flavor,
+    /// The API key (Bearer), read from a Secret; never written anywhere else.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_secret_ref: Option<SecretKeyRef>,
+    /// `user:password` for a self-hosted server with basic auth, read from a Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_string_secret_ref: Option<SecretKeyRef>,
+    /// Prefect 3 work pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub work_pool: Option<String>,
+    /// Prefect 3 work queues of the pool; empty = all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub work_queues: Vec<String>,
+}
+
+/// Image pull policy of the flow-run container.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum PullPolicy {
+    Always,
+    IfNotPresent,
+    Never,
+}
+
+/// What every flow run's Job gets unless Prefect's job variables say otherwise.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JobSpec {
+    /// Namespace of the Jobs (default: the resource's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Image of the flow-run container (default: prefecthq/prefect:3-latest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub image_pull_secrets: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_policy: Option<PullPolicy>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    /// Added to the Job and its pod.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    /// Pod retries of one Job (default 0: Prefect retries runs, not pods).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100))]
+    pub backoff_limit: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub active_deadline_seconds: Option<i64>,
+    /// Finished Jobs are deleted this long after they end (default 3600).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub ttl_seconds_after_finished: Option<i32>,
+    /// Applied last, over the built Job's pod template (strategic-merge style).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "free_form_object")]
+    pub pod_template: Option<serde_json::Value>,
+}
+
+/// What the operator last observed, written by server-side apply.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PrefectAgentStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Ready, Progressing, Degraded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "conditions")]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_poll_time: Option<Time>,
+    #[serde(default)]
+    pub polls: u64,
+    #[serde(default)]
+    pub runs_submitted: u64,
+    #[serde(default)]
+    pub runs_failed: u64,
+    #[serde(default)]
+    pub active_jobs: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// Any object, kept as given (a structural schema needs the explicit marker).
+fn free_form_object(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "type": "object",
+        "x-kubernetes-preserve-unknown-fields": true,
+    })
+}
+
+/// `metav1.Condition` list keyed by `type`, so server-side apply merges by condition.
+fn conditions(generator: &mut SchemaGenerator) -> Schema {
+    let item = generator.subschema_for::<Condition>();
+    json_schema!({
+        "type": "array",
+        "x-kubernetes-list-type": "map",
+        "x-kubernetes-list-map-keys": ["type"],
+        "items": item,
+    })
+}
+
+/// The CRD as YAML, exactly what `crds/prefectagent.yaml` holds.
+pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
+    use kube::CustomResourceExt;
+    serde_yaml::to_string(&PrefectAgent::crd())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_checked_in_crd_is_current() {
+        let generated = crd_yaml().unwrap();
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/crds/prefectagent.yaml");
+        let checked_in = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            generated == checked_in,
+            "crds/prefectagent.yaml is stale: run `cargo run -- crdgen > crds/prefectagent.yaml`"
+        );
+    }
+
+    #[test]
+    fn the_schema_has_the_constraints_the_api_server_enforces() {
+        let crd = serde_json::to_value(<PrefectAgent as kube::CustomResourceExt>::crd()).unwrap();
+        let v = &crd["spec"]["versions"][0];
+        assert_eq!(crd["spec"]["names"]["shortNames"][0], "pfa");
+        assert!(v["subresources"]["status"].is_object());
+        let spec = &v["schema"]["openAPIV3Schema"]["properties"]["spec"];
+        assert_eq!(spec["required"], serde_json::json!(["api"]));
+        let api = &spec["properties"]["api"];
+        assert_eq!(
+            api["properties"]["flavor"]["enum"],
+            serde_json::json!(["prefect3", "prefect1"])
+        );
+        assert_eq!(api["required"], serde_json::json!(["url"]));
+        assert_eq!(
+            spec["properties"]["maxPolls"]["minimum"].as_f64(),
+            Some(0.0)
+        );
+        assert_eq!(
+            spec["properties"]["concurrencyLimit"]["minimum"].as_f64(),
+            Some(1.0)
+        );
+        let status = &v["schema"]["openAPIV3Schema"]["properties"]["status"];
+        assert_eq!(
+            status["properties"]["conditions"]["x-kubernetes-list-type"],
+            "map"
+        );
+        let job = &spec["properties"]["job"]["properties"];
+        assert_eq!(
+            job["podTemplate"]["x-kubernetes-preserve-unknown-fields"],
+            true
+        );
+        // Optional enums also admit null (kube marks them nullable).
+        let policies = job["imagePullPolicy"]["enum"].as_array().unwrap();
+        assert_eq!(
+            policies[..3],
+            [
+                serde_json::json!("Always"),
+                "IfNotPresent".into(),
+                "Never".into()
+            ]
+        );
+    }
+}
