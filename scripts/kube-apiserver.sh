@@ -6,6 +6,8 @@
 #   scripts/kube-apiserver.sh start DIR [--controller-manager]
 #                                              start in DIR; writes DIR/kubeconfig, DIR/env
 #   scripts/kube-apiserver.sh stop DIR         stop what `start DIR` started
+#   scripts/kube-apiserver.sh run DIR [...]    start, stay in the foreground, stop on TERM/INT/exit
+#                                              (what the test harness uses)
 set -euo pipefail
 
 CACHE="${PAO_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/prefect-agent-operator}"
@@ -39,7 +41,7 @@ SRC
   log "installing build dependencies (apt)"
   $sudo apt-get update -qq >&2
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq golang-go etcd-server etcd-client \
-    golang-github-modern-go-reflect2-dev dpkg-dev rsync openssl >&2
+    golang-github-modern-go-reflect2-dev dpkg-dev rsync openssl curl >&2
   local src="$CACHE/kube-src"
   rm -rf "$src" && mkdir -p "$src"
   (cd "$src" && apt-get source -qq "kubernetes=$PKG_VERSION" >&2)
@@ -141,9 +143,22 @@ stop() {
   done
 }
 
+run() {
+  local dir="$1"
+  trap 'stop "$dir"' EXIT
+  trap 'exit 0' TERM INT
+  start "$@" >/dev/null
+  echo "ready" > "$dir/ready"
+  # Wake up regularly so a TERM is handled promptly.
+  while kill -0 "$(cat "$dir/apiserver.pid")" 2>/dev/null; do sleep 1; done
+  log "API server exited; see $dir/apiserver.log"
+  exit 1
+}
+
 case "${1:-}" in
   install) install ;;
+  run) shift; run "$@" ;;
   start) shift; start "$@" ;;
   stop) shift; stop "$@" ;;
-  *) echo "usage: $0 install | start DIR [--controller-manager] | stop DIR" >&2; exit 2 ;;
+  *) echo "usage: $0 install | start DIR [--controller-manager] | stop DIR | run DIR [--controller-manager]" >&2; exit 2 ;;
 esac

@@ -11,6 +11,9 @@ PAO_PREFECT_VENV="$(bash scripts/setup-prefect.sh)"
 export PAO_PREFECT_VENV
 echo "using $PAO_PREFECT_VENV"
 
+echo "==> kube-apiserver + etcd (built from Debian sources once, cached)"
+bash scripts/kube-apiserver.sh install
+
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 

@@ -4,6 +4,9 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+    CustomResourceDefinition, JSONSchemaProps, JSONSchemaPropsOrArray, JSONSchemaPropsOrBool,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::CustomResource;
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
@@ -213,10 +216,55 @@ fn conditions(generator: &mut SchemaGenerator) -> Schema {
     })
 }
 
+/// The CRD the operator installs and `crds/prefectagent.yaml` holds.
+///
+/// Optional enums come out of the derive as `enum: [..., null]` with `nullable: true`;
+/// API servers before 1.24 reject the `null` member (with a misleading "per-version
+/// schemas" error), and `nullable` alone already admits null, so it is dropped.
+pub fn crd() -> CustomResourceDefinition {
+    use kube::CustomResourceExt;
+    let mut crd = PrefectAgent::crd();
+    for version in &mut crd.spec.versions {
+        if let Some(schema) = version
+            .schema
+            .as_mut()
+            .and_then(|s| s.open_api_v3_schema.as_mut())
+        {
+            drop_null_enum_members(schema);
+        }
+    }
+    crd
+}
+
+fn drop_null_enum_members(schema: &mut JSONSchemaProps) {
+    if let Some(members) = schema.enum_.as_mut() {
+        members.retain(|m| !m.0.is_null());
+    }
+    let children = schema
+        .properties
+        .iter_mut()
+        .flat_map(|p| p.values_mut())
+        .chain(schema.items.iter_mut().filter_map(|i| match i {
+            JSONSchemaPropsOrArray::Schema(s) => Some(s.as_mut()),
+            JSONSchemaPropsOrArray::Schemas(_) => None,
+        }))
+        .chain(
+            schema
+                .additional_properties
+                .iter_mut()
+                .filter_map(|a| match a {
+                    JSONSchemaPropsOrBool::Schema(s) => Some(s.as_mut()),
+                    JSONSchemaPropsOrBool::Bool(_) => None,
+                }),
+        );
+    for child in children {
+        drop_null_enum_members(child);
+    }
+}
+
 /// The CRD as YAML, exactly what `crds/prefectagent.yaml` holds.
 pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
-    use kube::CustomResourceExt;
-    serde_yaml::to_string(&PrefectAgent::crd())
+    serde_yaml::to_string(&crd())
 }
 
 #[cfg(test)]
@@ -236,7 +284,7 @@ mod tests {
 
     #[test]
     fn the_schema_has_the_constraints_the_api_server_enforces() {
-        let crd = serde_json::to_value(<PrefectAgent as kube::CustomResourceExt>::crd()).unwrap();
+        let crd = serde_json::to_value(crd()).unwrap();
         let v = &crd["spec"]["versions"][0];
         assert_eq!(crd["spec"]["names"]["shortNames"][0], "pfa");
         assert!(v["subresources"]["status"].is_object());
@@ -266,15 +314,11 @@ mod tests {
             job["podTemplate"]["x-kubernetes-preserve-unknown-fields"],
             true
         );
-        // Optional enums also admit null (kube marks them nullable).
-        let policies = job["imagePullPolicy"]["enum"].as_array().unwrap();
+        // Optional enums admit null through `nullable`, not a null member (1.20 rejects it).
         assert_eq!(
-            policies[..3],
-            [
-                serde_json::json!("Always"),
-                "IfNotPresent".into(),
-                "Never".into()
-            ]
+            job["imagePullPolicy"]["enum"],
+            serde_json::json!(["Always", "IfNotPresent", "Never"])
         );
+        assert_eq!(job["imagePullPolicy"]["nullable"], true);
     }
 }

@@ -1,6 +1,8 @@
 //! Test harness: a real Prefect server, the agent binary as a child process, and waiting with deadlines.
 #![allow(dead_code)]
 
+pub mod kube;
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -134,7 +136,7 @@ impl PrefectServer {
 
 /// Starts `cmd` from a thread that never ends, with a parent-death signal, so the
 /// child goes away with the test process even though statics are never dropped.
-fn spawn_tied_to_test_process(mut cmd: Command) {
+pub fn spawn_tied_to_test_process(mut cmd: Command) {
     use std::os::unix::process::CommandExt;
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {

@@ -1,0 +1,165 @@
+//! The PrefectAgent CRD on a real kube-apiserver: installed, served, and rejecting nonsense.
+
+mod common;
+
+use std::time::Duration;
+
+use common::kube::KubeApiServer;
+use common::{unique, wait_for};
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::Client;
+use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
+use prefect_agent_operator::crd::{PrefectAgent, PrefectAgentStatus, crd};
+use serde_json::json;
+
+/// A client with the CRD installed and a fresh namespace.
+async fn setup() -> (Client, String) {
+    let server = tokio::task::spawn_blocking(KubeApiServer::shared)
+        .await
+        .unwrap();
+    let client = server.client().await;
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let ssa = PatchParams::apply("prefect-agent-operator-tests").force();
+    crds.patch("prefectagents.prefect.io", &ssa, &Patch::Apply(crd()))
+        .await
+        .expect("apply the CRD");
+    wait_for(
+        "the CRD to be established",
+        Duration::from_secs(30),
+        || async {
+            let crd = crds.get("prefectagents.prefect.io").await.ok()?;
+            crd.status?
+                .conditions?
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True")
+                .then_some(())
+        },
+    )
+    .await;
+    let ns = unique("crd");
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap(),
+        )
+        .await
+        .expect("namespace");
+    (client, ns)
+}
+
+fn agent(name: &str, spec: serde_json::Value) -> serde_json::Value {
+    json!({"apiVersion": "prefect.io/v1alpha1", "kind": "PrefectAgent",
+           "metadata": {"name": name}, "spec": spec})
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_valid_agent_is_stored_with_defaults_and_takes_status() {
+    let (client, ns) = setup().await;
+    let agents: Api<PrefectAgent> = Api::namespaced(client, &ns);
+    let created = agents
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(agent("etl", json!({
+                "labels": ["k8s"], "maxPolls": 0,
+                "api": {"url": "http://prefect:4200/api", "workPool": "k8s",
+                        "keySecretRef": {"name": "prefect-api", "key": "key"}},
+                "job": {"image": "prefecthq/prefect:3-latest", "imagePullPolicy": "IfNotPresent",
+                        "podTemplate": {"spec": {"priorityClassName": "batch"}}}
+            })))
+            .unwrap(),
+        )
+        .await
+        .expect("a valid PrefectAgent is accepted");
+    assert_eq!(created.spec.api.work_pool.as_deref(), Some("k8s"));
+    assert_eq!(
+        created.spec.job.pod_template,
+        Some(json!({"spec": {"priorityClassName": "batch"}})),
+        "free-form overrides are kept, not pruned"
+    );
+
+    let status = PrefectAgentStatus {
+        observed_generation: created.metadata.generation,
+        polls: 3,
+        runs_submitted: 2,
+        ..Default::default()
+    };
+    let ssa = PatchParams::apply("prefect-agent-operator");
+    let patch =
+        json!({"apiVersion": "prefect.io/v1alpha1", "kind": "PrefectAgent", "status": status});
+    let patched = agents
+        .patch_status("etl", &ssa, &Patch::Apply(&patch))
+        .await
+        .expect("status by server-side apply");
+    assert_eq!(patched.status.unwrap().runs_submitted, 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_api_server_rejects_nonsense_with_422() {
+    let (client, ns) = setup().await;
+    let agents: Api<DynamicObject> = Api::namespaced_with(
+        client,
+        &ns,
+        &kube::api::ApiResource::erase::<PrefectAgent>(&()),
+    );
+    let url = json!("http://prefect:4200/api");
+    let cases = [
+        ("no-api", json!({}), "spec.api"),
+        (
+            "bad-flavor",
+            json!({"api": {"url": url, "flavor": "prefect2"}}),
+            "spec.api.flavor",
+        ),
+        (
+            "bad-url",
+            json!({"api": {"url": "prefect:4200"}}),
+            "spec.api.url",
+        ),
+        (
+            "negative-polls",
+            json!({"api": {"url": url}, "maxPolls": -1}),
+            "spec.maxPolls",
+        ),
+        (
+            "zero-limit",
+            json!({"api": {"url": url}, "concurrencyLimit": 0}),
+            "spec.concurrencyLimit",
+        ),
+        (
+            "bad-interval",
+            json!({"api": {"url": url}, "pollInterval": "soon"}),
+            "spec.pollInterval",
+        ),
+        (
+            "bad-policy",
+            json!({"api": {"url": url}, "job": {"imagePullPolicy": "Sometimes"}}),
+            "spec.job.imagePullPolicy",
+        ),
+        (
+            "bad-backoff",
+            json!({"api": {"url": url}, "job": {"backoffLimit": -1}}),
+            "spec.job.backoffLimit",
+        ),
+    ];
+    for (name, spec, field) in cases {
+        let err = agents
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value::<DynamicObject>(agent(name, spec)).unwrap(),
+            )
+            .await
+            .expect_err(name);
+        match err {
+            kube::Error::Api(resp) => {
+                assert_eq!(resp.code, 422, "{name}: {resp:?}");
+                assert!(
+                    resp.message.contains(field),
+                    "{name}: the message names {field}: {}",
+                    resp.message
+                );
+            }
+            other => panic!("{name}: expected a 422, got {other}"),
+        }
+    }
+}
