@@ -1,5 +1,6 @@
 //! Starting a claimed run's infrastructure: the [`Deployer`] trait (the seed's `deploy_flows`).
 
+pub mod kubernetes;
 pub mod process;
 
 use std::collections::BTreeMap;

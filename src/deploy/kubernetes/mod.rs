@@ -1,0 +1,3 @@
+//! The `kubernetes` deployer: one Job per flow run, built from the pool's base job template.
+
+pub mod template;
