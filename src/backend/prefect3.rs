@@ -164,7 +164,7 @@ fn urlencode(s: &str) -> String {
     out
 }
 
-/// Job-variable defaults of a base job template (`variables.properties.*.default`).
+/// Job-variable defaults of a base job template (`variables.properties.*.default`, not null).
 pub fn template_defaults(base_job_template: &Value) -> Map<String, Value> {
     base_job_template
         .pointer("/variables/properties")
@@ -173,6 +173,8 @@ pub fn template_defaults(base_job_template: &Value) -> Map<String, Value> {
             props
                 .iter()
                 .filter_map(|(k, v)| v.get("default").map(|d| (k.clone(), d.clone())))
+                // Prefect treats `default: null` as no default.
+                .filter(|(_, d)| !d.is_null())
                 .collect()
         })
         .unwrap_or_default()
@@ -795,7 +797,8 @@ mod tests {
         let template = json!({"job_configuration": {}, "variables": {"properties": {
             "command": {"type": "string", "default": "prefect flow-run execute"},
             "env": {"type": "object", "default": {"POOL": "1"}},
-            "working_dir": {"type": "string"}
+            "working_dir": {"type": "string"},
+            "image": {"default": null}
         }}});
         let pool = template_defaults(&template);
         assert_eq!(pool.len(), 2);

@@ -1,4 +1,4 @@
-//! The PrefectAgent CRD on a real kube-apiserver: installed, served, and rejecting nonsense.
+//! On a real kube-apiserver: the PrefectAgent CRD installed, served and rejecting nonsense; built Jobs accepted.
 
 mod common;
 
@@ -161,5 +161,69 @@ async fn the_api_server_rejects_nonsense_with_422() {
             }
             other => panic!("{name}: expected a 422, got {other}"),
         }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_built_job_is_accepted_and_a_second_create_is_already_exists() {
+    use k8s_openapi::api::batch::v1::Job;
+    use prefect_agent_operator::backend::{EnvValue, FlowRun, StateKind};
+    use prefect_agent_operator::crd::{JobSpec, SecretKeyRef};
+    use prefect_agent_operator::deploy::kubernetes::job::{JobInputs, build_job};
+    use prefect_agent_operator::secret::SecretString;
+
+    let (client, ns) = setup().await;
+    let run = FlowRun {
+        id: uuid::Uuid::new_v4().to_string(),
+        name: "brave-otter".into(),
+        flow_id: Some("f".into()),
+        deployment_id: None,
+        state: StateKind::Pending,
+        state_since: None,
+        state_message: None,
+        scheduled_start: None,
+        job_variables: Default::default(),
+        infrastructure_pid: None,
+    };
+    let env = std::collections::BTreeMap::from([
+        (
+            "PREFECT_API_URL".to_string(),
+            EnvValue::Plain("http://prefect/api".into()),
+        ),
+        (
+            "PREFECT_API_KEY".to_string(),
+            EnvValue::Secret(SecretString::new("pnu_do_not_leak")),
+        ),
+    ]);
+    let vars = json!({"image": "repo/etl:2", "cpu_request": "500m", "memory_limit": "1Gi"});
+    let secret = SecretKeyRef {
+        name: "prefect-api".into(),
+        key: "key".into(),
+    };
+    let job = build_job(&JobInputs {
+        run: &run,
+        agent_namespace: &ns,
+        agent_name: "etl",
+        job_variables: vars.as_object().unwrap(),
+        env: &env,
+        base_job_template: None,
+        defaults: &JobSpec::default(),
+        secret: Some(&secret),
+    })
+    .expect("built");
+    let jobs: Api<Job> = Api::namespaced(client, &ns);
+    let created = jobs
+        .create(&PostParams::default(), &job)
+        .await
+        .expect("the API server accepts it");
+    let stored = serde_json::to_string(&created).unwrap();
+    assert!(
+        !stored.contains("pnu_do_not_leak"),
+        "no literal key in the stored Job"
+    );
+    assert!(stored.contains("secretKeyRef"));
+    match jobs.create(&PostParams::default(), &job).await {
+        Err(kube::Error::Api(e)) => assert_eq!(e.reason, "AlreadyExists", "{e:?}"),
+        other => panic!("a second create must be AlreadyExists, got {other:?}"),
     }
 }

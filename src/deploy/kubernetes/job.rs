@@ -1,0 +1,630 @@
+//! Where a Job is built: a pure function from the pool's template, the run, its
+//! environment and the resource's Job section to one `batch/v1` Job.
+//!
+//! Order, later wins: (1) the pool's base job template rendered with the merged job
+//! variables, as Prefect's worker renders it; (2) the resource's `job` section fills what
+//! that left unset; (3) what the operator fixes: the Job's name (from the flow-run id),
+//! namespace (the resource's `job.namespace`, else its own), identifying labels, the run's
+//! environment with credentials as `secretKeyRef`, `restartPolicy: Never`; (4) the
+//! resource's `job.podTemplate`, merged over the pod template last.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::batch::v1::Job;
+use serde_json::{Map, Value, json};
+
+use super::template::{apply_values, prefect_references};
+use crate::backend::prefect3::template_defaults;
+use crate::backend::{EnvValue, FlowRun};
+use crate::crd::{JobSpec, PullPolicy, SecretKeyRef};
+
+/// Prefect's standard Kubernetes base job template (prefect-kubernetes 0.8.0), used when
+/// the pool has none; `--create-pool` sends it too.
+pub const DEFAULT_BASE_JOB_TEMPLATE: &str = include_str!("default-base-job-template.json");
+
+/// Image when neither Prefect nor the resource names one.
+pub const DEFAULT_IMAGE: &str = "prefecthq/prefect:3-latest";
+
+/// Label keys the operator puts on every Job and pod.
+pub mod labels {
+    pub const FLOW_RUN_ID: &str = "prefect.io/flow-run-id";
+    pub const FLOW_ID: &str = "prefect.io/flow-id";
+    pub const DEPLOYMENT_ID: &str = "prefect.io/deployment-id";
+    pub const AGENT: &str = "prefect.io/agent";
+    pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+}
+
+/// Everything a Job is built from.
+#[derive(Debug)]
+pub struct JobInputs<'a> {
+    pub run: &'a FlowRun,
+    /// The owning `PrefectAgent`'s namespace and name.
+    pub agent_namespace: &'a str,
+    pub agent_name: &'a str,
+    /// Merged job variables (pool defaults < deployment < run).
+    pub job_variables: &'a Map<String, Value>,
+    /// The run's environment after precedence (see `agent::env`).
+    pub env: &'a BTreeMap<String, EnvValue>,
+    /// The pool's `base_job_template`; empty or missing → Prefect's standard one.
+    pub base_job_template: Option<&'a Value>,
+    /// The resource's `job` section.
+    pub defaults: &'a JobSpec,
+    /// Where the credential in `env` comes from.
+    pub secret: Option<&'a SecretKeyRef>,
+}
+
+/// Why no Job could be built: worded for the run's CRASHED message.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum JobBuildError {
+    #[error("the work pool's base job template has no job_configuration.job_manifest object")]
+    NoManifest,
+    #[error("the job template uses {0}, which this operator does not resolve yet")]
+    UnsupportedReference(String),
+    #[error("the rendered job manifest is not a valid Job: {0}")]
+    Invalid(String),
+    #[error("the run's environment holds a credential but the resource names no Secret for it")]
+    NoSecret,
+}
+
+/// The Job's name: one per flow run, so a second create is `AlreadyExists`.
+pub fn job_name(run_id: &str) -> String {
+    format!("prefect-run-{}", run_id.to_ascii_lowercase())
+}
+
+/// Builds the Job for one flow run.
+pub fn build_job(input: &JobInputs<'_>) -> Result<Job, JobBuildError> {
+    let standard: Value = serde_json::from_str(DEFAULT_BASE_JOB_TEMPLATE)
+        .map_err(|e| JobBuildError::Invalid(e.to_string()))?;
+    let template = match input.base_job_template {
+        Some(t) if t.pointer("/job_configuration/job_manifest").is_some() => t,
+        Some(t) if t.as_object().is_some_and(|o| !o.is_empty()) => {
+            return Err(JobBuildError::NoManifest);
+        }
+        _ => &standard,
+    };
+    let manifest = template
+        .pointer("/job_configuration/job_manifest")
+        .filter(|m| m.is_object())
+        .ok_or(JobBuildError::NoManifest)?;
+
+    let mut values = template_defaults(template);
+    values.extend(input.job_variables.clone());
+    // The environment is set whole in step 3; rendering only needs it out of the way.
+    values.remove("env");
+    let mut job = apply_values(manifest, &values, &|name| std::env::var(name).ok())
+        .unwrap_or_else(|| json!({}));
+    if let Some(reference) = prefect_references(&job).into_iter().next() {
+        return Err(JobBuildError::UnsupportedReference(format!(
+            "{{{{ {reference} }}}}"
+        )));
+    }
+    split_string_commands(&mut job);
+    let mut job: Job =
+        serde_json::from_value(job).map_err(|e| JobBuildError::Invalid(e.to_string()))?;
+
+    fill_from_resource(&mut job, input.defaults);
+    fix_identity(&mut job, input)?;
+    let mut value =
+        serde_json::to_value(&job).map_err(|e| JobBuildError::Invalid(e.to_string()))?;
+    if let (Some(overrides), Some(pod)) = (
+        &input.defaults.pod_template,
+        value.pointer_mut("/spec/template"),
+    ) {
+        strategic_merge(pod, overrides);
+    }
+    serde_json::from_value(value)
+        .map_err(|e| JobBuildError::Invalid(format!("after podTemplate: {e}")))
+}
+
+/// `args: "prefect flow-run execute"` (a rendered `{{ command }}`) becomes a list.
+fn split_string_commands(job: &mut Value) {
+    let Some(containers) = job
+        .pointer_mut("/spec/template/spec/containers")
+        .and_then(Value::as_array_mut)
+    else {
+        return;
+    };
+    for c in containers {
+        for key in ["args", "command"] {
+            if let Some(Value::String(line)) = c.get(key) {
+                let argv = shlex::split(line).unwrap_or_else(|| vec![line.clone()]);
+                c[key] = json!(argv);
+            }
+        }
+    }
+}
+
+fn fill_from_resource(job: &mut Job, d: &JobSpec) {
+    let spec = job.spec.get_or_insert_with(Default::default);
+    if spec.backoff_limit.is_none() {
+        spec.backoff_limit = Some(d.backoff_limit.unwrap_or(0));
+    }
+    if spec.active_deadline_seconds.is_none() {
+        spec.active_deadline_seconds = d.active_deadline_seconds;
+    }
+    if spec.ttl_seconds_after_finished.is_none() {
+        spec.ttl_seconds_after_finished = Some(d.ttl_seconds_after_finished.unwrap_or(3600));
+    }
+    let pod = spec.template.spec.get_or_insert_with(Default::default);
+    if pod.service_account_name.is_none() {
+        pod.service_account_name = d.service_account_name.clone();
+    }
+    if pod.image_pull_secrets.as_ref().is_none_or(Vec::is_empty) && !d.image_pull_secrets.is_empty()
+    {
+        pod.image_pull_secrets = Some(
+            d.image_pull_secrets
+                .iter()
+                .map(|name| k8s_openapi::api::core::v1::LocalObjectReference { name: name.clone() })
+                .collect(),
+        );
+    }
+    if pod.node_selector.as_ref().is_none_or(BTreeMap::is_empty) && !d.node_selector.is_empty() {
+        pod.node_selector = Some(d.node_selector.clone());
+    }
+    if pod.tolerations.as_ref().is_none_or(Vec::is_empty) && !d.tolerations.is_empty() {
+        pod.tolerations = Some(d.tolerations.clone());
+    }
+    if pod.containers.is_empty() {
+        pod.containers.push(k8s_openapi::api::core::v1::Container {
+            name: "prefect-job".into(),
+            ..Default::default()
+        });
+    }
+    let c = &mut pod.containers[0];
+    if c.image.as_deref().is_none_or(str::is_empty) {
+        c.image = Some(d.image.clone().unwrap_or_else(|| DEFAULT_IMAGE.into()));
+    }
+    // The standard template always renders its default `IfNotPresent`, so a policy the
+    // resource names replaces that default as well as an unset one.
+    if let Some(policy) = d.image_pull_policy {
+        let current = c.image_pull_policy.as_deref();
+        if current.is_none() || current == Some("IfNotPresent") {
+            c.image_pull_policy = Some(
+                match policy {
+                    PullPolicy::Always => "Always",
+                    PullPolicy::IfNotPresent => "IfNotPresent",
+                    PullPolicy::Never => "Never",
+                }
+                .into(),
+            );
+        }
+    }
+    let empty_resources = c.resources.as_ref().is_none_or(|r| {
+        r.limits.as_ref().is_none_or(BTreeMap::is_empty)
+            && r.requests.as_ref().is_none_or(BTreeMap::is_empty)
+    });
+    if empty_resources && d.resources.is_some() {
+        c.resources = d.resources.clone();
+    }
+    if c.args.as_ref().is_none_or(Vec::is_empty) && c.command.as_ref().is_none_or(Vec::is_empty) {
+        c.args = Some(
+            ["prefect", "flow-run", "execute"]
+                .map(String::from)
+                .to_vec(),
+        );
+    }
+    let meta = &mut job.metadata;
+    for (k, v) in &d.labels {
+        meta.labels
+            .get_or_insert_with(Default::default)
+            .entry(k.clone())
+            .or_insert(v.clone());
+    }
+    for (k, v) in &d.annotations {
+        meta.annotations
+            .get_or_insert_with(Default::default)
+            .entry(k.clone())
+            .or_insert(v.clone());
+    }
+}
+
+/// A label value: at most 63 of `[A-Za-z0-9._-]`, starting and ending alphanumeric.
+pub fn label_value(raw: &str) -> String {
+    let cleaned: String = raw
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(63)
+        .collect();
+    cleaned
+        .trim_matches(|c: char| !c.is_ascii_alphanumeric())
+        .to_string()
+}
+
+fn fix_identity(job: &mut Job, input: &JobInputs<'_>) -> Result<(), JobBuildError> {
+    let run = input.run;
+    let namespace = input
+        .defaults
+        .namespace
+        .clone()
+        .unwrap_or_else(|| input.agent_namespace.to_string());
+    let mut ours = BTreeMap::from([
+        (labels::FLOW_RUN_ID.to_string(), label_value(&run.id)),
+        (
+            labels::AGENT.to_string(),
+            label_value(&format!("{}.{}", input.agent_namespace, input.agent_name)),
+        ),
+        (labels::MANAGED_BY.to_string(), crate::APP_NAME.to_string()),
+    ]);
+    if let Some(flow) = &run.flow_id {
+        ours.insert(labels::FLOW_ID.into(), label_value(flow));
+    }
+    if let Some(dep) = &run.deployment_id {
+        ours.insert(labels::DEPLOYMENT_ID.into(), label_value(dep));
+    }
+    let meta = &mut job.metadata;
+    meta.name = Some(job_name(&run.id));
+    meta.generate_name = None;
+    meta.namespace = Some(namespace);
+    let job_labels = meta.labels.get_or_insert_with(Default::default);
+    job_labels.extend(ours.clone());
+    let all_labels = job_labels.clone();
+    let annotations = meta.annotations.clone();
+    let spec = job.spec.get_or_insert_with(Default::default);
+    let template_meta = spec.template.metadata.get_or_insert_with(Default::default);
+    template_meta
+        .labels
+        .get_or_insert_with(Default::default)
+        .extend(all_labels);
+    if let Some(a) = annotations {
+        template_meta
+            .annotations
+            .get_or_insert_with(Default::default)
+            .extend(a);
+    }
+    let pod = spec.template.spec.get_or_insert_with(Default::default);
+    pod.restart_policy = Some("Never".into());
+    let backoff = spec.backoff_limit.unwrap_or(0);
+    let container = &mut pod.containers[0];
+    container.env = Some(env_list(
+        input.env,
+        container.env.take().unwrap_or_default(),
+        input.secret,
+        backoff,
+    )?);
+    Ok(())
+}
+
+/// The container's env: the run's environment first (credentials by `secretKeyRef`),
+/// then template entries with other names, as Prefect's worker orders them.
+fn env_list(
+    env: &BTreeMap<String, EnvValue>,
+    template: Vec<k8s_openapi::api::core::v1::EnvVar>,
+    secret: Option<&SecretKeyRef>,
+    backoff_limit: i32,
+) -> Result<Vec<k8s_openapi::api::core::v1::EnvVar>, JobBuildError> {
+    use k8s_openapi::api::core::v1::{EnvVar, EnvVarSource, SecretKeySelector};
+    let mut out = Vec::with_capacity(env.len() + template.len() + 1);
+    for (name, value) in env {
+        out.push(match value {
+            EnvValue::Plain(v) => EnvVar {
+                name: name.clone(),
+                value: Some(v.clone()),
+                value_from: None,
+            },
+            EnvValue::Secret(_) => {
+                let secret = secret.ok_or(JobBuildError::NoSecret)?;
+                EnvVar {
+                    name: name.clone(),
+                    value: None,
+                    value_from: Some(EnvVarSource {
+                        secret_key_ref: Some(SecretKeySelector {
+                            name: secret.name.clone(),
+                            key: secret.key.clone(),
+                            optional: Some(false),
+                        }),
+                        ..Default::default()
+                    }),
+                }
+            }
+        });
+    }
+    // Evicted pods: with no pod retries Prefect reschedules the run, else Kubernetes owns retries.
+    const SIGTERM: &str = "PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR";
+    if backoff_limit != 0 {
+        out.retain(|e| e.name != SIGTERM);
+        out.push(EnvVar {
+            name: SIGTERM.into(),
+            value: Some("relinquish".into()),
+            value_from: None,
+        });
+    } else if !env.contains_key(SIGTERM) {
+        out.push(EnvVar {
+            name: SIGTERM.into(),
+            value: Some("reschedule".into()),
+            value_from: None,
+        });
+    }
+    for e in template {
+        if !out.iter().any(|o| o.name == e.name) {
+            out.push(e);
+        }
+    }
+    Ok(out)
+}
+
+/// Merges `patch` into `target` the way a strategic merge patch treats a pod: objects
+/// merge key by key, lists of named objects (containers, volumes, env) merge by `name`,
+/// other lists are replaced, `null` deletes.
+pub fn strategic_merge(target: &mut Value, patch: &Value) {
+    match (target, patch) {
+        (Value::Object(t), Value::Object(p)) => {
+            for (k, pv) in p {
+                if pv.is_null() {
+                    t.remove(k);
+                } else if let Some(tv) = t.get_mut(k) {
+                    strategic_merge(tv, pv);
+                } else {
+                    t.insert(k.clone(), pv.clone());
+                }
+            }
+        }
+        (Value::Array(t), Value::Array(p)) if is_named_list(t) && is_named_list(p) => {
+            for item in p {
+                let name = &item["name"];
+                match t.iter_mut().find(|x| &x["name"] == name) {
+                    Some(existing) => strategic_merge(existing, item),
+                    None => t.push(item.clone()),
+                }
+            }
+        }
+        (t, p) => *t = p.clone(),
+    }
+}
+
+fn is_named_list(items: &[Value]) -> bool {
+    !items.is_empty()
+        && items
+            .iter()
+            .all(|i| i.get("name").is_some_and(Value::is_string))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::StateKind;
+    use crate::secret::SecretString;
+
+    fn run() -> FlowRun {
+        FlowRun {
+            id: "0D3E5F2A-1111-2222-3333-444455556666".into(),
+            name: "brave-otter".into(),
+            flow_id: Some("f-1".into()),
+            deployment_id: Some("d-1".into()),
+            state: StateKind::Pending,
+            state_since: None,
+            state_message: None,
+            scheduled_start: None,
+            job_variables: Map::new(),
+            infrastructure_pid: None,
+        }
+    }
+
+    fn env() -> BTreeMap<String, EnvValue> {
+        BTreeMap::from([
+            (
+                "PREFECT_API_URL".into(),
+                EnvValue::Plain("http://prefect/api".into()),
+            ),
+            (
+                "PREFECT_API_KEY".into(),
+                EnvValue::Secret(SecretString::new("pnu_secret")),
+            ),
+            ("A".into(), EnvValue::Plain("1".into())),
+        ])
+    }
+
+    fn secret() -> SecretKeyRef {
+        SecretKeyRef {
+            name: "prefect-api".into(),
+            key: "key".into(),
+        }
+    }
+
+    fn build(
+        vars: Value,
+        defaults: JobSpec,
+        template: Option<&Value>,
+    ) -> Result<Job, JobBuildError> {
+        let run = run();
+        let env = env();
+        let secret = secret();
+        build_job(&JobInputs {
+            run: &run,
+            agent_namespace: "data",
+            agent_name: "etl",
+            job_variables: vars.as_object().unwrap(),
+            env: &env,
+            base_job_template: template,
+            defaults: &defaults,
+            secret: Some(&secret),
+        })
+    }
+
+    #[test]
+    fn the_reference_example_with_the_standard_template() {
+        let vars = json!({"image": "repo/etl:2", "cpu_request": "500m", "namespace": "elsewhere",
+                          "backoff_limit": 2, "env": {"A": "1", "B": "2"}});
+        let job = build(vars, JobSpec::default(), None).unwrap();
+        let v = serde_json::to_value(&job).unwrap();
+        assert_eq!(
+            v["metadata"]["name"],
+            "prefect-run-0d3e5f2a-1111-2222-3333-444455556666"
+        );
+        assert!(v["metadata"].get("generateName").is_none());
+        assert_eq!(
+            v["metadata"]["namespace"], "data",
+            "Jobs stay in the resource's namespace"
+        );
+        assert_eq!(v["spec"]["backoffLimit"], 2);
+        assert_eq!(
+            v["spec"]["ttlSecondsAfterFinished"], 3600,
+            "unset by Prefect → the resource's default"
+        );
+        let c = &v["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(c["name"], "prefect-job");
+        assert_eq!(c["image"], "repo/etl:2");
+        assert_eq!(c["imagePullPolicy"], "IfNotPresent");
+        assert_eq!(
+            c["resources"],
+            json!({"limits": {}, "requests": {"cpu": "500m"}})
+        );
+        assert_eq!(c["args"], json!(["prefect", "flow-run", "execute"]));
+        assert_eq!(v["spec"]["template"]["spec"]["restartPolicy"], "Never");
+        let names: Vec<&str> = c["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "A",
+                "PREFECT_API_KEY",
+                "PREFECT_API_URL",
+                "PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR"
+            ]
+        );
+        let sigterm = &c["env"][3]["value"];
+        assert_eq!(
+            sigterm, "relinquish",
+            "backoffLimit 2: Kubernetes owns retries"
+        );
+        let labels = &v["spec"]["template"]["metadata"]["labels"];
+        assert_eq!(
+            labels["prefect.io/flow-run-id"],
+            "0D3E5F2A-1111-2222-3333-444455556666"
+        );
+        assert_eq!(labels["prefect.io/agent"], "data.etl");
+        assert_eq!(labels["prefect.io/deployment-id"], "d-1");
+        assert_eq!(
+            v["metadata"]["labels"], *labels,
+            "Job and pod carry the same labels"
+        );
+    }
+
+    #[test]
+    fn the_key_is_a_secret_key_ref_never_a_literal() {
+        let job = build(json!({}), JobSpec::default(), None).unwrap();
+        let text = serde_json::to_string(&job).unwrap();
+        assert!(!text.contains("pnu_secret"), "{text}");
+        let v = serde_json::to_value(&job).unwrap();
+        let key = v["spec"]["template"]["spec"]["containers"][0]["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == "PREFECT_API_KEY")
+            .cloned()
+            .unwrap();
+        assert_eq!(
+            key["valueFrom"]["secretKeyRef"],
+            json!({"name": "prefect-api", "key": "key", "optional": false})
+        );
+        let run = run();
+        let env = env();
+        let err = build_job(&JobInputs {
+            run: &run,
+            agent_namespace: "data",
+            agent_name: "etl",
+            job_variables: &Map::new(),
+            env: &env,
+            base_job_template: None,
+            defaults: &JobSpec::default(),
+            secret: None,
+        })
+        .unwrap_err();
+        assert_eq!(err, JobBuildError::NoSecret);
+    }
+
+    #[test]
+    fn the_resource_fills_what_prefect_leaves_unset_and_pod_template_applies_last() {
+        let defaults: JobSpec = serde_json::from_value(json!({
+            "namespace": "jobs", "image": "mine:1", "serviceAccountName": "runner",
+            "imagePullSecrets": ["regcred"], "imagePullPolicy": "Always",
+            "resources": {"requests": {"memory": "1Gi"}}, "nodeSelector": {"pool": "batch"},
+            "labels": {"team": "data"}, "backoffLimit": 0, "activeDeadlineSeconds": 600,
+            "ttlSecondsAfterFinished": 60,
+            "podTemplate": {"spec": {"priorityClassName": "low",
+                "containers": [{"name": "prefect-job", "resources": {"limits": {"memory": "2Gi"}}}]}}
+        }))
+        .unwrap();
+        let job = build(json!({"image": "from-prefect:2"}), defaults, None).unwrap();
+        let v = serde_json::to_value(&job).unwrap();
+        assert_eq!(v["metadata"]["namespace"], "jobs");
+        assert_eq!(v["metadata"]["labels"]["team"], "data");
+        assert_eq!(v["spec"]["activeDeadlineSeconds"], 600);
+        assert_eq!(v["spec"]["ttlSecondsAfterFinished"], 60);
+        let pod = &v["spec"]["template"]["spec"];
+        assert_eq!(pod["serviceAccountName"], "runner");
+        assert_eq!(pod["imagePullSecrets"], json!([{"name": "regcred"}]));
+        assert_eq!(pod["nodeSelector"], json!({"pool": "batch"}));
+        assert_eq!(pod["priorityClassName"], "low");
+        let c = &pod["containers"][0];
+        assert_eq!(
+            c["image"], "from-prefect:2",
+            "Prefect's job variables win over the resource"
+        );
+        assert_eq!(c["imagePullPolicy"], "Always");
+        assert_eq!(
+            c["resources"],
+            json!({"requests": {"memory": "1Gi"}, "limits": {"memory": "2Gi"}})
+        );
+        let sigterm = c["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == "PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR")
+            .unwrap();
+        assert_eq!(sigterm["value"], "reschedule");
+    }
+
+    #[test]
+    fn bad_templates_are_named() {
+        let no_manifest =
+            json!({"job_configuration": {"command": "{{ command }}"}, "variables": {}});
+        assert_eq!(
+            build(json!({}), JobSpec::default(), Some(&no_manifest)).unwrap_err(),
+            JobBuildError::NoManifest
+        );
+        let block = json!({"job_configuration": {"job_manifest": {"apiVersion": "batch/v1", "kind": "Job",
+            "spec": {"template": {"spec": {"containers": [{"name": "c", "image": "{{ prefect.blocks.secret.img }}"}]}}}}},
+            "variables": {"properties": {}}});
+        let err = build(json!({}), JobSpec::default(), Some(&block)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the job template uses {{ prefect.blocks.secret.img }}, which this operator does not resolve yet"
+        );
+        let bad = json!({"job_configuration": {"job_manifest": {"spec": {"backoffLimit": "many"}}},
+            "variables": {"properties": {}}});
+        assert!(matches!(
+            build(json!({}), JobSpec::default(), Some(&bad)).unwrap_err(),
+            JobBuildError::Invalid(_)
+        ));
+    }
+
+    #[test]
+    fn label_values_follow_kubernetes_rules() {
+        assert_eq!(label_value("data.etl"), "data.etl");
+        assert_eq!(label_value("-a b/c-"), "a_b_c");
+        assert_eq!(label_value(&"x".repeat(80)).len(), 63);
+    }
+
+    #[test]
+    fn strategic_merge_merges_named_lists() {
+        let mut t = json!({"containers": [{"name": "a", "image": "1"}], "volumes": [], "x": 1});
+        strategic_merge(
+            &mut t,
+            &json!({"containers": [{"name": "a", "image": "2"}, {"name": "b"}], "x": null}),
+        );
+        assert_eq!(
+            t,
+            json!({"containers": [{"name": "a", "image": "2"}, {"name": "b"}], "volumes": []})
+        );
+    }
+}
