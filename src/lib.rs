@@ -10,6 +10,7 @@ pub mod backend;
 pub mod cli;
 pub mod crd;
 pub mod deploy;
+pub mod observe;
 pub mod secret;
 pub mod settings;
 pub mod signals;

@@ -365,6 +365,7 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
                 run,
                 job_variables: ctx.job_variables,
                 env,
+                base_job_template: ctx.base_job_template,
             })
             .await?;
         Ok((launched.infra_id, launched.description, launched.exit))

@@ -95,6 +95,8 @@ pub struct RunContext {
     pub job_variables: Map<String, Value>,
     /// Variables the run needs to talk to Prefect; they win over everything else.
     pub fixed_env: BTreeMap<String, EnvValue>,
+    /// The pool's base job template (Prefect 3), for deployers that render one.
+    pub base_job_template: Option<Value>,
 }
 
 /// What registering the agent returned.

@@ -44,8 +44,8 @@ pub fn claim_marker(agent_name: &str) -> String {
 pub struct Prefect3 {
     api: ApiClient,
     cfg: Prefect3Config,
-    /// Job-variable defaults from the pool's base job template, refreshed at registration.
-    pool_defaults: RwLock<Map<String, Value>>,
+    /// The pool's base job template, read at registration.
+    pool_template: RwLock<Value>,
 }
 
 impl Prefect3 {
@@ -54,7 +54,7 @@ impl Prefect3 {
         Ok(Self {
             api,
             cfg,
-            pool_defaults: RwLock::new(Map::new()),
+            pool_template: RwLock::new(Value::Null),
         })
     }
 
@@ -440,10 +440,10 @@ impl Backend for Prefect3 {
             .and_then(Value::as_str)
             .unwrap_or("")
             .to_string();
-        *self.pool_defaults.write().await = pool
+        *self.pool_template.write().await = pool
             .get("base_job_template")
-            .map(template_defaults)
-            .unwrap_or_default();
+            .cloned()
+            .unwrap_or(Value::Null);
         for queue in &self.cfg.queues {
             let path = format!("{}/queues/{}", self.pool_path(), urlencode(queue));
             match self.api.send(Method::GET, &path, None).await {
@@ -577,10 +577,15 @@ impl Backend for Prefect3 {
             }
             None => Map::new(),
         };
-        let defaults = self.pool_defaults.read().await;
+        let template = self.pool_template.read().await.clone();
         Ok(RunContext {
-            job_variables: merge_job_variables(&defaults, &deployment_vars, &run.job_variables),
+            job_variables: merge_job_variables(
+                &template_defaults(&template),
+                &deployment_vars,
+                &run.job_variables,
+            ),
             fixed_env: fixed_env(&self.cfg.api_url, &self.cfg.auth, &run.id, no_cloud_logs),
+            base_job_template: (!template.is_null()).then_some(template),
         })
     }
 

@@ -19,6 +19,8 @@ pub struct Launch {
     pub job_variables: Map<String, Value>,
     /// The run's environment after precedence was applied (see `agent::env`).
     pub env: BTreeMap<String, EnvValue>,
+    /// The pool's base job template, where the backend has one.
+    pub base_job_template: Option<Value>,
 }
 
 /// How a run's infrastructure ended.
@@ -61,6 +63,10 @@ pub enum DeployError {
     Spawn { program: String, cause: String },
     #[error("could not stop the flow run's infrastructure: {0}")]
     Stop(String),
+    #[error("could not build the Job: {0}")]
+    Build(String),
+    #[error("Kubernetes refused the Job: {0}")]
+    Kubernetes(String),
 }
 
 /// Starts, finds and stops a run's infrastructure on one platform.

@@ -2,3 +2,103 @@
 
 pub mod job;
 pub mod template;
+
+use std::sync::Arc;
+
+use k8s_openapi::api::batch::v1::Job;
+use kube::api::{DeleteParams, PostParams, PropagationPolicy};
+use kube::{Api, Client};
+
+use super::{DeployError, Deployer, Launch, Launched, Stopped};
+use crate::backend::FlowRun;
+use crate::crd::{JobSpec, SecretKeyRef};
+use crate::observe::JobObserver;
+use job::{JobInputs, build_job, job_name};
+
+/// Starts flow runs as Jobs for one `PrefectAgent`.
+#[derive(Clone)]
+pub struct KubernetesDeployer {
+    pub client: Client,
+    pub observer: Arc<JobObserver>,
+    pub agent_namespace: String,
+    pub agent_name: String,
+    pub defaults: JobSpec,
+    pub secret: Option<SecretKeyRef>,
+}
+
+impl KubernetesDeployer {
+    fn namespace(&self) -> String {
+        self.defaults
+            .namespace
+            .clone()
+            .unwrap_or_else(|| self.agent_namespace.clone())
+    }
+
+    fn jobs(&self) -> Api<Job> {
+        Api::namespaced(self.client.clone(), &self.namespace())
+    }
+
+    /// What Prefect stores as `infrastructure_pid`.
+    fn infra_id(&self, run_id: &str) -> String {
+        format!("{}:{}", self.namespace(), job_name(run_id))
+    }
+}
+
+impl Deployer for KubernetesDeployer {
+    async fn deploy(&self, launch: Launch) -> Result<Launched, DeployError> {
+        let job = build_job(&JobInputs {
+            run: &launch.run,
+            agent_namespace: &self.agent_namespace,
+            agent_name: &self.agent_name,
+            job_variables: &launch.job_variables,
+            env: &launch.env,
+            base_job_template: launch.base_job_template.as_ref(),
+            defaults: &self.defaults,
+            secret: self.secret.as_ref(),
+        })
+        .map_err(|e| DeployError::Build(e.to_string()))?;
+        let name = job_name(&launch.run.id);
+        let exit = self.observer.wait_for(&self.namespace(), &name);
+        match self.jobs().create(&PostParams::default(), &job).await {
+            Ok(_) => {}
+            // The name is the run's: this run was launched before (a retry, a restart).
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                tracing::info!(job = %name, "Job already exists; adopting it");
+            }
+            Err(kube::Error::Api(e)) => {
+                return Err(DeployError::Kubernetes(format!(
+                    "{} ({})",
+                    e.message, e.reason
+                )));
+            }
+            Err(e) => return Err(DeployError::Kubernetes(e.to_string())),
+        }
+        Ok(Launched {
+            infra_id: self.infra_id(&launch.run.id),
+            description: format!("Job {}/{name}", self.namespace()),
+            exit: Some(exit),
+        })
+    }
+
+    async fn find(&self, run: &FlowRun) -> Option<String> {
+        let found = self.jobs().get_opt(&job_name(&run.id)).await.ok()??;
+        found.metadata.name.map(|_| self.infra_id(&run.id))
+    }
+
+    async fn stop(&self, run: &FlowRun) -> Result<Stopped, DeployError> {
+        if let Some(pid) = &run.infrastructure_pid
+            && *pid != self.infra_id(&run.id)
+        {
+            return Ok(Stopped::NotMine);
+        }
+        let params = DeleteParams {
+            propagation_policy: Some(PropagationPolicy::Background),
+            ..DeleteParams::default()
+        };
+        match self.jobs().delete(&job_name(&run.id), &params).await {
+            Ok(_) => Ok(Stopped::Stopped),
+            Err(kube::Error::Api(e)) if e.code == 404 => Ok(Stopped::NotFound),
+            Err(e) => Err(DeployError::Stop(e.to_string())),
+        }
+    }
+}
