@@ -38,6 +38,16 @@ pub enum Command {
     Agent(Box<AgentArgs>),
     /// Print the PrefectAgent CustomResourceDefinition (YAML), as kept in crds/.
     Crdgen,
+    /// Run the operator: every PrefectAgent resource gets an agent that launches Jobs.
+    Operator(OperatorArgs),
+}
+
+/// Flags of `operator`. The cluster comes from KUBECONFIG or the in-cluster service account.
+#[derive(Debug, Clone, Args)]
+pub struct OperatorArgs {
+    /// Create or update the PrefectAgent CRD at start-up.
+    #[arg(long, env = "PAO_INSTALL_CRD")]
+    pub install_crd: bool,
 }
 
 /// Which Prefect API the agent speaks.
@@ -228,6 +238,7 @@ pub fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Agent(args) => runtime.block_on(run_agent(*args)),
         Command::Crdgen => Ok(()),
+        Command::Operator(args) => runtime.block_on(run_operator(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -275,5 +286,32 @@ async fn run_agent(args: AgentArgs) -> Result<(), CliError> {
         StopReason::MaxPolls => tracing::info!("max polls reached"),
         StopReason::Shutdown => {}
     }
+    Ok(())
+}
+
+async fn run_operator(args: OperatorArgs) -> Result<(), CliError> {
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| CliError::runtime(format!("cannot configure a Kubernetes client: {e}")))?;
+    let version = client
+        .apiserver_version()
+        .await
+        .map_err(|e| CliError::runtime(format!("cannot reach the Kubernetes API: {e}")))?;
+    tracing::info!(version = %version.git_version, "connected to Kubernetes");
+    if args.install_crd {
+        use kube::api::{Patch, PatchParams};
+        let crds: kube::Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
+            kube::Api::all(client.clone());
+        crds.patch(
+            "prefectagents.prefect.io",
+            &PatchParams::apply(crate::controller::FIELD_MANAGER).force(),
+            &Patch::Apply(crate::crd::crd()),
+        )
+        .await
+        .map_err(|e| CliError::runtime(format!("cannot install the PrefectAgent CRD: {e}")))?;
+        tracing::info!("PrefectAgent CRD installed");
+    }
+    let shutdown = crate::signals::shutdown_on_signals().map_err(CliError::runtime)?;
+    crate::controller::run(client, shutdown).await;
     Ok(())
 }

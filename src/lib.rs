@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod backend;
 pub mod cli;
+pub mod controller;
 pub mod crd;
 pub mod deploy;
 pub mod observe;

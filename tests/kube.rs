@@ -2,15 +2,10 @@
 
 mod common;
 
-use std::time::Duration;
-
-use common::kube::KubeApiServer;
-use common::{unique, wait_for};
-use k8s_openapi::api::core::v1::Namespace;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use common::cluster::{KubeApiServer, install_crd, namespace};
 use kube::Client;
 use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
-use prefect_agent_operator::crd::{PrefectAgent, PrefectAgentStatus, crd};
+use prefect_agent_operator::crd::{PrefectAgent, PrefectAgentStatus};
 use serde_json::json;
 
 /// A client with the CRD installed and a fresh namespace.
@@ -19,33 +14,8 @@ async fn setup() -> (Client, String) {
         .await
         .unwrap();
     let client = server.client().await;
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let ssa = PatchParams::apply("prefect-agent-operator-tests").force();
-    crds.patch("prefectagents.prefect.io", &ssa, &Patch::Apply(crd()))
-        .await
-        .expect("apply the CRD");
-    wait_for(
-        "the CRD to be established",
-        Duration::from_secs(30),
-        || async {
-            let crd = crds.get("prefectagents.prefect.io").await.ok()?;
-            crd.status?
-                .conditions?
-                .iter()
-                .any(|c| c.type_ == "Established" && c.status == "True")
-                .then_some(())
-        },
-    )
-    .await;
-    let ns = unique("crd");
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    namespaces
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap(),
-        )
-        .await
-        .expect("namespace");
+    install_crd(&client).await;
+    let ns = namespace(&client, "crd").await;
     (client, ns)
 }
 

@@ -1,7 +1,7 @@
 //! Test harness: a real Prefect server, the agent binary as a child process, and waiting with deadlines.
 #![allow(dead_code)]
 
-pub mod kube;
+pub mod cluster;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -420,6 +420,24 @@ pub fn agent_command(args: &[&str]) -> Command {
         }
     }
     cmd.arg("agent").args(args).stdin(Stdio::null());
+    cmd
+}
+
+/// The operator binary against the API server behind `kubeconfig`.
+pub fn operator_command(kubeconfig: &Path) -> Command {
+    let mut cmd = agent_command(&[]);
+    // agent_command adds the `agent` subcommand; rebuild with `operator` instead.
+    let mut fresh = Command::new(cmd.get_program());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => fresh.env(k, v),
+            None => fresh.env_remove(k),
+        };
+    }
+    cmd = fresh;
+    cmd.arg("operator")
+        .env("KUBECONFIG", kubeconfig)
+        .stdin(Stdio::null());
     cmd
 }
 

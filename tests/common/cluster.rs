@@ -74,3 +74,48 @@ impl KubeApiServer {
         Client::try_from(config).expect("client")
     }
 }
+
+/// Installs the PrefectAgent CRD (server-side apply) and waits until it is served.
+pub async fn install_crd(client: &Client) {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::api::{Api, Patch, PatchParams};
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let ssa = PatchParams::apply("prefect-agent-operator-tests").force();
+    crds.patch(
+        "prefectagents.prefect.io",
+        &ssa,
+        &Patch::Apply(prefect_agent_operator::crd::crd()),
+    )
+    .await
+    .expect("apply the CRD");
+    super::wait_for(
+        "the CRD to be established",
+        Duration::from_secs(30),
+        || async {
+            let crd = crds.get("prefectagents.prefect.io").await.ok()?;
+            crd.status?
+                .conditions?
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True")
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+/// A fresh namespace named after `prefix`.
+pub async fn namespace(client: &Client, prefix: &str) -> String {
+    use k8s_openapi::api::core::v1::Namespace;
+    use kube::api::{Api, PostParams};
+    let ns = super::unique(prefix);
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(serde_json::json!({"metadata": {"name": ns}}))
+                .expect("namespace"),
+        )
+        .await
+        .expect("create namespace");
+    ns
+}

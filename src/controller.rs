@@ -1,0 +1,671 @@
+//! The operator: a kube-runtime Controller over `PrefectAgent`. A supervisor runs one
+//! agent task per resource, restarts it when the spec (generation) changes, stops it on
+//! delete or `suspend`; status is written whole by server-side apply from what was observed.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::watcher;
+use kube::{Api, Client, ResourceExt};
+use serde_json::json;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::agent::stats::{AgentStats, StatsSnapshot};
+use crate::agent::{Agent, AgentConfig};
+use crate::backend::http::{Auth, RetryPolicy};
+use crate::backend::prefect3::{Prefect3, Prefect3Config};
+use crate::crd::{Flavor, PrefectAgent, PrefectAgentSpec, PrefectAgentStatus, SecretKeyRef};
+use crate::deploy::kubernetes::KubernetesDeployer;
+use crate::observe::JobObserver;
+use crate::secret::SecretString;
+
+/// The finalizer that lets the operator stop an agent before its resource goes.
+pub const FINALIZER: &str = "prefect.io/agent";
+/// The field manager of every status write.
+pub const FIELD_MANAGER: &str = crate::APP_NAME;
+/// How often status is refreshed while nothing changes.
+const STATUS_INTERVAL: Duration = Duration::from_secs(5);
+/// How long a failed agent waits before the supervisor starts it again.
+const RESTART_AFTER: Duration = Duration::from_secs(10);
+
+/// Errors of one reconcile, each with a message a user can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("finalizer: {0}")]
+    Finalizer(String),
+}
+
+/// Shared by every reconcile.
+pub struct Context {
+    pub client: Client,
+    pub observer: Arc<JobObserver>,
+    pub supervisor: Supervisor,
+    pub retry: RetryPolicy,
+}
+
+/// One running agent task.
+struct Running {
+    generation: Option<i64>,
+    token: CancellationToken,
+    stats: Arc<AgentStats>,
+    handle: JoinHandle<Option<String>>,
+    started: std::time::Instant,
+}
+
+/// Agent tasks by `namespace/name`.
+#[derive(Default)]
+pub struct Supervisor {
+    agents: Mutex<HashMap<String, Running>>,
+}
+
+/// What the supervisor knows about one resource's agent, for its status.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AgentPhase {
+    /// Not started: the resource is suspended.
+    Suspended,
+    /// The spec cannot be run as it is; reason and message.
+    Invalid {
+        reason: &'static str,
+        message: String,
+    },
+    /// The agent task runs; `stats` says how far it got.
+    Running { stats: StatsSnapshot },
+    /// The agent task ended with this error and will be restarted.
+    Failed { message: String },
+}
+
+impl Supervisor {
+    fn stop(&self, key: &str) {
+        if let Some(r) = self.agents.lock().ok().and_then(|mut a| a.remove(key)) {
+            r.token.cancel();
+        }
+    }
+
+    /// The running agent for `key` if it runs the given generation and has not failed.
+    fn current(&self, key: &str, generation: Option<i64>) -> Option<AgentPhase> {
+        let agents = self.agents.lock().ok()?;
+        let r = agents.get(key)?;
+        if r.generation != generation {
+            return None;
+        }
+        if r.handle.is_finished() {
+            let last = r
+                .stats
+                .snapshot()
+                .last_error
+                .unwrap_or_else(|| "the agent stopped".into());
+            if r.started.elapsed() < RESTART_AFTER {
+                return Some(AgentPhase::Failed { message: last });
+            }
+            return None;
+        }
+        Some(AgentPhase::Running {
+            stats: r.stats.snapshot(),
+        })
+    }
+
+    fn start(
+        &self,
+        key: String,
+        generation: Option<i64>,
+        token: CancellationToken,
+        stats: Arc<AgentStats>,
+        handle: JoinHandle<Option<String>>,
+    ) {
+        if let Ok(mut agents) = self.agents.lock()
+            && let Some(old) = agents.insert(
+                key,
+                Running {
+                    generation,
+                    token,
+                    stats,
+                    handle,
+                    started: std::time::Instant::now(),
+                },
+            )
+        {
+            old.token.cancel();
+        }
+    }
+
+    /// Stops every agent (operator shutdown).
+    pub fn stop_all(&self) {
+        if let Ok(mut agents) = self.agents.lock() {
+            for (_, r) in agents.drain() {
+                r.token.cancel();
+            }
+        }
+    }
+}
+
+/// A condition's status, reason and message.
+type Cond<'a> = (&'a str, &'a str, String);
+
+/// Conditions for a phase, keeping `lastTransitionTime` where a condition did not change.
+pub fn conditions(
+    phase: &AgentPhase,
+    generation: Option<i64>,
+    previous: &[Condition],
+) -> Vec<Condition> {
+    let (ready, progressing, degraded): (Cond, Cond, Cond) = match phase {
+        AgentPhase::Suspended => (
+            (
+                "False",
+                "Suspended",
+                "spec.suspend is true: the agent does not poll".into(),
+            ),
+            ("False", "Suspended", "suspended".into()),
+            ("False", "Suspended", "suspended".into()),
+        ),
+        AgentPhase::Invalid { reason, message } => (
+            ("False", reason, message.clone()),
+            ("False", reason, message.clone()),
+            ("True", reason, message.clone()),
+        ),
+        AgentPhase::Failed { message } => (
+            ("False", "AgentFailed", message.clone()),
+            (
+                "True",
+                "Restarting",
+                format!("the agent will be restarted: {message}"),
+            ),
+            ("True", "AgentFailed", message.clone()),
+        ),
+        AgentPhase::Running { stats } if stats.agent_id.is_none() => (
+            (
+                "False",
+                "Registering",
+                "the agent is registering with Prefect".into(),
+            ),
+            (
+                "True",
+                "Registering",
+                "the agent is registering with Prefect".into(),
+            ),
+            ("False", "Registering", "no problem seen".into()),
+        ),
+        AgentPhase::Running { stats } => {
+            let polling_fails =
+                stats.polls > 0 && stats.last_error.is_some() && stats.poll_errors == stats.polls;
+            if polling_fails {
+                let m = stats.last_error.clone().unwrap_or_default();
+                (
+                    ("False", "PollFailing", m.clone()),
+                    ("False", "Polling", "polling".into()),
+                    ("True", "PollFailing", m),
+                )
+            } else {
+                (
+                    (
+                        "True",
+                        "Polling",
+                        format!(
+                            "agent {} polls Prefect",
+                            stats.agent_id.clone().unwrap_or_default()
+                        ),
+                    ),
+                    ("False", "Polling", "up to date".into()),
+                    ("False", "Polling", "no problem seen".into()),
+                )
+            }
+        }
+    };
+    let now = Time(Timestamp::now());
+    [
+        ("Ready", ready),
+        ("Progressing", progressing),
+        ("Degraded", degraded),
+    ]
+    .into_iter()
+    .map(|(kind, (status, reason, message))| {
+        let since = previous
+            .iter()
+            .find(|c| c.type_ == kind && c.status == status)
+            .map(|c| c.last_transition_time.clone())
+            .unwrap_or_else(|| now.clone());
+        Condition {
+            type_: kind.into(),
+            status: status.into(),
+            reason: reason.into(),
+            message,
+            observed_generation: generation,
+            last_transition_time: since,
+        }
+    })
+    .collect()
+}
+
+/// Reads `key` of a Secret in `namespace`; the error names the object, never the value.
+async fn read_secret(
+    client: &Client,
+    namespace: &str,
+    r: &SecretKeyRef,
+) -> Result<SecretString, String> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let secret = match secrets.get_opt(&r.name).await {
+        Ok(Some(s)) => s,
+        Ok(None) => return Err(format!("secret {namespace}/{} not found", r.name)),
+        Err(e) => return Err(format!("cannot read secret {namespace}/{}: {e}", r.name)),
+    };
+    let value = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(&r.key))
+        .map(|b| String::from_utf8_lossy(&b.0).trim().to_string())
+        .or_else(|| {
+            secret
+                .string_data
+                .as_ref()
+                .and_then(|d| d.get(&r.key))
+                .cloned()
+        });
+    match value {
+        Some(v) if !v.is_empty() => Ok(SecretString::new(v)),
+        _ => Err(format!(
+            "secret {namespace}/{} has no key `{}`",
+            r.name, r.key
+        )),
+    }
+}
+
+/// The agent settings a spec asks for, or why it cannot be run.
+pub fn agent_config(
+    name: &str,
+    spec: &PrefectAgentSpec,
+) -> Result<AgentConfig, (&'static str, String)> {
+    let poll_interval = match &spec.poll_interval {
+        Some(s) => humantime::parse_duration(s)
+            .map_err(|e| ("InvalidSpec", format!("spec.pollInterval `{s}`: {e}")))?,
+        None => Duration::from_secs(10),
+    };
+    let agent_address = spec
+        .agent_address
+        .as_deref()
+        .map(crate::settings::parse_agent_address)
+        .transpose()
+        .map_err(|e| ("InvalidSpec", format!("spec.agentAddress: {e}")))?;
+    Ok(AgentConfig {
+        agent_config_id: spec.agent_config_id.clone(),
+        name: spec.name.clone().unwrap_or_else(|| name.to_string()),
+        labels: spec.labels.clone(),
+        env_vars: spec.env_vars.clone(),
+        max_polls: spec.max_polls,
+        agent_address,
+        no_cloud_logs: spec.no_cloud_logs,
+        poll_interval: poll_interval.max(Duration::from_millis(250)),
+        ..AgentConfig::default()
+    })
+}
+
+impl PrefectAgent {
+    async fn reconcile(&self, ctx: &Context) -> Result<Action, Error> {
+        let ns = self.namespace().unwrap_or_default();
+        let key = format!("{ns}/{}", self.name_any());
+        let generation = self.metadata.generation;
+        let phase = if self.spec.suspend {
+            ctx.supervisor.stop(&key);
+            AgentPhase::Suspended
+        } else if let Some(phase) = ctx.supervisor.current(&key, generation) {
+            phase
+        } else {
+            match self.start_agent(ctx, &ns, &key).await {
+                Ok(()) => ctx
+                    .supervisor
+                    .current(&key, generation)
+                    .unwrap_or(AgentPhase::Failed {
+                        message: "the agent did not start".into(),
+                    }),
+                Err((reason, message)) => {
+                    ctx.supervisor.stop(&key);
+                    AgentPhase::Invalid { reason, message }
+                }
+            }
+        };
+        self.write_status(ctx, &phase).await?;
+        Ok(match phase {
+            AgentPhase::Invalid { .. } => Action::requeue(Duration::from_secs(30)),
+            _ => Action::requeue(STATUS_INTERVAL),
+        })
+    }
+
+    async fn start_agent(
+        &self,
+        ctx: &Context,
+        ns: &str,
+        key: &str,
+    ) -> Result<(), (&'static str, String)> {
+        let spec = &self.spec;
+        if spec.api.flavor == Flavor::Prefect1 {
+            return Err((
+                "UnsupportedFlavor",
+                "spec.api.flavor prefect1 is not available in this version".into(),
+            ));
+        }
+        let pool = spec.api.work_pool.clone().ok_or((
+            "InvalidSpec",
+            "spec.api.workPool is required for flavor prefect3".to_string(),
+        ))?;
+        let cfg = agent_config(&self.name_any(), spec)?;
+        let key_secret = match &spec.api.key_secret_ref {
+            Some(r) => Some(
+                read_secret(&ctx.client, ns, r)
+                    .await
+                    .map_err(|m| ("SecretNotFound", m))?,
+            ),
+            None => None,
+        };
+        let auth_secret = match &spec.api.auth_string_secret_ref {
+            Some(r) => Some(
+                read_secret(&ctx.client, ns, r)
+                    .await
+                    .map_err(|m| ("SecretNotFound", m))?,
+            ),
+            None => None,
+        };
+        let secret_ref = spec
+            .api
+            .key_secret_ref
+            .clone()
+            .or(spec.api.auth_string_secret_ref.clone());
+        let auth = match (key_secret, auth_secret) {
+            (Some(k), _) => Auth::Bearer(k),
+            (None, Some(s)) => Auth::Basic(s),
+            (None, None) => Auth::None,
+        };
+        let backend = Prefect3::new(Prefect3Config {
+            api_url: spec.api.url.trim_end_matches('/').to_string(),
+            auth,
+            pool,
+            queues: spec.api.work_queues.clone(),
+            agent_name: cfg.name.clone(),
+            prefetch: Duration::from_secs(10),
+            heartbeat_interval: cfg.heartbeat_interval,
+            create_pool: None,
+            poll_limit: 200,
+            retry: ctx.retry,
+        })
+        .map_err(|e| ("InvalidSpec", e.to_string()))?;
+        let deployer = KubernetesDeployer {
+            client: ctx.client.clone(),
+            observer: ctx.observer.clone(),
+            agent_namespace: ns.to_string(),
+            agent_name: self.name_any(),
+            defaults: spec.job.clone(),
+            secret: secret_ref,
+        };
+        let agent = Agent::new(cfg, backend, deployer);
+        let stats = agent.stats();
+        let token = CancellationToken::new();
+        let run_token = token.clone();
+        let span = tracing::info_span!("agent", agent = %key);
+        let task_stats = stats.clone();
+        let handle = tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                match agent.start(run_token).await {
+                    Ok(_) => None,
+                    Err(e) => {
+                        tracing::error!(error = %e, "agent stopped with an error");
+                        task_stats.error(e.to_string());
+                        Some(e.to_string())
+                    }
+                }
+            },
+            span,
+        ));
+        ctx.supervisor.start(
+            key.to_string(),
+            self.metadata.generation,
+            token,
+            stats,
+            handle,
+        );
+        Ok(())
+    }
+
+    async fn write_status(&self, ctx: &Context, phase: &AgentPhase) -> Result<(), Error> {
+        let previous = self
+            .status
+            .as_ref()
+            .map(|s| s.conditions.clone())
+            .unwrap_or_default();
+        let stats = match phase {
+            AgentPhase::Running { stats } => Some(stats.clone()),
+            _ => None,
+        };
+        let last_error = match phase {
+            AgentPhase::Invalid { message, .. } | AgentPhase::Failed { message } => {
+                Some(message.clone())
+            }
+            _ => stats.as_ref().and_then(|s| s.last_error.clone()),
+        };
+        let status = PrefectAgentStatus {
+            observed_generation: self.metadata.generation,
+            conditions: conditions(phase, self.metadata.generation, &previous),
+            agent_id: stats.as_ref().and_then(|s| s.agent_id.clone()),
+            last_poll_time: stats
+                .as_ref()
+                .and_then(|s| s.last_poll_time)
+                .and_then(|t| Timestamp::from_microsecond(t.timestamp_micros()).ok())
+                .map(Time),
+            polls: stats.as_ref().map_or(0, |s| s.polls),
+            runs_submitted: stats.as_ref().map_or(0, |s| s.runs_submitted),
+            runs_failed: stats.as_ref().map_or(0, |s| s.runs_failed),
+            active_jobs: 0,
+            last_error,
+            message: None,
+        };
+        if self
+            .status
+            .as_ref()
+            .is_some_and(|s| same_status(s, &status))
+        {
+            return Ok(());
+        }
+        let api: Api<PrefectAgent> =
+            Api::namespaced(ctx.client.clone(), &self.namespace().unwrap_or_default());
+        let patch =
+            json!({"apiVersion": "prefect.io/v1alpha1", "kind": "PrefectAgent", "status": status});
+        api.patch_status(
+            &self.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn cleanup(&self, ctx: &Context) -> Result<Action, Error> {
+        let key = format!(
+            "{}/{}",
+            self.namespace().unwrap_or_default(),
+            self.name_any()
+        );
+        ctx.supervisor.stop(&key);
+        Ok(Action::await_change())
+    }
+}
+
+/// Equal apart from condition timestamps: such a write would change nothing.
+fn same_status(a: &PrefectAgentStatus, b: &PrefectAgentStatus) -> bool {
+    let strip = |s: &PrefectAgentStatus| {
+        let mut s = s.clone();
+        for c in &mut s.conditions {
+            c.last_transition_time = Time(Timestamp::UNIX_EPOCH);
+        }
+        s
+    };
+    strip(a) == strip(b)
+}
+
+async fn reconcile(agent: Arc<PrefectAgent>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let api: Api<PrefectAgent> =
+        Api::namespaced(ctx.client.clone(), &agent.namespace().unwrap_or_default());
+    finalizer(&api, FINALIZER, agent, |event| async {
+        match event {
+            Finalizer::Apply(a) => a.reconcile(&ctx).await,
+            Finalizer::Cleanup(a) => a.cleanup(&ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(e.to_string()))
+}
+
+fn error_policy(agent: Arc<PrefectAgent>, error: &Error, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(agent = %agent.name_any(), %error, "reconcile failed");
+    Action::requeue(Duration::from_secs(5))
+}
+
+/// Runs the operator until `shutdown`: the Job watch and the controller.
+pub async fn run(client: Client, shutdown: CancellationToken) {
+    let observer = JobObserver::new();
+    tokio::spawn(observer.clone().run(client.clone(), shutdown.clone()));
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        observer,
+        supervisor: Supervisor::default(),
+        retry: RetryPolicy::default(),
+    });
+    let agents: Api<PrefectAgent> = Api::all(client);
+    let stop = shutdown.clone();
+    Controller::new(agents, watcher::Config::default())
+        .graceful_shutdown_on(async move { stop.cancelled().await })
+        .run(reconcile, error_policy, ctx.clone())
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "reconcile error");
+            }
+        })
+        .await;
+    ctx.supervisor.stop_all();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stats(agent_id: Option<&str>, polls: u64, errors: u64) -> StatsSnapshot {
+        StatsSnapshot {
+            agent_id: agent_id.map(str::to_string),
+            polls,
+            poll_errors: errors,
+            runs_submitted: 0,
+            runs_failed: 0,
+            runs_cancelled: 0,
+            runs_adopted: 0,
+            last_poll_time: None,
+            last_error: (errors > 0).then(|| "cannot reach the Prefect API".to_string()),
+        }
+    }
+
+    fn get<'a>(c: &'a [Condition], t: &str) -> &'a Condition {
+        c.iter().find(|c| c.type_ == t).unwrap()
+    }
+
+    #[test]
+    fn conditions_follow_the_phase() {
+        let ready = conditions(
+            &AgentPhase::Running {
+                stats: stats(Some("w1"), 3, 0),
+            },
+            Some(2),
+            &[],
+        );
+        assert_eq!(get(&ready, "Ready").status, "True");
+        assert_eq!(get(&ready, "Degraded").status, "False");
+        assert!(ready.iter().all(|c| c.observed_generation == Some(2)));
+
+        let invalid = conditions(
+            &AgentPhase::Invalid {
+                reason: "SecretNotFound",
+                message: "secret data/prefect-api not found".into(),
+            },
+            Some(1),
+            &[],
+        );
+        assert_eq!(get(&invalid, "Ready").status, "False");
+        assert_eq!(get(&invalid, "Degraded").reason, "SecretNotFound");
+        assert!(
+            get(&invalid, "Degraded")
+                .message
+                .contains("data/prefect-api")
+        );
+
+        let failing = conditions(
+            &AgentPhase::Running {
+                stats: stats(Some("w1"), 4, 4),
+            },
+            Some(1),
+            &[],
+        );
+        assert_eq!(get(&failing, "Ready").reason, "PollFailing");
+        let registering = conditions(
+            &AgentPhase::Running {
+                stats: stats(None, 0, 0),
+            },
+            Some(1),
+            &[],
+        );
+        assert_eq!(get(&registering, "Progressing").status, "True");
+        let suspended = conditions(&AgentPhase::Suspended, Some(1), &[]);
+        assert_eq!(get(&suspended, "Ready").reason, "Suspended");
+    }
+
+    #[test]
+    fn transition_times_survive_unchanged_conditions() {
+        let first = conditions(
+            &AgentPhase::Running {
+                stats: stats(Some("w"), 1, 0),
+            },
+            Some(1),
+            &[],
+        );
+        let mut old = first.clone();
+        for c in &mut old {
+            c.last_transition_time = Time(Timestamp::UNIX_EPOCH);
+        }
+        let again = conditions(
+            &AgentPhase::Running {
+                stats: stats(Some("w"), 2, 0),
+            },
+            Some(1),
+            &old,
+        );
+        assert_eq!(
+            get(&again, "Ready").last_transition_time,
+            Time(Timestamp::UNIX_EPOCH)
+        );
+        let changed = conditions(&AgentPhase::Suspended, Some(1), &old);
+        assert_ne!(
+            get(&changed, "Ready").last_transition_time,
+            Time(Timestamp::UNIX_EPOCH)
+        );
+    }
+
+    #[test]
+    fn agent_settings_from_a_spec() {
+        let spec: PrefectAgentSpec = serde_json::from_value(json!({
+            "api": {"url": "http://p/api", "workPool": "k"}, "pollInterval": "2s", "maxPolls": 3,
+            "envVars": {"A": "1"}, "noCloudLogs": true}))
+        .unwrap();
+        let cfg = agent_config("etl", &spec).unwrap();
+        assert_eq!(cfg.name, "etl");
+        assert_eq!(cfg.poll_interval, Duration::from_secs(2));
+        assert_eq!(cfg.max_polls, Some(3));
+        assert!(cfg.no_cloud_logs);
+        let bad: PrefectAgentSpec = serde_json::from_value(json!({
+            "api": {"url": "http://p/api"}, "agentAddress": "nowhere"}))
+        .unwrap();
+        assert_eq!(agent_config("x", &bad).unwrap_err().0, "InvalidSpec");
+    }
+}

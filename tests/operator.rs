@@ -1,0 +1,196 @@
+//! The operator end to end: a real kube-apiserver and a real Prefect server.
+
+mod common;
+
+use std::time::Duration;
+
+use common::cluster::{KubeApiServer, install_crd, namespace};
+use common::*;
+use k8s_openapi::api::batch::v1::Job;
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use prefect_agent_operator::crd::PrefectAgent;
+use serde_json::json;
+
+/// Both servers, the CRD, a namespace, a Prefect pool, and the operator running.
+async fn setup(prefix: &str) -> (kube::Client, String, Setup, AgentProcess) {
+    let kube_server = tokio::task::spawn_blocking(KubeApiServer::shared)
+        .await
+        .unwrap();
+    let client = kube_server.client().await;
+    install_crd(&client).await;
+    let ns = namespace(&client, prefix).await;
+    let prefect = Setup::new(prefix).await;
+    let operator = AgentProcess::start_with(operator_command(&kube_server.kubeconfig));
+    (client, ns, prefect, operator)
+}
+
+fn agent_resource(name: &str, url: &str, pool: &str) -> PrefectAgent {
+    serde_json::from_value(json!({
+        "apiVersion": "prefect.io/v1alpha1", "kind": "PrefectAgent",
+        "metadata": {"name": name},
+        "spec": {"api": {"url": url, "workPool": pool}, "pollInterval": "1s",
+                 "envVars": {"TEAM": "data"}, "job": {"ttlSecondsAfterFinished": 120}}
+    }))
+    .unwrap()
+}
+
+fn condition(agent: &PrefectAgent, kind: &str) -> Option<(String, String, Option<i64>)> {
+    let c = agent
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == kind)?;
+    Some((c.status.clone(), c.message.clone(), c.observed_generation))
+}
+
+/// Plays the kubelet and Job controller: writes a Job condition through the status subresource.
+async fn finish_job(jobs: &Api<Job>, name: &str, kind: &str, reason: &str, message: &str) {
+    let status = json!({"status": {"conditions": [{"type": kind, "status": "True", "reason": reason,
+        "message": message, "lastProbeTime": "2026-01-01T00:00:00Z", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}});
+    jobs.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .expect("write Job status");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_resource_launches_one_job_per_run_and_reports_back() {
+    let (client, ns, prefect, operator) = setup("op").await;
+    let agents: Api<PrefectAgent> = Api::namespaced(client.clone(), &ns);
+    let created = agents
+        .create(
+            &PostParams::default(),
+            &agent_resource("etl", &prefect.server.url, &prefect.pool),
+        )
+        .await
+        .expect("create the PrefectAgent");
+
+    let ready = wait_for(
+        "Ready=True for the current generation",
+        Duration::from_secs(60),
+        || async {
+            let a = agents.get("etl").await.ok()?;
+            let (status, _, generation) = condition(&a, "Ready")?;
+            (status == "True" && generation == created.metadata.generation).then_some(a)
+        },
+    )
+    .await;
+    assert!(
+        ready.finalizers().iter().any(|f| f == "prefect.io/agent"),
+        "finalizer added"
+    );
+
+    let dep = prefect
+        .api
+        .create_deployment(
+            &prefect.pool,
+            json!({"image": "repo/etl:2", "cpu_request": "100m"}),
+        )
+        .await;
+    let run = prefect.api.create_run(&dep).await;
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
+    let job_name = format!("prefect-run-{run}");
+    let job = wait_for("the run's Job", Duration::from_secs(60), || async {
+        jobs.get_opt(&job_name).await.ok().flatten()
+    })
+    .await;
+    let pod = job.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    let c = &pod.containers[0];
+    assert_eq!(c.image.as_deref(), Some("repo/etl:2"));
+    let requests = c.resources.as_ref().unwrap().requests.as_ref().unwrap();
+    assert_eq!(requests["cpu"].0, "100m");
+    let env: Vec<(String, Option<String>)> = c
+        .env
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|e| (e.name.clone(), e.value.clone()))
+        .collect();
+    assert!(
+        env.contains(&("PREFECT__FLOW_RUN_ID".into(), Some(run.clone()))),
+        "{env:?}"
+    );
+    assert!(
+        env.contains(&("TEAM".into(), Some("data".into()))),
+        "{env:?}"
+    );
+    assert_eq!(
+        job.spec.as_ref().unwrap().ttl_seconds_after_finished,
+        Some(120)
+    );
+    assert_eq!(job.labels()["prefect.io/flow-run-id"], run);
+    let pending = prefect.api.run(&run).await;
+    assert_eq!(pending["infrastructure_pid"], format!("{ns}:{job_name}"));
+
+    // The flow runs to completion, then its Job completes: nothing to report.
+    prefect.api.set_state(&run, "RUNNING", false).await;
+    prefect.api.set_state(&run, "COMPLETED", false).await;
+    finish_job(&jobs, &job_name, "Complete", "", "").await;
+
+    // A second run whose Job fails while the run is not final ends CRASHED with the reason.
+    let run2 = prefect.api.create_run(&dep).await;
+    let job2 = format!("prefect-run-{run2}");
+    wait_for("the second run's Job", Duration::from_secs(60), || async {
+        jobs.get_opt(&job2).await.ok().flatten()
+    })
+    .await;
+    finish_job(
+        &jobs,
+        &job2,
+        "Failed",
+        "DeadlineExceeded",
+        "Job was active longer than specified deadline",
+    )
+    .await;
+    let crashed = prefect
+        .api
+        .wait_state(&run2, "CRASHED", Duration::from_secs(60))
+        .await;
+    let message = crashed["state"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("DeadlineExceeded"), "{message}");
+    assert_eq!(prefect.api.state(&run).await, "COMPLETED");
+
+    wait_for("status counters", Duration::from_secs(30), || async {
+        let s = agents.get("etl").await.ok()?.status?;
+        (s.runs_submitted == 2 && s.runs_failed == 1 && s.polls > 0).then_some(())
+    })
+    .await;
+
+    agents
+        .delete("etl", &DeleteParams::default())
+        .await
+        .expect("delete");
+    wait_for(
+        "the finalizer to let the resource go",
+        Duration::from_secs(30),
+        || async { agents.get_opt("etl").await.ok()?.is_none().then_some(()) },
+    )
+    .await;
+    drop(operator);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_secret_is_named_in_a_degraded_condition() {
+    let (client, ns, prefect, operator) = setup("nosecret").await;
+    let agents: Api<PrefectAgent> = Api::namespaced(client.clone(), &ns);
+    let mut resource = agent_resource("keyless", &prefect.server.url, &prefect.pool);
+    resource.spec.api.key_secret_ref = Some(prefect_agent_operator::crd::SecretKeyRef {
+        name: "prefect-api".into(),
+        key: "key".into(),
+    });
+    agents
+        .create(&PostParams::default(), &resource)
+        .await
+        .expect("create");
+    let (status, message, _) = wait_for("Degraded=True", Duration::from_secs(60), || async {
+        let a = agents.get("keyless").await.ok()?;
+        condition(&a, "Degraded").filter(|(s, _, _)| s == "True")
+    })
+    .await;
+    assert_eq!(status, "True");
+    assert_eq!(message, format!("secret {ns}/prefect-api not found"));
+    let a = agents.get("keyless").await.unwrap();
+    assert_eq!(condition(&a, "Ready").unwrap().0, "False");
+    drop(operator);
+}
