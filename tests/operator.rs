@@ -58,11 +58,26 @@ async fn finish_job(jobs: &Api<Job>, name: &str, kind: &str, reason: &str, messa
 async fn an_agent_resource_launches_one_job_per_run_and_reports_back() {
     let (client, ns, prefect, operator) = setup("op").await;
     let agents: Api<PrefectAgent> = Api::namespaced(client.clone(), &ns);
-    let created = agents
+    // A key the no-auth test server ignores, so it can be traced everywhere it must not be.
+    let canary = format!("pnu_canary_{}", uuid::Uuid::new_v4().simple());
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), &ns);
+    secrets
         .create(
             &PostParams::default(),
-            &agent_resource("etl", &prefect.server.url, &prefect.pool),
+            &serde_json::from_value(
+                json!({"metadata": {"name": "prefect-api"}, "stringData": {"key": canary}}),
+            )
+            .unwrap(),
         )
+        .await
+        .expect("secret");
+    let mut resource = agent_resource("etl", &prefect.server.url, &prefect.pool);
+    resource.spec.api.key_secret_ref = Some(prefect_agent_operator::crd::SecretKeyRef {
+        name: "prefect-api".into(),
+        key: "key".into(),
+    });
+    let created = agents
+        .create(&PostParams::default(), &resource)
         .await
         .expect("create the PrefectAgent");
 
@@ -156,6 +171,45 @@ async fn an_agent_resource_launches_one_job_per_run_and_reports_back() {
         (s.runs_submitted == 2 && s.runs_failed == 1 && s.polls > 0).then_some(())
     })
     .await;
+
+    // The key reached the Job only as a reference, and nowhere else.
+    let key_env = c
+        .env
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|e| e.name == "PREFECT_API_KEY")
+        .unwrap();
+    let key_ref = key_env
+        .value_from
+        .as_ref()
+        .unwrap()
+        .secret_key_ref
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        (key_ref.name.as_str(), key_ref.key.as_str()),
+        ("prefect-api", "key")
+    );
+    for job in jobs.list(&Default::default()).await.unwrap() {
+        assert!(
+            !serde_json::to_string(&job).unwrap().contains(&canary),
+            "key in a Job"
+        );
+    }
+    let status = serde_json::to_string(&agents.get("etl").await.unwrap()).unwrap();
+    assert!(!status.contains(&canary), "key in the resource");
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), &ns);
+    for event in events.list(&Default::default()).await.unwrap() {
+        assert!(
+            !serde_json::to_string(&event).unwrap().contains(&canary),
+            "key in an Event"
+        );
+    }
+    assert!(
+        !operator.output().contains(&canary),
+        "key in the operator's log"
+    );
 
     agents
         .delete("etl", &DeleteParams::default())
