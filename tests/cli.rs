@@ -122,6 +122,34 @@ async fn create_pool_makes_a_missing_pool() {
         .call(reqwest::Method::GET, &format!("/work_pools/{pool}"), None)
         .await;
     assert_eq!(made["type"], "process");
+
+    let k8s_pool = unique("created-k8s");
+    let (code, out) = run_agent(&[
+        "--api-url",
+        &server.url,
+        "--pool",
+        &k8s_pool,
+        "--create-pool",
+        "kubernetes",
+        "--max-polls",
+        "0",
+    ])
+    .await;
+    assert_eq!(code, 0, "{out}");
+    let made = server
+        .api()
+        .call(
+            reqwest::Method::GET,
+            &format!("/work_pools/{k8s_pool}"),
+            None,
+        )
+        .await;
+    assert_eq!(made["type"], "kubernetes");
+    assert!(
+        made.pointer("/base_job_template/job_configuration/job_manifest")
+            .is_some(),
+        "created with Prefect's standard Kubernetes template: {made}"
+    );
 }
 
 #[tokio::test]

@@ -133,8 +133,8 @@ impl Prefect3 {
             Ok(pool) => Ok(pool),
             Err(HttpError::NotFound { .. }) => match &self.cfg.create_pool {
                 Some(kind) => {
-                    let body =
-                        json!({"name": self.cfg.pool, "type": kind, "base_job_template": {}});
+                    let body = json!({"name": self.cfg.pool, "type": kind,
+                        "base_job_template": standard_template(kind)});
                     tracing::info!(pool = %self.cfg.pool, kind, "creating missing work pool");
                     Ok(self
                         .api
@@ -148,6 +148,18 @@ impl Prefect3 {
             },
             Err(e) => Err(e.into()),
         }
+    }
+}
+
+/// The base job template a pool of `kind` is created with: Prefect's standard one for
+/// `kubernetes` (what the official worker sends), none otherwise.
+pub fn standard_template(kind: &str) -> Value {
+    match kind {
+        "kubernetes" => {
+            serde_json::from_str(crate::deploy::kubernetes::job::DEFAULT_BASE_JOB_TEMPLATE)
+                .unwrap_or_else(|_| json!({}))
+        }
+        _ => json!({}),
     }
 }
 
@@ -859,6 +871,20 @@ mod tests {
         );
         assert!(env.contains_key("PREFECT_API_AUTH_STRING"));
         assert!(!env.contains_key("PREFECT_LOGGING_TO_API_ENABLED"));
+    }
+
+    #[test]
+    fn kubernetes_pools_are_created_with_the_standard_template() {
+        let t = standard_template("kubernetes");
+        assert!(
+            t.pointer("/job_configuration/job_manifest/spec/template")
+                .is_some()
+        );
+        assert_eq!(
+            t.pointer("/variables/properties/image_pull_policy/default"),
+            Some(&json!("IfNotPresent"))
+        );
+        assert_eq!(standard_template("process"), json!({}));
     }
 
     #[test]
