@@ -248,3 +248,113 @@ async fn a_missing_secret_is_named_in_a_degraded_condition() {
     assert_eq!(condition(&a, "Ready").unwrap().0, "False");
     drop(operator);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_spec_change_restarts_the_agent_and_suspend_stops_it() {
+    let (client, ns, prefect, operator) = setup("edit").await;
+    let agents: Api<PrefectAgent> = Api::namespaced(client.clone(), &ns);
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
+    agents
+        .create(
+            &PostParams::default(),
+            &agent_resource("edited", &prefect.server.url, &prefect.pool),
+        )
+        .await
+        .expect("create");
+    let ready_at = |generation: i64| {
+        let agents = agents.clone();
+        async move {
+            wait_for(
+                &format!("Ready=True for generation {generation}"),
+                Duration::from_secs(60),
+                || async {
+                    let a = agents.get("edited").await.ok()?;
+                    let (status, _, observed) = condition(&a, "Ready")?;
+                    (status == "True" && observed == Some(generation)).then_some(())
+                },
+            )
+            .await
+        }
+    };
+    ready_at(1).await;
+
+    let patch = json!({"spec": {"envVars": {"TEAM": "ml"}}});
+    agents
+        .patch("edited", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    ready_at(2).await;
+    let dep = prefect
+        .api
+        .create_deployment(&prefect.pool, json!({}))
+        .await;
+    let run = prefect.api.create_run(&dep).await;
+    let job = wait_for(
+        "a Job from the restarted agent",
+        Duration::from_secs(60),
+        || async {
+            jobs.get_opt(&format!("prefect-run-{run}"))
+                .await
+                .ok()
+                .flatten()
+        },
+    )
+    .await;
+    let env = job.spec.unwrap().template.spec.unwrap().containers[0]
+        .env
+        .clone()
+        .unwrap();
+    assert!(
+        env.iter()
+            .any(|e| e.name == "TEAM" && e.value.as_deref() == Some("ml")),
+        "the new envVars are used: {env:?}"
+    );
+
+    let suspend = json!({"spec": {"suspend": true}});
+    agents
+        .patch("edited", &PatchParams::default(), &Patch::Merge(&suspend))
+        .await
+        .unwrap();
+    wait_for(
+        "Ready=False, Suspended",
+        Duration::from_secs(30),
+        || async {
+            let a = agents.get("edited").await.ok()?;
+            let c = a
+                .status?
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == "Ready")?;
+            (c.reason == "Suspended" && c.observed_generation == Some(3)).then_some(())
+        },
+    )
+    .await;
+    let idle_run = prefect.api.create_run(&dep).await;
+    // Absence over a window: a running agent (1 s polls) would have claimed it by then.
+    let window = std::time::Instant::now() + Duration::from_secs(4);
+    while std::time::Instant::now() < window {
+        assert_eq!(
+            prefect.api.state(&idle_run).await,
+            "SCHEDULED",
+            "a suspended agent claims nothing"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let resume = json!({"spec": {"suspend": false}});
+    agents
+        .patch("edited", &PatchParams::default(), &Patch::Merge(&resume))
+        .await
+        .unwrap();
+    wait_for(
+        "the run launched once resumed",
+        Duration::from_secs(60),
+        || async {
+            jobs.get_opt(&format!("prefect-run-{idle_run}"))
+                .await
+                .ok()
+                .flatten()
+        },
+    )
+    .await;
+    drop(operator);
+}
