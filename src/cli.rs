@@ -48,6 +48,13 @@ pub struct OperatorArgs {
     /// Create or update the PrefectAgent CRD at start-up.
     #[arg(long, env = "PAO_INSTALL_CRD")]
     pub install_crd: bool,
+    /// Watch PrefectAgents and Jobs in this namespace only (default: all namespaces).
+    #[arg(long, env = "PAO_WATCH_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// How long a flow run's pod may wait on its image or a node before its run is
+    /// marked crashed and its Job deleted.
+    #[arg(long, env = "PAO_POD_GRACE", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub pod_grace: std::time::Duration,
 }
 
 /// Which Prefect API the agent speaks.
@@ -312,6 +319,6 @@ async fn run_operator(args: OperatorArgs) -> Result<(), CliError> {
         tracing::info!("PrefectAgent CRD installed");
     }
     let shutdown = crate::signals::shutdown_on_signals().map_err(CliError::runtime)?;
-    crate::controller::run(client, shutdown).await;
+    crate::controller::run(client, args.namespace, args.pod_grace, shutdown).await;
     Ok(())
 }

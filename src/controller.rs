@@ -527,16 +527,29 @@ fn error_policy(agent: Arc<PrefectAgent>, error: &Error, _ctx: Arc<Context>) -> 
 }
 
 /// Runs the operator until `shutdown`: the Job watch and the controller.
-pub async fn run(client: Client, shutdown: CancellationToken) {
-    let observer = JobObserver::new();
-    tokio::spawn(observer.clone().run(client.clone(), shutdown.clone()));
+/// `namespace`: watch only this one (resources and Jobs), else every namespace.
+pub async fn run(
+    client: Client,
+    namespace: Option<String>,
+    pod_grace: Duration,
+    shutdown: CancellationToken,
+) {
+    let observer = JobObserver::new(pod_grace);
+    tokio::spawn(
+        observer
+            .clone()
+            .run(client.clone(), namespace.clone(), shutdown.clone()),
+    );
     let ctx = Arc::new(Context {
         client: client.clone(),
         observer,
         supervisor: Supervisor::default(),
         retry: RetryPolicy::default(),
     });
-    let agents: Api<PrefectAgent> = Api::all(client);
+    let agents: Api<PrefectAgent> = match &namespace {
+        Some(ns) => Api::namespaced(client, ns),
+        None => Api::all(client),
+    };
     let stop = shutdown.clone();
     Controller::new(agents, watcher::Config::default())
         .graceful_shutdown_on(async move { stop.cancelled().await })

@@ -1,23 +1,107 @@
-//! One watch over the operator's Jobs, shared by all agents: turns a Job's end into an
-//! [`Exit`] for the agent that launched it.
+//! One watch over the operator's Jobs and their Pods, shared by all agents: turns a
+//! Job's end, or a pod that cannot get going (image pull, scheduling, OOM, eviction),
+//! into an [`Exit`] for the agent that launched it. A run whose pod is stuck has its
+//! Job deleted.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures::TryStreamExt;
 use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{DeleteParams, PropagationPolicy};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::deploy::Exit;
-use crate::deploy::kubernetes::job::labels;
+use crate::deploy::kubernetes::job::{job_name, labels};
 
-/// Who waits for which Job (`namespace/name`).
-#[derive(Debug, Default)]
+/// Who waits for which Job (`namespace/name`), and how long a stuck pod is given.
+#[derive(Debug)]
 pub struct JobObserver {
     waiters: Mutex<HashMap<String, oneshot::Sender<Exit>>>,
+    /// Pods with a problem that is not fatal yet, re-checked until it is or goes away.
+    troubled: Mutex<HashMap<String, Pod>>,
+    grace: Duration,
+}
+
+/// Waiting reasons that mean the flow-run container will not start by itself.
+const STUCK_REASONS: [&str; 5] = [
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+];
+
+/// What is wrong with a flow run's pod, in Kubernetes' words.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodProblem {
+    pub reason: String,
+    pub message: String,
+    /// True once the run should be given up (at once, or after the grace period).
+    pub fatal: bool,
+}
+
+impl PodProblem {
+    fn description(&self) -> String {
+        if self.message.is_empty() {
+            format!("the flow run's pod failed ({})", self.reason)
+        } else {
+            format!(
+                "the flow run's pod failed ({}): {}",
+                self.reason, self.message
+            )
+        }
+    }
+}
+
+/// Judges a pod: eviction and OOM are fatal at once; a pod that cannot pull its image,
+/// build its container or be scheduled is fatal once it is older than `grace`.
+pub fn pod_problem(pod: &Pod, now: Timestamp, grace: Duration) -> Option<PodProblem> {
+    let status = pod.status.as_ref()?;
+    let problem = |reason: &str, message: Option<&str>, fatal: bool| PodProblem {
+        reason: reason.to_string(),
+        message: message.unwrap_or_default().to_string(),
+        fatal,
+    };
+    if status.reason.as_deref() == Some("Evicted") {
+        return Some(problem("Evicted", status.message.as_deref(), true));
+    }
+    let age = pod
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .map(|t| now.duration_since(t.0).unsigned_abs())
+        .unwrap_or_default();
+    let past_grace = age >= grace;
+    for cs in status.container_statuses.iter().flatten() {
+        let state = cs.state.as_ref();
+        if let Some(t) = state.and_then(|s| s.terminated.as_ref())
+            && t.reason.as_deref() == Some("OOMKilled")
+        {
+            let msg = format!(
+                "container {} ran out of memory (exit code {})",
+                cs.name, t.exit_code
+            );
+            return Some(problem("OOMKilled", Some(&msg), true));
+        }
+        if let Some(w) = state.and_then(|s| s.waiting.as_ref())
+            && let Some(reason) = w.reason.as_deref().filter(|r| STUCK_REASONS.contains(r))
+        {
+            return Some(problem(reason, w.message.as_deref(), past_grace));
+        }
+    }
+    let unschedulable = status.conditions.iter().flatten().find(|c| {
+        c.type_ == "PodScheduled"
+            && c.status == "False"
+            && c.reason.as_deref() == Some("Unschedulable")
+    });
+    unschedulable.map(|c| problem("Unschedulable", c.message.as_deref(), past_grace))
 }
 
 fn key(namespace: &str, name: &str) -> String {
@@ -51,8 +135,13 @@ pub fn job_outcome(job: &Job) -> Option<Exit> {
 }
 
 impl JobObserver {
-    pub fn new() -> Arc<Self> {
-        Arc::default()
+    /// An observer that gives a stuck pod `grace` before its run is given up.
+    pub fn new(grace: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            waiters: Mutex::default(),
+            troubled: Mutex::default(),
+            grace,
+        })
     }
 
     /// Registers interest before the Job is created, so its end cannot be missed.
@@ -74,26 +163,104 @@ impl JobObserver {
         }
     }
 
-    /// Watches the operator's Jobs in every namespace until shutdown; restarts itself
-    /// with backoff when the watch breaks.
-    pub async fn run(self: Arc<Self>, client: Client, shutdown: CancellationToken) {
-        let jobs: Api<Job> = Api::all(client);
+    /// Judges a pod; when its problem is fatal, ends the run's wait and returns the Job to delete.
+    pub fn observe_pod(&self, pod: &Pod, now: Timestamp) -> Option<(String, String)> {
+        let ns = pod.namespace().unwrap_or_default();
+        let pod_key = key(&ns, &pod.name_any());
+        let run_id = pod.labels().get(labels::FLOW_RUN_ID)?.clone();
+        let problem = match pod_problem(pod, now, self.grace) {
+            Some(p) if p.fatal => p,
+            other => {
+                if let Ok(mut t) = self.troubled.lock() {
+                    match other {
+                        Some(_) => t.insert(pod_key, pod.clone()),
+                        None => t.remove(&pod_key),
+                    };
+                }
+                return None;
+            }
+        };
+        if let Ok(mut t) = self.troubled.lock() {
+            t.remove(&pod_key);
+        }
+        let job = job_name(&run_id);
+        let waiter = self
+            .waiters
+            .lock()
+            .ok()
+            .and_then(|mut w| w.remove(&key(&ns, &job)));
+        let tx = waiter?;
+        let _ = tx.send(Exit {
+            success: false,
+            description: problem.description(),
+        });
+        Some((ns, job))
+    }
+
+    /// Watches the operator's Jobs and Pods in every namespace until shutdown; the
+    /// watches restart themselves with backoff when they break.
+    pub async fn run(
+        self: Arc<Self>,
+        client: Client,
+        namespace: Option<String>,
+        shutdown: CancellationToken,
+    ) {
         let selector = format!("{}={}", labels::MANAGED_BY, crate::APP_NAME);
-        let stream = watcher(jobs, watcher::Config::default().labels(&selector))
+        let config = watcher::Config::default().labels(&selector);
+        let (jobs, pods): (Api<Job>, Api<Pod>) = match &namespace {
+            Some(ns) => (
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+            ),
+            None => (Api::all(client.clone()), Api::all(client.clone())),
+        };
+        let jobs = watcher(jobs, config.clone())
             .default_backoff()
-            .applied_objects();
-        let mut stream = std::pin::pin!(stream);
+            .applied_objects()
+            .map_ok(|j| Seen::Job(Box::new(j)));
+        let pods = watcher(pods, config)
+            .default_backoff()
+            .applied_objects()
+            .map_ok(|p| Seen::Pod(Box::new(p)));
+        let mut events = std::pin::pin!(futures::stream::select(jobs, pods));
+        let mut recheck = tokio::time::interval(Duration::from_secs(2));
         loop {
-            tokio::select! {
+            let stuck = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                next = stream.try_next() => match next {
-                    Ok(Some(job)) => self.observe(&job),
+                _ = recheck.tick() => {
+                    let troubled: Vec<Pod> = self.troubled.lock().map(|t| t.values().cloned().collect()).unwrap_or_default();
+                    troubled.iter().filter_map(|p| self.observe_pod(p, Timestamp::now())).collect()
+                }
+                next = events.try_next() => match next {
+                    Ok(Some(Seen::Job(job))) => { self.observe(&job); Vec::new() }
+                    Ok(Some(Seen::Pod(pod))) => self.observe_pod(&pod, Timestamp::now()).into_iter().collect(),
                     Ok(None) => return,
-                    Err(e) => tracing::warn!(error = %e, "Job watch error; retrying"),
+                    Err(e) => { tracing::warn!(error = %e, "Job/Pod watch error; retrying"); Vec::new() }
+                }
+            };
+            for (ns, job) in stuck {
+                let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
+                let params = DeleteParams {
+                    propagation_policy: Some(PropagationPolicy::Background),
+                    ..DeleteParams::default()
+                };
+                match jobs.delete(&job, &params).await {
+                    Ok(_) => {
+                        tracing::info!(job = %format!("{ns}/{job}"), "deleted the Job of a stuck pod")
+                    }
+                    Err(e) => {
+                        tracing::warn!(job = %format!("{ns}/{job}"), error = %e, "could not delete the Job of a stuck pod")
+                    }
                 }
             }
         }
     }
+}
+
+/// One thing the watch saw.
+enum Seen {
+    Job(Box<Job>),
+    Pod(Box<Pod>),
 }
 
 #[cfg(test)]
@@ -125,9 +292,86 @@ mod tests {
         );
     }
 
+    fn pod(age_secs: i64, status: serde_json::Value) -> Pod {
+        let created = Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_secs(age_secs);
+        serde_json::from_value(json!({"metadata": {"name": "p", "namespace": "n",
+            "creationTimestamp": created.to_string(),
+            "labels": {"prefect.io/flow-run-id": "r1"}}, "status": status}))
+        .unwrap()
+    }
+
+    fn waiting(reason: &str) -> serde_json::Value {
+        json!({"containerStatuses": [{"name": "prefect-job", "ready": false, "restartCount": 0,
+            "image": "x", "imageID": "", "state": {"waiting": {"reason": reason, "message": "Back-off pulling image \"x\""}}}]})
+    }
+
+    #[test]
+    fn pod_problems() {
+        let grace = Duration::from_secs(60);
+        let now = Timestamp::now();
+        let young = pod_problem(&pod(5, waiting("ImagePullBackOff")), now, grace).unwrap();
+        assert!(!young.fatal, "within the grace period");
+        let old = pod_problem(&pod(120, waiting("ErrImagePull")), now, grace).unwrap();
+        assert!(old.fatal);
+        assert_eq!(
+            old.description(),
+            "the flow run's pod failed (ErrImagePull): Back-off pulling image \"x\""
+        );
+        assert_eq!(
+            pod_problem(&pod(120, waiting("ContainerCreating")), now, grace),
+            None
+        );
+        let oom = pod_problem(
+            &pod(
+                1,
+                json!({"containerStatuses": [{"name": "prefect-job", "ready": false,
+            "restartCount": 0, "image": "x", "imageID": "",
+            "state": {"terminated": {"reason": "OOMKilled", "exitCode": 137}}}]}),
+            ),
+            now,
+            grace,
+        )
+        .unwrap();
+        assert!(oom.fatal && oom.reason == "OOMKilled" && oom.message.contains("137"));
+        let evicted = pod_problem(
+            &pod(1, json!({"reason": "Evicted", "message": "low on memory"})),
+            now,
+            grace,
+        )
+        .unwrap();
+        assert!(evicted.fatal && evicted.message == "low on memory");
+        let unschedulable = pod_problem(
+            &pod(
+                90,
+                json!({"conditions": [{"type": "PodScheduled", "status": "False",
+            "reason": "Unschedulable", "message": "0/3 nodes are available"}]}),
+            ),
+            now,
+            grace,
+        )
+        .unwrap();
+        assert!(unschedulable.fatal && unschedulable.reason == "Unschedulable");
+    }
+
+    #[test]
+    fn a_stuck_pod_ends_its_run_s_wait() {
+        let o = JobObserver::new(Duration::from_secs(60));
+        let mut rx = o.wait_for("n", &job_name("r1"));
+        assert_eq!(
+            o.observe_pod(&pod(5, waiting("ImagePullBackOff")), Timestamp::now()),
+            None
+        );
+        assert_eq!(o.troubled.lock().unwrap().len(), 1, "kept for a re-check");
+        let stuck = o.observe_pod(&pod(61, waiting("ImagePullBackOff")), Timestamp::now());
+        assert_eq!(stuck, Some(("n".to_string(), job_name("r1"))));
+        let exit = rx.try_recv().unwrap();
+        assert!(!exit.success && exit.description.contains("ImagePullBackOff"));
+        assert!(o.troubled.lock().unwrap().is_empty());
+    }
+
     #[test]
     fn dispatches_to_the_waiter_once() {
-        let o = JobObserver::new();
+        let o = JobObserver::new(Duration::from_secs(60));
         let mut rx = o.wait_for("n", "j");
         o.observe(&job(json!([])));
         assert!(rx.try_recv().is_err(), "nothing yet");

@@ -21,7 +21,10 @@ async fn setup(prefix: &str) -> (kube::Client, String, Setup, AgentProcess) {
     install_crd(&client).await;
     let ns = namespace(&client, prefix).await;
     let prefect = Setup::new(prefix).await;
-    let operator = AgentProcess::start_with(operator_command(&kube_server.kubeconfig));
+    // Each test's operator watches its own namespace only: tests run side by side.
+    let mut cmd = operator_command(&kube_server.kubeconfig);
+    cmd.args(["--namespace", &ns]);
+    let operator = AgentProcess::start_with(cmd);
     (client, ns, prefect, operator)
 }
 
@@ -135,8 +138,16 @@ async fn an_agent_resource_launches_one_job_per_run_and_reports_back() {
         Some(120)
     );
     assert_eq!(job.labels()["prefect.io/flow-run-id"], run);
-    let pending = prefect.api.run(&run).await;
-    assert_eq!(pending["infrastructure_pid"], format!("{ns}:{job_name}"));
+    // Recorded just after the create.
+    let infra = format!("{ns}:{job_name}");
+    wait_for(
+        "the infrastructure id in Prefect",
+        Duration::from_secs(30),
+        || async {
+            (prefect.api.run(&run).await["infrastructure_pid"] == infra.as_str()).then_some(())
+        },
+    )
+    .await;
 
     // The flow runs to completion, then its Job completes: nothing to report.
     prefect.api.set_state(&run, "RUNNING", false).await;
@@ -355,6 +366,77 @@ async fn a_spec_change_restarts_the_agent_and_suspend_stops_it() {
                 .flatten()
         },
     )
+    .await;
+    drop(operator);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pod_stuck_on_its_image_crashes_the_run_and_its_job_is_deleted() {
+    use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+    let (client, ns, prefect, operator) = setup("pull").await;
+    let agents: Api<PrefectAgent> = Api::namespaced(client.clone(), &ns);
+    agents
+        .create(
+            &PostParams::default(),
+            &agent_resource("puller", &prefect.server.url, &prefect.pool),
+        )
+        .await
+        .expect("create");
+    let dep = prefect
+        .api
+        .create_deployment(&prefect.pool, json!({"image": "does-not-exist:1"}))
+        .await;
+    let run = prefect.api.create_run(&dep).await;
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
+    let job_name = format!("prefect-run-{run}");
+    let job = wait_for("the run's Job", Duration::from_secs(60), || async {
+        jobs.get_opt(&job_name).await.ok().flatten()
+    })
+    .await;
+
+    // No kubelet here: make the Job's pod and write what a kubelet would report.
+    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &ns);
+    sas.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": "default"}})).unwrap(),
+    )
+    .await
+    .expect("service account");
+    let labels = job.spec.unwrap().template.metadata.unwrap().labels.unwrap();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": format!("{job_name}-abcde"), "labels": labels},
+        "spec": {"automountServiceAccountToken": false, "restartPolicy": "Never",
+                 "containers": [{"name": "prefect-job", "image": "does-not-exist:1"}]}
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .expect("pod");
+    let status = json!({"status": {"phase": "Pending", "containerStatuses": [{
+        "name": "prefect-job", "ready": false, "restartCount": 0, "image": "does-not-exist:1", "imageID": "",
+        "state": {"waiting": {"reason": "ErrImagePull",
+                              "message": "rpc error: pull access denied for does-not-exist"}}}]}});
+    pods.patch_status(
+        &pod.metadata.name.clone().unwrap(),
+        &PatchParams::default(),
+        &Patch::Merge(&status),
+    )
+    .await
+    .expect("pod status");
+
+    let crashed = prefect
+        .api
+        .wait_state(&run, "CRASHED", Duration::from_secs(60))
+        .await;
+    let message = crashed["state"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("ErrImagePull") && message.contains("pull access denied"),
+        "{message}"
+    );
+    wait_for("the stuck Job deleted", Duration::from_secs(30), || async {
+        jobs.get_opt(&job_name).await.ok()?.is_none().then_some(())
+    })
     .await;
     drop(operator);
 }

@@ -437,6 +437,8 @@ pub fn operator_command(kubeconfig: &Path) -> Command {
     cmd = fresh;
     cmd.arg("operator")
         .env("KUBECONFIG", kubeconfig)
+        // Stuck pods are given up after 1 s, not a minute.
+        .env("PAO_POD_GRACE", "1s")
         .stdin(Stdio::null());
     cmd
 }
