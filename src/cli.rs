@@ -40,6 +40,17 @@ pub enum Command {
     Crdgen,
     /// Run the operator: every PrefectAgent resource gets an agent that launches Jobs.
     Operator(OperatorArgs),
+    /// Tests and the quick start only: run the operator's Jobs as local processes on an
+    /// API server without a kubelet, writing their status.
+    DevRunner(DevRunnerArgs),
+}
+
+/// Flags of `dev-runner`.
+#[derive(Debug, Clone, Args)]
+pub struct DevRunnerArgs {
+    /// Run Jobs of this namespace only (default: all namespaces).
+    #[arg(long, env = "PAO_WATCH_NAMESPACE")]
+    pub namespace: Option<String>,
 }
 
 /// Flags of `operator`. The cluster comes from KUBECONFIG or the in-cluster service account.
@@ -246,6 +257,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Agent(args) => runtime.block_on(run_agent(*args)),
         Command::Crdgen => Ok(()),
         Command::Operator(args) => runtime.block_on(run_operator(args)),
+        Command::DevRunner(args) => runtime.block_on(run_dev_runner(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -320,5 +332,14 @@ async fn run_operator(args: OperatorArgs) -> Result<(), CliError> {
     }
     let shutdown = crate::signals::shutdown_on_signals().map_err(CliError::runtime)?;
     crate::controller::run(client, args.namespace, args.pod_grace, shutdown).await;
+    Ok(())
+}
+
+async fn run_dev_runner(args: DevRunnerArgs) -> Result<(), CliError> {
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| CliError::runtime(format!("cannot configure a Kubernetes client: {e}")))?;
+    let shutdown = crate::signals::shutdown_on_signals().map_err(CliError::runtime)?;
+    crate::devrunner::run(client, args.namespace, shutdown).await;
     Ok(())
 }

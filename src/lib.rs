@@ -11,6 +11,7 @@ pub mod cli;
 pub mod controller;
 pub mod crd;
 pub mod deploy;
+pub mod devrunner;
 pub mod observe;
 pub mod secret;
 pub mod settings;

@@ -440,3 +440,46 @@ async fn a_pod_stuck_on_its_image_crashes_the_run_and_its_job_is_deleted() {
     .await;
     drop(operator);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_completes_through_the_dev_runner() {
+    let (client, ns, prefect, operator) = setup("devrun").await;
+    let kube_server = tokio::task::spawn_blocking(KubeApiServer::shared)
+        .await
+        .unwrap();
+    let runner = dev_runner(&kube_server.kubeconfig, &ns);
+    let agents: Api<PrefectAgent> = Api::namespaced(client.clone(), &ns);
+    agents
+        .create(
+            &PostParams::default(),
+            &agent_resource("runner", &prefect.server.url, &prefect.pool),
+        )
+        .await
+        .expect("create");
+    let dep = prefect
+        .api
+        .create_deployment(
+            &prefect.pool,
+            json!({"command": fake_runner(&prefect.record, "complete")}),
+        )
+        .await;
+    let run = prefect.api.create_run(&dep).await;
+    prefect
+        .api
+        .wait_state(&run, "COMPLETED", Duration::from_secs(90))
+        .await;
+    assert_eq!(
+        recorded(&prefect.record),
+        std::slice::from_ref(&run),
+        "executed once, through its Job"
+    );
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
+    let job = jobs.get(&format!("prefect-run-{run}")).await.unwrap();
+    assert_eq!(job.status.unwrap().succeeded, Some(1));
+    wait_for("runsSubmitted = 1", Duration::from_secs(30), || async {
+        let s = agents.get("runner").await.ok()?.status?;
+        (s.runs_submitted == 1 && s.runs_failed == 0).then_some(())
+    })
+    .await;
+    drop((operator, runner));
+}

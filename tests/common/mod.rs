@@ -411,36 +411,45 @@ pub struct AgentProcess {
     _dir: tempfile::TempDir,
 }
 
-/// The agent command with a clean environment (no PREFECT_* from the caller).
-pub fn agent_command(args: &[&str]) -> Command {
+/// The binary with a clean environment (no PREFECT_* or PAO_* from the caller).
+fn clean_command() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_prefect-agent-operator"));
     for (k, _) in std::env::vars() {
         if k.starts_with("PREFECT") || k.starts_with("PAO_") {
             cmd.env_remove(k);
         }
     }
-    cmd.arg("agent").args(args).stdin(Stdio::null());
+    cmd.stdin(Stdio::null());
     cmd
 }
 
-/// The operator binary against the API server behind `kubeconfig`.
-pub fn operator_command(kubeconfig: &Path) -> Command {
-    let mut cmd = agent_command(&[]);
-    // agent_command adds the `agent` subcommand; rebuild with `operator` instead.
-    let mut fresh = Command::new(cmd.get_program());
-    for (k, v) in cmd.get_envs() {
-        match v {
-            Some(v) => fresh.env(k, v),
-            None => fresh.env_remove(k),
-        };
-    }
-    cmd = fresh;
-    cmd.arg("operator")
+/// `agent` with these flags.
+pub fn agent_command(args: &[&str]) -> Command {
+    let mut cmd = clean_command();
+    cmd.arg("agent").args(args);
+    cmd
+}
+
+/// A subcommand against the API server behind `kubeconfig`.
+fn cluster_command(kubeconfig: &Path, subcommand: &str) -> Command {
+    let mut cmd = clean_command();
+    cmd.arg(subcommand)
         .env("KUBECONFIG", kubeconfig)
         // Stuck pods are given up after 1 s, not a minute.
-        .env("PAO_POD_GRACE", "1s")
-        .stdin(Stdio::null());
+        .env("PAO_POD_GRACE", "1s");
     cmd
+}
+
+/// The operator against the API server behind `kubeconfig`.
+pub fn operator_command(kubeconfig: &Path) -> Command {
+    cluster_command(kubeconfig, "operator")
+}
+
+/// The dev job runner against the API server behind `kubeconfig`, for one namespace.
+pub fn dev_runner(kubeconfig: &Path, namespace: &str) -> AgentProcess {
+    let mut cmd = cluster_command(kubeconfig, "dev-runner");
+    cmd.args(["--namespace", namespace]);
+    AgentProcess::start_with(cmd)
 }
 
 impl AgentProcess {
