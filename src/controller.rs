@@ -408,7 +408,8 @@ impl PrefectAgent {
         let stats = agent.stats();
         let token = CancellationToken::new();
         let run_token = token.clone();
-        let span = tracing::info_span!("agent", agent = %key);
+        // A root span: the task outlives the reconcile that started it.
+        let span = tracing::info_span!(parent: None, "resource", resource = %key);
         let task_stats = stats.clone();
         let handle = tokio::spawn(tracing::Instrument::instrument(
             async move {
