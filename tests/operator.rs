@@ -483,3 +483,48 @@ async fn a_run_completes_through_the_dev_runner() {
     .await;
     drop((operator, runner));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cancelling_a_run_deletes_its_job_and_ends_it_cancelled() {
+    let (client, ns, prefect, operator) = setup("cancel").await;
+    let agents: Api<PrefectAgent> = Api::namespaced(client.clone(), &ns);
+    agents
+        .create(
+            &PostParams::default(),
+            &agent_resource("canceller", &prefect.server.url, &prefect.pool),
+        )
+        .await
+        .expect("create");
+    let dep = prefect
+        .api
+        .create_deployment(&prefect.pool, json!({}))
+        .await;
+    let run = prefect.api.create_run(&dep).await;
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
+    let job_name = format!("prefect-run-{run}");
+    wait_for("the run's Job", Duration::from_secs(60), || async {
+        jobs.get_opt(&job_name).await.ok().flatten()
+    })
+    .await;
+    let infra = format!("{ns}:{job_name}");
+    wait_for(
+        "the infrastructure id in Prefect",
+        Duration::from_secs(30),
+        || async {
+            (prefect.api.run(&run).await["infrastructure_pid"] == infra.as_str()).then_some(())
+        },
+    )
+    .await;
+    prefect.api.set_state(&run, "RUNNING", false).await;
+    let answer = prefect.api.set_state(&run, "CANCELLING", false).await;
+    assert_eq!(answer["status"], "ACCEPT", "{answer}");
+    prefect
+        .api
+        .wait_state(&run, "CANCELLED", Duration::from_secs(60))
+        .await;
+    wait_for("the Job deleted", Duration::from_secs(30), || async {
+        jobs.get_opt(&job_name).await.ok()?.is_none().then_some(())
+    })
+    .await;
+    drop(operator);
+}
