@@ -38,6 +38,45 @@ fn agent_resource(name: &str, url: &str, pool: &str) -> PrefectAgent {
     .unwrap()
 }
 
+/// Creates a PrefectAgent for the test's pool and returns the resource API.
+async fn create_agent(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    prefect: &Setup,
+) -> Api<PrefectAgent> {
+    let agents: Api<PrefectAgent> = Api::namespaced(client.clone(), ns);
+    agents
+        .create(
+            &PostParams::default(),
+            &agent_resource(name, &prefect.server.url, &prefect.pool),
+        )
+        .await
+        .expect("create the PrefectAgent");
+    agents
+}
+
+/// Waits for a Job by name.
+async fn job_named(jobs: &Api<Job>, name: &str) -> Job {
+    wait_for(&format!("Job {name}"), Duration::from_secs(60), || async {
+        jobs.get_opt(name).await.ok().flatten()
+    })
+    .await
+}
+
+/// Waits until Prefect records the run's Job as its infrastructure.
+async fn infra_recorded(prefect: &Setup, ns: &str, run: &str) {
+    let infra = format!("{ns}:prefect-run-{run}");
+    wait_for(
+        "the infrastructure id in Prefect",
+        Duration::from_secs(30),
+        || async {
+            (prefect.api.run(run).await["infrastructure_pid"] == infra.as_str()).then_some(())
+        },
+    )
+    .await;
+}
+
 fn condition(agent: &PrefectAgent, kind: &str) -> Option<(String, String, Option<i64>)> {
     let c = agent
         .status
@@ -109,10 +148,7 @@ async fn an_agent_resource_launches_one_job_per_run_and_reports_back() {
     let run = prefect.api.create_run(&dep).await;
     let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
     let job_name = format!("prefect-run-{run}");
-    let job = wait_for("the run's Job", Duration::from_secs(60), || async {
-        jobs.get_opt(&job_name).await.ok().flatten()
-    })
-    .await;
+    let job = job_named(&jobs, &job_name).await;
     let pod = job.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
     let c = &pod.containers[0];
     assert_eq!(c.image.as_deref(), Some("repo/etl:2"));
@@ -139,15 +175,7 @@ async fn an_agent_resource_launches_one_job_per_run_and_reports_back() {
     );
     assert_eq!(job.labels()["prefect.io/flow-run-id"], run);
     // Recorded just after the create.
-    let infra = format!("{ns}:{job_name}");
-    wait_for(
-        "the infrastructure id in Prefect",
-        Duration::from_secs(30),
-        || async {
-            (prefect.api.run(&run).await["infrastructure_pid"] == infra.as_str()).then_some(())
-        },
-    )
-    .await;
+    infra_recorded(&prefect, &ns, &run).await;
 
     // The flow runs to completion, then its Job completes: nothing to report.
     prefect.api.set_state(&run, "RUNNING", false).await;
@@ -157,10 +185,7 @@ async fn an_agent_resource_launches_one_job_per_run_and_reports_back() {
     // A second run whose Job fails while the run is not final ends CRASHED with the reason.
     let run2 = prefect.api.create_run(&dep).await;
     let job2 = format!("prefect-run-{run2}");
-    wait_for("the second run's Job", Duration::from_secs(60), || async {
-        jobs.get_opt(&job2).await.ok().flatten()
-    })
-    .await;
+    job_named(&jobs, &job2).await;
     finish_job(
         &jobs,
         &job2,
@@ -374,14 +399,7 @@ async fn a_spec_change_restarts_the_agent_and_suspend_stops_it() {
 async fn a_pod_stuck_on_its_image_crashes_the_run_and_its_job_is_deleted() {
     use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
     let (client, ns, prefect, operator) = setup("pull").await;
-    let agents: Api<PrefectAgent> = Api::namespaced(client.clone(), &ns);
-    agents
-        .create(
-            &PostParams::default(),
-            &agent_resource("puller", &prefect.server.url, &prefect.pool),
-        )
-        .await
-        .expect("create");
+    create_agent(&client, &ns, "puller", &prefect).await;
     let dep = prefect
         .api
         .create_deployment(&prefect.pool, json!({"image": "does-not-exist:1"}))
@@ -389,10 +407,7 @@ async fn a_pod_stuck_on_its_image_crashes_the_run_and_its_job_is_deleted() {
     let run = prefect.api.create_run(&dep).await;
     let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
     let job_name = format!("prefect-run-{run}");
-    let job = wait_for("the run's Job", Duration::from_secs(60), || async {
-        jobs.get_opt(&job_name).await.ok().flatten()
-    })
-    .await;
+    let job = job_named(&jobs, &job_name).await;
 
     // No kubelet here: make the Job's pod and write what a kubelet would report.
     let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &ns);
@@ -448,14 +463,7 @@ async fn a_run_completes_through_the_dev_runner() {
         .await
         .unwrap();
     let runner = dev_runner(&kube_server.kubeconfig, &ns);
-    let agents: Api<PrefectAgent> = Api::namespaced(client.clone(), &ns);
-    agents
-        .create(
-            &PostParams::default(),
-            &agent_resource("runner", &prefect.server.url, &prefect.pool),
-        )
-        .await
-        .expect("create");
+    let agents = create_agent(&client, &ns, "runner", &prefect).await;
     let dep = prefect
         .api
         .create_deployment(
@@ -487,14 +495,7 @@ async fn a_run_completes_through_the_dev_runner() {
 #[tokio::test(flavor = "multi_thread")]
 async fn cancelling_a_run_deletes_its_job_and_ends_it_cancelled() {
     let (client, ns, prefect, operator) = setup("cancel").await;
-    let agents: Api<PrefectAgent> = Api::namespaced(client.clone(), &ns);
-    agents
-        .create(
-            &PostParams::default(),
-            &agent_resource("canceller", &prefect.server.url, &prefect.pool),
-        )
-        .await
-        .expect("create");
+    create_agent(&client, &ns, "canceller", &prefect).await;
     let dep = prefect
         .api
         .create_deployment(&prefect.pool, json!({}))
@@ -502,19 +503,8 @@ async fn cancelling_a_run_deletes_its_job_and_ends_it_cancelled() {
     let run = prefect.api.create_run(&dep).await;
     let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
     let job_name = format!("prefect-run-{run}");
-    wait_for("the run's Job", Duration::from_secs(60), || async {
-        jobs.get_opt(&job_name).await.ok().flatten()
-    })
-    .await;
-    let infra = format!("{ns}:{job_name}");
-    wait_for(
-        "the infrastructure id in Prefect",
-        Duration::from_secs(30),
-        || async {
-            (prefect.api.run(&run).await["infrastructure_pid"] == infra.as_str()).then_some(())
-        },
-    )
-    .await;
+    job_named(&jobs, &job_name).await;
+    infra_recorded(&prefect, &ns, &run).await;
     prefect.api.set_state(&run, "RUNNING", false).await;
     let answer = prefect.api.set_state(&run, "CANCELLING", false).await;
     assert_eq!(answer["status"], "ACCEPT", "{answer}");
