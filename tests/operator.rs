@@ -518,3 +518,57 @@ async fn cancelling_a_run_deletes_its_job_and_ends_it_cancelled() {
     .await;
     drop(operator);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_operator_killed_mid_burst_and_restarted_loses_no_run() {
+    let (client, ns, prefect, mut operator) = setup("crash").await;
+    let kube_server = tokio::task::spawn_blocking(KubeApiServer::shared)
+        .await
+        .unwrap();
+    create_agent(&client, &ns, "survivor", &prefect).await;
+    let dep = prefect
+        .api
+        .create_deployment(&prefect.pool, json!({}))
+        .await;
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
+    let mut runs = Vec::new();
+    for _ in 0..30 {
+        runs.push(prefect.api.create_run(&dep).await);
+    }
+    // Kill it hard once it has started launching, in the middle of the burst.
+    wait_for("the first Jobs", Duration::from_secs(60), || async {
+        let n = jobs.list(&Default::default()).await.ok()?.items.len();
+        (n >= 3).then_some(())
+    })
+    .await;
+    operator.signal(nix::sys::signal::Signal::SIGKILL);
+    operator.wait_exit(Duration::from_secs(10)).await;
+    let mut cmd = operator_command(&kube_server.kubeconfig);
+    cmd.args(["--namespace", &ns]);
+    let restarted = AgentProcess::start_with(cmd);
+
+    // Every run ends up with its one Job recorded in Prefect; claims the first
+    // operator made but never launched are adopted after --adopt-after (15 s).
+    for run in &runs {
+        job_named(&jobs, &format!("prefect-run-{run}")).await;
+        let infra = format!("{ns}:prefect-run-{run}");
+        wait_for(
+            &format!("run {run} recorded as launched"),
+            Duration::from_secs(90),
+            || async {
+                (prefect.api.run(run).await["infrastructure_pid"] == infra.as_str()).then_some(())
+            },
+        )
+        .await;
+    }
+    let all = jobs.list(&Default::default()).await.unwrap().items;
+    assert_eq!(all.len(), runs.len(), "one Job per run, none extra");
+    for run in &runs {
+        assert_eq!(
+            prefect.api.times_in_state(run, "PENDING").await,
+            1,
+            "run {run} claimed once"
+        );
+    }
+    drop(restarted);
+}
