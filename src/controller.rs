@@ -12,9 +12,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::watcher;
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -49,6 +50,8 @@ pub enum Error {
 /// Shared by every reconcile.
 pub struct Context {
     pub client: Client,
+    /// Publishes Kubernetes Events on the resources.
+    pub recorder: Recorder,
     pub observer: Arc<JobObserver>,
     pub supervisor: Supervisor,
     pub retry: RetryPolicy,
@@ -244,6 +247,35 @@ pub fn conditions(
         }
     })
     .collect()
+}
+
+/// The Event a status change deserves: Ready turning True, or a new problem (Degraded
+/// turning True or changing reason), or suspension. `(warning, reason, note)`.
+pub fn transition_event(
+    previous: &[Condition],
+    next: &[Condition],
+) -> Option<(bool, String, String)> {
+    let find = |list: &[Condition], t: &str| list.iter().find(|c| c.type_ == t).cloned();
+    let (old_ready, new_ready) = (find(previous, "Ready"), find(next, "Ready")?);
+    let (old_degraded, new_degraded) = (find(previous, "Degraded"), find(next, "Degraded")?);
+    let same = |a: &Option<Condition>, b: &Condition| {
+        a.as_ref()
+            .is_some_and(|a| a.status == b.status && a.reason == b.reason)
+    };
+    if new_degraded.status == "True" && !same(&old_degraded, &new_degraded) {
+        return Some((true, new_degraded.reason, new_degraded.message));
+    }
+    if !same(&old_ready, &new_ready)
+        && (new_ready.status == "True" || new_ready.reason == "Suspended")
+    {
+        let reason = if new_ready.status == "True" {
+            "AgentReady".to_string()
+        } else {
+            new_ready.reason
+        };
+        return Some((false, reason, new_ready.message));
+    }
+    None
 }
 
 /// Reads `key` of a Secret in `namespace`; the error names the object, never the value.
@@ -473,6 +505,22 @@ impl PrefectAgent {
         {
             return Ok(());
         }
+        if let Some((warning, reason, note)) = transition_event(&previous, &status.conditions) {
+            let event = Event {
+                type_: if warning {
+                    EventType::Warning
+                } else {
+                    EventType::Normal
+                },
+                reason,
+                note: Some(note),
+                action: "Reconcile".into(),
+                secondary: None,
+            };
+            if let Err(e) = ctx.recorder.publish(&event, &self.object_ref(&())).await {
+                tracing::warn!(error = %e, "could not publish an Event");
+            }
+        }
         let api: Api<PrefectAgent> =
             Api::namespaced(ctx.client.clone(), &self.namespace().unwrap_or_default());
         let patch =
@@ -541,7 +589,12 @@ pub async fn run(
             .clone()
             .run(client.clone(), namespace.clone(), shutdown.clone()),
     );
+    let reporter = Reporter {
+        controller: crate::APP_NAME.into(),
+        instance: std::env::var("POD_NAME").ok(),
+    };
     let ctx = Arc::new(Context {
+        recorder: Recorder::new(client.clone(), reporter),
         client: client.clone(),
         observer,
         supervisor: Supervisor::default(),
@@ -633,6 +686,42 @@ mod tests {
         assert_eq!(get(&registering, "Progressing").status, "True");
         let suspended = conditions(&AgentPhase::Suspended, Some(1), &[]);
         assert_eq!(get(&suspended, "Ready").reason, "Suspended");
+    }
+
+    #[test]
+    fn events_on_transitions_only() {
+        let ready = conditions(
+            &AgentPhase::Running {
+                stats: stats(Some("w"), 1, 0),
+            },
+            Some(1),
+            &[],
+        );
+        let (warning, reason, _) = transition_event(&[], &ready).unwrap();
+        assert!(!warning);
+        assert_eq!(reason, "AgentReady");
+        assert_eq!(
+            transition_event(&ready, &ready),
+            None,
+            "no change, no event"
+        );
+        let broken = conditions(
+            &AgentPhase::Invalid {
+                reason: "SecretNotFound",
+                message: "secret d/s not found".into(),
+            },
+            Some(2),
+            &ready,
+        );
+        let (warning, reason, note) = transition_event(&ready, &broken).unwrap();
+        assert!(warning);
+        assert_eq!(
+            (reason.as_str(), note.as_str()),
+            ("SecretNotFound", "secret d/s not found")
+        );
+        assert_eq!(transition_event(&broken, &broken), None);
+        let suspended = conditions(&AgentPhase::Suspended, Some(3), &ready);
+        assert_eq!(transition_event(&ready, &suspended).unwrap().1, "Suspended");
     }
 
     #[test]

@@ -282,6 +282,29 @@ async fn a_missing_secret_is_named_in_a_degraded_condition() {
     assert_eq!(message, format!("secret {ns}/prefect-api not found"));
     let a = agents.get("keyless").await.unwrap();
     assert_eq!(condition(&a, "Ready").unwrap().0, "False");
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), &ns);
+    let event = wait_for(
+        "a Warning Event naming the Secret",
+        Duration::from_secs(30),
+        || async {
+            events
+                .list(&Default::default())
+                .await
+                .ok()?
+                .items
+                .into_iter()
+                .find(|e| {
+                    e.reason.as_deref() == Some("SecretNotFound")
+                        && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("keyless")
+                })
+        },
+    )
+    .await;
+    assert_eq!(event.type_.as_deref(), Some("Warning"));
+    assert_eq!(
+        event.note.as_deref(),
+        Some(format!("secret {ns}/prefect-api not found").as_str())
+    );
     drop(operator);
 }
 
