@@ -26,6 +26,7 @@ use crate::backend::http::{Auth, RetryPolicy};
 use crate::backend::prefect3::{Prefect3, Prefect3Config};
 use crate::crd::{Flavor, PrefectAgent, PrefectAgentSpec, PrefectAgentStatus, SecretKeyRef};
 use crate::deploy::kubernetes::KubernetesDeployer;
+use crate::deploy::kubernetes::job::agent_label;
 use crate::observe::JobObserver;
 use crate::secret::SecretString;
 
@@ -435,6 +436,7 @@ impl PrefectAgent {
             agent_name: self.name_any(),
             defaults: spec.job.clone(),
             secret: secret_ref,
+            concurrency_limit: spec.concurrency_limit,
         };
         let agent = Agent::new(cfg, backend, deployer);
         let stats = agent.stats();
@@ -494,7 +496,10 @@ impl PrefectAgent {
             polls: stats.as_ref().map_or(0, |s| s.polls),
             runs_submitted: stats.as_ref().map_or(0, |s| s.runs_submitted),
             runs_failed: stats.as_ref().map_or(0, |s| s.runs_failed),
-            active_jobs: 0,
+            active_jobs: ctx.observer.active(&agent_label(
+                &self.namespace().unwrap_or_default(),
+                &self.name_any(),
+            )) as u64,
             last_error,
             message: None,
         };

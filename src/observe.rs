@@ -3,7 +3,7 @@
 //! into an [`Exit`] for the agent that launched it. A run whose pod is stuck has its
 //! Job deleted.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,6 +26,8 @@ pub struct JobObserver {
     waiters: Mutex<HashMap<String, oneshot::Sender<Exit>>>,
     /// Pods with a problem that is not fatal yet, re-checked until it is or goes away.
     troubled: Mutex<HashMap<String, Pod>>,
+    /// Unfinished Jobs by the `prefect.io/agent` label of their agent.
+    active: Mutex<HashMap<String, HashSet<String>>>,
     grace: Duration,
 }
 
@@ -140,6 +142,7 @@ impl JobObserver {
         Arc::new(Self {
             waiters: Mutex::default(),
             troubled: Mutex::default(),
+            active: Mutex::default(),
             grace,
         })
     }
@@ -155,12 +158,45 @@ impl JobObserver {
 
     /// Hands a Job's outcome to whoever waits for it (pure dispatch, used by the watch).
     pub fn observe(&self, job: &Job) {
-        let Some(exit) = job_outcome(job) else { return };
         let k = key(&job.namespace().unwrap_or_default(), &job.name_any());
+        let outcome = job_outcome(job);
+        if let Some(agent) = job.labels().get(labels::AGENT) {
+            match outcome {
+                Some(_) => self.forget(agent, &k),
+                None => self.launched(agent, &k),
+            }
+        }
+        let Some(exit) = outcome else { return };
         let waiter = self.waiters.lock().ok().and_then(|mut w| w.remove(&k));
         if let Some(tx) = waiter {
             let _ = tx.send(exit);
         }
+    }
+
+    /// Counts a Job as active for `agent` (its `prefect.io/agent` label) from its creation on.
+    pub fn launched(&self, agent: &str, job_key: &str) {
+        if let Ok(mut a) = self.active.lock() {
+            a.entry(agent.to_string())
+                .or_default()
+                .insert(job_key.to_string());
+        }
+    }
+
+    fn forget(&self, agent: &str, job_key: &str) {
+        if let Ok(mut a) = self.active.lock()
+            && let Some(jobs) = a.get_mut(agent)
+        {
+            jobs.remove(job_key);
+        }
+    }
+
+    /// Unfinished Jobs of the agent with this `prefect.io/agent` label.
+    pub fn active(&self, agent: &str) -> usize {
+        self.active
+            .lock()
+            .ok()
+            .and_then(|a| a.get(agent).map(HashSet::len))
+            .unwrap_or(0)
     }
 
     /// Judges a pod; when its problem is fatal, ends the run's wait and returns the Job to delete.
@@ -216,8 +252,13 @@ impl JobObserver {
         };
         let jobs = watcher(jobs, config.clone())
             .default_backoff()
-            .applied_objects()
-            .map_ok(|j| Seen::Job(Box::new(j)));
+            .map_ok(|event| match event {
+                watcher::Event::Apply(j) | watcher::Event::InitApply(j) => Seen::Job(Box::new(j)),
+                watcher::Event::Delete(j) => Seen::JobGone(Box::new(j)),
+                // A relist: counts are rebuilt from the InitApply events that follow.
+                watcher::Event::Init => Seen::Relist,
+                watcher::Event::InitDone => Seen::Nothing,
+            });
         let pods = watcher(pods, config)
             .default_backoff()
             .applied_objects()
@@ -233,6 +274,17 @@ impl JobObserver {
                 }
                 next = events.try_next() => match next {
                     Ok(Some(Seen::Job(job))) => { self.observe(&job); Vec::new() }
+                    Ok(Some(Seen::JobGone(job))) => {
+                        if let Some(agent) = job.labels().get(labels::AGENT) {
+                            self.forget(agent, &key(&job.namespace().unwrap_or_default(), &job.name_any()));
+                        }
+                        Vec::new()
+                    }
+                    Ok(Some(Seen::Relist)) => {
+                        if let Ok(mut a) = self.active.lock() { a.clear(); }
+                        Vec::new()
+                    }
+                    Ok(Some(Seen::Nothing)) => Vec::new(),
                     Ok(Some(Seen::Pod(pod))) => self.observe_pod(&pod, Timestamp::now()).into_iter().collect(),
                     Ok(None) => return,
                     Err(e) => { tracing::warn!(error = %e, "Job/Pod watch error; retrying"); Vec::new() }
@@ -260,7 +312,10 @@ impl JobObserver {
 /// One thing the watch saw.
 enum Seen {
     Job(Box<Job>),
+    JobGone(Box<Job>),
     Pod(Box<Pod>),
+    Relist,
+    Nothing,
 }
 
 #[cfg(test)]
@@ -367,6 +422,25 @@ mod tests {
         let exit = rx.try_recv().unwrap();
         assert!(!exit.success && exit.description.contains("ImagePullBackOff"));
         assert!(o.troubled.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn counts_unfinished_jobs_per_agent() {
+        let o = JobObserver::new(Duration::from_secs(60));
+        let labelled = |name: &str, conditions: serde_json::Value| -> Job {
+            serde_json::from_value(json!({"metadata": {"name": name, "namespace": "n",
+                "labels": {"prefect.io/agent": "n.etl"}}, "status": {"conditions": conditions}}))
+            .unwrap()
+        };
+        o.launched("n.etl", "n/a");
+        o.observe(&labelled("b", json!([])));
+        assert_eq!(o.active("n.etl"), 2);
+        o.observe(&labelled(
+            "a",
+            json!([{"type": "Complete", "status": "True"}]),
+        ));
+        assert_eq!(o.active("n.etl"), 1);
+        assert_eq!(o.active("other"), 0);
     }
 
     #[test]

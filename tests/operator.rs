@@ -595,3 +595,52 @@ async fn an_operator_killed_mid_burst_and_restarted_loses_no_run() {
     }
     drop(restarted);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrency_limit_caps_live_jobs_and_active_jobs_counts_them() {
+    let (client, ns, prefect, operator) = setup("limit").await;
+    let agents: Api<PrefectAgent> = Api::namespaced(client.clone(), &ns);
+    let mut resource = agent_resource("limited", &prefect.server.url, &prefect.pool);
+    resource.spec.concurrency_limit = Some(2);
+    agents
+        .create(&PostParams::default(), &resource)
+        .await
+        .expect("create");
+    let dep = prefect
+        .api
+        .create_deployment(&prefect.pool, json!({}))
+        .await;
+    for _ in 0..5 {
+        prefect.api.create_run(&dep).await;
+    }
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
+    let two = wait_for("two Jobs", Duration::from_secs(60), || async {
+        let items = jobs.list(&Default::default()).await.ok()?.items;
+        (items.len() >= 2).then_some(items)
+    })
+    .await;
+    wait_for(
+        "activeJobs = 2 in status",
+        Duration::from_secs(30),
+        || async { (agents.get("limited").await.ok()?.status?.active_jobs == 2).then_some(()) },
+    )
+    .await;
+    // Absence over a window: with 1 s polls a third Job would have appeared by then.
+    let window = std::time::Instant::now() + Duration::from_secs(4);
+    while std::time::Instant::now() < window {
+        let n = jobs.list(&Default::default()).await.unwrap().items.len();
+        assert_eq!(n, 2, "never more than concurrencyLimit live Jobs");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // One finishes: room for exactly one more.
+    let first = two[0].metadata.name.clone().unwrap();
+    let run = first.trim_start_matches("prefect-run-").to_string();
+    prefect.api.set_state(&run, "RUNNING", false).await;
+    prefect.api.set_state(&run, "COMPLETED", false).await;
+    finish_job(&jobs, &first, "Complete", "", "").await;
+    wait_for("a third Job", Duration::from_secs(60), || async {
+        (jobs.list(&Default::default()).await.ok()?.items.len() == 3).then_some(())
+    })
+    .await;
+    drop(operator);
+}

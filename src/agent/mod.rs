@@ -248,7 +248,18 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
                 Ok(runs) => {
                     this.stats.polled(None);
                     let mut found = false;
-                    for run in runs {
+                    // A concurrency limit: claims under way count against it too.
+                    let in_flight = this.busy.lock().map(|b| b.len()).unwrap_or(0);
+                    let room = this.deployer.room().map(|r| r.saturating_sub(in_flight));
+                    let over = room.is_some_and(|r| runs.len() > r);
+                    if over {
+                        tracing::debug!(
+                            due = runs.len(),
+                            ?room,
+                            "concurrency limit: leaving runs for later polls"
+                        );
+                    }
+                    for run in runs.into_iter().take(room.unwrap_or(usize::MAX)) {
                         if let Some(guard) = this.mark_busy(&run.id) {
                             found = true;
                             let this = this.clone();

@@ -77,4 +77,8 @@ pub trait Deployer: Send + Sync + 'static {
     fn find(&self, run: &FlowRun) -> impl Future<Output = Option<String>> + Send;
     /// Stops the run's infrastructure.
     fn stop(&self, run: &FlowRun) -> impl Future<Output = Result<Stopped, DeployError>> + Send;
+    /// How many more runs may be started now (a concurrency limit); `None` = no limit.
+    fn room(&self) -> Option<usize> {
+        None
+    }
 }

@@ -218,6 +218,11 @@ fn fill_from_resource(job: &mut Job, d: &JobSpec) {
     }
 }
 
+/// The `prefect.io/agent` label of a resource's Jobs.
+pub fn agent_label(namespace: &str, name: &str) -> String {
+    label_value(&format!("{namespace}.{name}"))
+}
+
 /// A label value: at most 63 of `[A-Za-z0-9._-]`, starting and ending alphanumeric.
 pub fn label_value(raw: &str) -> String {
     let cleaned: String = raw
@@ -247,7 +252,7 @@ fn fix_identity(job: &mut Job, input: &JobInputs<'_>) -> Result<(), JobBuildErro
         (labels::FLOW_RUN_ID.to_string(), label_value(&run.id)),
         (
             labels::AGENT.to_string(),
-            label_value(&format!("{}.{}", input.agent_namespace, input.agent_name)),
+            agent_label(input.agent_namespace, input.agent_name),
         ),
         (labels::MANAGED_BY.to_string(), crate::APP_NAME.to_string()),
     ]);

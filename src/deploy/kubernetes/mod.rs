@@ -13,7 +13,7 @@ use super::{DeployError, Deployer, Launch, Launched, Stopped};
 use crate::backend::FlowRun;
 use crate::crd::{JobSpec, SecretKeyRef};
 use crate::observe::JobObserver;
-use job::{JobInputs, build_job, job_name};
+use job::{JobInputs, agent_label, build_job, job_name};
 
 /// Starts flow runs as Jobs for one `PrefectAgent`.
 #[derive(Clone)]
@@ -24,6 +24,8 @@ pub struct KubernetesDeployer {
     pub agent_name: String,
     pub defaults: JobSpec,
     pub secret: Option<SecretKeyRef>,
+    /// Most unfinished Jobs at once (`spec.concurrencyLimit`).
+    pub concurrency_limit: Option<u32>,
 }
 
 impl KubernetesDeployer {
@@ -59,6 +61,11 @@ impl Deployer for KubernetesDeployer {
         .map_err(|e| DeployError::Build(e.to_string()))?;
         let name = job_name(&launch.run.id);
         let exit = self.observer.wait_for(&self.namespace(), &name);
+        // Counted from now on, not from when the watch sees it: the limit holds under bursts.
+        self.observer.launched(
+            &agent_label(&self.agent_namespace, &self.agent_name),
+            &format!("{}/{name}", self.namespace()),
+        );
         match self.jobs().create(&PostParams::default(), &job).await {
             Ok(_) => {}
             // The name is the run's: this run was launched before (a retry, a restart).
@@ -78,6 +85,14 @@ impl Deployer for KubernetesDeployer {
             description: format!("Job {}/{name}", self.namespace()),
             exit: Some(exit),
         })
+    }
+
+    fn room(&self) -> Option<usize> {
+        let active = self
+            .observer
+            .active(&agent_label(&self.agent_namespace, &self.agent_name));
+        self.concurrency_limit
+            .map(|limit| (limit as usize).saturating_sub(active))
     }
 
     async fn find(&self, run: &FlowRun) -> Option<String> {
