@@ -28,7 +28,27 @@ pub struct JobObserver {
     troubled: Mutex<HashMap<String, Pod>>,
     /// Unfinished Jobs by the `prefect.io/agent` label of their agent.
     active: Mutex<HashMap<String, HashSet<String>>>,
+    /// Finished Jobs and when their TTL runs out.
+    expiring: Mutex<HashMap<String, Timestamp>>,
     grace: Duration,
+}
+
+/// When a finished Job may be deleted: its end plus `ttlSecondsAfterFinished`.
+pub fn expiry(job: &Job) -> Option<Timestamp> {
+    let ttl = job.spec.as_ref()?.ttl_seconds_after_finished?;
+    let status = job.status.as_ref()?;
+    let ended = status.completion_time.as_ref().map(|t| t.0).or_else(|| {
+        status
+            .conditions
+            .iter()
+            .flatten()
+            .filter(|c| (c.type_ == "Complete" || c.type_ == "Failed") && c.status == "True")
+            .filter_map(|c| c.last_transition_time.as_ref().map(|t| t.0))
+            .max()
+    })?;
+    ended
+        .checked_add(k8s_openapi::jiff::SignedDuration::from_secs(i64::from(ttl)))
+        .ok()
 }
 
 /// Waiting reasons that mean the flow-run container will not start by itself.
@@ -143,6 +163,7 @@ impl JobObserver {
             waiters: Mutex::default(),
             troubled: Mutex::default(),
             active: Mutex::default(),
+            expiring: Mutex::default(),
             grace,
         })
     }
@@ -166,6 +187,12 @@ impl JobObserver {
                 None => self.launched(agent, &k),
             }
         }
+        if outcome.is_some()
+            && let Some(at) = expiry(job)
+            && let Ok(mut e) = self.expiring.lock()
+        {
+            e.insert(k.clone(), at);
+        }
         let Some(exit) = outcome else { return };
         let waiter = self.waiters.lock().ok().and_then(|mut w| w.remove(&k));
         if let Some(tx) = waiter {
@@ -188,6 +215,25 @@ impl JobObserver {
         {
             jobs.remove(job_key);
         }
+    }
+
+    /// Finished Jobs whose TTL ran out by `now` (`(namespace, name)`), no longer tracked.
+    pub fn expired(&self, now: Timestamp) -> Vec<(String, String)> {
+        let Ok(mut e) = self.expiring.lock() else {
+            return Vec::new();
+        };
+        let due: Vec<String> = e
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        due.into_iter()
+            .filter_map(|k| {
+                e.remove(&k);
+                k.split_once('/')
+                    .map(|(ns, name)| (ns.to_string(), name.to_string()))
+            })
+            .collect()
     }
 
     /// Unfinished Jobs of the agent with this `prefect.io/agent` label.
@@ -266,11 +312,17 @@ impl JobObserver {
         let mut events = std::pin::pin!(futures::stream::select(jobs, pods));
         let mut recheck = tokio::time::interval(Duration::from_secs(2));
         loop {
-            let stuck = tokio::select! {
+            // Jobs to delete, with why.
+            let doomed: Vec<(String, String, &str)> = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = recheck.tick() => {
                     let troubled: Vec<Pod> = self.troubled.lock().map(|t| t.values().cloned().collect()).unwrap_or_default();
-                    troubled.iter().filter_map(|p| self.observe_pod(p, Timestamp::now())).collect()
+                    let stuck = troubled.iter().filter_map(|p| self.observe_pod(p, Timestamp::now()));
+                    // Finished Jobs past their TTL, for clusters that do not clean them up.
+                    let expired = self.expired(Timestamp::now()).into_iter();
+                    stuck.map(|(ns, j)| (ns, j, "its pod is stuck"))
+                        .chain(expired.map(|(ns, j)| (ns, j, "it finished and its TTL ran out")))
+                        .collect()
                 }
                 next = events.try_next() => match next {
                     Ok(Some(Seen::Job(job))) => { self.observe(&job); Vec::new() }
@@ -285,12 +337,15 @@ impl JobObserver {
                         Vec::new()
                     }
                     Ok(Some(Seen::Nothing)) => Vec::new(),
-                    Ok(Some(Seen::Pod(pod))) => self.observe_pod(&pod, Timestamp::now()).into_iter().collect(),
+                    Ok(Some(Seen::Pod(pod))) => self.observe_pod(&pod, Timestamp::now())
+                        .map(|(ns, j)| (ns, j, "its pod is stuck"))
+                        .into_iter()
+                        .collect(),
                     Ok(None) => return,
                     Err(e) => { tracing::warn!(error = %e, "Job/Pod watch error; retrying"); Vec::new() }
                 }
             };
-            for (ns, job) in stuck {
+            for (ns, job, why) in doomed {
                 let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
                 let params = DeleteParams {
                     propagation_policy: Some(PropagationPolicy::Background),
@@ -298,10 +353,10 @@ impl JobObserver {
                 };
                 match jobs.delete(&job, &params).await {
                     Ok(_) => {
-                        tracing::info!(job = %format!("{ns}/{job}"), "deleted the Job of a stuck pod")
+                        tracing::info!(job = %format!("{ns}/{job}"), why, "deleted a Job")
                     }
                     Err(e) => {
-                        tracing::warn!(job = %format!("{ns}/{job}"), error = %e, "could not delete the Job of a stuck pod")
+                        tracing::warn!(job = %format!("{ns}/{job}"), why, error = %e, "could not delete a Job")
                     }
                 }
             }
@@ -422,6 +477,30 @@ mod tests {
         let exit = rx.try_recv().unwrap();
         assert!(!exit.success && exit.description.contains("ImagePullBackOff"));
         assert!(o.troubled.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn finished_jobs_expire_after_their_ttl() {
+        let finished = |ttl: i32, completed: &str| -> Job {
+            serde_json::from_value(json!({"metadata": {"name": "j", "namespace": "n"},
+                "spec": {"ttlSecondsAfterFinished": ttl, "template": {}},
+                "status": {"completionTime": completed,
+                           "conditions": [{"type": "Complete", "status": "True"}]}}))
+            .unwrap()
+        };
+        let job = finished(60, "2026-01-01T00:00:00Z");
+        assert_eq!(expiry(&job).unwrap().to_string(), "2026-01-01T00:01:00Z");
+        let o = JobObserver::new(Duration::from_secs(60));
+        o.observe(&job);
+        let before: Timestamp = "2026-01-01T00:00:59Z".parse().unwrap();
+        assert!(o.expired(before).is_empty());
+        let after: Timestamp = "2026-01-01T00:01:00Z".parse().unwrap();
+        assert_eq!(o.expired(after), [("n".to_string(), "j".to_string())]);
+        assert!(o.expired(after).is_empty(), "handed out once");
+        let running: Job =
+            serde_json::from_value(json!({"spec": {"ttlSecondsAfterFinished": 1, "template": {}}}))
+                .unwrap();
+        assert_eq!(expiry(&running), None);
     }
 
     #[test]

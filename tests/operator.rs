@@ -89,8 +89,12 @@ fn condition(agent: &PrefectAgent, kind: &str) -> Option<(String, String, Option
 
 /// Plays the kubelet and Job controller: writes a Job condition through the status subresource.
 async fn finish_job(jobs: &Api<Job>, name: &str, kind: &str, reason: &str, message: &str) {
-    let status = json!({"status": {"conditions": [{"type": kind, "status": "True", "reason": reason,
-        "message": message, "lastProbeTime": "2026-01-01T00:00:00Z", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}});
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let mut status = json!({"status": {"conditions": [{"type": kind, "status": "True", "reason": reason,
+        "message": message, "lastProbeTime": now, "lastTransitionTime": now}]}});
+    if kind == "Complete" {
+        status["status"]["completionTime"] = json!(now);
+    }
     jobs.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
         .await
         .expect("write Job status");
@@ -642,5 +646,41 @@ async fn concurrency_limit_caps_live_jobs_and_active_jobs_counts_them() {
         (jobs.list(&Default::default()).await.ok()?.items.len() == 3).then_some(())
     })
     .await;
+    drop(operator);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn finished_jobs_are_deleted_after_their_ttl_by_the_operator() {
+    let (client, ns, prefect, operator) = setup("ttl").await;
+    let agents: Api<PrefectAgent> = Api::namespaced(client.clone(), &ns);
+    let mut resource = agent_resource("tidy", &prefect.server.url, &prefect.pool);
+    resource.spec.job.ttl_seconds_after_finished = Some(1);
+    agents
+        .create(&PostParams::default(), &resource)
+        .await
+        .expect("create");
+    let dep = prefect
+        .api
+        .create_deployment(&prefect.pool, json!({}))
+        .await;
+    let run = prefect.api.create_run(&dep).await;
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
+    let name = format!("prefect-run-{run}");
+    job_named(&jobs, &name).await;
+    prefect.api.set_state(&run, "RUNNING", false).await;
+    prefect.api.set_state(&run, "COMPLETED", false).await;
+    // No kube-controller-manager runs here: only the operator can delete it.
+    finish_job(&jobs, &name, "Complete", "", "").await;
+    wait_for(
+        "the finished Job deleted after 1 s",
+        Duration::from_secs(30),
+        || async { jobs.get_opt(&name).await.ok()?.is_none().then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        prefect.api.state(&run).await,
+        "COMPLETED",
+        "the run is untouched"
+    );
     drop(operator);
 }
