@@ -684,3 +684,39 @@ async fn finished_jobs_are_deleted_after_their_ttl_by_the_operator() {
     );
     drop(operator);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreachable_prefect_api_is_degraded_with_the_cause() {
+    let (client, ns, prefect, operator) = setup("unreach").await;
+    let agents: Api<PrefectAgent> = Api::namespaced(client.clone(), &ns);
+    let url = format!("http://127.0.0.1:{}/api", free_port()); // nothing listens there
+    agents
+        .create(
+            &PostParams::default(),
+            &agent_resource("lost", &url, &prefect.pool),
+        )
+        .await
+        .expect("create");
+    let (_, message, _) = wait_for("Degraded=True", Duration::from_secs(60), || async {
+        let a = agents.get("lost").await.ok()?;
+        condition(&a, "Degraded").filter(|(s, _, _)| s == "True")
+    })
+    .await;
+    assert_eq!(
+        message,
+        format!("cannot reach the Prefect API at {url}: Connection refused (os error 111)")
+    );
+    let a = agents.get("lost").await.unwrap();
+    let ready = a
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "AgentFailed")
+    );
+    drop(operator);
+}
