@@ -63,7 +63,7 @@ struct Running {
     generation: Option<i64>,
     token: CancellationToken,
     stats: Arc<AgentStats>,
-    handle: JoinHandle<Option<String>>,
+    handle: JoinHandle<()>,
     started: std::time::Instant,
 }
 
@@ -125,7 +125,7 @@ impl Supervisor {
         generation: Option<i64>,
         token: CancellationToken,
         stats: Arc<AgentStats>,
-        handle: JoinHandle<Option<String>>,
+        handle: JoinHandle<()>,
     ) {
         if let Ok(mut agents) = self.agents.lock()
             && let Some(old) = agents.insert(
@@ -447,13 +447,10 @@ impl PrefectAgent {
         let task_stats = stats.clone();
         let handle = tokio::spawn(tracing::Instrument::instrument(
             async move {
-                match agent.start(run_token).await {
-                    Ok(_) => None,
-                    Err(e) => {
-                        tracing::error!(error = %e, "agent stopped with an error");
-                        task_stats.error(e.to_string());
-                        Some(e.to_string())
-                    }
+                // The error goes where the status reads it: the agent's counters.
+                if let Err(e) = agent.start(run_token).await {
+                    tracing::error!(error = %e, "agent stopped with an error");
+                    task_stats.error(e.to_string());
                 }
             },
             span,
