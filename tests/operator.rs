@@ -733,3 +733,29 @@ async fn an_unreachable_prefect_api_is_degraded_with_the_cause() {
     );
     drop(operator);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prefect_variables_in_job_variables_are_resolved() {
+    let (client, ns, prefect, operator) = setup("vars").await;
+    create_agent(&client, &ns, "variable", &prefect).await;
+    let name = format!("etl_image_{}", uuid::Uuid::new_v4().simple());
+    prefect
+        .api
+        .call(
+            reqwest::Method::POST,
+            "/variables/",
+            Some(json!({"name": name, "value": "repo/etl:7"})),
+        )
+        .await;
+    let image = format!("{{{{ prefect.variables.{name} }}}}");
+    let dep = prefect
+        .api
+        .create_deployment(&prefect.pool, json!({"image": image}))
+        .await;
+    let run = prefect.api.create_run(&dep).await;
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
+    let job = job_named(&jobs, &format!("prefect-run-{run}")).await;
+    let c = &job.spec.unwrap().template.spec.unwrap().containers[0];
+    assert_eq!(c.image.as_deref(), Some("repo/etl:7"));
+    drop(operator);
+}

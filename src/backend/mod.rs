@@ -97,6 +97,8 @@ pub struct RunContext {
     pub fixed_env: BTreeMap<String, EnvValue>,
     /// The pool's base job template (Prefect 3), for deployers that render one.
     pub base_job_template: Option<Value>,
+    /// Prefect variables the template or job variables refer to, by name (missing ones absent).
+    pub variables: Map<String, Value>,
 }
 
 /// What registering the agent returned.

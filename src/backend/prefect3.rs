@@ -13,6 +13,7 @@ use super::http::{ApiClient, Auth, HttpError, RetryPolicy};
 use super::{
     Backend, BackendError, Claim, EnvValue, FlowRun, LogLevel, Registration, RunContext, StateKind,
 };
+use crate::deploy::kubernetes::template::variable_names;
 use crate::secret::SecretString;
 
 /// Where and how this backend polls.
@@ -590,6 +591,30 @@ impl Backend for Prefect3 {
             None => Map::new(),
         };
         let template = self.pool_template.read().await.clone();
+        let mut names = variable_names(&template);
+        for layer in [&deployment_vars, &run.job_variables] {
+            names.extend(variable_names(&Value::Object(layer.clone())));
+        }
+        names.sort();
+        names.dedup();
+        let mut variables = Map::new();
+        for name in names {
+            match self
+                .api
+                .call::<Value>(
+                    Method::GET,
+                    &format!("/variables/name/{}", urlencode(&name)),
+                    None,
+                )
+                .await
+            {
+                Ok(v) => {
+                    variables.insert(name, v.get("value").cloned().unwrap_or(Value::Null));
+                }
+                Err(HttpError::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
         Ok(RunContext {
             job_variables: merge_job_variables(
                 &template_defaults(&template),
@@ -598,6 +623,7 @@ impl Backend for Prefect3 {
             ),
             fixed_env: fixed_env(&self.cfg.api_url, &self.cfg.auth, &run.id, no_cloud_logs),
             base_job_template: (!template.is_null()).then_some(template),
+            variables,
         })
     }
 

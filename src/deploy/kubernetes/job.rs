@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::batch::v1::Job;
 use serde_json::{Map, Value, json};
 
-use super::template::{apply_values, prefect_references};
+use super::template::{apply_values, prefect_references, resolve_variables};
 use crate::backend::prefect3::template_defaults;
 use crate::backend::{EnvValue, FlowRun};
 use crate::crd::{JobSpec, PullPolicy, SecretKeyRef};
@@ -51,6 +51,8 @@ pub struct JobInputs<'a> {
     pub defaults: &'a JobSpec,
     /// Where the credential in `env` comes from.
     pub secret: Option<&'a SecretKeyRef>,
+    /// Prefect variables referenced by the template or job variables.
+    pub variables: &'a Map<String, Value>,
 }
 
 /// Why no Job could be built: worded for the run's CRASHED message.
@@ -91,8 +93,10 @@ pub fn build_job(input: &JobInputs<'_>) -> Result<Job, JobBuildError> {
     values.extend(input.job_variables.clone());
     // The environment is set whole in step 3; rendering only needs it out of the way.
     values.remove("env");
-    let mut job = apply_values(manifest, &values, &|name| std::env::var(name).ok())
+    let job = apply_values(manifest, &values, &|name| std::env::var(name).ok())
         .unwrap_or_else(|| json!({}));
+    // Prefect resolves variables after rendering, so job variables may use them too.
+    let mut job = resolve_variables(&job, input.variables);
     if let Some(reference) = prefect_references(&job).into_iter().next() {
         return Err(JobBuildError::UnsupportedReference(format!(
             "{{{{ {reference} }}}}"
@@ -448,6 +452,7 @@ mod tests {
             base_job_template: template,
             defaults: &defaults,
             secret: Some(&secret),
+            variables: &Default::default(),
         })
     }
 
@@ -542,6 +547,7 @@ mod tests {
             base_job_template: None,
             defaults: &JobSpec::default(),
             secret: None,
+            variables: &Default::default(),
         })
         .unwrap_err();
         assert_eq!(err, JobBuildError::NoSecret);
@@ -611,6 +617,31 @@ mod tests {
             build(json!({}), JobSpec::default(), Some(&bad)).unwrap_err(),
             JobBuildError::Invalid(_)
         ));
+    }
+
+    #[test]
+    fn prefect_variables_resolve_after_rendering() {
+        let run = run();
+        let env = env();
+        let secret = secret();
+        let vars = json!({"image": "{{ prefect.variables.etl_image }}"});
+        let variables = json!({"etl_image": "repo/etl:7"});
+        let job = build_job(&JobInputs {
+            run: &run,
+            agent_namespace: "data",
+            agent_name: "etl",
+            job_variables: vars.as_object().unwrap(),
+            env: &env,
+            base_job_template: None,
+            defaults: &JobSpec::default(),
+            secret: Some(&secret),
+            variables: variables.as_object().unwrap(),
+        })
+        .unwrap();
+        let image = job.spec.unwrap().template.spec.unwrap().containers[0]
+            .image
+            .clone();
+        assert_eq!(image.as_deref(), Some("repo/etl:7"));
     }
 
     #[test]

@@ -5,8 +5,9 @@
 //!   whatever its type; when the variable is not set, the key or list item is removed;
 //! - other strings get text substitution (unset → empty), values printed as Python
 //!   would (`True`, `None`); `{{ $NAME }}` reads the environment;
-//! - `{{ prefect.variables.* }}` / `{{ prefect.blocks.* }}` are left in place, and
-//!   [`prefect_references`] lists them so the caller can refuse them clearly.
+//! - `{{ prefect.variables.* }}` / `{{ prefect.blocks.* }}` are left in place;
+//!   [`resolve_variables`] then fills variables from values fetched from Prefect, as
+//!   Prefect does after rendering, and [`prefect_references`] lists what is left.
 
 use serde_json::{Map, Value};
 
@@ -135,6 +136,56 @@ fn render_string(
     Some(Value::String(out))
 }
 
+const VARIABLE_PREFIX: &str = "prefect.variables.";
+
+/// Names of the Prefect variables a value refers to (`{{ prefect.variables.NAME }}`).
+pub fn variable_names(v: &Value) -> Vec<String> {
+    prefect_references(v)
+        .into_iter()
+        .filter_map(|r| r.strip_prefix(VARIABLE_PREFIX).map(str::to_string))
+        .collect()
+}
+
+/// Fills `{{ prefect.variables.NAME }}` like Prefect's `resolve_variables`: a string that
+/// is only the placeholder becomes the variable's value (any type), inside text its text;
+/// a variable that does not exist becomes an empty string.
+pub fn resolve_variables(v: &Value, variables: &Map<String, Value>) -> Value {
+    match v {
+        Value::String(s) => {
+            let found: Vec<_> = placeholders(s)
+                .into_iter()
+                .filter(|p| p.name.starts_with(VARIABLE_PREFIX))
+                .collect();
+            let lookup = |name: &str| variables.get(&name[VARIABLE_PREFIX.len()..]);
+            match found.as_slice() {
+                [] => v.clone(),
+                [only] if only.full == s && placeholders(s).len() == 1 => lookup(only.name)
+                    .cloned()
+                    .unwrap_or_else(|| Value::String(String::new())),
+                _ => {
+                    let mut out = s.clone();
+                    for p in &found {
+                        out = out.replace(p.full, &lookup(p.name).map(as_text).unwrap_or_default());
+                    }
+                    Value::String(out)
+                }
+            }
+        }
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| (k.clone(), resolve_variables(v, variables)))
+                .collect(),
+        ),
+        Value::Array(items) => Value::Array(
+            items
+                .iter()
+                .map(|v| resolve_variables(v, variables))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
 /// `prefect.blocks.*` and `prefect.variables.*` references left in a rendered value.
 pub fn prefect_references(rendered: &Value) -> Vec<String> {
     let mut out = Vec::new();
@@ -199,6 +250,34 @@ mod tests {
         assert_eq!(names("{{ not valid }} {{ ok-1 }}"), ["ok-1"]);
         assert_eq!(names("{{{ x }}}"), ["x"]);
         assert!(names("{{ }} {{").is_empty());
+    }
+
+    #[test]
+    fn variables_resolve_like_prefect_s_resolve_variables() {
+        let vars = json!({"img": "repo/etl:3", "n": 2, "flag": true, "obj": {"a": 1}});
+        let t = json!({
+            "image": "{{ prefect.variables.img }}",
+            "replicas": "{{ prefect.variables.n }}",
+            "obj": "{{ prefect.variables.obj }}",
+            "text": "v{{ prefect.variables.n }}-{{ prefect.variables.flag }}",
+            "missing": "{{ prefect.variables.nope }}",
+            "missing_in_text": "a{{ prefect.variables.nope }}b",
+            "list": ["{{ prefect.variables.img }}", "plain"],
+            "block": "{{ prefect.blocks.secret.x }}"
+        });
+        let out = resolve_variables(&t, vars.as_object().unwrap());
+        assert_eq!(out["image"], "repo/etl:3");
+        assert_eq!(out["replicas"], 2);
+        assert_eq!(out["obj"], json!({"a": 1}));
+        assert_eq!(out["text"], "v2-True");
+        assert_eq!(out["missing"], "");
+        assert_eq!(out["missing_in_text"], "ab");
+        assert_eq!(out["list"], json!(["repo/etl:3", "plain"]));
+        assert_eq!(
+            out["block"], "{{ prefect.blocks.secret.x }}",
+            "blocks are not variables"
+        );
+        assert_eq!(variable_names(&t), ["flag", "img", "n", "nope", "obj"]);
     }
 
     #[test]
