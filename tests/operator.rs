@@ -352,17 +352,7 @@ async fn a_spec_change_restarts_the_agent_and_suspend_stops_it() {
         .create_deployment(&prefect.pool, json!({}))
         .await;
     let run = prefect.api.create_run(&dep).await;
-    let job = wait_for(
-        "a Job from the restarted agent",
-        Duration::from_secs(60),
-        || async {
-            jobs.get_opt(&format!("prefect-run-{run}"))
-                .await
-                .ok()
-                .flatten()
-        },
-    )
-    .await;
+    let job = job_named(&jobs, &format!("prefect-run-{run}")).await;
     let env = job.spec.unwrap().template.spec.unwrap().containers[0]
         .env
         .clone()
@@ -408,17 +398,7 @@ async fn a_spec_change_restarts_the_agent_and_suspend_stops_it() {
         .patch("edited", &PatchParams::default(), &Patch::Merge(&resume))
         .await
         .unwrap();
-    wait_for(
-        "the run launched once resumed",
-        Duration::from_secs(60),
-        || async {
-            jobs.get_opt(&format!("prefect-run-{idle_run}"))
-                .await
-                .ok()
-                .flatten()
-        },
-    )
-    .await;
+    job_named(&jobs, &format!("prefect-run-{idle_run}")).await;
     drop(operator);
 }
 
