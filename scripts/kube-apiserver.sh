@@ -23,11 +23,21 @@ need_root() {
 }
 
 install() {
-  if [ -x "$BIN/kube-apiserver" ] && [ -x "$BIN/kube-controller-manager" ] && command -v etcd >/dev/null; then
+  if [ -x "$BIN/kube-apiserver" ] && [ -x "$BIN/kube-controller-manager" ] && command -v etcd >/dev/null \
+    && command -v kubectl >/dev/null; then
     echo "$BIN"
     return
   fi
   local sudo; sudo="$(need_root)"
+  # kubectl: use the one there is (1.32 on these machines), else Debian's, which matches the server.
+  if ! command -v kubectl >/dev/null; then
+    $sudo apt-get update -qq >&2
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubernetes-client >&2
+  fi
+  if [ -x "$BIN/kube-apiserver" ] && [ -x "$BIN/kube-controller-manager" ] && command -v etcd >/dev/null; then
+    echo "$BIN"
+    return
+  fi
   # Source packages: a deb-src entry beside the machine's own Debian entry.
   if ! grep -rqs '^Types: deb-src' /etc/apt/sources.list.d/; then
     $sudo tee /etc/apt/sources.list.d/pao-deb-src.sources >/dev/null <<'SRC'
