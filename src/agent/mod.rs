@@ -10,7 +10,6 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chrono::Utc;
 use tokio::sync::{Notify, Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -447,24 +446,16 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
     }
 
     async fn adopt_orphans(self: &Arc<Self>, stop: &CancellationToken) {
-        let orphans = match self.backend.orphans().await {
+        let orphans = match self.backend.orphans(self.cfg.adopt_after).await {
             Ok(runs) => runs,
             Err(e) => {
                 tracing::warn!(error = %e, "could not look for unlaunched claims");
                 return;
             }
         };
-        let now = Utc::now();
         for run in orphans {
             if stop.is_cancelled() {
                 return;
-            }
-            let age = run
-                .state_since
-                .map(|t| (now - t).to_std().unwrap_or_default())
-                .unwrap_or(Duration::MAX);
-            if age < self.cfg.adopt_after {
-                continue;
             }
             let Some(_guard) = self.mark_busy(&run.id) else {
                 continue;
@@ -478,7 +469,7 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
                     }
                     return;
                 }
-                tracing::info!(claimed_for = ?age, "launching a run claimed earlier but never launched");
+                tracing::info!(claimed_at = ?run.state_since, "launching a run claimed earlier but never launched");
                 AgentStats::inc(&self.stats.runs_adopted);
                 self.launch(run.clone()).await;
             }

@@ -5,6 +5,7 @@ pub mod prefect3;
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
@@ -68,6 +69,15 @@ pub struct FlowRun {
     /// The run's own job variables (Prefect 3) or run_config (Prefect 1).
     pub job_variables: Map<String, Value>,
     pub infrastructure_pid: Option<String>,
+}
+
+impl FlowRun {
+    /// How long the run has been in its current state (unknown start: as old as can be).
+    pub fn state_age(&self, now: DateTime<Utc>) -> Duration {
+        self.state_since
+            .map(|t| (now - t).to_std().unwrap_or_default())
+            .unwrap_or(Duration::MAX)
+    }
 }
 
 /// The answer to a claim.
@@ -173,8 +183,11 @@ pub trait Backend: Send + Sync + 'static {
     fn cancelled(&self, run_id: &str) -> impl Future<Output = Result<(), BackendError>> + Send;
     /// Runs the user asked to cancel, in this agent's pool.
     fn cancelling(&self) -> impl Future<Output = Result<Vec<FlowRun>, BackendError>> + Send;
-    /// Runs this agent claimed but never recorded as launched.
-    fn orphans(&self) -> impl Future<Output = Result<Vec<FlowRun>, BackendError>> + Send;
+    /// Runs this agent claimed at least `min_age` ago but never recorded as launched.
+    fn orphans(
+        &self,
+        min_age: Duration,
+    ) -> impl Future<Output = Result<Vec<FlowRun>, BackendError>> + Send;
     /// True when the run's current state is a claim this agent made.
     fn is_own_claim(&self, run: &FlowRun) -> bool;
     /// The run's state now. Where the server's current state lags its own history (a
@@ -195,6 +208,32 @@ pub trait Backend: Send + Sync + 'static {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn state_age_counts_from_the_state_start() {
+        let now: DateTime<Utc> = "2026-01-01T00:00:10Z".parse().unwrap();
+        let mut run = FlowRun {
+            id: "r".into(),
+            name: "n".into(),
+            flow_id: None,
+            deployment_id: None,
+            state: StateKind::Pending,
+            state_since: Some("2026-01-01T00:00:00Z".parse().unwrap()),
+            state_message: None,
+            scheduled_start: None,
+            job_variables: Map::new(),
+            infrastructure_pid: None,
+        };
+        assert_eq!(run.state_age(now), Duration::from_secs(10));
+        run.state_since = Some("2026-01-01T00:00:20Z".parse().unwrap());
+        assert_eq!(
+            run.state_age(now),
+            Duration::ZERO,
+            "clock skew counts as fresh"
+        );
+        run.state_since = None;
+        assert_eq!(run.state_age(now), Duration::MAX);
+    }
 
     #[test]
     fn final_states() {

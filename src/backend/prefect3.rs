@@ -661,11 +661,13 @@ impl Backend for Prefect3 {
         self.filter_runs("CANCELLING").await
     }
 
-    async fn orphans(&self) -> Result<Vec<FlowRun>, BackendError> {
+    async fn orphans(&self, min_age: Duration) -> Result<Vec<FlowRun>, BackendError> {
         let marker = claim_marker(&self.cfg.agent_name);
+        let now = Utc::now();
         let mut orphans = Vec::new();
         for run in self.filter_runs("PENDING").await? {
-            if run.infrastructure_pid.is_some() {
+            // Fresh claims are being launched right now: no history read for them.
+            if run.infrastructure_pid.is_some() || run.state_age(now) < min_age {
                 continue;
             }
             let history = self.history(&run.id).await?;
