@@ -156,10 +156,7 @@ impl Prefect3 {
 /// `kubernetes` (what the official worker sends), none otherwise.
 pub fn standard_template(kind: &str) -> Value {
     match kind {
-        "kubernetes" => {
-            serde_json::from_str(crate::deploy::kubernetes::job::DEFAULT_BASE_JOB_TEMPLATE)
-                .unwrap_or_else(|_| json!({}))
-        }
+        "kubernetes" => crate::deploy::kubernetes::job::standard_base_job_template().clone(),
         _ => json!({}),
     }
 }

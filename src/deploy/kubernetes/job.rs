@@ -22,6 +22,15 @@ use crate::crd::{JobSpec, PullPolicy, SecretKeyRef};
 /// the pool has none; `--create-pool` sends it too.
 pub const DEFAULT_BASE_JOB_TEMPLATE: &str = include_str!("default-base-job-template.json");
 
+/// [`DEFAULT_BASE_JOB_TEMPLATE`], parsed once.
+pub fn standard_base_job_template() -> &'static Value {
+    static PARSED: std::sync::LazyLock<Value> = std::sync::LazyLock::new(|| {
+        // Compiled into the binary and parsed by a unit test: an invariant, not input.
+        serde_json::from_str(DEFAULT_BASE_JOB_TEMPLATE).expect("the embedded template is JSON")
+    });
+    &PARSED
+}
+
 /// Image when neither Prefect nor the resource names one.
 pub const DEFAULT_IMAGE: &str = "prefecthq/prefect:3-latest";
 
@@ -75,14 +84,12 @@ pub fn job_name(run_id: &str) -> String {
 
 /// Builds the Job for one flow run.
 pub fn build_job(input: &JobInputs<'_>) -> Result<Job, JobBuildError> {
-    let standard: Value = serde_json::from_str(DEFAULT_BASE_JOB_TEMPLATE)
-        .map_err(|e| JobBuildError::Invalid(e.to_string()))?;
     let template = match input.base_job_template {
         Some(t) if t.pointer("/job_configuration/job_manifest").is_some() => t,
         Some(t) if t.as_object().is_some_and(|o| !o.is_empty()) => {
             return Err(JobBuildError::NoManifest);
         }
-        _ => &standard,
+        _ => standard_base_job_template(),
     };
     let manifest = template
         .pointer("/job_configuration/job_manifest")
@@ -642,6 +649,15 @@ mod tests {
             .image
             .clone();
         assert_eq!(image.as_deref(), Some("repo/etl:7"));
+    }
+
+    #[test]
+    fn the_embedded_standard_template_parses() {
+        let t = standard_base_job_template();
+        assert!(
+            t.pointer("/job_configuration/job_manifest/spec/template/spec/containers")
+                .is_some()
+        );
     }
 
     #[test]
