@@ -235,12 +235,14 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
     ) -> StopReason {
         let mut backoff = Backoff::new(this.cfg.poll_interval);
         let mut polls = 0u64;
+        // Checked before the first poll (max_polls 0) and after each one (no sleep after the last).
+        let exhausted = |polls: u64| this.cfg.max_polls.is_some_and(|max| polls >= max);
+        if exhausted(polls) {
+            return StopReason::MaxPolls;
+        }
         loop {
             if shutdown.is_cancelled() {
                 return StopReason::Shutdown;
-            }
-            if this.cfg.max_polls.is_some_and(|max| polls >= max) {
-                return StopReason::MaxPolls;
             }
             polls += 1;
             let found = match this.backend.poll().await {
@@ -250,8 +252,7 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
                     // A concurrency limit: claims under way count against it too.
                     let in_flight = this.busy.lock().map(|b| b.len()).unwrap_or(0);
                     let room = this.deployer.room().map(|r| r.saturating_sub(in_flight));
-                    let over = room.is_some_and(|r| runs.len() > r);
-                    if over {
+                    if room.is_some_and(|r| runs.len() > r) {
                         tracing::debug!(
                             due = runs.len(),
                             ?room,
@@ -280,7 +281,7 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
                     false
                 }
             };
-            if this.cfg.max_polls.is_some_and(|max| polls >= max) {
+            if exhausted(polls) {
                 return StopReason::MaxPolls;
             }
             let sleep = backoff.after_poll(found);
