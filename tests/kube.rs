@@ -179,7 +179,7 @@ async fn a_built_job_is_accepted_and_a_second_create_is_already_exists() {
         base_job_template: None,
         defaults: &JobSpec::default(),
         secret: Some(&secret),
-        variables: &Default::default(),
+        references: &Default::default(),
     })
     .expect("built");
     let jobs: Api<Job> = Api::namespaced(client, &ns);

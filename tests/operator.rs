@@ -739,3 +739,56 @@ async fn prefect_variables_in_job_variables_are_resolved() {
     assert_eq!(c.image.as_deref(), Some("repo/etl:7"));
     drop(operator);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prefect_blocks_in_job_variables_are_resolved() {
+    let (client, ns, prefect, operator) = setup("blocks").await;
+    create_agent(&client, &ns, "blocks", &prefect).await;
+    let block = format!("db-pass-{}", uuid::Uuid::new_v4().simple());
+    prefect
+        .api
+        .create_block("secret", &block, json!({"value": "block-secret-value"}))
+        .await;
+    let dep = prefect
+        .api
+        .create_deployment(
+            &prefect.pool,
+            json!({"env": {"DB_PASS": format!("{{{{ prefect.blocks.secret.{block} }}}}")}}),
+        )
+        .await;
+    let run = prefect.api.create_run(&dep).await;
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
+    let job = job_named(&jobs, &format!("prefect-run-{run}")).await;
+    let env = job.spec.unwrap().template.spec.unwrap().containers[0]
+        .env
+        .clone()
+        .unwrap_or_default();
+    let db_pass = env.iter().find(|e| e.name == "DB_PASS").unwrap();
+    assert_eq!(db_pass.value.as_deref(), Some("block-secret-value"));
+
+    // A block that does not exist: the run ends CRASHED naming it, and no Job is made.
+    let dep = prefect
+        .api
+        .create_deployment(
+            &prefect.pool,
+            json!({"image": "{{ prefect.blocks.string.no-such-image }}"}),
+        )
+        .await;
+    let run = prefect.api.create_run(&dep).await;
+    let crashed = prefect
+        .api
+        .wait_state(&run, "CRASHED", Duration::from_secs(60))
+        .await;
+    assert_eq!(
+        crashed["state"]["message"],
+        "Flow run could not be started: block `no-such-image` of type `string` does not exist; \
+         it is referenced by the deployment or work pool configuration"
+    );
+    assert!(
+        jobs.get_opt(&format!("prefect-run-{run}"))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    drop(operator);
+}

@@ -377,7 +377,7 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
                 job_variables: ctx.job_variables,
                 env,
                 base_job_template: ctx.base_job_template,
-                variables: ctx.variables,
+                references: ctx.references,
             })
             .await?;
         Ok((launched.infra_id, launched.description, launched.exit))

@@ -2,6 +2,9 @@
 
 pub mod http;
 pub mod prefect3;
+pub mod references;
+
+pub use references::References;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -107,8 +110,8 @@ pub struct RunContext {
     pub fixed_env: BTreeMap<String, EnvValue>,
     /// The pool's base job template (Prefect 3), for deployers that render one.
     pub base_job_template: Option<Value>,
-    /// Prefect variables the template or job variables refer to, by name (missing ones absent).
-    pub variables: Map<String, Value>,
+    /// Prefect variables and blocks the template refers to (job variables come resolved).
+    pub references: References,
 }
 
 /// What registering the agent returned.
@@ -137,6 +140,8 @@ pub enum BackendError {
     UnknownPool { pool: String, url: String },
     #[error("work queue `{queue}` does not exist in work pool `{pool}`")]
     UnknownQueue { pool: String, queue: String },
+    #[error(transparent)]
+    Reference(#[from] references::ReferenceError),
     #[error("unexpected answer from the Prefect API to {call}: {detail}")]
     Protocol { call: &'static str, detail: String },
 }

@@ -10,10 +10,10 @@ use serde_json::{Map, Value, json};
 use tokio::sync::RwLock;
 
 use super::http::{ApiClient, Auth, HttpError, RetryPolicy};
+use super::references::{Reference, References, references_in};
 use super::{
     Backend, BackendError, Claim, EnvValue, FlowRun, LogLevel, Registration, RunContext, StateKind,
 };
-use crate::deploy::kubernetes::template::variable_names;
 use crate::secret::SecretString;
 
 /// Where and how this backend polls.
@@ -113,6 +113,41 @@ impl Prefect3 {
                 tracing::error!(run_id, error = %e, "could not restore the state a late claim displaced")
             }
         }
+    }
+
+    /// Reads the variables and block documents a run refers to; missing ones stay absent
+    /// (the resolver names them). Block secrets are read in clear, as Prefect's worker does.
+    async fn fetch_references(&self, wanted: Vec<Reference>) -> Result<References, BackendError> {
+        let mut found = References::default();
+        for reference in wanted {
+            let path = match &reference {
+                Reference::Variable(name) => format!("/variables/name/{}", urlencode(name)),
+                Reference::Block { slug, name } => format!(
+                    "/block_types/slug/{}/block_documents/name/{}?include_secrets=true",
+                    urlencode(slug),
+                    urlencode(name)
+                ),
+                Reference::BlockId(id) => {
+                    format!("/block_documents/{}?include_secrets=true", urlencode(id))
+                }
+            };
+            let answer = match self.api.call::<Value>(Method::GET, &path, None).await {
+                Ok(answer) => answer,
+                Err(HttpError::NotFound { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            match reference {
+                Reference::Variable(name) => {
+                    let value = answer.get("value").cloned().unwrap_or(Value::Null);
+                    found.variables.insert(name, value);
+                }
+                block => {
+                    let data = answer.get("data").cloned().unwrap_or(Value::Null);
+                    found.blocks.insert(block, data);
+                }
+            }
+        }
+        Ok(found)
     }
 
     /// The run's states, oldest first.
@@ -588,39 +623,26 @@ impl Backend for Prefect3 {
             None => Map::new(),
         };
         let template = self.pool_template.read().await.clone();
-        let mut names = variable_names(&template);
-        for layer in [&deployment_vars, &run.job_variables] {
-            names.extend(variable_names(&Value::Object(layer.clone())));
-        }
-        names.sort();
-        names.dedup();
-        let mut variables = Map::new();
-        for name in names {
-            match self
-                .api
-                .call::<Value>(
-                    Method::GET,
-                    &format!("/variables/name/{}", urlencode(&name)),
-                    None,
-                )
-                .await
-            {
-                Ok(v) => {
-                    variables.insert(name, v.get("value").cloned().unwrap_or(Value::Null));
-                }
-                Err(HttpError::NotFound { .. }) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
+        let job_variables = Value::Object(merge_job_variables(
+            &template_defaults(&template),
+            &deployment_vars,
+            &run.job_variables,
+        ));
+        let mut wanted = references_in(&template);
+        wanted.extend(references_in(&job_variables));
+        let references = self.fetch_references(wanted).await?;
+        // Job variables are resolved here so every deployer (and the env) sees values;
+        // the template's own references are resolved by the deployer after rendering.
+        let job_variables = match references.resolve(&job_variables) {
+            Ok(Value::Object(vars)) => vars,
+            Ok(_) => Map::new(),
+            Err(e) => return Err(BackendError::Reference(e)),
+        };
         Ok(RunContext {
-            job_variables: merge_job_variables(
-                &template_defaults(&template),
-                &deployment_vars,
-                &run.job_variables,
-            ),
+            job_variables,
             fixed_env: fixed_env(&self.cfg.api_url, &self.cfg.auth, &run.id, no_cloud_logs),
             base_job_template: (!template.is_null()).then_some(template),
-            variables,
+            references,
         })
     }
 

@@ -21,8 +21,8 @@ pub struct Launch {
     pub env: BTreeMap<String, EnvValue>,
     /// The pool's base job template, where the backend has one.
     pub base_job_template: Option<Value>,
-    /// Prefect variables referenced by `{{ prefect.variables.NAME }}`.
-    pub variables: Map<String, Value>,
+    /// Prefect variables and blocks the base job template refers to.
+    pub references: crate::backend::References,
 }
 
 /// How a run's infrastructure ended.

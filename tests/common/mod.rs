@@ -299,6 +299,32 @@ impl Api {
         run["id"].as_str().expect("run id").to_string()
     }
 
+    /// Saves a block document of a system block type (`secret`, `string`, `json`…), as
+    /// `Secret(value=...).save(name)` would.
+    pub async fn create_block(&self, slug: &str, name: &str, data: Value) {
+        let block_type = self
+            .call(Method::GET, &format!("/block_types/slug/{slug}"), None)
+            .await;
+        let schemas = self
+            .call(
+                Method::POST,
+                "/block_schemas/filter",
+                Some(json!({"block_schemas": {"block_type_id": {"any_": [block_type["id"]]}}})),
+            )
+            .await;
+        self.call(
+            Method::POST,
+            "/block_documents/",
+            Some(json!({
+                "name": name,
+                "data": data,
+                "block_type_id": block_type["id"],
+                "block_schema_id": schemas[0]["id"],
+            })),
+        )
+        .await;
+    }
+
     pub async fn run(&self, id: &str) -> Value {
         self.call(Method::GET, &format!("/flow_runs/{id}"), None)
             .await

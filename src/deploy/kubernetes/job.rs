@@ -13,8 +13,9 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::batch::v1::Job;
 use serde_json::{Map, Value, json};
 
-use super::template::{apply_values, prefect_references, resolve_variables};
+use super::template::apply_values;
 use crate::backend::prefect3::template_defaults;
+use crate::backend::references::{ReferenceError, References};
 use crate::backend::{EnvValue, FlowRun};
 use crate::crd::{JobSpec, PullPolicy, SecretKeyRef};
 
@@ -60,8 +61,8 @@ pub struct JobInputs<'a> {
     pub defaults: &'a JobSpec,
     /// Where the credential in `env` comes from.
     pub secret: Option<&'a SecretKeyRef>,
-    /// Prefect variables referenced by the template or job variables.
-    pub variables: &'a Map<String, Value>,
+    /// Prefect variables and blocks the template refers to.
+    pub references: &'a References,
 }
 
 /// Why no Job could be built: worded for the run's CRASHED message.
@@ -69,8 +70,8 @@ pub struct JobInputs<'a> {
 pub enum JobBuildError {
     #[error("the work pool's base job template has no job_configuration.job_manifest object")]
     NoManifest,
-    #[error("the job template uses {0}, which this operator does not resolve yet")]
-    UnsupportedReference(String),
+    #[error("the job template refers to something Prefect does not have: {0}")]
+    Reference(#[from] ReferenceError),
     #[error("the rendered job manifest is not a valid Job: {0}")]
     Invalid(String),
     #[error("the run's environment holds a credential but the resource names no Secret for it")]
@@ -102,13 +103,8 @@ pub fn build_job(input: &JobInputs<'_>) -> Result<Job, JobBuildError> {
     values.remove("env");
     let job = apply_values(manifest, &values, &|name| std::env::var(name).ok())
         .unwrap_or_else(|| json!({}));
-    // Prefect resolves variables after rendering, so job variables may use them too.
-    let mut job = resolve_variables(&job, input.variables);
-    if let Some(reference) = prefect_references(&job).into_iter().next() {
-        return Err(JobBuildError::UnsupportedReference(format!(
-            "{{{{ {reference} }}}}"
-        )));
-    }
+    // Prefect resolves blocks and variables after rendering.
+    let mut job = input.references.resolve(&job)?;
     split_string_commands(&mut job);
     let mut job: Job =
         serde_json::from_value(job).map_err(|e| JobBuildError::Invalid(e.to_string()))?;
@@ -404,6 +400,7 @@ fn is_named_list(items: &[Value]) -> bool {
 mod tests {
     use super::*;
     use crate::backend::StateKind;
+    use crate::backend::references::Reference;
     use crate::secret::SecretString;
 
     fn run() -> FlowRun {
@@ -459,7 +456,7 @@ mod tests {
             base_job_template: template,
             defaults: &defaults,
             secret: Some(&secret),
-            variables: &Default::default(),
+            references: &Default::default(),
         })
     }
 
@@ -554,7 +551,7 @@ mod tests {
             base_job_template: None,
             defaults: &JobSpec::default(),
             secret: None,
-            variables: &Default::default(),
+            references: &Default::default(),
         })
         .unwrap_err();
         assert_eq!(err, JobBuildError::NoSecret);
@@ -616,7 +613,7 @@ mod tests {
         let err = build(json!({}), JobSpec::default(), Some(&block)).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "the job template uses {{ prefect.blocks.secret.img }}, which this operator does not resolve yet"
+            "the job template refers to something Prefect does not have: block `img` of type `secret` does not exist; it is referenced by the deployment or work pool configuration"
         );
         let bad = json!({"job_configuration": {"job_manifest": {"spec": {"backoffLimit": "many"}}},
             "variables": {"properties": {}}});
@@ -627,28 +624,46 @@ mod tests {
     }
 
     #[test]
-    fn prefect_variables_resolve_after_rendering() {
+    fn prefect_variables_and_blocks_resolve_after_rendering() {
         let run = run();
         let env = env();
         let secret = secret();
         let vars = json!({"image": "{{ prefect.variables.etl_image }}"});
-        let variables = json!({"etl_image": "repo/etl:7"});
+        let mut template = standard_base_job_template().clone();
+        template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["nodeSelector"] =
+            json!({"pool": "{{ prefect.blocks.string.node-pool }}"});
+        let references = References {
+            variables: json!({"etl_image": "repo/etl:7"})
+                .as_object()
+                .unwrap()
+                .clone(),
+            blocks: [(
+                Reference::Block {
+                    slug: "string".into(),
+                    name: "node-pool".into(),
+                },
+                json!({"value": "batch"}),
+            )]
+            .into(),
+        };
         let job = build_job(&JobInputs {
             run: &run,
             agent_namespace: "data",
             agent_name: "etl",
             job_variables: vars.as_object().unwrap(),
             env: &env,
-            base_job_template: None,
+            base_job_template: Some(&template),
             defaults: &JobSpec::default(),
             secret: Some(&secret),
-            variables: variables.as_object().unwrap(),
+            references: &references,
         })
         .unwrap();
-        let image = job.spec.unwrap().template.spec.unwrap().containers[0]
-            .image
-            .clone();
-        assert_eq!(image.as_deref(), Some("repo/etl:7"));
+        let pod = job.spec.unwrap().template.spec.unwrap();
+        assert_eq!(pod.containers[0].image.as_deref(), Some("repo/etl:7"));
+        assert_eq!(
+            pod.node_selector,
+            Some([("pool".to_string(), "batch".to_string())].into())
+        );
     }
 
     #[test]

@@ -57,7 +57,7 @@ impl Deployer for KubernetesDeployer {
             base_job_template: launch.base_job_template.as_ref(),
             defaults: &self.defaults,
             secret: self.secret.as_ref(),
-            variables: &launch.variables,
+            references: &launch.references,
         })
         .map_err(|e| DeployError::Build(e.to_string()))?;
         let name = job_name(&launch.run.id);

@@ -5,23 +5,22 @@
 //!   whatever its type; when the variable is not set, the key or list item is removed;
 //! - other strings get text substitution (unset → empty), values printed as Python
 //!   would (`True`, `None`); `{{ $NAME }}` reads the environment;
-//! - `{{ prefect.variables.* }}` / `{{ prefect.blocks.* }}` are left in place;
-//!   [`resolve_variables`] then fills variables from values fetched from Prefect, as
-//!   Prefect does after rendering, and [`prefect_references`] lists what is left.
+//! - `{{ prefect.variables.* }}` / `{{ prefect.blocks.* }}` are left in place; Prefect
+//!   resolves them after rendering, as `crate::backend::references` does here.
 
 use serde_json::{Map, Value};
 
 /// One `{{ ... }}` in a string.
 #[derive(Debug, PartialEq)]
-struct Placeholder<'a> {
+pub(crate) struct Placeholder<'a> {
     /// The whole `{{ name }}` text.
-    full: &'a str,
-    name: &'a str,
-    start: usize,
+    pub full: &'a str,
+    pub name: &'a str,
+    pub start: usize,
 }
 
 /// Finds placeholders like Prefect's `({{\s*([\w\.\-\[\]$]+)\s*}})`.
-fn placeholders(s: &str) -> Vec<Placeholder<'_>> {
+pub(crate) fn placeholders(s: &str) -> Vec<Placeholder<'_>> {
     let mut out = Vec::new();
     let mut from = 0;
     while let Some(open) = s[from..].find("{{").map(|i| i + from) {
@@ -56,10 +55,18 @@ fn is_prefect_reference(name: &str) -> bool {
 
 /// Looks up `a.b[1].c` in nested objects and arrays.
 fn lookup<'v>(values: &'v Map<String, Value>, path: &str) -> Option<&'v Value> {
+    let (first, rest) = match path.split_once(['.', '[']) {
+        Some((first, _)) => (first, &path[first.len()..]),
+        None => (path, ""),
+    };
+    lookup_path(values.get(first)?, rest.trim_start_matches('.'))
+}
+
+/// Looks up `b[1].c` below `root` (an empty path is `root` itself).
+pub(crate) fn lookup_path<'v>(root: &'v Value, path: &str) -> Option<&'v Value> {
     let normalized = path.replace('[', ".").replace(']', "");
-    let mut parts = normalized.split('.');
-    let mut current = values.get(parts.next()?)?;
-    for part in parts {
+    let mut current = root;
+    for part in normalized.split('.').filter(|p| !p.is_empty()) {
         current = match current {
             Value::Object(map) => map.get(part)?,
             Value::Array(items) => items.get(part.parse::<usize>().ok()?)?,
@@ -70,7 +77,7 @@ fn lookup<'v>(values: &'v Map<String, Value>, path: &str) -> Option<&'v Value> {
 }
 
 /// A value inside text, printed the way Python's `str()` prints it.
-fn as_text(v: &Value) -> String {
+pub(crate) fn as_text(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
         Value::Bool(true) => "True".into(),
@@ -136,79 +143,6 @@ fn render_string(
     Some(Value::String(out))
 }
 
-const VARIABLE_PREFIX: &str = "prefect.variables.";
-
-/// Names of the Prefect variables a value refers to (`{{ prefect.variables.NAME }}`).
-pub fn variable_names(v: &Value) -> Vec<String> {
-    prefect_references(v)
-        .into_iter()
-        .filter_map(|r| r.strip_prefix(VARIABLE_PREFIX).map(str::to_string))
-        .collect()
-}
-
-/// Fills `{{ prefect.variables.NAME }}` like Prefect's `resolve_variables`: a string that
-/// is only the placeholder becomes the variable's value (any type), inside text its text;
-/// a variable that does not exist becomes an empty string.
-pub fn resolve_variables(v: &Value, variables: &Map<String, Value>) -> Value {
-    match v {
-        Value::String(s) => {
-            let found: Vec<_> = placeholders(s)
-                .into_iter()
-                .filter(|p| p.name.starts_with(VARIABLE_PREFIX))
-                .collect();
-            let lookup = |name: &str| variables.get(&name[VARIABLE_PREFIX.len()..]);
-            match found.as_slice() {
-                [] => v.clone(),
-                [only] if only.full == s && placeholders(s).len() == 1 => lookup(only.name)
-                    .cloned()
-                    .unwrap_or_else(|| Value::String(String::new())),
-                _ => {
-                    let mut out = s.clone();
-                    for p in &found {
-                        out = out.replace(p.full, &lookup(p.name).map(as_text).unwrap_or_default());
-                    }
-                    Value::String(out)
-                }
-            }
-        }
-        Value::Object(map) => Value::Object(
-            map.iter()
-                .map(|(k, v)| (k.clone(), resolve_variables(v, variables)))
-                .collect(),
-        ),
-        Value::Array(items) => Value::Array(
-            items
-                .iter()
-                .map(|v| resolve_variables(v, variables))
-                .collect(),
-        ),
-        other => other.clone(),
-    }
-}
-
-/// `prefect.blocks.*` and `prefect.variables.*` references left in a rendered value.
-pub fn prefect_references(rendered: &Value) -> Vec<String> {
-    let mut out = Vec::new();
-    collect_references(rendered, &mut out);
-    out.sort();
-    out.dedup();
-    out
-}
-
-fn collect_references(v: &Value, out: &mut Vec<String>) {
-    match v {
-        Value::String(s) => out.extend(
-            placeholders(s)
-                .into_iter()
-                .filter(|p| is_prefect_reference(p.name))
-                .map(|p| p.name.to_string()),
-        ),
-        Value::Object(map) => map.values().for_each(|v| collect_references(v, out)),
-        Value::Array(items) => items.iter().for_each(|v| collect_references(v, out)),
-        _ => {}
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -253,43 +187,12 @@ mod tests {
     }
 
     #[test]
-    fn variables_resolve_like_prefect_s_resolve_variables() {
-        let vars = json!({"img": "repo/etl:3", "n": 2, "flag": true, "obj": {"a": 1}});
-        let t = json!({
-            "image": "{{ prefect.variables.img }}",
-            "replicas": "{{ prefect.variables.n }}",
-            "obj": "{{ prefect.variables.obj }}",
-            "text": "v{{ prefect.variables.n }}-{{ prefect.variables.flag }}",
-            "missing": "{{ prefect.variables.nope }}",
-            "missing_in_text": "a{{ prefect.variables.nope }}b",
-            "list": ["{{ prefect.variables.img }}", "plain"],
-            "block": "{{ prefect.blocks.secret.x }}"
-        });
-        let out = resolve_variables(&t, vars.as_object().unwrap());
-        assert_eq!(out["image"], "repo/etl:3");
-        assert_eq!(out["replicas"], 2);
-        assert_eq!(out["obj"], json!({"a": 1}));
-        assert_eq!(out["text"], "v2-True");
-        assert_eq!(out["missing"], "");
-        assert_eq!(out["missing_in_text"], "ab");
-        assert_eq!(out["list"], json!(["repo/etl:3", "plain"]));
-        assert_eq!(
-            out["block"], "{{ prefect.blocks.secret.x }}",
-            "blocks are not variables"
-        );
-        assert_eq!(variable_names(&t), ["flag", "img", "n", "nope", "obj"]);
-    }
-
-    #[test]
-    fn prefect_references_are_left_and_listed() {
+    fn prefect_references_are_left_for_later() {
         let t = json!({"a": "{{ prefect.blocks.secret.db }}", "b": ["x{{ prefect.variables.v }}"], "c": "{{ c }}"});
         let values = json!({"c": 1});
         let out = apply_values(&t, values.as_object().unwrap(), &|_| None).unwrap();
         assert_eq!(out["a"], "{{ prefect.blocks.secret.db }}");
+        assert_eq!(out["b"], json!(["x{{ prefect.variables.v }}"]));
         assert_eq!(out["c"], 1);
-        assert_eq!(
-            prefect_references(&out),
-            ["prefect.blocks.secret.db", "prefect.variables.v"]
-        );
     }
 }
