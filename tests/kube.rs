@@ -175,6 +175,7 @@ async fn a_built_job_is_accepted_and_a_second_create_is_already_exists() {
         agent_namespace: &ns,
         agent_name: "etl",
         job_variables: vars.as_object().unwrap(),
+        explicit_job_variables: &vars.as_object().unwrap().keys().cloned().collect(),
         env: &env,
         base_job_template: None,
         defaults: &JobSpec::default(),

@@ -375,6 +375,7 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
             .deploy(Launch {
                 run,
                 job_variables: ctx.job_variables,
+                explicit_job_variables: ctx.explicit_job_variables,
                 env,
                 base_job_template: ctx.base_job_template,
                 references: ctx.references,

@@ -6,7 +6,7 @@ pub mod references;
 
 pub use references::References;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::time::Duration;
 
@@ -106,6 +106,9 @@ pub enum EnvValue {
 pub struct RunContext {
     /// Job variables merged: pool defaults < deployment < run.
     pub job_variables: Map<String, Value>,
+    /// The job variables the deployment or the run set (the rest are pool defaults,
+    /// which the resource's `job` section may replace).
+    pub explicit_job_variables: BTreeSet<String>,
     /// Variables the run needs to talk to Prefect; they win over everything else.
     pub fixed_env: BTreeMap<String, EnvValue>,
     /// The pool's base job template (Prefect 3), for deployers that render one.

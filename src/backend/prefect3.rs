@@ -638,8 +638,14 @@ impl Backend for Prefect3 {
             Ok(_) => Map::new(),
             Err(e) => return Err(BackendError::Reference(e)),
         };
+        let explicit_job_variables = [&deployment_vars, &run.job_variables]
+            .into_iter()
+            .flat_map(|layer| layer.keys())
+            .map(|key| key.split('.').next().unwrap_or(key).to_string())
+            .collect();
         Ok(RunContext {
             job_variables,
+            explicit_job_variables,
             fixed_env: fixed_env(&self.cfg.api_url, &self.cfg.auth, &run.id, no_cloud_logs),
             base_job_template: (!template.is_null()).then_some(template),
             references,

@@ -3,7 +3,7 @@
 pub mod kubernetes;
 pub mod process;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 
 use serde_json::{Map, Value};
@@ -17,6 +17,8 @@ pub struct Launch {
     pub run: FlowRun,
     /// Merged job variables (pool defaults < deployment < run).
     pub job_variables: Map<String, Value>,
+    /// The job variables the deployment or the run set; the others are pool defaults.
+    pub explicit_job_variables: BTreeSet<String>,
     /// The run's environment after precedence was applied (see `agent::env`).
     pub env: BTreeMap<String, EnvValue>,
     /// The pool's base job template, where the backend has one.

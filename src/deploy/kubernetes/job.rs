@@ -8,7 +8,7 @@
 //! environment with credentials as `secretKeyRef`, `restartPolicy: Never`; (4) the
 //! resource's `job.podTemplate`, merged over the pod template last.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::batch::v1::Job;
 use serde_json::{Map, Value, json};
@@ -53,6 +53,8 @@ pub struct JobInputs<'a> {
     pub agent_name: &'a str,
     /// Merged job variables (pool defaults < deployment < run).
     pub job_variables: &'a Map<String, Value>,
+    /// The job variables the deployment or the run set; the others are pool defaults.
+    pub explicit_job_variables: &'a BTreeSet<String>,
     /// The run's environment after precedence (see `agent::env`).
     pub env: &'a BTreeMap<String, EnvValue>,
     /// The pool's `base_job_template`; empty or missing → Prefect's standard one.
@@ -99,6 +101,12 @@ pub fn build_job(input: &JobInputs<'_>) -> Result<Job, JobBuildError> {
 
     let mut values = template_defaults(template);
     values.extend(input.job_variables.clone());
+    // The resource's settings beat the pool's defaults, not the deployment's or the run's.
+    for (name, value) in resource_variables(input.defaults) {
+        if !input.explicit_job_variables.contains(name) {
+            values.insert(name.to_string(), value);
+        }
+    }
     // The environment is set whole in step 3; rendering only needs it out of the way.
     values.remove("env");
     let job = apply_values(manifest, &values, &|name| std::env::var(name).ok())
@@ -138,6 +146,35 @@ fn split_string_commands(job: &mut Value) {
                 c[key] = json!(argv);
             }
         }
+    }
+}
+
+/// The resource's `job` settings under the standard template's variable names.
+fn resource_variables(d: &JobSpec) -> Vec<(&'static str, Value)> {
+    let mut out = Vec::new();
+    if let Some(image) = &d.image {
+        out.push(("image", json!(image)));
+    }
+    if let Some(policy) = d.image_pull_policy {
+        out.push(("image_pull_policy", json!(pull_policy(policy))));
+    }
+    if let Some(account) = &d.service_account_name {
+        out.push(("service_account_name", json!(account)));
+    }
+    if let Some(limit) = d.backoff_limit {
+        out.push(("backoff_limit", json!(limit)));
+    }
+    if let Some(ttl) = d.ttl_seconds_after_finished {
+        out.push(("finished_job_ttl", json!(ttl)));
+    }
+    out
+}
+
+fn pull_policy(p: PullPolicy) -> &'static str {
+    match p {
+        PullPolicy::Always => "Always",
+        PullPolicy::IfNotPresent => "IfNotPresent",
+        PullPolicy::Never => "Never",
     }
 }
 
@@ -181,20 +218,8 @@ fn fill_from_resource(job: &mut Job, d: &JobSpec) {
     if c.image.as_deref().is_none_or(str::is_empty) {
         c.image = Some(d.image.clone().unwrap_or_else(|| DEFAULT_IMAGE.into()));
     }
-    // The standard template always renders its default `IfNotPresent`, so a policy the
-    // resource names replaces that default as well as an unset one.
-    if let Some(policy) = d.image_pull_policy {
-        let current = c.image_pull_policy.as_deref();
-        if current.is_none() || current == Some("IfNotPresent") {
-            c.image_pull_policy = Some(
-                match policy {
-                    PullPolicy::Always => "Always",
-                    PullPolicy::IfNotPresent => "IfNotPresent",
-                    PullPolicy::Never => "Never",
-                }
-                .into(),
-            );
-        }
+    if let (None, Some(policy)) = (&c.image_pull_policy, d.image_pull_policy) {
+        c.image_pull_policy = Some(pull_policy(policy).into());
     }
     let empty_resources = c.resources.as_ref().is_none_or(|r| {
         r.limits.as_ref().is_none_or(BTreeMap::is_empty)
@@ -452,6 +477,7 @@ mod tests {
             agent_namespace: "data",
             agent_name: "etl",
             job_variables: vars.as_object().unwrap(),
+            explicit_job_variables: &vars.as_object().unwrap().keys().cloned().collect(),
             env: &env,
             base_job_template: template,
             defaults: &defaults,
@@ -547,6 +573,7 @@ mod tests {
             agent_namespace: "data",
             agent_name: "etl",
             job_variables: &Map::new(),
+            explicit_job_variables: &BTreeSet::new(),
             env: &env,
             base_job_template: None,
             defaults: &JobSpec::default(),
@@ -597,6 +624,67 @@ mod tests {
             .find(|e| e["name"] == "PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR")
             .unwrap();
         assert_eq!(sigterm["value"], "reschedule");
+    }
+
+    /// Pool defaults < the resource's `job` section < the deployment's and run's variables.
+    #[test]
+    fn the_resource_beats_pool_defaults_but_not_deployments() {
+        let defaults: JobSpec = serde_json::from_value(json!({
+            "image": "mine:1", "imagePullPolicy": "Always", "serviceAccountName": "runner",
+            "backoffLimit": 3, "ttlSecondsAfterFinished": 60
+        }))
+        .unwrap();
+        let mut pool = standard_base_job_template().clone();
+        for (var, default) in [
+            ("image", json!("pool:1")),
+            ("image_pull_policy", json!("Never")),
+            ("service_account_name", json!("pool-sa")),
+            ("backoff_limit", json!(1)),
+            ("finished_job_ttl", json!(10)),
+        ] {
+            pool["variables"]["properties"][var]["default"] = default;
+        }
+        let pool_defaults = template_defaults(&pool);
+        let picked = |explicit: Map<String, Value>| {
+            let mut vars = pool_defaults.clone();
+            vars.extend(explicit.clone());
+            let run = run();
+            let env = env();
+            let secret = secret();
+            let job = build_job(&JobInputs {
+                run: &run,
+                agent_namespace: "data",
+                agent_name: "etl",
+                job_variables: &vars,
+                explicit_job_variables: &explicit.keys().cloned().collect(),
+                env: &env,
+                base_job_template: Some(&pool),
+                defaults: &defaults,
+                secret: Some(&secret),
+                references: &Default::default(),
+            })
+            .unwrap();
+            let v = serde_json::to_value(&job).unwrap();
+            let pod = &v["spec"]["template"]["spec"];
+            json!([
+                pod["containers"][0]["image"],
+                pod["containers"][0]["imagePullPolicy"],
+                pod["serviceAccountName"],
+                v["spec"]["backoffLimit"],
+                v["spec"]["ttlSecondsAfterFinished"],
+            ])
+        };
+        assert_eq!(
+            picked(Map::new()),
+            json!(["mine:1", "Always", "runner", 3, 60]),
+            "the resource replaces the pool's defaults"
+        );
+        let deployment = json!({"image": "dep:2", "backoff_limit": 0, "finished_job_ttl": 5});
+        assert_eq!(
+            picked(deployment.as_object().unwrap().clone()),
+            json!(["dep:2", "Always", "runner", 0, 5]),
+            "the deployment's variables replace the resource's"
+        );
     }
 
     #[test]
@@ -651,6 +739,7 @@ mod tests {
             agent_namespace: "data",
             agent_name: "etl",
             job_variables: vars.as_object().unwrap(),
+            explicit_job_variables: &BTreeSet::from(["image".to_string()]),
             env: &env,
             base_job_template: Some(&template),
             defaults: &JobSpec::default(),

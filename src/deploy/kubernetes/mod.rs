@@ -53,6 +53,7 @@ impl Deployer for KubernetesDeployer {
             agent_namespace: &self.agent_namespace,
             agent_name: &self.agent_name,
             job_variables: &launch.job_variables,
+            explicit_job_variables: &launch.explicit_job_variables,
             env: &launch.env,
             base_job_template: launch.base_job_template.as_ref(),
             defaults: &self.defaults,
