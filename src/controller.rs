@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
@@ -36,8 +36,19 @@ pub const FINALIZER: &str = "prefect.io/agent";
 pub const FIELD_MANAGER: &str = crate::APP_NAME;
 /// How often status is refreshed while nothing changes.
 const STATUS_INTERVAL: Duration = Duration::from_secs(5);
-/// How long a failed agent waits before the supervisor starts it again.
-const RESTART_AFTER: Duration = Duration::from_secs(10);
+/// How long a failed agent waits before the supervisor starts it again: doubling from
+/// the first, up to the last; an agent that ran this long counts as healthy again.
+const RESTART_FIRST: Duration = Duration::from_secs(10);
+const RESTART_MAX: Duration = Duration::from_secs(300);
+const HEALTHY_AFTER: Duration = Duration::from_secs(600);
+
+/// The wait before restarting an agent that failed `failures` times in a row (≥ 1).
+pub fn restart_delay(failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(16);
+    RESTART_FIRST
+        .saturating_mul(1 << doublings)
+        .min(RESTART_MAX)
+}
 
 /// Errors of one reconcile, each with a message a user can act on.
 #[derive(Debug, thiserror::Error)]
@@ -64,7 +75,11 @@ struct Running {
     token: CancellationToken,
     stats: Arc<AgentStats>,
     handle: JoinHandle<()>,
-    started: std::time::Instant,
+    started: Instant,
+    /// Failed runs of this generation in a row, counting this one once it ends.
+    failures: u32,
+    /// When the supervisor first saw this task ended.
+    ended: Option<Instant>,
 }
 
 /// Agent tasks by `namespace/name`.
@@ -85,8 +100,8 @@ pub enum AgentPhase {
     },
     /// The agent task runs; `stats` says how far it got.
     Running { stats: StatsSnapshot },
-    /// The agent task ended with this error and will be restarted.
-    Failed { message: String },
+    /// The agent task ended with this error and will be restarted after `retry_in`.
+    Failed { message: String, retry_in: Duration },
 }
 
 impl Supervisor {
@@ -98,8 +113,8 @@ impl Supervisor {
 
     /// The running agent for `key` if it runs the given generation and has not failed.
     fn current(&self, key: &str, generation: Option<i64>) -> Option<AgentPhase> {
-        let agents = self.agents.lock().ok()?;
-        let r = agents.get(key)?;
+        let mut agents = self.agents.lock().ok()?;
+        let r = agents.get_mut(key)?;
         if r.generation != generation {
             return None;
         }
@@ -109,8 +124,13 @@ impl Supervisor {
                 .snapshot()
                 .last_error
                 .unwrap_or_else(|| "the agent stopped".into());
-            if r.started.elapsed() < RESTART_AFTER {
-                return Some(AgentPhase::Failed { message: last });
+            let ended = *r.ended.get_or_insert_with(Instant::now);
+            let retry_in = restart_delay(r.failures + 1);
+            if ended.elapsed() < retry_in {
+                return Some(AgentPhase::Failed {
+                    message: last,
+                    retry_in,
+                });
             }
             return None;
         }
@@ -127,18 +147,30 @@ impl Supervisor {
         stats: Arc<AgentStats>,
         handle: JoinHandle<()>,
     ) {
-        if let Ok(mut agents) = self.agents.lock()
-            && let Some(old) = agents.insert(
-                key,
-                Running {
-                    generation,
-                    token,
-                    stats,
-                    handle,
-                    started: std::time::Instant::now(),
-                },
-            )
-        {
+        let Ok(mut agents) = self.agents.lock() else {
+            return;
+        };
+        // A restart of the same generation after a quick failure backs off further.
+        let failures = match agents.get(&key) {
+            Some(old)
+                if old.generation == generation
+                    && old.handle.is_finished()
+                    && old.started.elapsed() < HEALTHY_AFTER =>
+            {
+                old.failures + 1
+            }
+            _ => 0,
+        };
+        let running = Running {
+            generation,
+            token,
+            stats,
+            handle,
+            started: Instant::now(),
+            failures,
+            ended: None,
+        };
+        if let Some(old) = agents.insert(key, running) {
             old.token.cancel();
         }
     }
@@ -177,12 +209,15 @@ pub fn conditions(
             ("False", reason, message.clone()),
             ("True", reason, message.clone()),
         ),
-        AgentPhase::Failed { message } => (
+        AgentPhase::Failed { message, retry_in } => (
             ("False", "AgentFailed", message.clone()),
             (
                 "True",
                 "Restarting",
-                format!("the agent will be restarted: {message}"),
+                format!(
+                    "the agent will be restarted in {}s: {message}",
+                    retry_in.as_secs()
+                ),
             ),
             ("True", "AgentFailed", message.clone()),
         ),
@@ -358,6 +393,7 @@ impl PrefectAgent {
                     .current(&key, generation)
                     .unwrap_or(AgentPhase::Failed {
                         message: "the agent did not start".into(),
+                        retry_in: RESTART_FIRST,
                     }),
                 Err((reason, message)) => {
                     ctx.supervisor.stop(&key);
@@ -476,7 +512,7 @@ impl PrefectAgent {
             _ => None,
         };
         let last_error = match phase {
-            AgentPhase::Invalid { message, .. } | AgentPhase::Failed { message } => {
+            AgentPhase::Invalid { message, .. } | AgentPhase::Failed { message, .. } => {
                 Some(message.clone())
             }
             _ => stats.as_ref().and_then(|s| s.last_error.clone()),
@@ -688,6 +724,26 @@ mod tests {
         assert_eq!(get(&registering, "Progressing").status, "True");
         let suspended = conditions(&AgentPhase::Suspended, Some(1), &[]);
         assert_eq!(get(&suspended, "Ready").reason, "Suspended");
+    }
+
+    #[test]
+    fn failed_agents_restart_with_doubling_delays() {
+        let delays: Vec<u64> = (1..=7).map(|n| restart_delay(n).as_secs()).collect();
+        assert_eq!(delays, [10, 20, 40, 80, 160, 300, 300]);
+        assert_eq!(restart_delay(u32::MAX), RESTART_MAX);
+        let failed = conditions(
+            &AgentPhase::Failed {
+                message: "cannot reach the Prefect API at http://p/api".into(),
+                retry_in: restart_delay(3),
+            },
+            Some(2),
+            &[],
+        );
+        let progressing = get(&failed, "Progressing");
+        assert_eq!(
+            progressing.message,
+            "the agent will be restarted in 40s: cannot reach the Prefect API at http://p/api"
+        );
     }
 
     #[test]

@@ -711,6 +711,20 @@ async fn an_unreachable_prefect_api_is_degraded_with_the_cause() {
         (ready.status.as_str(), ready.reason.as_str()),
         ("False", "AgentFailed")
     );
+    // The supervisor restarts it after 10 s; failing again doubles the wait.
+    let (_, restarting, _) = wait_for(
+        "a second failure with a doubled delay",
+        Duration::from_secs(60),
+        || async {
+            let a = agents.get("lost").await.ok()?;
+            condition(&a, "Progressing").filter(|(_, m, _)| m.contains("restarted in 20s"))
+        },
+    )
+    .await;
+    assert!(
+        restarting.ends_with("Connection refused (os error 111)"),
+        "{restarting}"
+    );
     drop(operator);
 }
 
