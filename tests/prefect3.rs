@@ -513,6 +513,51 @@ async fn an_agent_killed_between_claim_and_launch_still_runs_the_run_exactly_onc
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_run_cancelled_between_claim_and_launch_ends_cancelled() {
+    let Setup {
+        server,
+        api,
+        pool,
+        record,
+        _dir,
+    } = Setup::new("cclaim").await;
+    let dep = api
+        .create_deployment(&pool, json!({"command": fake_runner(&record, "complete")}))
+        .await;
+    let run = api.create_run(&dep).await;
+    let mut args = agent_args(&server.url, &pool, "claimer");
+    args.push("--fault-abort-after-claim");
+    let mut first = AgentProcess::start(&args);
+    assert!(!first.wait_exit(Duration::from_secs(60)).await.success());
+    assert_eq!(api.state(&run).await, "PENDING", "claimed, never launched");
+    let answer = api.set_state(&run, "CANCELLING", false).await;
+    assert_eq!(answer["status"], "ACCEPT", "{answer}");
+
+    // Another agent on the pool leaves it alone: the claim is not its own.
+    let mut args = agent_args(&server.url, &pool, "bystander");
+    args.extend(["--log-level", "debug"]);
+    let other = AgentProcess::start(&args);
+    wait_for(
+        "the bystander to pass it over",
+        Duration::from_secs(60),
+        || async {
+            other
+                .output()
+                .contains("claimed by another agent; left to it")
+                .then_some(())
+        },
+    )
+    .await;
+    drop(other);
+    assert_eq!(api.state(&run).await, "CANCELLING");
+
+    let _again = AgentProcess::start(&agent_args(&server.url, &pool, "claimer"));
+    api.wait_state(&run, "CANCELLED", Duration::from_secs(60))
+        .await;
+    assert!(recorded(&record).is_empty(), "never executed");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn sigterm_finishes_submissions_under_way_and_exits_zero() {
     let Setup {
         server,

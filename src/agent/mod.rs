@@ -499,10 +499,21 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
                 };
                 match self.deployer.stop(&run).await {
                     Ok(Stopped::Stopped) => tracing::info!("stopped the run's infrastructure"),
-                    // Ours but already gone, or claimed by us and never launched.
-                    Ok(Stopped::NotFound)
-                        if run.infrastructure_pid.is_some() || self.backend.is_own_claim(&run) => {}
-                    Ok(Stopped::NotFound | Stopped::NotMine) => return,
+                    // Ours but already gone.
+                    Ok(Stopped::NotFound) if run.infrastructure_pid.is_some() => {}
+                    // Claimed by us and never launched: nobody else will finish it.
+                    Ok(Stopped::NotFound) => match self.backend.claimed_by_me(&run).await {
+                        Ok(true) => tracing::info!("cancelled before it was launched"),
+                        Ok(false) => {
+                            tracing::debug!("cancelling run claimed by another agent; left to it");
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not read who claimed the run");
+                            return;
+                        }
+                    },
+                    Ok(Stopped::NotMine) => return,
                     Err(e) => {
                         tracing::error!(error = %e, "could not stop the run");
                         return;

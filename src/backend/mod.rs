@@ -196,8 +196,12 @@ pub trait Backend: Send + Sync + 'static {
         &self,
         min_age: Duration,
     ) -> impl Future<Output = Result<Vec<FlowRun>, BackendError>> + Send;
-    /// True when the run's current state is a claim this agent made.
-    fn is_own_claim(&self, run: &FlowRun) -> bool;
+    /// True when this agent holds the run's latest claim (as every agent reads it), even
+    /// if the run has moved on since (e.g. to CANCELLING before it was launched).
+    fn claimed_by_me(
+        &self,
+        run: &FlowRun,
+    ) -> impl Future<Output = Result<bool, BackendError>> + Send;
     /// The run's state now. Where the server's current state lags its own history (a
     /// stale write on SQLite), a final state in the history wins.
     fn settled_state(

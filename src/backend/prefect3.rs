@@ -365,6 +365,18 @@ pub fn claimant_of_record(history: &[ApiState]) -> Option<&ApiState> {
     current_claims(history)?.first()
 }
 
+/// The claimant of record of the latest claim round, looking past the CANCELLING or
+/// CANCELLED states a cancellation put after it.
+pub fn latest_claimant(history: &[ApiState]) -> Option<&ApiState> {
+    let end = history.iter().rposition(|s| {
+        !matches!(
+            StateKind::parse(&s.kind),
+            StateKind::Cancelling | StateKind::Cancelled
+        )
+    })?;
+    claimant_of_record(&history[..=end])
+}
+
 /// The state our claim displaced, when it was not SCHEDULED: it must be put back.
 pub fn displaced_by<'a>(history: &'a [ApiState], transition_id: &str) -> Option<&'a ApiState> {
     let ours = history.iter().rposition(|s| {
@@ -703,8 +715,10 @@ impl Backend for Prefect3 {
         Ok(orphans)
     }
 
-    fn is_own_claim(&self, run: &FlowRun) -> bool {
-        run.state_message.as_deref() == Some(claim_marker(&self.cfg.agent_name).as_str())
+    async fn claimed_by_me(&self, run: &FlowRun) -> Result<bool, BackendError> {
+        let history = self.history(&run.id).await?;
+        let marker = claim_marker(&self.cfg.agent_name);
+        Ok(latest_claimant(&history).and_then(|s| s.message.as_deref()) == Some(&marker))
     }
 
     async fn settled_state(&self, run_id: &str) -> Result<StateKind, BackendError> {
@@ -860,6 +874,18 @@ mod tests {
             Some("COMPLETED")
         );
         assert!(displaced_by(&h, "tc").is_none(), "tc followed SCHEDULED");
+        // A run cancelled before anyone launched it still names its claimant.
+        let cancelling = state("CANCELLING", "2026-01-01T00:00:09Z", Some("by user"), None);
+        let claimed_then_cancelled = [h[0].clone(), h[1].clone(), cancelling.clone()];
+        assert_eq!(
+            latest_claimant(&claimed_then_cancelled).and_then(|s| s.message.as_deref()),
+            Some("Claimed by agent a")
+        );
+        let ran_then_cancelled = [h[0].clone(), h[1].clone(), h[2].clone(), cancelling];
+        assert!(
+            latest_claimant(&ran_then_cancelled).is_none(),
+            "it ran: not a bare claim"
+        );
     }
 
     #[test]
