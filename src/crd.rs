@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name":"Labels","type":"string","priority":1,"jsonPath":".spec.labels"}"#,
     printcolumn = r#"{"name":"Active","type":"integer","jsonPath":".status.activeJobs"}"#,
     printcolumn = r#"{"name":"Submitted","type":"integer","jsonPath":".status.runsSubmitted"}"#,
+    printcolumn = r#"{"name":"Failed","type":"integer","jsonPath":".status.runsFailed"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]

@@ -127,16 +127,23 @@ async fn an_agent_resource_launches_one_job_per_run_and_reports_back() {
         .await
         .expect("create the PrefectAgent");
 
-    let ready = wait_for(
-        "Ready=True for the current generation",
-        Duration::from_secs(60),
-        || async {
-            let a = agents.get("etl").await.ok()?;
-            let (status, _, generation) = condition(&a, "Ready")?;
-            (status == "True" && generation == created.metadata.generation).then_some(a)
-        },
-    )
-    .await;
+    // What a user runs: kubectl waits on the Ready condition of the current generation.
+    let kube_server = KubeApiServer::shared();
+    let (ok, out) = kube_server
+        .kubectl(&[
+            "wait",
+            "-n",
+            &ns,
+            "--for=condition=Ready",
+            "pfa/etl",
+            "--timeout=60s",
+        ])
+        .await;
+    assert!(ok, "kubectl wait: {out}");
+    assert!(out.contains("condition met"), "{out}");
+    let ready = agents.get("etl").await.unwrap();
+    let (_, _, generation) = condition(&ready, "Ready").unwrap();
+    assert_eq!(generation, created.metadata.generation);
     assert!(
         ready.finalizers().iter().any(|f| f == "prefect.io/agent"),
         "finalizer added"
@@ -211,6 +218,17 @@ async fn an_agent_resource_launches_one_job_per_run_and_reports_back() {
         (s.runs_submitted == 2 && s.runs_failed == 1 && s.polls > 0).then_some(())
     })
     .await;
+    // The printer columns show them.
+    let (ok, table) = kube_server.kubectl(&["get", "pfa", "-n", &ns]).await;
+    assert!(ok, "{table}");
+    let mut lines = table.lines();
+    let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    let row: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    let column = |name: &str| row[header.iter().position(|h| *h == name).unwrap()];
+    assert_eq!(column("NAME"), "etl");
+    assert_eq!(column("READY"), "True");
+    assert_eq!(column("SUBMITTED"), "2", "{table}");
+    assert_eq!(column("FAILED"), "1", "{table}");
 
     // The key reached the Job only as a reference, and nowhere else.
     let key_env = c

@@ -64,6 +64,24 @@ impl KubeApiServer {
         }
     }
 
+    /// Runs `kubectl` against this server; returns (success, stdout + stderr).
+    pub async fn kubectl(&self, args: &[&str]) -> (bool, String) {
+        let out = tokio::process::Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .expect("run kubectl (scripts/kube-apiserver.sh install provides it)");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
+
     /// An admin client from the kubeconfig the script wrote.
     pub async fn client(&self) -> Client {
         prefect_agent_operator::install_crypto_provider();
