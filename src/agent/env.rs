@@ -1,6 +1,7 @@
 //! A flow run's environment and its precedence rules.
 //!
-//! Later layers win: (1) the agent's `env_vars`, (2) the run's own `env` job variable
+//! Later layers win: (0) the backend's defaults (Prefect 1: `PREFECT__LOGGING__LEVEL`),
+//! (1) the agent's `env_vars`, (2) the run's own `env` job variable
 //! (pool defaults < deployment < run, merged variable by variable by the backend), (3) the fixed variables
 //! the run needs to reach Prefect (API URL, credentials, flow-run id, log shipping off
 //! under `no_cloud_logs`). In job variables a `null` value removes a variable.
@@ -18,12 +19,14 @@ pub struct EnvError(String);
 
 /// Computes the run's environment from the three layers.
 pub fn run_environment(
+    defaults: &BTreeMap<String, String>,
     agent_env: &BTreeMap<String, String>,
     job_variables: &Map<String, Value>,
     fixed: &BTreeMap<String, EnvValue>,
 ) -> Result<BTreeMap<String, EnvValue>, EnvError> {
-    let mut env: BTreeMap<String, EnvValue> = agent_env
+    let mut env: BTreeMap<String, EnvValue> = defaults
         .iter()
+        .chain(agent_env)
         .map(|(k, v)| (k.clone(), EnvValue::Plain(v.clone())))
         .collect();
     match job_variables.get("env") {
@@ -84,8 +87,17 @@ mod tests {
                 EnvValue::Secret(SecretString::new("k")),
             ),
         ]);
-        let env = run_environment(&agent, vars.as_object().unwrap(), &fixed).unwrap();
-        assert_eq!(env["TEAM"], plain("data"));
+        let defaults = BTreeMap::from([
+            ("PREFECT__LOGGING__LEVEL".to_string(), "INFO".to_string()),
+            ("TEAM".to_string(), "default".to_string()),
+        ]);
+        let env = run_environment(&defaults, &agent, vars.as_object().unwrap(), &fixed).unwrap();
+        assert_eq!(env["PREFECT__LOGGING__LEVEL"], plain("INFO"));
+        assert_eq!(
+            env["TEAM"],
+            plain("data"),
+            "the agent's env_vars beat defaults"
+        );
         assert_eq!(env["SHARED"], plain("run"));
         assert_eq!(env["N"], plain("3"));
         assert_eq!(env["B"], plain("true"));
@@ -99,12 +111,14 @@ mod tests {
         let fixed = BTreeMap::new();
         let err = run_environment(
             &BTreeMap::new(),
+            &BTreeMap::new(),
             json!({"env": ["A=1"]}).as_object().unwrap(),
             &fixed,
         )
         .unwrap_err();
         assert!(err.to_string().contains("expected an object"), "{err}");
         let err = run_environment(
+            &BTreeMap::new(),
             &BTreeMap::new(),
             json!({"env": {"A": {"x": 1}}}).as_object().unwrap(),
             &fixed,

@@ -369,7 +369,12 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
         run: FlowRun,
     ) -> Result<(String, String, Option<oneshot::Receiver<Exit>>), LaunchError> {
         let ctx = self.backend.context(&run, self.cfg.no_cloud_logs).await?;
-        let env = env::run_environment(&self.cfg.env_vars, &ctx.job_variables, &ctx.fixed_env)?;
+        let env = env::run_environment(
+            &ctx.default_env,
+            &self.cfg.env_vars,
+            &ctx.job_variables,
+            &ctx.fixed_env,
+        )?;
         let launched = self
             .deployer
             .deploy(Launch {

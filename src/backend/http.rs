@@ -138,6 +138,8 @@ pub struct ApiClient {
     base: String,
     auth: Auth,
     retry: RetryPolicy,
+    /// Retry every 500 too (Prefect 1's client does), not only "database is locked".
+    retry_server_errors: bool,
 }
 
 impl ApiClient {
@@ -161,7 +163,14 @@ impl ApiClient {
             base: base.trim_end_matches('/').to_string(),
             auth,
             retry,
+            retry_server_errors: false,
         })
+    }
+
+    /// Treats every HTTP 500 as passing, as Prefect 1's client does.
+    pub fn retrying_server_errors(mut self) -> Self {
+        self.retry_server_errors = true;
+        self
     }
 
     pub fn base_url(&self) -> &str {
@@ -191,10 +200,21 @@ impl ApiClient {
         path: &str,
         body: Option<&Value>,
     ) -> Result<String, HttpError> {
+        self.send_with_headers(method, path, body, &[]).await
+    }
+
+    /// [`Self::send`] with extra request headers.
+    pub async fn send_with_headers(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        headers: &[(&'static str, String)],
+    ) -> Result<String, HttpError> {
         let url = format!("{}{}", self.base, path);
         let mut retry = 0;
         loop {
-            let (err, after) = match self.send_once(method.clone(), &url, body).await {
+            let (err, after) = match self.send_once(method.clone(), &url, body, headers).await {
                 Ok((_, text)) => return Ok(text),
                 Err(Attempt::Final(e)) => return Err(e),
                 Err(Attempt::Retry { err, after }) => (err, after),
@@ -218,8 +238,12 @@ impl ApiClient {
         method: Method,
         url: &str,
         body: Option<&Value>,
+        headers: &[(&'static str, String)],
     ) -> Result<(StatusCode, String), Attempt> {
         let mut req = self.http.request(method.clone(), url);
+        for (name, value) in headers {
+            req = req.header(*name, value);
+        }
         req = match &self.auth {
             Auth::None => req,
             Auth::Bearer(key) => req.bearer_auth(key.expose()),
@@ -284,7 +308,7 @@ impl ApiClient {
                 detail: error_detail(&text),
             },
         };
-        if is_retryable_status(code, &text) {
+        if is_retryable_status(code, &text) || (self.retry_server_errors && code == 500) {
             Err(Attempt::Retry {
                 err,
                 after: retry_after,

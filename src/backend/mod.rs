@@ -1,6 +1,7 @@
 //! How the agent talks to Prefect: the [`Backend`] trait and the flow-run types it speaks.
 
 pub mod http;
+pub mod prefect1;
 pub mod prefect3;
 pub mod references;
 
@@ -109,6 +110,9 @@ pub struct RunContext {
     /// The job variables the deployment or the run set (the rest are pool defaults,
     /// which the resource's `job` section may replace).
     pub explicit_job_variables: BTreeSet<String>,
+    /// Variables under everything else, even the agent's `env_vars` (Prefect 1's
+    /// `PREFECT__LOGGING__LEVEL`).
+    pub default_env: BTreeMap<String, String>,
     /// Variables the run needs to talk to Prefect; they win over everything else.
     pub fixed_env: BTreeMap<String, EnvValue>,
     /// The pool's base job template (Prefect 3), for deployers that render one.
@@ -145,6 +149,8 @@ pub enum BackendError {
     UnknownQueue { pool: String, queue: String },
     #[error(transparent)]
     Reference(#[from] references::ReferenceError),
+    #[error(transparent)]
+    RunConfig(#[from] prefect1::run_config::RunConfigError),
     #[error("unexpected answer from the Prefect API to {call}: {detail}")]
     Protocol { call: &'static str, detail: String },
 }

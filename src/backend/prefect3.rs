@@ -658,6 +658,7 @@ impl Backend for Prefect3 {
         Ok(RunContext {
             job_variables,
             explicit_job_variables,
+            default_env: BTreeMap::new(),
             fixed_env: fixed_env(&self.cfg.api_url, &self.cfg.auth, &run.id, no_cloud_logs),
             base_job_template: (!template.is_null()).then_some(template),
             references,
