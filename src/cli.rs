@@ -6,9 +6,10 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::agent::{Agent, StopReason};
+use crate::backend::prefect1::Prefect1;
 use crate::backend::prefect3::Prefect3;
 use crate::deploy::process::ProcessDeployer;
-use crate::settings::AgentSettings;
+use crate::settings::{AgentSettings, BackendSettings};
 use crate::telemetry::{self, LogFormat};
 
 /// Runs Prefect agents: pulls scheduled flow runs from Prefect and starts one
@@ -73,6 +74,8 @@ pub struct OperatorArgs {
 pub enum Flavor {
     /// Prefect 3 work pools (REST).
     Prefect3,
+    /// Prefect Server / Cloud 1.x (GraphQL), as the seed's Agent.
+    Prefect1,
 }
 
 /// Where claimed runs are started.
@@ -177,6 +180,10 @@ pub struct AgentArgs {
         help_heading = "Agent (the seed's arguments)"
     )]
     pub no_cloud_logs: bool,
+    /// Prefect 1 tenant (with an API key; looked up when not given).
+    /// Falls back to PREFECT__CLOUD__TENANT_ID.
+    #[arg(long, help_heading = "Prefect API")]
+    pub tenant_id: Option<String>,
     /// Prefect 1 agent configuration id (not used by Prefect 3).
     #[arg(
         long,
@@ -298,10 +305,20 @@ async fn run_agent(args: AgentArgs) -> Result<(), CliError> {
         tracing::warn!("{warning}");
     }
     let shutdown = crate::signals::shutdown_on_signals().map_err(CliError::runtime)?;
-    let backend = Prefect3::new(settings.prefect3).map_err(CliError::runtime)?;
     let deployer = ProcessDeployer::new(settings.process);
-    let agent = Agent::new(settings.agent, backend, deployer);
-    match agent.start(shutdown).await.map_err(CliError::runtime)? {
+    let reason = match settings.backend {
+        BackendSettings::Prefect3(cfg) => {
+            let backend = Prefect3::new(cfg).map_err(CliError::runtime)?;
+            let agent = Agent::new(settings.agent, backend, deployer);
+            agent.start(shutdown).await
+        }
+        BackendSettings::Prefect1(cfg) => {
+            let backend = Prefect1::new(cfg).map_err(CliError::runtime)?;
+            let agent = Agent::new(settings.agent, backend, deployer);
+            agent.start(shutdown).await
+        }
+    };
+    match reason.map_err(CliError::runtime)? {
         StopReason::MaxPolls => tracing::info!("max polls reached"),
         StopReason::Shutdown => {}
     }

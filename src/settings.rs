@@ -10,16 +10,25 @@ use serde_json::Value;
 
 use crate::agent::{AgentConfig, default_submit_concurrency};
 use crate::backend::http::RetryPolicy;
+use crate::backend::prefect1::Prefect1Config;
 use crate::backend::prefect3::{Prefect3Config, auth_from};
 use crate::cli::AgentArgs;
+use crate::cli::Flavor;
 use crate::deploy::process::ProcessConfig;
 use crate::secret::SecretString;
+
+/// Which API the agent speaks, configured.
+#[derive(Debug, Clone)]
+pub enum BackendSettings {
+    Prefect3(Prefect3Config),
+    Prefect1(Prefect1Config),
+}
 
 /// Everything a standalone agent needs, resolved and checked.
 #[derive(Debug, Clone)]
 pub struct AgentSettings {
     pub agent: AgentConfig,
-    pub prefect3: Prefect3Config,
+    pub backend: BackendSettings,
     pub process: ProcessConfig,
     /// Things the user set that have no effect here; logged at start.
     pub warnings: Vec<String>,
@@ -34,6 +43,8 @@ pub enum SettingsError {
     BadApiUrl(String),
     #[error("no work pool: pass --pool or set PAO_WORK_POOL")]
     NoPool,
+    #[error("--auth-string is a Prefect 3 setting; Prefect 1 takes an API key or token")]
+    AuthStringOnPrefect1,
     #[error(
         "pass either --key (PREFECT_API_KEY) or --auth-string (PREFECT_API_AUTH_STRING), not both"
     )]
@@ -63,10 +74,13 @@ impl AgentSettings {
         let env = |k: &str| env(k).filter(|v| !v.trim().is_empty());
         let mut warnings = Vec::new();
 
+        let flavor = args.flavor.unwrap_or(Flavor::Prefect3);
+        let prefect1 = flavor == Flavor::Prefect1;
         let api_url = args
             .api_url
             .clone()
             .or_else(|| env("PREFECT__CLOUD__API"))
+            .or_else(|| prefect1.then(|| prefect1_default_url(&env)))
             .ok_or(SettingsError::NoApiUrl)?;
         let api_url = api_url.trim().trim_end_matches('/').to_string();
         if !(api_url.starts_with("http://") || api_url.starts_with("https://")) {
@@ -88,8 +102,15 @@ impl AgentSettings {
         if key.is_some() && auth_string.is_some() {
             return Err(SettingsError::TwoCredentials);
         }
-        let pool = args.pool.clone().ok_or(SettingsError::NoPool)?;
-        if args.agent_config_id.is_some() {
+        if prefect1 && auth_string.is_some() {
+            return Err(SettingsError::AuthStringOnPrefect1);
+        }
+        let pool = if prefect1 {
+            String::new()
+        } else {
+            args.pool.clone().ok_or(SettingsError::NoPool)?
+        };
+        if !prefect1 && args.agent_config_id.is_some() {
             return Err(SettingsError::AgentConfigIdOnPrefect3);
         }
 
@@ -106,7 +127,7 @@ impl AgentSettings {
         } else {
             args.labels.clone()
         };
-        if !labels.is_empty() {
+        if !prefect1 && !labels.is_empty() {
             warnings.push(format!(
                 "labels {labels:?} do not select runs in Prefect 3; use --queue to split a pool's work"
             ));
@@ -145,7 +166,7 @@ impl AgentSettings {
         }
 
         let agent = AgentConfig {
-            agent_config_id: None,
+            agent_config_id: args.agent_config_id.clone(),
             name: name.clone(),
             labels,
             env_vars,
@@ -161,34 +182,72 @@ impl AgentSettings {
                 .unwrap_or_else(default_submit_concurrency),
             fault_abort_after_claim: args.fault_abort_after_claim,
         };
-        let prefect3 = Prefect3Config {
-            api_url,
-            auth: auth_from(key, auth_string),
-            pool,
-            queues: args
-                .queues
-                .iter()
-                .filter(|q| !q.is_empty())
-                .cloned()
-                .collect(),
-            agent_name: name,
-            prefetch: args.prefetch,
-            heartbeat_interval: args.heartbeat_interval,
-            create_pool: args.create_pool.clone(),
-            poll_limit: 200,
-            retry: RetryPolicy::default(),
+        let backend = if prefect1 {
+            BackendSettings::Prefect1(Prefect1Config {
+                api_url,
+                backend: env("PREFECT__BACKEND")
+                    .unwrap_or_else(|| if key.is_some() { "cloud" } else { "server" }.to_string()),
+                key,
+                tenant_id: args
+                    .tenant_id
+                    .clone()
+                    .or_else(|| env("PREFECT__CLOUD__TENANT_ID"))
+                    .filter(|t| !t.is_empty()),
+                agent_name: name,
+                agent_type: "LocalAgent".into(),
+                labels: agent.labels.clone(),
+                agent_config_id: args.agent_config_id.clone(),
+                prefetch: args.prefetch,
+                default_image: None,
+                log_level: env("PREFECT__LOGGING__LEVEL").unwrap_or_else(|| "INFO".into()),
+                retry: RetryPolicy::default(),
+            })
+        } else {
+            BackendSettings::Prefect3(Prefect3Config {
+                api_url,
+                auth: auth_from(key, auth_string),
+                pool,
+                queues: args
+                    .queues
+                    .iter()
+                    .filter(|q| !q.is_empty())
+                    .cloned()
+                    .collect(),
+                agent_name: name,
+                prefetch: args.prefetch,
+                heartbeat_interval: args.heartbeat_interval,
+                create_pool: args.create_pool.clone(),
+                poll_limit: 200,
+                retry: RetryPolicy::default(),
+            })
+        };
+        // Prefect 1 runs start with its own command unless one was given.
+        let command = if prefect1 && args.command == crate::deploy::process::DEFAULT_COMMAND {
+            crate::backend::prefect1::run_config::flow_run_command(None).to_string()
+        } else {
+            args.command.clone()
         };
         let process = ProcessConfig {
-            command: args.command.clone(),
+            command,
             working_dir: args.working_dir.clone(),
             ..ProcessConfig::default()
         };
         Ok(Self {
             agent,
-            prefect3,
+            backend,
             process,
             warnings,
         })
+    }
+}
+
+/// Prefect 1's endpoint when none is given: the server's with `PREFECT__BACKEND=server`,
+/// else Prefect Cloud 1.
+fn prefect1_default_url(env: &impl Fn(&str) -> Option<String>) -> String {
+    if env("PREFECT__BACKEND").is_some_and(|b| b == "server") {
+        env("PREFECT__SERVER__ENDPOINT").unwrap_or_else(|| "http://localhost:4200/graphql".into())
+    } else {
+        "https://api.prefect.io".into()
     }
 }
 
@@ -282,6 +341,56 @@ mod tests {
 
     const BASE: [&str; 4] = ["--api-url", "http://127.0.0.1:4200/api/", "--pool", "p"];
 
+    fn prefect3(s: &AgentSettings) -> &Prefect3Config {
+        match &s.backend {
+            BackendSettings::Prefect3(cfg) => cfg,
+            BackendSettings::Prefect1(_) => panic!("expected Prefect 3 settings"),
+        }
+    }
+
+    fn prefect1(s: &AgentSettings) -> &Prefect1Config {
+        match &s.backend {
+            BackendSettings::Prefect1(cfg) => cfg,
+            BackendSettings::Prefect3(_) => panic!("expected Prefect 1 settings"),
+        }
+    }
+
+    #[test]
+    fn prefect1_flavor_takes_the_seed_s_settings() {
+        let s = resolve(
+            &[
+                "--flavor",
+                "prefect1",
+                "--agent-config-id",
+                "cfg-1",
+                "-l",
+                "k8s",
+            ],
+            &[
+                ("PREFECT__BACKEND", "server"),
+                ("PREFECT__SERVER__ENDPOINT", "http://p1:4200/graphql"),
+                ("PREFECT__CLOUD__AGENT__AUTH_TOKEN", "tok"),
+                ("PREFECT__CLOUD__TENANT_ID", "t-1"),
+            ],
+        )
+        .unwrap();
+        let cfg = prefect1(&s);
+        assert_eq!(cfg.api_url, "http://p1:4200/graphql");
+        assert_eq!(cfg.key.as_ref().map(|k| k.expose()), Some("tok"));
+        assert_eq!(cfg.tenant_id.as_deref(), Some("t-1"));
+        assert_eq!(cfg.agent_config_id.as_deref(), Some("cfg-1"));
+        assert_eq!(cfg.labels, ["k8s"]);
+        assert_eq!(cfg.backend, "server");
+        assert!(s.warnings.is_empty(), "labels select runs in Prefect 1");
+        assert_eq!(s.process.command, "prefect execute flow-run");
+        let cloud = resolve(&["--flavor", "prefect1"], &[]).unwrap();
+        assert_eq!(prefect1(&cloud).api_url, "https://api.prefect.io");
+        assert_eq!(
+            resolve(&["--flavor", "prefect1", "--auth-string", "u:p"], &[]).unwrap_err(),
+            SettingsError::AuthStringOnPrefect1
+        );
+    }
+
     #[test]
     fn seed_defaults() {
         let s = resolve(&BASE, &[]).unwrap();
@@ -291,8 +400,11 @@ mod tests {
         assert_eq!(s.agent.max_polls, None);
         assert_eq!(s.agent.agent_address, None);
         assert!(!s.agent.no_cloud_logs);
-        assert_eq!(s.prefect3.api_url, "http://127.0.0.1:4200/api");
-        assert!(matches!(s.prefect3.auth, crate::backend::http::Auth::None));
+        assert_eq!(prefect3(&s).api_url, "http://127.0.0.1:4200/api");
+        assert!(matches!(
+            prefect3(&s).auth,
+            crate::backend::http::Auth::None
+        ));
         assert_eq!(s.agent.poll_interval.as_secs(), 10);
     }
 
@@ -317,11 +429,11 @@ mod tests {
             ],
         )
         .unwrap();
-        assert_eq!(s.prefect3.api_url, "https://api.example/api");
+        assert_eq!(prefect3(&s).api_url, "https://api.example/api");
         assert_eq!(s.agent.name, "from-env");
         assert_eq!(s.agent.labels, ["a", "b"]);
         assert!(
-            matches!(&s.prefect3.auth, crate::backend::http::Auth::Bearer(k) if k.expose() == "tok")
+            matches!(&prefect3(&s).auth, crate::backend::http::Auth::Bearer(k) if k.expose() == "tok")
         );
         assert_eq!(s.agent.env_vars["TEAM"], "data");
         assert_eq!(s.agent.env_vars["N"], "1");
