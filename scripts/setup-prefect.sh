@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
-# Installs a pinned Prefect 3 into a venv cached outside the repo and prints its path.
-# Re-running is cheap: the venv is reused when it already has the pinned version.
+# Installs a pinned Prefect 3 into a venv cached outside the repo and prints its path,
+# plus what the tests' fakes need (graphql-core for the fake Prefect 1 server).
+# Re-running is cheap: the venv is reused when it already has the pinned versions.
 set -euo pipefail
 
 PREFECT_VERSION="${PREFECT_VERSION:-3.9.1}"
 CACHE="${PAO_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/prefect-agent-operator}"
 VENV="$CACHE/venv-prefect-$PREFECT_VERSION"
+EXTRAS="graphql-core==3.2.6"
 
 if [ -x "$VENV/bin/prefect" ] && [ -f "$VENV/.complete" ]; then
+  if [ "$(cat "$VENV/.complete")" != "$EXTRAS" ]; then
+    "$VENV/bin/pip" install --quiet $EXTRAS >&2
+    echo "$EXTRAS" > "$VENV/.complete"
+  fi
   echo "$VENV"
   exit 0
 fi
@@ -24,6 +30,6 @@ mkdir -p "$CACHE"
 rm -rf "$VENV"
 "$PY" -m venv "$VENV" >&2
 "$VENV/bin/pip" install --quiet --upgrade pip >&2 || true
-"$VENV/bin/pip" install --quiet "prefect==$PREFECT_VERSION" >&2
-touch "$VENV/.complete"
+"$VENV/bin/pip" install --quiet "prefect==$PREFECT_VERSION" $EXTRAS >&2
+echo "$EXTRAS" > "$VENV/.complete"
 echo "$VENV"

@@ -469,6 +469,14 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
             };
             let span = tracing::info_span!("flow_run", flow_run = %run.id, name = %run.name);
             async {
+                match self.backend.still_unlaunched(&run).await {
+                    Ok(true) => {}
+                    Ok(false) => return,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not re-check an unlaunched claim");
+                        return;
+                    }
+                }
                 if let Some(infra_id) = self.deployer.find(&run).await {
                     tracing::info!(%infra_id, "claimed run already has infrastructure; recording it");
                     if let Err(e) = self.backend.launched(&run.id, &infra_id).await {

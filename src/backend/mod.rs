@@ -202,6 +202,12 @@ pub trait Backend: Send + Sync + 'static {
         &self,
         min_age: Duration,
     ) -> impl Future<Output = Result<Vec<FlowRun>, BackendError>> + Send;
+    /// Re-checks, once the run is held busy, that an [`Backend::orphans`] answer still
+    /// stands: the scan may have read the run just before its launch was recorded.
+    fn still_unlaunched(
+        &self,
+        run: &FlowRun,
+    ) -> impl Future<Output = Result<bool, BackendError>> + Send;
     /// True when this agent holds the run's latest claim (as every agent reads it), even
     /// if the run has moved on since (e.g. to CANCELLING before it was launched).
     fn claimed_by_me(

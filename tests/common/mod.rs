@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod prefect1;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -161,7 +162,7 @@ pub fn spawn_tied_to_test_process(mut cmd: Command) {
 }
 
 /// A plain HTTP/1.0 GET, answering whether the status was 2xx (no runtime needed).
-fn http_get_ok(port: u16, path: &str) -> bool {
+pub(crate) fn http_get_ok(port: u16, path: &str) -> bool {
     let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
         return false;
     };

@@ -10,7 +10,7 @@ pub mod graphql;
 pub mod labels;
 pub mod run_config;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -224,6 +224,9 @@ pub struct Prefect1 {
     gql: GraphqlClient,
     cfg: Prefect1Config,
     meta: Mutex<HashMap<String, RunMeta>>,
+    /// Runs this process launched that may still be Submitted: Prefect 1 has no field
+    /// for a run's infrastructure, so this is what keeps them from being adopted.
+    launched: Mutex<HashSet<String>>,
 }
 
 impl Prefect1 {
@@ -234,6 +237,7 @@ impl Prefect1 {
             gql: GraphqlClient::new(api, cfg.tenant_id.clone(), cfg.key.is_some()),
             cfg,
             meta: Mutex::new(HashMap::new()),
+            launched: Mutex::new(HashSet::new()),
         })
     }
 
@@ -518,8 +522,12 @@ impl Backend for Prefect1 {
         })
     }
 
-    async fn launched(&self, _run_id: &str, _infra_id: &str) -> Result<(), BackendError> {
-        // Prefect 1 has no field for it; the deterministic Job name is the record.
+    async fn launched(&self, run_id: &str, _infra_id: &str) -> Result<(), BackendError> {
+        // Prefect 1 has no field for it: remembered here, and after a restart the
+        // deployer finds the infrastructure by the run's id (the Job's name).
+        if let Ok(mut launched) = self.launched.lock() {
+            launched.insert(run_id.to_string());
+        }
         Ok(())
     }
 
@@ -551,12 +559,29 @@ impl Backend for Prefect1 {
             .await?;
         let now = Utc::now();
         let runs = self.remember(&rows);
-        let (old, fresh): (Vec<_>, Vec<_>) =
-            runs.into_iter().partition(|r| r.state_age(now) >= min_age);
-        for r in fresh {
+        let submitted: HashSet<&str> = runs.iter().map(|r| r.id.as_str()).collect();
+        let launched = match self.launched.lock() {
+            Ok(mut launched) => {
+                // Runs that moved on need no protection any more.
+                launched.retain(|id| submitted.contains(id.as_str()));
+                launched.clone()
+            }
+            Err(_) => HashSet::new(),
+        };
+        let (old, rest): (Vec<_>, Vec<_>) = runs
+            .into_iter()
+            .partition(|r| r.state_age(now) >= min_age && !launched.contains(&r.id));
+        for r in rest {
             self.forget(&r.id);
         }
         Ok(old)
+    }
+
+    async fn still_unlaunched(&self, run: &FlowRun) -> Result<bool, BackendError> {
+        if self.launched.lock().is_ok_and(|l| l.contains(&run.id)) {
+            return Ok(false);
+        }
+        Ok(self.settled_state(&run.id).await? == StateKind::Pending)
     }
 
     async fn claimed_by_me(&self, run: &FlowRun) -> Result<bool, BackendError> {
