@@ -22,7 +22,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agent::stats::{AgentStats, StatsSnapshot};
 use crate::agent::{Agent, AgentConfig};
+use crate::backend::Backend;
 use crate::backend::http::{Auth, RetryPolicy};
+use crate::backend::prefect1::{Prefect1, Prefect1Config};
 use crate::backend::prefect3::{Prefect3, Prefect3Config};
 use crate::crd::{Flavor, PrefectAgent, PrefectAgentSpec, PrefectAgentStatus, SecretKeyRef};
 use crate::deploy::kubernetes::KubernetesDeployer;
@@ -415,16 +417,24 @@ impl PrefectAgent {
         key: &str,
     ) -> Result<(), (&'static str, String)> {
         let spec = &self.spec;
-        if spec.api.flavor == Flavor::Prefect1 {
+        let prefect1 = spec.api.flavor == Flavor::Prefect1;
+        let pool = match (&spec.api.work_pool, prefect1) {
+            (_, true) => String::new(),
+            (Some(pool), false) => pool.clone(),
+            (None, false) => {
+                return Err((
+                    "InvalidSpec",
+                    "spec.api.workPool is required for flavor prefect3".to_string(),
+                ));
+            }
+        };
+        if prefect1 && spec.api.auth_string_secret_ref.is_some() {
             return Err((
-                "UnsupportedFlavor",
-                "spec.api.flavor prefect1 is not available in this version".into(),
+                "InvalidSpec",
+                "spec.api.authStringSecretRef is a Prefect 3 setting; Prefect 1 takes keySecretRef"
+                    .to_string(),
             ));
         }
-        let pool = spec.api.work_pool.clone().ok_or((
-            "InvalidSpec",
-            "spec.api.workPool is required for flavor prefect3".to_string(),
-        ))?;
         let cfg = agent_config(&self.name_any(), spec)?;
         let key_secret = match &spec.api.key_secret_ref {
             Some(r) => Some(
@@ -447,13 +457,47 @@ impl PrefectAgent {
             .key_secret_ref
             .clone()
             .or(spec.api.auth_string_secret_ref.clone());
+        let deployer = KubernetesDeployer {
+            client: ctx.client.clone(),
+            observer: ctx.observer.clone(),
+            agent_namespace: ns.to_string(),
+            agent_name: self.name_any(),
+            defaults: spec.job.clone(),
+            secret: secret_ref,
+            concurrency_limit: spec.concurrency_limit,
+        };
+        let api_url = spec.api.url.trim_end_matches('/').to_string();
+        if prefect1 {
+            let backend = Prefect1::new(Prefect1Config {
+                api_url,
+                backend: if key_secret.is_some() {
+                    "cloud"
+                } else {
+                    "server"
+                }
+                .into(),
+                key: key_secret,
+                tenant_id: spec.api.tenant_id.clone(),
+                agent_name: cfg.name.clone(),
+                agent_type: "KubernetesAgent".into(),
+                labels: cfg.labels.clone(),
+                agent_config_id: cfg.agent_config_id.clone(),
+                prefetch: Duration::from_secs(10),
+                default_image: spec.job.image.clone(),
+                log_level: "INFO".into(),
+                retry: ctx.retry,
+            })
+            .map_err(|e| ("InvalidSpec", e.to_string()))?;
+            self.run_agent(ctx, key, Agent::new(cfg, backend, deployer));
+            return Ok(());
+        }
         let auth = match (key_secret, auth_secret) {
             (Some(k), _) => Auth::Bearer(k),
             (None, Some(s)) => Auth::Basic(s),
             (None, None) => Auth::None,
         };
         let backend = Prefect3::new(Prefect3Config {
-            api_url: spec.api.url.trim_end_matches('/').to_string(),
+            api_url,
             auth,
             pool,
             queues: spec.api.work_queues.clone(),
@@ -465,16 +509,12 @@ impl PrefectAgent {
             retry: ctx.retry,
         })
         .map_err(|e| ("InvalidSpec", e.to_string()))?;
-        let deployer = KubernetesDeployer {
-            client: ctx.client.clone(),
-            observer: ctx.observer.clone(),
-            agent_namespace: ns.to_string(),
-            agent_name: self.name_any(),
-            defaults: spec.job.clone(),
-            secret: secret_ref,
-            concurrency_limit: spec.concurrency_limit,
-        };
-        let agent = Agent::new(cfg, backend, deployer);
+        self.run_agent(ctx, key, Agent::new(cfg, backend, deployer));
+        Ok(())
+    }
+
+    /// Runs the agent as a supervised task for this resource's generation.
+    fn run_agent<B: Backend>(&self, ctx: &Context, key: &str, agent: Agent<B, KubernetesDeployer>) {
         let stats = agent.stats();
         let token = CancellationToken::new();
         let run_token = token.clone();
@@ -498,7 +538,6 @@ impl PrefectAgent {
             stats,
             handle,
         );
-        Ok(())
     }
 
     async fn write_status(&self, ctx: &Context, phase: &AgentPhase) -> Result<(), Error> {

@@ -98,7 +98,8 @@ pub struct SecretKeyRef {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ApiSpec {
-    /// API URL ending in /api (Cloud: .../api/accounts/<id>/workspaces/<id>).
+    /// Prefect 3: the API URL ending in /api (Cloud: .../api/accounts/<id>/workspaces/<id>).
+    /// Prefect 1: the GraphQL endpoint (Server: http://apollo:4200/graphql).
     #[schemars(regex(pattern = r"^https?://.+"))]
     pub url: String,
     #[serde(default)]
@@ -116,6 +117,9 @@ pub struct ApiSpec {
     /// Prefect 3 work queues of the pool; empty = all.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub work_queues: Vec<String>,
+    /// Prefect 1 tenant (Cloud 1 with an API key; looked up when unset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant_id: Option<String>,
 }
 
 /// Image pull policy of the flow-run container.

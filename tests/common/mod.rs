@@ -458,6 +458,10 @@ pub fn agent_command(args: &[&str]) -> Command {
 }
 
 /// A subcommand against the API server behind `kubeconfig`.
+pub fn clean_cluster_command(kubeconfig: &Path, subcommand: &str) -> Command {
+    cluster_command(kubeconfig, subcommand)
+}
+
 fn cluster_command(kubeconfig: &Path, subcommand: &str) -> Command {
     let mut cmd = clean_command();
     cmd.arg(subcommand)
