@@ -221,6 +221,10 @@ async fn graphql_errors_and_500s_are_retried_and_counted() {
     server
         .fault(json!({"mode": "graphql_error", "count": 2, "operation": "get_runs_in_queue", "message": "database unavailable"}))
         .await;
+    // A slow answer (the 1.4 client waits up to 15 s) is only slow.
+    server
+        .fault(json!({"mode": "slow", "delay": 2, "count": 1, "operation": "get_runs_in_queue"}))
+        .await;
     let run = server.create_run(json!({})).await;
     let mut args = agent_args(&server.url, "steady", &runner);
     args.extend(["--max-polls", "8"]);
@@ -243,6 +247,55 @@ async fn graphql_errors_and_500s_are_retried_and_counted() {
         .filter(|r| r["operations"][0] == "get_runs_in_queue")
         .count();
     assert_eq!(polls, 8 + 3, "8 polls, 3 of the calls retried after a 500");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_running_run_with_a_due_task_run_is_submitted_again() {
+    let server = FakePrefect1::start().await;
+    let (_dir, record) = temp_record();
+    let runner = fake_runner(&record, "complete");
+    let run = server.create_run(json!({"state": "Running"})).await;
+    let ten_seconds_ago = (chrono::Utc::now() - chrono::Duration::seconds(10)).to_rfc3339();
+    server
+        .api
+        .call(
+            reqwest::Method::POST,
+            "/_fake/task_runs",
+            Some(json!({"flow_run_id": run, "state": "Scheduled", "state_start_time": ten_seconds_ago})),
+        )
+        .await;
+    server
+        .api
+        .call(
+            reqwest::Method::POST,
+            "/_fake/task_runs",
+            Some(json!({"flow_run_id": run, "state": "Success", "state_start_time": ten_seconds_ago})),
+        )
+        .await;
+    let _agent = AgentProcess::start(&agent_args(&server.url, "retrier", &runner));
+    let done = server
+        .wait_state(&run, "Success", Duration::from_secs(60))
+        .await;
+    assert_eq!(recorded(&record), std::slice::from_ref(&run));
+    let tasks = done["task_runs"].as_array().unwrap();
+    let task = tasks.iter().find(|t| t["state"] != "Success").unwrap();
+    assert_eq!(
+        task["state"], "Submitted",
+        "claimed through its task run: {done}"
+    );
+    assert_eq!(
+        tasks.iter().filter(|t| t["state"] == "Success").count(),
+        1,
+        "a finished task run is left alone"
+    );
+    assert_eq!(
+        task["serialized_state"]["message"],
+        "Submitted for execution by agent retrier"
+    );
+    assert!(
+        submitted_by(&done).is_empty(),
+        "the flow run itself is not moved back to Submitted"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -70,7 +70,7 @@ struct RunMeta {
     run_config: Value,
     labels: Vec<String>,
     flow: FlowInfo,
-    /// Due task runs of a Running flow run: (id, version).
+    /// Due task runs of a Running flow run that are Scheduled (retries): (id, version).
     task_runs: Vec<(String, i64)>,
 }
 
@@ -178,6 +178,12 @@ fn parse_run(row: &Value) -> Option<(FlowRun, RunMeta)> {
         .and_then(Value::as_array)
         .map(|t| {
             t.iter()
+                // Only what waits to run again; finished or running task runs stay as they are.
+                .filter(|t| {
+                    t.pointer("/serialized_state/type")
+                        .and_then(Value::as_str)
+                        .is_some_and(|k| state_kind(k) == StateKind::Scheduled)
+                })
                 .filter_map(|t| {
                     Some((
                         t.get("id")?.as_str()?.to_string(),
@@ -657,7 +663,10 @@ mod tests {
             "run_config": {"type": "KubernetesRun", "image": "x"}, "name": "brave-fox",
             "labels": ["k8s"],
             "flow": {"id": "f1", "name": "etl", "environment": null, "storage": null, "version": 1, "core_version": "1.4.1"},
-            "task_runs": [{"id": "t1", "version": 2, "task_id": "k", "serialized_state": {}}]
+            "task_runs": [
+                {"id": "t1", "version": 2, "task_id": "k", "serialized_state": {"type": "Retrying"}},
+                {"id": "t2", "version": 5, "task_id": "j", "serialized_state": {"type": "Success"}}
+            ]
         });
         let (run, meta) = parse_run(&row).unwrap();
         assert_eq!(run.state, StateKind::Scheduled);
