@@ -845,7 +845,11 @@ async fn a_prefect1_agent_resource_runs_a_flow_through_its_job() {
     let shim = record_dir.path().join("prefect");
     std::fs::write(
         &shim,
-        format!("#!/bin/sh\nexec {}\n", fake_runner(&record, "complete")),
+        // FAKE_MODE (from the run_config's env) picks the fake runner's behaviour.
+        format!(
+            "#!/bin/sh\nexec {}\n",
+            fake_runner(&record, "\"${FAKE_MODE:-complete}\"")
+        ),
     )
     .unwrap();
     std::fs::set_permissions(&shim, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
@@ -961,6 +965,17 @@ async fn a_prefect1_agent_resource_runs_a_flow_through_its_job() {
         (s.runs_submitted == 1 && s.polls > 0).then_some(())
     })
     .await;
+
+    // A run whose flow process dies: its Job fails and the run ends Failed with why.
+    let run2 = server
+        .create_run(json!({"flow_id": flow, "labels": ["k8s"], "run_config": {
+            "type": "KubernetesRun", "env": {"FAKE_MODE": "exit3"}}}))
+        .await;
+    let failed = server
+        .wait_state(&run2, "Failed", Duration::from_secs(90))
+        .await;
+    let message = failed["state_message"].as_str().unwrap_or_default();
+    assert!(message.contains("exit status: 3"), "{message}");
     assert!(
         !operator.output().contains(&key),
         "key in the operator's log"
