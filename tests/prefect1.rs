@@ -39,6 +39,30 @@ fn submitted_by(run: &Value) -> Vec<String> {
         .collect()
 }
 
+/// The agent's sleeps between polls, from the fake server's request log: from the last
+/// answer the poll loop waited for (the poll, or the metadata query after it) to the
+/// next poll's arrival. Server and load latency stay out of the figures.
+fn poll_sleeps(requests: &[Value]) -> Vec<f64> {
+    let is_poll = |r: &Value| r["operations"][0] == "get_runs_in_queue";
+    let is_metadata = |r: &Value| {
+        r["operations"][0] == "flow_run" && r["query"].as_str().unwrap().contains("_in:")
+    };
+    let polls: Vec<usize> = (0..requests.len())
+        .filter(|&i| is_poll(&requests[i]))
+        .collect();
+    polls
+        .windows(2)
+        .map(|w| {
+            let loop_done = requests[w[0]..w[1]]
+                .iter()
+                .filter(|r| is_poll(r) || is_metadata(r))
+                .map(|r| r["done"].as_f64().unwrap())
+                .fold(f64::MIN, f64::max);
+            requests[w[1]]["time"].as_f64().unwrap() - loop_done
+        })
+        .collect()
+}
+
 fn temp_record() -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let record = dir.path().join("runs.txt");
@@ -173,10 +197,11 @@ async fn polls_follow_the_seed_s_backoff_and_max_polls() {
         .map(|r| r["time"].as_f64().unwrap())
         .collect();
     assert_eq!(polls.len(), 6, "max_polls counts every poll");
-    let gaps: Vec<f64> = polls.windows(2).map(|w| w[1] - w[0]).collect();
+    let gaps = poll_sleeps(&requests);
+    assert_eq!(gaps.len(), 5);
     for (gap, expected) in gaps.iter().zip([0.5, 1.0, 2.0, 4.0, 8.0]) {
         assert!(
-            (gap - expected).abs() < 0.3,
+            (expected - 0.02..expected + 0.2).contains(gap),
             "gaps {gaps:?}, expected the seed's 0.5, 1, 2, 4, 8"
         );
     }
@@ -206,6 +231,33 @@ async fn polls_follow_the_seed_s_backoff_and_max_polls() {
         (9.0..11.0).contains(&ahead),
         "before is ~10 s ahead: {ahead}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn after_a_poll_that_found_runs_the_backoff_starts_over() {
+    let server = FakePrefect1::start().await;
+    let (_dir, record) = temp_record();
+    let runner = fake_runner(&record, "complete");
+    server.create_run(json!({})).await;
+    let mut agent = AgentProcess::start(&[
+        "--flavor",
+        "prefect1",
+        "--api-url",
+        &server.url,
+        "--command",
+        &runner,
+        "--max-polls",
+        "5",
+    ]);
+    assert!(agent.wait_exit(Duration::from_secs(60)).await.success());
+    let gaps = poll_sleeps(&server.requests().await);
+    assert_eq!(gaps.len(), 4);
+    for (gap, expected) in gaps.iter().zip([0.25, 0.5, 1.0, 2.0]) {
+        assert!(
+            (expected - 0.02..expected + 0.2).contains(gap),
+            "gaps {gaps:?}, expected the seed's 0.25 after work, then 0.5, 1, 2"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
