@@ -12,7 +12,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from qs_common import REPO, VENV, call, clean_env, deploy_hello, follow_run, print_logs, start_prefect_server, step, stop
+from qs_common import REPO, VENV, call, clean_env, deploy_hello, free_port, follow_run, print_logs, start_prefect_server, step, stop
 
 BIN = Path(os.environ["PAO_AGENT_BIN"])
 POOL = "quickstart-k8s"
@@ -55,7 +55,9 @@ def main() -> None:
         dep = deploy_hello(api, POOL, "kubernetes", template)
 
         step("Starting the operator (it installs its CRD) and the dev job runner")
-        operator = subprocess.Popen([str(BIN), "operator", "--install-crd"], env=env)
+        health = f"127.0.0.1:{free_port()}"
+        operator = subprocess.Popen([str(BIN), "operator", "--install-crd", "--health-address", health],
+                                    env=env)
         runner = subprocess.Popen([str(BIN), "dev-runner"], env=env)
         for _ in range(100):
             if "prefectagents.prefect.io" in kubectl(kubeconfig, "get", "crd", check=False):

@@ -1,5 +1,12 @@
 //! The command line: `agent` runs one standalone agent. Every flag can also come from the environment.
 
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::leader::LeaderConfig;
+use crate::operator_api::Readiness;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -67,6 +74,22 @@ pub struct OperatorArgs {
     /// marked crashed and its Job deleted.
     #[arg(long, env = "PAO_POD_GRACE", default_value = "60s", value_parser = humantime::parse_duration)]
     pub pod_grace: std::time::Duration,
+    /// Serve /healthz, /readyz and /metrics here.
+    #[arg(long, env = "PAO_HEALTH_ADDRESS", default_value = "0.0.0.0:8080")]
+    pub health_address: std::net::SocketAddr,
+    /// Run agents only while holding a Lease (for more than one replica).
+    #[arg(long, env = "PAO_LEADER_ELECT")]
+    pub leader_elect: bool,
+    /// Namespace of the leader Lease (default: the pod's, from POD_NAMESPACE).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub leader_election_namespace: String,
+    /// Name of the leader Lease.
+    #[arg(
+        long,
+        env = "PAO_LEADER_ELECTION_ID",
+        default_value = "prefect-agent-operator"
+    )]
+    pub leader_election_id: String,
 }
 
 /// Which Prefect API the agent speaks.
@@ -348,8 +371,89 @@ async fn run_operator(args: OperatorArgs) -> Result<(), CliError> {
         tracing::info!("PrefectAgent CRD installed");
     }
     let shutdown = crate::signals::shutdown_on_signals().map_err(CliError::runtime)?;
-    crate::controller::run(client, args.namespace, args.pod_grace, shutdown).await;
+    let readiness = Arc::new(Readiness::default());
+    readiness.api_reachable.store(true, Ordering::Relaxed);
+    let ctx = crate::controller::Context::new(client.clone(), args.pod_grace);
+    crate::operator_api::serve(
+        args.health_address,
+        readiness.clone(),
+        ctx.clone(),
+        shutdown.clone(),
+    )
+    .await
+    .map_err(|e| {
+        CliError::runtime(format!(
+            "cannot serve on --health-address {}: {e}",
+            args.health_address
+        ))
+    })?;
+    tokio::spawn(watch_api(
+        client.clone(),
+        readiness.clone(),
+        shutdown.clone(),
+    ));
+
+    // Agents run only while this replica leads; losing the Lease ends the process.
+    let run_token = shutdown.child_token();
+    let mut renewer = None;
+    if args.leader_elect {
+        let identity = std::env::var("POD_NAME")
+            .unwrap_or_else(|_| format!("{}-{}", hostname(), std::process::id()));
+        let cfg = LeaderConfig::new(
+            args.leader_election_namespace.clone(),
+            args.leader_election_id.clone(),
+            identity,
+        );
+        let Some((lost, handle)) = crate::leader::lead(client.clone(), cfg, shutdown.clone()).await
+        else {
+            return Ok(());
+        };
+        let token = run_token.clone();
+        tokio::spawn(async move {
+            lost.cancelled().await;
+            token.cancel();
+        });
+        renewer = Some(handle);
+    }
+    readiness.leading.store(true, Ordering::Relaxed);
+    let agents: kube::Api<crate::crd::PrefectAgent> = match &args.namespace {
+        Some(ns) => kube::Api::namespaced(client.clone(), ns),
+        None => kube::Api::all(client.clone()),
+    };
+    agents
+        .list(&kube::api::ListParams::default().limit(1))
+        .await
+        .map_err(|e| CliError::runtime(format!("cannot list PrefectAgents: {e}")))?;
+    readiness.synced.store(true, Ordering::Relaxed);
+    crate::controller::run(ctx, args.namespace, run_token).await;
+    readiness.leading.store(false, Ordering::Relaxed);
+    if let Some(handle) = renewer {
+        shutdown.cancel();
+        if let Ok(Err(e)) = handle.await {
+            return Err(CliError::runtime(e));
+        }
+    }
     Ok(())
+}
+
+/// Keeps `api_reachable` current: /readyz fails while Kubernetes cannot be reached.
+async fn watch_api(client: kube::Client, readiness: Arc<Readiness>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(10)) => {}
+            _ = stop.cancelled() => return,
+        }
+        let ok = client.apiserver_version().await.is_ok();
+        if readiness.api_reachable.swap(ok, Ordering::Relaxed) != ok {
+            tracing::warn!(reachable = ok, "Kubernetes API reachability changed");
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "operator".into())
 }
 
 async fn run_dev_runner(args: DevRunnerArgs) -> Result<(), CliError> {

@@ -177,6 +177,19 @@ impl Supervisor {
         }
     }
 
+    /// Each running agent's counters, by `namespace/name`.
+    pub fn snapshots(&self) -> Vec<(String, StatsSnapshot)> {
+        let Ok(agents) = self.agents.lock() else {
+            return Vec::new();
+        };
+        let mut out: Vec<_> = agents
+            .iter()
+            .map(|(k, r)| (k.clone(), r.stats.snapshot()))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
     /// Stops every agent (operator shutdown).
     pub fn stop_all(&self) {
         if let Ok(mut agents) = self.agents.lock() {
@@ -654,29 +667,45 @@ fn error_policy(agent: Arc<PrefectAgent>, error: &Error, _ctx: Arc<Context>) -> 
 
 /// Runs the operator until `shutdown`: the Job watch and the controller.
 /// `namespace`: watch only this one (resources and Jobs), else every namespace.
-pub async fn run(
-    client: Client,
-    namespace: Option<String>,
-    pod_grace: Duration,
-    shutdown: CancellationToken,
-) {
-    let observer = JobObserver::new(pod_grace);
+impl Context {
+    pub fn new(client: Client, pod_grace: Duration) -> Arc<Self> {
+        let reporter = Reporter {
+            controller: crate::APP_NAME.into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        Arc::new(Context {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            observer: JobObserver::new(pod_grace),
+            supervisor: Supervisor::default(),
+            retry: RetryPolicy::default(),
+        })
+    }
+}
+
+impl crate::operator_api::MetricsSource for Context {
+    fn agents(&self) -> Vec<(String, StatsSnapshot, usize)> {
+        self.supervisor
+            .snapshots()
+            .into_iter()
+            .map(|(key, stats)| {
+                let active = key
+                    .split_once('/')
+                    .map_or(0, |(ns, name)| self.observer.active(&agent_label(ns, name)));
+                (key, stats, active)
+            })
+            .collect()
+    }
+}
+
+/// Runs the controller (and the Job observer) until `shutdown`.
+pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: CancellationToken) {
+    let client = ctx.client.clone();
     tokio::spawn(
-        observer
+        ctx.observer
             .clone()
             .run(client.clone(), namespace.clone(), shutdown.clone()),
     );
-    let reporter = Reporter {
-        controller: crate::APP_NAME.into(),
-        instance: std::env::var("POD_NAME").ok(),
-    };
-    let ctx = Arc::new(Context {
-        recorder: Recorder::new(client.clone(), reporter),
-        client: client.clone(),
-        observer,
-        supervisor: Supervisor::default(),
-        retry: RetryPolicy::default(),
-    });
     let agents: Api<PrefectAgent> = match &namespace {
         Some(ns) => Api::namespaced(client, ns),
         None => Api::all(client),

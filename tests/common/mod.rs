@@ -471,9 +471,11 @@ fn cluster_command(kubeconfig: &Path, subcommand: &str) -> Command {
     cmd
 }
 
-/// The operator against the API server behind `kubeconfig`.
+/// The operator against the API server behind `kubeconfig`, its probes on a free port.
 pub fn operator_command(kubeconfig: &Path) -> Command {
-    cluster_command(kubeconfig, "operator")
+    let mut cmd = cluster_command(kubeconfig, "operator");
+    cmd.env("PAO_HEALTH_ADDRESS", format!("127.0.0.1:{}", free_port()));
+    cmd
 }
 
 /// The dev job runner against the API server behind `kubeconfig`, for one namespace.
