@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Installs a pinned Prefect 3 into a venv cached outside the repo and prints its path,
-# plus what the tests' fakes need (graphql-core for the fake Prefect 1 server).
+# plus what the tests need besides: graphql-core (the fake Prefect 1 server) and
+# helm-python-sdk (Helm v4's engine, to render and lint the chart).
 # Re-running is cheap: the venv is reused when it already has the pinned versions.
 set -euo pipefail
 
 PREFECT_VERSION="${PREFECT_VERSION:-3.9.1}"
 CACHE="${PAO_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/prefect-agent-operator}"
 VENV="$CACHE/venv-prefect-$PREFECT_VERSION"
-EXTRAS="graphql-core==3.2.6"
+EXTRAS="graphql-core==3.2.6 helm-python-sdk==0.2.2"
 
 if [ -x "$VENV/bin/prefect" ] && [ -f "$VENV/.complete" ]; then
   if [ "$(cat "$VENV/.complete")" != "$EXTRAS" ]; then
