@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one test command: formatting, lints, unit tests, and integration tests against a
-# real Prefect server (installed into a cached venv by scripts/setup-prefect.sh).
+# real Prefect server and Helm's engine (a cached venv from scripts/setup-prefect.sh),
+# a real kube-apiserver (scripts/kube-apiserver.sh) and Lua 5.1 (Debian's lua5.1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +14,11 @@ echo "using $PAO_PREFECT_VENV"
 
 echo "==> kube-apiserver + etcd (built from Debian sources once, cached)"
 bash scripts/kube-apiserver.sh install
+
+echo "==> lua5.1 (runs the Argo CD health check)"
+if ! command -v lua5.1 >/dev/null; then
+  apt-get install -y -qq lua5.1 >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq lua5.1 >/dev/null; }
+fi
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
