@@ -420,10 +420,21 @@ async fn run_operator(args: OperatorArgs) -> Result<(), CliError> {
         Some(ns) => kube::Api::namespaced(client.clone(), ns),
         None => kube::Api::all(client.clone()),
     };
-    agents
+    // Ready once PrefectAgents can be listed (a CRD installed a moment ago is not served yet).
+    let mut warned = false;
+    while let Err(e) = agents
         .list(&kube::api::ListParams::default().limit(1))
         .await
-        .map_err(|e| CliError::runtime(format!("cannot list PrefectAgents: {e}")))?;
+    {
+        if !warned {
+            tracing::warn!(error = %e, "cannot list PrefectAgents yet; retrying (is the CRD installed?)");
+            warned = true;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            _ = run_token.cancelled() => return Ok(()),
+        }
+    }
     readiness.synced.store(true, Ordering::Relaxed);
     crate::controller::run(ctx, args.namespace, run_token).await;
     readiness.leading.store(false, Ordering::Relaxed);
