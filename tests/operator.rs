@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::cluster::{KubeApiServer, install_crd, namespace};
+use common::cluster::{KubeApiServer, cluster_with_namespace, create_secret};
 use common::*;
 use k8s_openapi::api::batch::v1::Job;
 use kube::ResourceExt;
@@ -14,12 +14,7 @@ use serde_json::json;
 
 /// Both servers, the CRD, a namespace, a Prefect pool, and the operator running.
 async fn setup(prefix: &str) -> (kube::Client, String, Setup, AgentProcess) {
-    let kube_server = tokio::task::spawn_blocking(KubeApiServer::shared)
-        .await
-        .unwrap();
-    let client = kube_server.client().await;
-    install_crd(&client).await;
-    let ns = namespace(&client, prefix).await;
+    let (kube_server, client, ns) = cluster_with_namespace(prefix).await;
     let prefect = Setup::new(prefix).await;
     // Each test's operator watches its own namespace only: tests run side by side.
     let mut cmd = operator_command(&kube_server.kubeconfig);
@@ -106,17 +101,7 @@ async fn an_agent_resource_launches_one_job_per_run_and_reports_back() {
     let agents: Api<PrefectAgent> = Api::namespaced(client.clone(), &ns);
     // A key the no-auth test server ignores, so it can be traced everywhere it must not be.
     let canary = format!("pnu_canary_{}", uuid::Uuid::new_v4().simple());
-    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), &ns);
-    secrets
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(
-                json!({"metadata": {"name": "prefect-api"}, "stringData": {"key": canary}}),
-            )
-            .unwrap(),
-        )
-        .await
-        .expect("secret");
+    create_secret(&client, &ns, "prefect-api", &canary).await;
     let mut resource = agent_resource("etl", &prefect.server.url, &prefect.pool);
     resource.spec.api.key_secret_ref = Some(prefect_agent_operator::crd::SecretKeyRef {
         name: "prefect-api".into(),
@@ -129,18 +114,7 @@ async fn an_agent_resource_launches_one_job_per_run_and_reports_back() {
 
     // What a user runs: kubectl waits on the Ready condition of the current generation.
     let kube_server = KubeApiServer::shared();
-    let (ok, out) = kube_server
-        .kubectl(&[
-            "wait",
-            "-n",
-            &ns,
-            "--for=condition=Ready",
-            "pfa/etl",
-            "--timeout=60s",
-        ])
-        .await;
-    assert!(ok, "kubectl wait: {out}");
-    assert!(out.contains("condition met"), "{out}");
+    kube_server.wait_ready(&ns, "etl", &operator).await;
     let ready = agents.get("etl").await.unwrap();
     let (_, _, generation) = condition(&ready, "Ready").unwrap();
     assert_eq!(generation, created.metadata.generation);
@@ -827,12 +801,7 @@ async fn prefect_blocks_in_job_variables_are_resolved() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_prefect1_agent_resource_runs_a_flow_through_its_job() {
-    let kube_server = tokio::task::spawn_blocking(KubeApiServer::shared)
-        .await
-        .unwrap();
-    let client = kube_server.client().await;
-    install_crd(&client).await;
-    let ns = namespace(&client, "p1").await;
+    let (kube_server, client, ns) = cluster_with_namespace("p1").await;
     let key = format!("pcsk_{}", uuid::Uuid::new_v4().simple());
     let server = common::prefect1::FakePrefect1::start_with(&["--token", &key]).await;
     let mut cmd = operator_command(&kube_server.kubeconfig);
@@ -864,17 +833,7 @@ async fn a_prefect1_agent_resource_runs_a_flow_through_its_job() {
     );
     let _runner = AgentProcess::start_with(runner_cmd);
 
-    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), &ns);
-    secrets
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(
-                json!({"metadata": {"name": "prefect1-api"}, "stringData": {"key": key}}),
-            )
-            .unwrap(),
-        )
-        .await
-        .expect("secret");
+    create_secret(&client, &ns, "prefect1-api", &key).await;
     let agents: Api<PrefectAgent> = Api::namespaced(client.clone(), &ns);
     let resource: PrefectAgent = serde_json::from_value(json!({
         "apiVersion": "prefect.io/v1alpha1", "kind": "PrefectAgent",
@@ -889,17 +848,7 @@ async fn a_prefect1_agent_resource_runs_a_flow_through_its_job() {
         .create(&PostParams::default(), &resource)
         .await
         .expect("create");
-    let (ok, out) = kube_server
-        .kubectl(&[
-            "wait",
-            "-n",
-            &ns,
-            "--for=condition=Ready",
-            "pfa/legacy",
-            "--timeout=60s",
-        ])
-        .await;
-    assert!(ok, "kubectl wait: {out}\n{}", operator.output());
+    kube_server.wait_ready(&ns, "legacy", &operator).await;
     let registered = server.agents().await;
     assert_eq!(registered[0]["type"], "KubernetesAgent");
 
@@ -994,12 +943,7 @@ async fn probe(port: u16, path: &str) -> Option<(u16, String)> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn two_replicas_elect_one_leader_and_the_standby_takes_over() {
-    let kube_server = tokio::task::spawn_blocking(KubeApiServer::shared)
-        .await
-        .unwrap();
-    let client = kube_server.client().await;
-    install_crd(&client).await;
-    let ns = namespace(&client, "ha").await;
+    let (kube_server, client, ns) = cluster_with_namespace("ha").await;
     let prefect = Setup::new("ha").await;
     let start = |port: u16| {
         let mut cmd = operator_command(&kube_server.kubeconfig);

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::cluster::{KubeApiServer, install_crd, namespace};
+use common::cluster::{cluster_with_namespace, create_secret};
 use common::*;
 use k8s_openapi::api::batch::v1::Job;
 use kube::api::{Api, PostParams};
@@ -478,11 +478,7 @@ fn kubeconfig_with_token(admin: &Path, token: &str, dir: &Path) -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn install_yaml_and_the_chart_apply_to_the_api_server() {
-    let kube_server = tokio::task::spawn_blocking(KubeApiServer::shared)
-        .await
-        .unwrap();
-    let client = kube_server.client().await;
-    install_crd(&client).await;
+    let (kube_server, client, ns) = cluster_with_namespace("chart").await;
     let install = repo().join("manifests/install.yaml");
     // A real apply, as a user runs it (a server-side dry run cannot create the namespace
     // the other objects go into).
@@ -507,7 +503,6 @@ async fn install_yaml_and_the_chart_apply_to_the_api_server() {
 
     // The chart with non-default values, applied for real (without the ServiceMonitor,
     // whose CRD this server does not have, and with this server's PDB version).
-    let ns = namespace(&client, "chart").await;
     let objects = render(
         json!({"replicaCount": 2, "watchNamespace": ns,
                "agents": [{"name": "from-chart",
@@ -531,12 +526,7 @@ async fn install_yaml_and_the_chart_apply_to_the_api_server() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_chart_s_rbac_is_enough_to_run_the_operator() {
-    let kube_server = tokio::task::spawn_blocking(KubeApiServer::shared)
-        .await
-        .unwrap();
-    let client = kube_server.client().await;
-    install_crd(&client).await;
-    let ns = namespace(&client, "rbac").await;
+    let (kube_server, client, ns) = cluster_with_namespace("rbac").await;
     let prefect = Setup::new("rbac").await;
     // Namespaced mode, leader election on: the Roles, the binding and the Lease rules.
     let objects = render(
@@ -590,17 +580,7 @@ async fn the_chart_s_rbac_is_enough_to_run_the_operator() {
         .env("PAO_POD_GRACE", "1s");
     let operator = AgentProcess::start_with(cmd);
 
-    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), &ns);
-    secrets
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(
-                json!({"metadata": {"name": "prefect-api"}, "stringData": {"key": "unused"}}),
-            )
-            .unwrap(),
-        )
-        .await
-        .unwrap();
+    create_secret(&client, &ns, "prefect-api", "unused").await;
     let agents: Api<PrefectAgent> = Api::namespaced(client.clone(), &ns);
     let resource: PrefectAgent = serde_json::from_value(json!({
         "apiVersion": "prefect.io/v1alpha1", "kind": "PrefectAgent",
@@ -614,17 +594,7 @@ async fn the_chart_s_rbac_is_enough_to_run_the_operator() {
         .create(&PostParams::default(), &resource)
         .await
         .unwrap();
-    let (ok, out) = kube_server
-        .kubectl(&[
-            "wait",
-            "-n",
-            &ns,
-            "--for=condition=Ready",
-            "pfa/rbac-agent",
-            "--timeout=60s",
-        ])
-        .await;
-    assert!(ok, "kubectl wait: {out}\noperator:\n{}", operator.output());
+    kube_server.wait_ready(&ns, "rbac-agent", &operator).await;
 
     let dep = prefect
         .api

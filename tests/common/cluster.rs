@@ -82,6 +82,24 @@ impl KubeApiServer {
         (out.status.success(), text)
     }
 
+    /// `kubectl wait --for=condition=Ready pfa/<name>`, as a user runs it; panics with
+    /// kubectl's answer and the operator's log when it times out.
+    pub async fn wait_ready(&self, namespace: &str, name: &str, operator: &super::AgentProcess) {
+        let resource = format!("pfa/{name}");
+        let (ok, out) = self
+            .kubectl(&[
+                "wait",
+                "-n",
+                namespace,
+                "--for=condition=Ready",
+                &resource,
+                "--timeout=60s",
+            ])
+            .await;
+        assert!(ok, "kubectl wait: {out}\noperator:\n{}", operator.output());
+        assert!(out.contains("condition met"), "{out}");
+    }
+
     /// An admin client from the kubeconfig the script wrote.
     pub async fn client(&self) -> Client {
         prefect_agent_operator::install_crypto_provider();
@@ -91,6 +109,31 @@ impl KubeApiServer {
             .expect("config");
         Client::try_from(config).expect("client")
     }
+}
+
+/// The shared API server with the CRD installed, an admin client and a fresh namespace.
+pub async fn cluster_with_namespace(prefix: &str) -> (&'static KubeApiServer, Client, String) {
+    let server = tokio::task::spawn_blocking(KubeApiServer::shared)
+        .await
+        .expect("the API server");
+    let client = server.client().await;
+    install_crd(&client).await;
+    let ns = namespace(&client, prefix).await;
+    (server, client, ns)
+}
+
+/// Creates a Secret `name` with one key `key`.
+pub async fn create_secret(client: &Client, namespace: &str, name: &str, value: &str) {
+    let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> =
+        kube::Api::namespaced(client.clone(), namespace);
+    let secret = serde_json::from_value(
+        serde_json::json!({"metadata": {"name": name}, "stringData": {"key": value}}),
+    )
+    .expect("a Secret");
+    secrets
+        .create(&kube::api::PostParams::default(), &secret)
+        .await
+        .expect("create the Secret");
 }
 
 /// Installs the PrefectAgent CRD (server-side apply) and waits until it is served.
