@@ -587,7 +587,7 @@ async fn the_chart_s_rbac_is_enough_to_run_the_operator() {
         "metadata": {"name": "rbac-agent"},
         "spec": {"api": {"url": prefect.server.url, "workPool": prefect.pool,
                          "keySecretRef": {"name": "prefect-api", "key": "key"}},
-                 "pollInterval": "1s"}
+                 "pollInterval": "1s", "job": {"ttlSecondsAfterFinished": 1}}
     }))
     .unwrap();
     agents
@@ -623,6 +623,13 @@ async fn the_chart_s_rbac_is_enough_to_run_the_operator() {
         .api
         .wait_state(&run, "CRASHED", Duration::from_secs(60))
         .await;
+    // Finished, its TTL runs out: the operator deletes it.
+    wait_for(
+        "the finished Job deleted",
+        Duration::from_secs(30),
+        || async { jobs.get_opt(&name).await.ok()?.is_none().then_some(()) },
+    )
+    .await;
     let lease: Api<k8s_openapi::api::coordination::v1::Lease> =
         Api::namespaced(client.clone(), &ns);
     let held = lease.get("prefect-agent-operator").await.unwrap();
