@@ -209,6 +209,22 @@ impl JobObserver {
         }
     }
 
+    /// A Job vanished. If its run was waiting for it to finish, it never will: the run's
+    /// agent hears that it ended (and crashes the run unless it finished or is cancelling).
+    pub fn gone(&self, job: &Job) {
+        let k = key(&job.namespace().unwrap_or_default(), &job.name_any());
+        if let Some(agent) = job.labels().get(labels::AGENT) {
+            self.forget(agent, &k);
+        }
+        let waiter = self.waiters.lock().ok().and_then(|mut w| w.remove(&k));
+        if let Some(tx) = waiter {
+            let _ = tx.send(Exit {
+                success: false,
+                description: format!("the Job {k} was deleted before it finished"),
+            });
+        }
+    }
+
     fn forget(&self, agent: &str, job_key: &str) {
         if let Ok(mut a) = self.active.lock()
             && let Some(jobs) = a.get_mut(agent)
@@ -326,12 +342,7 @@ impl JobObserver {
                 }
                 next = events.try_next() => match next {
                     Ok(Some(Seen::Job(job))) => { self.observe(&job); Vec::new() }
-                    Ok(Some(Seen::JobGone(job))) => {
-                        if let Some(agent) = job.labels().get(labels::AGENT) {
-                            self.forget(agent, &key(&job.namespace().unwrap_or_default(), &job.name_any()));
-                        }
-                        Vec::new()
-                    }
+                    Ok(Some(Seen::JobGone(job))) => { self.gone(&job); Vec::new() }
                     Ok(Some(Seen::Relist)) => {
                         if let Ok(mut a) = self.active.lock() { a.clear(); }
                         Vec::new()
@@ -530,5 +541,23 @@ mod tests {
         assert!(rx.try_recv().is_err(), "nothing yet");
         o.observe(&job(json!([{"type": "Complete", "status": "True"}])));
         assert!(rx.try_recv().unwrap().success);
+    }
+
+    #[test]
+    fn a_job_deleted_before_it_finished_ends_the_wait() {
+        let o = JobObserver::new(Duration::from_secs(60));
+        let mut rx = o.wait_for("n", "j");
+        o.gone(&job(json!([])));
+        let exit = rx.try_recv().unwrap();
+        assert!(!exit.success);
+        assert_eq!(
+            exit.description,
+            "the Job n/j was deleted before it finished"
+        );
+        // A Job that already finished has no waiter left: deleting it later says nothing.
+        let mut rx = o.wait_for("n", "j");
+        o.observe(&job(json!([{"type": "Complete", "status": "True"}])));
+        assert!(rx.try_recv().unwrap().success);
+        o.gone(&job(json!([{"type": "Complete", "status": "True"}])));
     }
 }

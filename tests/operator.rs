@@ -505,6 +505,37 @@ async fn a_run_completes_through_the_dev_runner() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_job_deleted_by_someone_else_crashes_its_run() {
+    let (client, ns, prefect, operator) = setup("gone").await;
+    create_agent(&client, &ns, "bystander", &prefect).await;
+    let dep = prefect
+        .api
+        .create_deployment(&prefect.pool, json!({}))
+        .await;
+    let run = prefect.api.create_run(&dep).await;
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
+    let job_name = format!("prefect-run-{run}");
+    job_named(&jobs, &job_name).await;
+    infra_recorded(&prefect, &ns, &run).await;
+    prefect.api.set_state(&run, "RUNNING", false).await;
+    jobs.delete(&job_name, &DeleteParams::background())
+        .await
+        .expect("delete the Job");
+    let crashed = prefect
+        .api
+        .wait_state(&run, "CRASHED", Duration::from_secs(60))
+        .await;
+    let message = crashed["state"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(&format!(
+            "the Job {ns}/{job_name} was deleted before it finished"
+        )),
+        "{message}"
+    );
+    drop(operator);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn cancelling_a_run_deletes_its_job_and_ends_it_cancelled() {
     let (client, ns, prefect, operator) = setup("cancel").await;
     create_agent(&client, &ns, "canceller", &prefect).await;
