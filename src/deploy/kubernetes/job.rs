@@ -118,6 +118,7 @@ pub fn build_job(input: &JobInputs<'_>) -> Result<Job, JobBuildError> {
         serde_json::from_value(job).map_err(|e| JobBuildError::Invalid(e.to_string()))?;
 
     fill_from_resource(&mut job, input.defaults);
+    restrict_by_default(&mut job);
     fix_identity(&mut job, input)?;
     let mut value =
         serde_json::to_value(&job).map_err(|e| JobBuildError::Invalid(e.to_string()))?;
@@ -129,6 +130,49 @@ pub fn build_job(input: &JobInputs<'_>) -> Result<Job, JobBuildError> {
     }
     serde_json::from_value(value)
         .map_err(|e| JobBuildError::Invalid(format!("after podTemplate: {e}")))
+}
+
+/// The user flow pods run as when neither the template nor the resource says.
+pub const DEFAULT_RUN_AS_USER: i64 = 1000;
+
+/// Gives pods and containers that have no security context the "restricted" Pod Security
+/// Standard's: non-root, no privilege escalation, no capabilities, RuntimeDefault seccomp.
+/// A template's or `podTemplate`'s own security context wins.
+fn restrict_by_default(job: &mut Job) {
+    use k8s_openapi::api::core::v1::{
+        Capabilities, PodSecurityContext, SeccompProfile, SecurityContext,
+    };
+    let Some(pod) = job.spec.as_mut().and_then(|s| s.template.spec.as_mut()) else {
+        return;
+    };
+    if pod.security_context.is_none() {
+        pod.security_context = Some(PodSecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(DEFAULT_RUN_AS_USER),
+            run_as_group: Some(DEFAULT_RUN_AS_USER),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                ..SeccompProfile::default()
+            }),
+            ..PodSecurityContext::default()
+        });
+    }
+    for c in pod
+        .containers
+        .iter_mut()
+        .chain(pod.init_containers.iter_mut().flatten())
+    {
+        if c.security_context.is_none() {
+            c.security_context = Some(SecurityContext {
+                allow_privilege_escalation: Some(false),
+                capabilities: Some(Capabilities {
+                    drop: Some(vec!["ALL".into()]),
+                    ..Capabilities::default()
+                }),
+                ..SecurityContext::default()
+            });
+        }
+    }
 }
 
 /// `args: "prefect flow-run execute"` (a rendered `{{ command }}`) becomes a list.
@@ -624,6 +668,43 @@ mod tests {
             .find(|e| e["name"] == "PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR")
             .unwrap();
         assert_eq!(sigterm["value"], "reschedule");
+    }
+
+    #[test]
+    fn pods_are_restricted_unless_the_template_or_resource_says_otherwise() {
+        let job = build(json!({}), JobSpec::default(), None).unwrap();
+        let v = serde_json::to_value(&job).unwrap();
+        let pod = &v["spec"]["template"]["spec"];
+        assert_eq!(
+            pod["securityContext"],
+            json!({"runAsNonRoot": true, "runAsUser": 1000, "runAsGroup": 1000,
+                   "seccompProfile": {"type": "RuntimeDefault"}})
+        );
+        assert_eq!(
+            pod["containers"][0]["securityContext"],
+            json!({"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}})
+        );
+        // An image that must run as root: the resource says so in podTemplate.
+        let defaults: JobSpec = serde_json::from_value(json!({"podTemplate": {"spec": {
+            "securityContext": {"runAsNonRoot": false, "runAsUser": 0}}}}))
+        .unwrap();
+        let v = serde_json::to_value(build(json!({}), defaults, None).unwrap()).unwrap();
+        let sc = &v["spec"]["template"]["spec"]["securityContext"];
+        assert_eq!(
+            (&sc["runAsNonRoot"], &sc["runAsUser"]),
+            (&json!(false), &json!(0))
+        );
+        // A pool template that sets its own keeps it whole.
+        let mut template = standard_base_job_template().clone();
+        template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["securityContext"] =
+            json!({"fsGroup": 2000});
+        let v =
+            serde_json::to_value(build(json!({}), JobSpec::default(), Some(&template)).unwrap())
+                .unwrap();
+        assert_eq!(
+            v["spec"]["template"]["spec"]["securityContext"],
+            json!({"fsGroup": 2000})
+        );
     }
 
     /// Pool defaults < the resource's `job` section < the deployment's and run's variables.
