@@ -2,6 +2,10 @@
 //! agent task per resource, restarts it when the spec (generation) changes, stops it on
 //! delete or `suspend`; status is written whole by server-side apply from what was observed.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::metrics::{Histogram, HistogramSnapshot};
+use crate::operator_api::{AgentMetrics, ControllerMetrics, MetricsSource};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -69,6 +73,9 @@ pub struct Context {
     pub observer: Arc<JobObserver>,
     pub supervisor: Supervisor,
     pub retry: RetryPolicy,
+    pub reconciles: AtomicU64,
+    pub reconcile_errors: AtomicU64,
+    pub reconcile_duration: Histogram,
 }
 
 /// One running agent task.
@@ -178,13 +185,16 @@ impl Supervisor {
     }
 
     /// Each running agent's counters, by `namespace/name`.
-    pub fn snapshots(&self) -> Vec<(String, StatsSnapshot)> {
+    pub fn snapshots(&self) -> Vec<(String, StatsSnapshot, HistogramSnapshot)> {
         let Ok(agents) = self.agents.lock() else {
             return Vec::new();
         };
         let mut out: Vec<_> = agents
             .iter()
-            .map(|(k, r)| (k.clone(), r.stats.snapshot()))
+            .map(|(k, r)| {
+                let latency = r.stats.submission_latency.snapshot();
+                (k.clone(), r.stats.snapshot(), latency)
+            })
             .collect();
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out
@@ -648,16 +658,23 @@ fn same_status(a: &PrefectAgentStatus, b: &PrefectAgentStatus) -> bool {
 }
 
 async fn reconcile(agent: Arc<PrefectAgent>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
     let api: Api<PrefectAgent> =
         Api::namespaced(ctx.client.clone(), &agent.namespace().unwrap_or_default());
-    finalizer(&api, FINALIZER, agent, |event| async {
+    let result = finalizer(&api, FINALIZER, agent, |event| async {
         match event {
             Finalizer::Apply(a) => a.reconcile(&ctx).await,
             Finalizer::Cleanup(a) => a.cleanup(&ctx).await,
         }
     })
     .await
-    .map_err(|e| Error::Finalizer(e.to_string()))
+    .map_err(|e| Error::Finalizer(e.to_string()));
+    AgentStats::inc(&ctx.reconciles);
+    if result.is_err() {
+        AgentStats::inc(&ctx.reconcile_errors);
+    }
+    ctx.reconcile_duration.observe(started.elapsed());
+    result
 }
 
 fn error_policy(agent: Arc<PrefectAgent>, error: &Error, _ctx: Arc<Context>) -> Action {
@@ -679,22 +696,38 @@ impl Context {
             observer: JobObserver::new(pod_grace),
             supervisor: Supervisor::default(),
             retry: RetryPolicy::default(),
+            reconciles: AtomicU64::new(0),
+            reconcile_errors: AtomicU64::new(0),
+            reconcile_duration: Histogram::new(),
         })
     }
 }
 
-impl crate::operator_api::MetricsSource for Context {
-    fn agents(&self) -> Vec<(String, StatsSnapshot, usize)> {
+impl MetricsSource for Context {
+    fn agents(&self) -> Vec<AgentMetrics> {
         self.supervisor
             .snapshots()
             .into_iter()
-            .map(|(key, stats)| {
-                let active = key
+            .map(|(agent, stats, submission_latency)| {
+                let active_jobs = agent
                     .split_once('/')
                     .map_or(0, |(ns, name)| self.observer.active(&agent_label(ns, name)));
-                (key, stats, active)
+                AgentMetrics {
+                    agent,
+                    stats,
+                    active_jobs,
+                    submission_latency,
+                }
             })
             .collect()
+    }
+
+    fn controller(&self) -> ControllerMetrics {
+        ControllerMetrics {
+            reconciles: self.reconciles.load(Ordering::Relaxed),
+            reconcile_errors: self.reconcile_errors.load(Ordering::Relaxed),
+            reconcile_duration: self.reconcile_duration.snapshot(),
+        }
     }
 }
 
@@ -732,12 +765,8 @@ mod tests {
             agent_id: agent_id.map(str::to_string),
             polls,
             poll_errors: errors,
-            runs_submitted: 0,
-            runs_failed: 0,
-            runs_cancelled: 0,
-            runs_adopted: 0,
-            last_poll_time: None,
             last_error: (errors > 0).then(|| "cannot reach the Prefect API".to_string()),
+            ..StatsSnapshot::default()
         }
     }
 

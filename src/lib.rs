@@ -13,6 +13,7 @@ pub mod crd;
 pub mod deploy;
 pub mod devrunner;
 pub mod leader;
+pub mod metrics;
 pub mod observe;
 pub mod operator_api;
 pub mod secret;

@@ -16,6 +16,7 @@ use axum::routing::get;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::stats::StatsSnapshot;
+use crate::metrics::{HistogramSnapshot, api_latency, write_histogram};
 
 /// What the probes report; set by the operator's main loop.
 #[derive(Debug, Default)]
@@ -46,9 +47,28 @@ impl Readiness {
     }
 }
 
-/// Where metrics come from: one snapshot per agent, with its live Job count.
+/// One agent's figures.
+#[derive(Clone, Debug, Default)]
+pub struct AgentMetrics {
+    /// `namespace/name`.
+    pub agent: String,
+    pub stats: StatsSnapshot,
+    pub active_jobs: usize,
+    pub submission_latency: HistogramSnapshot,
+}
+
+/// The controller's own figures.
+#[derive(Clone, Debug, Default)]
+pub struct ControllerMetrics {
+    pub reconciles: u64,
+    pub reconcile_errors: u64,
+    pub reconcile_duration: HistogramSnapshot,
+}
+
+/// Where metrics come from.
 pub trait MetricsSource: Send + Sync + 'static {
-    fn agents(&self) -> Vec<(String, StatsSnapshot, usize)>;
+    fn agents(&self) -> Vec<AgentMetrics>;
+    fn controller(&self) -> ControllerMetrics;
 }
 
 #[derive(Clone)]
@@ -57,10 +77,10 @@ struct AppState {
     metrics: Arc<dyn MetricsSource>,
 }
 
-/// Prometheus text exposition of the agents' counters.
-pub fn render_metrics(agents: &[(String, StatsSnapshot, usize)]) -> String {
+/// Prometheus text exposition of the agents' and the controller's figures.
+pub fn render_metrics(agents: &[AgentMetrics], controller: &ControllerMetrics) -> String {
     type Field = fn(&StatsSnapshot) -> u64;
-    let counters: [(&str, &str, Field); 6] = [
+    let counters: [(&str, &str, Field); 8] = [
         (
             "prefect_agent_polls_total",
             "Polls of Prefect for due runs.",
@@ -72,13 +92,23 @@ pub fn render_metrics(agents: &[(String, StatsSnapshot, usize)]) -> String {
             |s| s.poll_errors,
         ),
         (
+            "prefect_agent_runs_claimed_total",
+            "Claims this agent won.",
+            |s| s.runs_claimed,
+        ),
+        (
+            "prefect_agent_claim_conflicts_total",
+            "Claims another agent or worker won first.",
+            |s| s.claim_conflicts,
+        ),
+        (
             "prefect_agent_runs_submitted_total",
             "Flow runs launched.",
             |s| s.runs_submitted,
         ),
         (
             "prefect_agent_runs_failed_total",
-            "Flow runs that could not be started or whose infrastructure failed.",
+            "Flow runs that could not be started or whose infrastructure failed (crashed).",
             |s| s.runs_failed,
         ),
         (
@@ -95,32 +125,74 @@ pub fn render_metrics(agents: &[(String, StatsSnapshot, usize)]) -> String {
     let mut out = String::new();
     for (name, help, field) in counters {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-        for (agent, s, _) in agents {
-            let _ = writeln!(out, "{name}{{agent=\"{}\"}} {}", escape(agent), field(s));
+        for a in agents {
+            let _ = writeln!(
+                out,
+                "{name}{{agent=\"{}\"}} {}",
+                escape(&a.agent),
+                field(&a.stats)
+            );
         }
     }
+    type Gauge = fn(&AgentMetrics) -> u64;
+    let gauges: [(&str, &str, Gauge); 2] = [
+        (
+            "prefect_agent_active_jobs",
+            "Jobs of the agent not finished yet.",
+            |a| a.active_jobs as u64,
+        ),
+        (
+            "prefect_agent_registered",
+            "1 when the agent is registered with Prefect.",
+            |a| u64::from(a.stats.agent_id.is_some()),
+        ),
+    ];
+    for (name, help, value) in gauges {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for a in agents {
+            let _ = writeln!(out, "{name}{{agent=\"{}\"}} {}", escape(&a.agent), value(a));
+        }
+    }
+    let name = "prefect_agent_submission_latency_seconds";
     let _ = writeln!(
         out,
-        "# HELP prefect_agent_active_jobs Jobs of the agent not finished yet.\n# TYPE prefect_agent_active_jobs gauge"
+        "# HELP {name} From a run's scheduled time to its infrastructure created.\n# TYPE {name} histogram"
     );
-    for (agent, _, active) in agents {
+    for a in agents {
+        let labels = format!("agent=\"{}\"", escape(&a.agent));
+        write_histogram(&mut out, name, &labels, &a.submission_latency);
+    }
+    for (name, help, value) in [
+        (
+            "prefect_agent_operator_reconciles_total",
+            "PrefectAgent reconciles.",
+            controller.reconciles,
+        ),
+        (
+            "prefect_agent_operator_reconcile_errors_total",
+            "Reconciles that failed.",
+            controller.reconcile_errors,
+        ),
+    ] {
         let _ = writeln!(
             out,
-            "prefect_agent_active_jobs{{agent=\"{}\"}} {active}",
-            escape(agent)
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
         );
     }
+    let name = "prefect_agent_operator_reconcile_duration_seconds";
     let _ = writeln!(
         out,
-        "# HELP prefect_agent_registered 1 when the agent is registered with Prefect.\n# TYPE prefect_agent_registered gauge"
+        "# HELP {name} Time per reconcile.\n# TYPE {name} histogram"
     );
-    for (agent, s, _) in agents {
-        let up = u8::from(s.agent_id.is_some());
-        let _ = writeln!(
-            out,
-            "prefect_agent_registered{{agent=\"{}\"}} {up}",
-            escape(agent)
-        );
+    write_histogram(&mut out, name, "", &controller.reconcile_duration);
+    let name = "prefect_api_request_duration_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Prefect API requests (each attempt), by backend.\n# TYPE {name} histogram"
+    );
+    for backend in ["prefect3", "prefect1"] {
+        let labels = format!("backend=\"{backend}\"");
+        write_histogram(&mut out, name, &labels, &api_latency(backend).snapshot());
     }
     out
 }
@@ -148,7 +220,7 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     (
         [("content-type", "text/plain; version=0.0.4")],
-        render_metrics(&state.metrics.agents()),
+        render_metrics(&state.metrics.agents(), &state.metrics.controller()),
     )
 }
 
@@ -192,10 +264,30 @@ mod tests {
             runs_failed: 0,
             runs_cancelled: 0,
             runs_adopted: 0,
+            runs_claimed: 3,
+            claim_conflicts: 4,
             last_poll_time: None,
             last_error: None,
         };
-        let text = render_metrics(&[("data/etl".into(), s, 2)]);
+        let latency = crate::metrics::Histogram::new();
+        latency.observe(std::time::Duration::from_millis(80));
+        let agent = AgentMetrics {
+            agent: "data/etl".into(),
+            stats: s,
+            active_jobs: 2,
+            submission_latency: latency.snapshot(),
+        };
+        let controller = ControllerMetrics {
+            reconciles: 9,
+            ..ControllerMetrics::default()
+        };
+        let text = render_metrics(&[agent], &controller);
+        assert!(text.contains("prefect_agent_claim_conflicts_total{agent=\"data/etl\"} 4\n"));
+        assert!(text.contains(
+            "prefect_agent_submission_latency_seconds_bucket{agent=\"data/etl\",le=\"0.1\"} 1\n"
+        ));
+        assert!(text.contains("prefect_agent_operator_reconciles_total 9\n"));
+        assert!(text.contains("prefect_api_request_duration_seconds_count{backend=\"prefect1\"}"));
         assert!(text.contains("# TYPE prefect_agent_polls_total counter\nprefect_agent_polls_total{agent=\"data/etl\"} 7\n"));
         assert!(text.contains("prefect_agent_active_jobs{agent=\"data/etl\"} 2\n"));
         assert!(text.contains("prefect_agent_registered{agent=\"data/etl\"} 1\n"));

@@ -1041,4 +1041,37 @@ async fn two_replicas_elect_one_leader_and_the_standby_takes_over() {
     let run = prefect.api.create_run(&dep).await;
     let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
     job_named(&jobs, &format!("prefect-run-{run}")).await;
+
+    // The new leader's metrics count that launch.
+    let agent = format!("agent=\"{ns}/ha-agent\"");
+    let metrics = wait_for(
+        "the launch in /metrics",
+        Duration::from_secs(30),
+        || async {
+            let text = probe(ports[standby], "/metrics").await?.1;
+            text.contains(&format!(
+                "prefect_agent_runs_submitted_total{{{agent}}} 1\n"
+            ))
+            .then_some(text)
+        },
+    )
+    .await;
+    for series in [
+        format!("prefect_agent_runs_claimed_total{{{agent}}} 1\n"),
+        format!("prefect_agent_submission_latency_seconds_count{{{agent}}} 1\n"),
+        format!("prefect_agent_submission_latency_seconds_bucket{{{agent},le=\"+Inf\"}} 1\n"),
+        "# TYPE prefect_api_request_duration_seconds histogram\n".to_string(),
+        "# TYPE prefect_agent_operator_reconcile_duration_seconds histogram\n".to_string(),
+    ] {
+        assert!(metrics.contains(&series), "{series} in\n{metrics}");
+    }
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    assert!(value("prefect_agent_operator_reconciles_total ") >= 1.0);
+    assert!(value("prefect_api_request_duration_seconds_count{backend=\"prefect3\"} ") >= 3.0);
 }

@@ -309,13 +309,17 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
         match self.backend.claim(&run).await {
             Ok(Claim::Claimed) => {
                 tracing::info!("claimed");
+                AgentStats::inc(&self.stats.runs_claimed);
                 if self.cfg.fault_abort_after_claim {
                     tracing::error!("fault injection: aborting between claim and launch");
                     std::process::abort();
                 }
                 self.launch(run).await;
             }
-            Ok(Claim::Taken(reason)) => tracing::debug!(%reason, "claimed by someone else"),
+            Ok(Claim::Taken(reason)) => {
+                AgentStats::inc(&self.stats.claim_conflicts);
+                tracing::debug!(%reason, "claimed by someone else");
+            }
             Ok(Claim::Delayed(reason)) => tracing::info!(%reason, "not claimed now"),
             Err(e) => {
                 tracing::warn!(error = %e, "claim failed; the run will be offered again");
@@ -326,12 +330,18 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
 
     async fn launch(self: &Arc<Self>, run: FlowRun) {
         let run_id = run.id.clone();
+        let scheduled = run.scheduled_start;
         match self.try_launch(run).await {
             Ok((infra_id, description, exit)) => {
                 if let Err(e) = self.backend.launched(&run_id, &infra_id).await {
                     tracing::warn!(error = %e, "could not record the infrastructure id");
                 }
                 AgentStats::inc(&self.stats.runs_submitted);
+                if let Some(at) = scheduled {
+                    // Early (prefetched) launches count as zero.
+                    let late = (chrono::Utc::now() - at).to_std().unwrap_or_default();
+                    self.stats.submission_latency.observe(late);
+                }
                 tracing::info!(%infra_id, "submitted for execution");
                 self.run_log(
                     &run_id,

@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
+use crate::metrics::Histogram;
+
 /// Live counters, updated by the loop and read by the health API.
 #[derive(Debug, Default)]
 pub struct AgentStats {
@@ -15,6 +17,12 @@ pub struct AgentStats {
     pub runs_failed: AtomicU64,
     pub runs_cancelled: AtomicU64,
     pub runs_adopted: AtomicU64,
+    /// Claims this agent won.
+    pub runs_claimed: AtomicU64,
+    /// Claims another agent or worker won first.
+    pub claim_conflicts: AtomicU64,
+    /// A run's scheduled time → its infrastructure created.
+    pub submission_latency: Histogram,
     last: Mutex<Last>,
 }
 
@@ -26,7 +34,7 @@ struct Last {
 }
 
 /// A copy of the counters at one moment.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct StatsSnapshot {
     pub agent_id: Option<String>,
@@ -36,6 +44,10 @@ pub struct StatsSnapshot {
     pub runs_failed: u64,
     pub runs_cancelled: u64,
     pub runs_adopted: u64,
+    #[serde(default)]
+    pub runs_claimed: u64,
+    #[serde(default)]
+    pub claim_conflicts: u64,
     pub last_poll_time: Option<DateTime<Utc>>,
     pub last_error: Option<String>,
 }
@@ -80,6 +92,8 @@ impl AgentStats {
             runs_failed: self.runs_failed.load(Ordering::Relaxed),
             runs_cancelled: self.runs_cancelled.load(Ordering::Relaxed),
             runs_adopted: self.runs_adopted.load(Ordering::Relaxed),
+            runs_claimed: self.runs_claimed.load(Ordering::Relaxed),
+            claim_conflicts: self.claim_conflicts.load(Ordering::Relaxed),
             last_poll_time: last.poll_time,
             last_error: last.error,
         }

@@ -140,6 +140,8 @@ pub struct ApiClient {
     retry: RetryPolicy,
     /// Retry every 500 too (Prefect 1's client does), not only "database is locked".
     retry_server_errors: bool,
+    /// Which backend's latency histogram the requests count in.
+    backend: &'static str,
 }
 
 impl ApiClient {
@@ -164,7 +166,14 @@ impl ApiClient {
             auth,
             retry,
             retry_server_errors: false,
+            backend: "prefect3",
         })
+    }
+
+    /// Counts this client's requests under `backend` in the latency metrics.
+    pub fn for_backend(mut self, backend: &'static str) -> Self {
+        self.backend = backend;
+        self
     }
 
     /// Treats every HTTP 500 as passing, as Prefect 1's client does.
@@ -256,7 +265,10 @@ impl ApiClient {
             req = req.json(body);
         }
         let path = url.strip_prefix(&self.base).unwrap_or(url).to_string();
-        let resp = match req.send().await {
+        let started = std::time::Instant::now();
+        let sent = req.send().await;
+        crate::metrics::api_latency(self.backend).observe(started.elapsed());
+        let resp = match sent {
             Ok(resp) => resp,
             Err(e) => {
                 return Err(Attempt::Retry {

@@ -107,7 +107,7 @@ pub struct GraphqlClient {
 impl GraphqlClient {
     pub fn new(api: ApiClient, tenant_id: Option<String>, with_key: bool) -> Self {
         Self {
-            api: api.retrying_server_errors(),
+            api: api.retrying_server_errors().for_backend("prefect1"),
             tenant_id: RwLock::new(tenant_id),
             agent_id: RwLock::new(None),
             with_key,
