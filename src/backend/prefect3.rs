@@ -436,8 +436,9 @@ pub struct ApiState {
     pub data: Value,
 }
 
+/// A flow run as the Prefect 3 API returns it (decoded leniently: missing fields default).
 #[derive(Debug, Deserialize)]
-struct ApiFlowRun {
+pub struct ApiFlowRun {
     id: String,
     #[serde(default)]
     name: String,

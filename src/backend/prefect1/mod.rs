@@ -149,6 +149,11 @@ fn time(v: Option<&Value>) -> Option<DateTime<Utc>> {
         .map(|t| t.with_timezone(&Utc))
 }
 
+/// A `flow_run` row as `poll` reads it; `None` when it lacks an id or a state.
+pub fn parse_flow_run_row(row: &Value) -> Option<FlowRun> {
+    parse_run(row).map(|(run, _)| run)
+}
+
 /// One row of a `flow_run` query.
 fn parse_run(row: &Value) -> Option<(FlowRun, RunMeta)> {
     let id = row.get("id")?.as_str()?.to_string();
