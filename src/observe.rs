@@ -3,7 +3,7 @@
 //! into an [`Exit`] for the agent that launched it. A run whose pod is stuck has its
 //! Job deleted.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,7 +14,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, PropagationPolicy};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::deploy::Exit;
@@ -30,8 +30,18 @@ pub struct JobObserver {
     active: Mutex<HashMap<String, HashSet<String>>>,
     /// Finished Jobs and when their TTL runs out.
     expiring: Mutex<HashMap<String, Timestamp>>,
+    /// Ends of Jobs nobody waits for (launched before this process started), by agent
+    /// label: `(flow run id, exit)` to the agent, or kept until it subscribes.
+    agents: Mutex<HashMap<String, mpsc::UnboundedSender<(String, Exit)>>>,
+    unclaimed: Mutex<HashMap<String, Vec<(String, Exit)>>>,
+    /// Jobs whose end was already routed that way (a finished Job is seen again on
+    /// every later change).
+    routed: Mutex<HashSet<String>>,
     grace: Duration,
 }
+
+/// How many ends of unwatched Jobs are kept for an agent that has not subscribed yet.
+const UNCLAIMED_MAX: usize = 10_000;
 
 /// When a finished Job may be deleted: its end plus `ttlSecondsAfterFinished`.
 pub fn expiry(job: &Job) -> Option<Timestamp> {
@@ -164,8 +174,69 @@ impl JobObserver {
             troubled: Mutex::default(),
             active: Mutex::default(),
             expiring: Mutex::default(),
+            agents: Mutex::default(),
+            unclaimed: Mutex::default(),
+            routed: Mutex::default(),
             grace,
         })
+    }
+
+    /// The ends of this agent's Jobs that no launch in this process waits for, e.g. Jobs
+    /// started before an operator restart; ends seen before the call come first.
+    pub fn subscribe(&self, agent: &str) -> mpsc::UnboundedReceiver<(String, Exit)> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let earlier = self
+            .unclaimed
+            .lock()
+            .ok()
+            .and_then(|mut u| u.remove(agent))
+            .unwrap_or_default();
+        for item in earlier {
+            let _ = tx.send(item);
+        }
+        if let Ok(mut a) = self.agents.lock() {
+            a.insert(agent.to_string(), tx);
+        }
+        rx
+    }
+
+    /// Notes that a Job's end has been told to someone: later sightings stay quiet.
+    fn mark_routed(&self, k: &str) {
+        if let Ok(mut r) = self.routed.lock() {
+            r.insert(k.to_string());
+        }
+    }
+
+    /// Sends the end of a Job nobody waits for to its agent, once per Job (`labels`: the
+    /// Job's or its pod's); true when it was sent now.
+    fn route_unwatched(&self, labels: &BTreeMap<String, String>, k: &str, exit: Exit) -> bool {
+        let (Some(agent), Some(run_id)) =
+            (labels.get(labels::AGENT), labels.get(labels::FLOW_RUN_ID))
+        else {
+            return false;
+        };
+        if !self
+            .routed
+            .lock()
+            .is_ok_and(|mut r| r.insert(k.to_string()))
+        {
+            return false;
+        }
+        let item = (run_id.clone(), exit);
+        let item = match self.agents.lock().ok().and_then(|a| a.get(agent).cloned()) {
+            Some(tx) => match tx.send(item) {
+                Ok(()) => return true,
+                Err(mpsc::error::SendError(item)) => item,
+            },
+            None => item,
+        };
+        if let Ok(mut u) = self.unclaimed.lock() {
+            let pending = u.entry(agent.clone()).or_default();
+            if pending.len() < UNCLAIMED_MAX {
+                pending.push(item);
+            }
+        }
+        true
     }
 
     /// Registers interest before the Job is created, so its end cannot be missed.
@@ -195,8 +266,14 @@ impl JobObserver {
         }
         let Some(exit) = outcome else { return };
         let waiter = self.waiters.lock().ok().and_then(|mut w| w.remove(&k));
-        if let Some(tx) = waiter {
-            let _ = tx.send(exit);
+        match waiter {
+            Some(tx) => {
+                self.mark_routed(&k);
+                let _ = tx.send(exit);
+            }
+            None => {
+                self.route_unwatched(job.labels(), &k, exit);
+            }
         }
     }
 
@@ -217,11 +294,23 @@ impl JobObserver {
             self.forget(agent, &k);
         }
         let waiter = self.waiters.lock().ok().and_then(|mut w| w.remove(&k));
-        if let Some(tx) = waiter {
-            let _ = tx.send(Exit {
-                success: false,
-                description: format!("the Job {k} was deleted before it finished"),
-            });
+        let exit = Exit {
+            success: false,
+            description: format!("the Job {k} was deleted before it finished"),
+        };
+        match waiter {
+            Some(tx) => {
+                let _ = tx.send(exit);
+            }
+            // A Job of an earlier process deleted unfinished is reported too; a finished
+            // one (already routed, or TTL-deleted) is only forgotten.
+            None if job_outcome(job).is_none() => {
+                self.route_unwatched(job.labels(), &k, exit);
+            }
+            None => {}
+        }
+        if let Ok(mut r) = self.routed.lock() {
+            r.remove(&k);
         }
     }
 
@@ -287,11 +376,20 @@ impl JobObserver {
             .lock()
             .ok()
             .and_then(|mut w| w.remove(&key(&ns, &job)));
-        let tx = waiter?;
-        let _ = tx.send(Exit {
+        let exit = Exit {
             success: false,
             description: problem.description(),
-        });
+        };
+        let job_key = key(&ns, &job);
+        match waiter {
+            Some(tx) => {
+                self.mark_routed(&job_key);
+                let _ = tx.send(exit);
+            }
+            // A Job from before a restart: its agent hears of it once, then it is deleted.
+            None if self.route_unwatched(pod.labels(), &job_key, exit) => {}
+            None => return None,
+        }
         Some((ns, job))
     }
 
@@ -541,6 +639,47 @@ mod tests {
         assert!(rx.try_recv().is_err(), "nothing yet");
         o.observe(&job(json!([{"type": "Complete", "status": "True"}])));
         assert!(rx.try_recv().unwrap().success);
+    }
+
+    fn labelled_job(conditions: serde_json::Value) -> Job {
+        serde_json::from_value(json!({"metadata": {"name": "j", "namespace": "n",
+            "labels": {"prefect.io/agent": "n.etl", "prefect.io/flow-run-id": "r1"}},
+            "status": {"conditions": conditions}}))
+        .unwrap()
+    }
+
+    #[test]
+    fn ends_nobody_waits_for_go_to_the_agent_once() {
+        let failed =
+            json!([{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]);
+        // Seen before the agent subscribed (an operator restart): kept for it.
+        let o = JobObserver::new(Duration::from_secs(60));
+        o.observe(&labelled_job(failed.clone()));
+        let mut rx = o.subscribe("n.etl");
+        let (run, exit) = rx.try_recv().unwrap();
+        assert_eq!(run, "r1");
+        assert!(!exit.success && exit.description.contains("BackoffLimitExceeded"));
+        o.observe(&labelled_job(failed.clone()));
+        assert!(
+            rx.try_recv().is_err(),
+            "a finished Job seen again is not news"
+        );
+        // A Job someone waits for is told to the waiter only, then never routed.
+        let o = JobObserver::new(Duration::from_secs(60));
+        let mut rx = o.subscribe("n.etl");
+        let mut waiter = o.wait_for("n", "j");
+        o.observe(&labelled_job(failed.clone()));
+        assert!(!waiter.try_recv().unwrap().success);
+        o.observe(&labelled_job(failed));
+        assert!(rx.try_recv().is_err());
+        // An unfinished Job of an earlier process deleted: its agent hears of it.
+        let mut other = labelled_job(json!([]));
+        other.metadata.name = Some("k".into());
+        o.gone(&other);
+        assert_eq!(
+            rx.try_recv().unwrap().1.description,
+            "the Job n/k was deleted before it finished"
+        );
     }
 
     #[test]

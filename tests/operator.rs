@@ -536,6 +536,45 @@ async fn a_job_deleted_by_someone_else_crashes_its_run() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_job_that_failed_while_the_operator_was_down_crashes_its_run() {
+    let (client, ns, prefect, operator) = setup("down").await;
+    create_agent(&client, &ns, "phoenix", &prefect).await;
+    let dep = prefect
+        .api
+        .create_deployment(&prefect.pool, json!({}))
+        .await;
+    let run = prefect.api.create_run(&dep).await;
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
+    let job_name = format!("prefect-run-{run}");
+    job_named(&jobs, &job_name).await;
+    infra_recorded(&prefect, &ns, &run).await;
+    prefect.api.set_state(&run, "RUNNING", false).await;
+
+    operator.signal(nix::sys::signal::Signal::SIGKILL);
+    drop(operator);
+    finish_job(
+        &jobs,
+        &job_name,
+        "Failed",
+        "BackoffLimitExceeded",
+        "Job has reached the specified backoff limit",
+    )
+    .await;
+    assert_eq!(prefect.api.state(&run).await, "RUNNING", "nobody watching");
+
+    let kube_server = KubeApiServer::shared();
+    let mut cmd = operator_command(&kube_server.kubeconfig);
+    cmd.args(["--namespace", &ns]);
+    let _again = AgentProcess::start_with(cmd);
+    let crashed = prefect
+        .api
+        .wait_state(&run, "CRASHED", Duration::from_secs(60))
+        .await;
+    let message = crashed["state"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("BackoffLimitExceeded"), "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn cancelling_a_run_deletes_its_job_and_ends_it_cancelled() {
     let (client, ns, prefect, operator) = setup("cancel").await;
     create_agent(&client, &ns, "canceller", &prefect).await;

@@ -201,6 +201,12 @@ impl<B: Backend, D: Deployer> Agent<B, D> {
             tasks.spawn(
                 Inner::maintenance_loop(self.inner.clone(), background.clone()).in_current_span(),
             );
+            if let Some(exits) = inner.deployer.unwatched_exits() {
+                tasks.spawn(
+                    Inner::report_unwatched(self.inner.clone(), exits, background.clone())
+                        .in_current_span(),
+                );
+            }
 
             let reason = Inner::poll_loop(&self.inner, &shutdown, &tasks).await;
             tracing::info!(
@@ -402,6 +408,30 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
     /// When a run's infrastructure ends before the run did, the run is crashed with the cause.
     async fn watch_exit(&self, run_id: String, exit: oneshot::Receiver<Exit>) {
         let Ok(exit) = exit.await else { return };
+        self.report_exit(run_id, exit).await;
+    }
+
+    /// Ends of infrastructure launched before this process (e.g. Jobs that failed while
+    /// the operator was down) get the same treatment as the ones it watched itself.
+    async fn report_unwatched(
+        self: Arc<Self>,
+        mut exits: tokio::sync::mpsc::UnboundedReceiver<(String, Exit)>,
+        stop: CancellationToken,
+    ) {
+        loop {
+            let (run_id, exit) = tokio::select! {
+                next = exits.recv() => match next {
+                    Some(item) => item,
+                    None => return,
+                },
+                _ = stop.cancelled() => return,
+            };
+            let span = tracing::info_span!("flow_run", flow_run = %run_id);
+            self.report_exit(run_id, exit).instrument(span).await;
+        }
+    }
+
+    async fn report_exit(&self, run_id: String, exit: Exit) {
         let state = match self.backend.settled_state(&run_id).await {
             Ok(state) => state,
             Err(e) => {

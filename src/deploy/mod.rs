@@ -85,4 +85,9 @@ pub trait Deployer: Send + Sync + 'static {
     fn room(&self) -> Option<usize> {
         None
     }
+    /// Ends of this agent's infrastructure that no launch of this process waits for
+    /// (started before a restart): `(flow run id, exit)`. Taken once, at agent start.
+    fn unwatched_exits(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<(String, Exit)>> {
+        None
+    }
 }

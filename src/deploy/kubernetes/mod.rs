@@ -47,6 +47,15 @@ impl KubernetesDeployer {
 }
 
 impl Deployer for KubernetesDeployer {
+    fn unwatched_exits(
+        &self,
+    ) -> Option<tokio::sync::mpsc::UnboundedReceiver<(String, crate::deploy::Exit)>> {
+        Some(
+            self.observer
+                .subscribe(&agent_label(&self.agent_namespace, &self.agent_name)),
+        )
+    }
+
     async fn deploy(&self, launch: Launch) -> Result<Launched, DeployError> {
         let job = build_job(&JobInputs {
             run: &launch.run,
