@@ -189,8 +189,9 @@ async fn sigkilled_operators_lose_and_duplicate_nothing() {
         .max()
         .copied()
         .unwrap_or_default();
+    // A line of its own: libtest prints the test's name without a newline before output.
     println!(
-        "| scenario | rounds | runs | duplicate Jobs | never launched | never finished | max recovery | wall time |"
+        "\n| scenario | rounds | runs | duplicate Jobs | never launched | never finished | max recovery | wall time |"
     );
     println!("|---|---|---|---|---|---|---|---|");
     println!(
