@@ -51,6 +51,27 @@ async fn create_agent(
     agents
 }
 
+/// An agent, one run launched and RUNNING: the Jobs API, the run id and its Job's name.
+async fn a_running_job(
+    client: &kube::Client,
+    ns: &str,
+    agent: &str,
+    prefect: &Setup,
+) -> (Api<Job>, String, String) {
+    create_agent(client, ns, agent, prefect).await;
+    let dep = prefect
+        .api
+        .create_deployment(&prefect.pool, json!({}))
+        .await;
+    let run = prefect.api.create_run(&dep).await;
+    let jobs: Api<Job> = Api::namespaced(client.clone(), ns);
+    let job_name = format!("prefect-run-{run}");
+    job_named(&jobs, &job_name).await;
+    infra_recorded(prefect, ns, &run).await;
+    prefect.api.set_state(&run, "RUNNING", false).await;
+    (jobs, run, job_name)
+}
+
 /// Waits for a Job by name.
 async fn job_named(jobs: &Api<Job>, name: &str) -> Job {
     wait_for(&format!("Job {name}"), Duration::from_secs(60), || async {
@@ -507,17 +528,7 @@ async fn a_run_completes_through_the_dev_runner() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_job_deleted_by_someone_else_crashes_its_run() {
     let (client, ns, prefect, operator) = setup("gone").await;
-    create_agent(&client, &ns, "bystander", &prefect).await;
-    let dep = prefect
-        .api
-        .create_deployment(&prefect.pool, json!({}))
-        .await;
-    let run = prefect.api.create_run(&dep).await;
-    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
-    let job_name = format!("prefect-run-{run}");
-    job_named(&jobs, &job_name).await;
-    infra_recorded(&prefect, &ns, &run).await;
-    prefect.api.set_state(&run, "RUNNING", false).await;
+    let (jobs, run, job_name) = a_running_job(&client, &ns, "bystander", &prefect).await;
     jobs.delete(&job_name, &DeleteParams::background())
         .await
         .expect("delete the Job");
@@ -538,17 +549,7 @@ async fn a_job_deleted_by_someone_else_crashes_its_run() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_job_that_failed_while_the_operator_was_down_crashes_its_run() {
     let (client, ns, prefect, operator) = setup("down").await;
-    create_agent(&client, &ns, "phoenix", &prefect).await;
-    let dep = prefect
-        .api
-        .create_deployment(&prefect.pool, json!({}))
-        .await;
-    let run = prefect.api.create_run(&dep).await;
-    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
-    let job_name = format!("prefect-run-{run}");
-    job_named(&jobs, &job_name).await;
-    infra_recorded(&prefect, &ns, &run).await;
-    prefect.api.set_state(&run, "RUNNING", false).await;
+    let (jobs, run, job_name) = a_running_job(&client, &ns, "phoenix", &prefect).await;
 
     operator.signal(nix::sys::signal::Signal::SIGKILL);
     drop(operator);
@@ -577,17 +578,7 @@ async fn a_job_that_failed_while_the_operator_was_down_crashes_its_run() {
 #[tokio::test(flavor = "multi_thread")]
 async fn cancelling_a_run_deletes_its_job_and_ends_it_cancelled() {
     let (client, ns, prefect, operator) = setup("cancel").await;
-    create_agent(&client, &ns, "canceller", &prefect).await;
-    let dep = prefect
-        .api
-        .create_deployment(&prefect.pool, json!({}))
-        .await;
-    let run = prefect.api.create_run(&dep).await;
-    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
-    let job_name = format!("prefect-run-{run}");
-    job_named(&jobs, &job_name).await;
-    infra_recorded(&prefect, &ns, &run).await;
-    prefect.api.set_state(&run, "RUNNING", false).await;
+    let (jobs, run, job_name) = a_running_job(&client, &ns, "canceller", &prefect).await;
     let answer = prefect.api.set_state(&run, "CANCELLING", false).await;
     assert_eq!(answer["status"], "ACCEPT", "{answer}");
     prefect
