@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The fault-injection suite at full size, printing its table: the operator SIGKILLed at
-# random moments during a burst (default 500 runs, 5 kills), on the real API server and
-# the real Prefect server. Sizes: PAO_FAULT_RUNS, PAO_FAULT_ROUNDS.
+# The fault-injection suite at full size, printing its table: during a burst of runs
+# (default 500) something breaks at random moments (default 5 rounds): the operator, the
+# leader of two replicas, the Prefect server, the Kubernetes API server. On the real API
+# server and the real Prefect server. Sizes: PAO_FAULT_RUNS, PAO_FAULT_ROUNDS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PAO_PREFECT_VENV="$(bash scripts/setup-prefect.sh)"
@@ -12,6 +13,8 @@ out="$(mktemp)"
 trap 'rm -f "$out"' EXIT
 status=0
 cargo test --release --test faults -- --nocapture --test-threads 1 >"$out" 2>&1 || status=$?
-grep -E '^\|' "$out" || { tail -40 "$out"; }
+echo "| scenario | rounds | runs | duplicate Jobs | never launched | never finished | key leaks | max recovery | wall time |"
+echo "|---|---|---|---|---|---|---|---|---|"
+grep -E '^\| ' "$out" || { tail -40 "$out"; }
 [ "$status" -eq 0 ] || { echo "fault suite FAILED (see above)"; tail -40 "$out"; }
 exit "$status"

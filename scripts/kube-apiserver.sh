@@ -8,6 +8,9 @@
 #   scripts/kube-apiserver.sh stop DIR         stop what `start DIR` started
 #   scripts/kube-apiserver.sh run DIR [...]    start, stay in the foreground, stop on TERM/INT/exit
 #                                              (what the test harness uses)
+#   scripts/kube-apiserver.sh stop-apiserver DIR / start-apiserver DIR
+#                                              take only the API server away and bring it
+#                                              back (etcd keeps the state): fault injection
 set -euo pipefail
 
 CACHE="${PAO_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/prefect-agent-operator}"
@@ -87,6 +90,36 @@ wait_until() { # seconds, command...
   done
 }
 
+launch_apiserver() {
+  local dir="$1" args
+  mapfile -t args < "$dir/apiserver.args"
+  "${args[@]}" >> "$dir/apiserver.log" 2>&1 &
+  echo $! > "$dir/apiserver.pid"
+}
+
+apiserver_ready() {
+  wait_until 60 curl -skf -H "Authorization: Bearer $(cat "$1/apiserver.token")" "$(cat "$1/apiserver.url")/readyz"
+}
+
+# Fault injection: the API server goes away (etcd and the data stay) ...
+stop_apiserver() {
+  local dir="$1"
+  touch "$dir/apiserver.paused"
+  local pid; pid="$(cat "$dir/apiserver.pid")"
+  kill "$pid" 2>/dev/null || true
+  wait_until 15 bash -c "! kill -0 $pid" || kill -9 "$pid" 2>/dev/null || true
+}
+
+# ... and comes back on the same address with the same state.
+start_apiserver() {
+  local dir="$1"
+  launch_apiserver "$dir"
+  if ! apiserver_ready "$dir"; then
+    log "API server not ready after 60 s; see $dir/apiserver.log"; exit 1
+  fi
+  rm -f "$dir/apiserver.paused"
+}
+
 start() {
   local dir="$1" cm="${2:-}"
   local bin; bin="$(install)"
@@ -103,14 +136,16 @@ start() {
     --listen-peer-urls "http://127.0.0.1:$peer_port" --initial-advertise-peer-urls "http://127.0.0.1:$peer_port" \
     --initial-cluster "default=http://127.0.0.1:$peer_port" > "$dir/etcd.log" 2>&1 &
   echo $! > "$dir/etcd.pid"
-  "$bin/kube-apiserver" --etcd-servers "http://127.0.0.1:$etcd_port" --bind-address 127.0.0.1 \
+  # Kept so that `stop-apiserver`/`start-apiserver` can bring the same server back.
+  printf '%s\n' "$bin/kube-apiserver" --etcd-servers "http://127.0.0.1:$etcd_port" --bind-address 127.0.0.1 \
     --secure-port "$api_port" --cert-dir "$dir/certs" --token-auth-file "$dir/tokens.csv" \
     --authorization-mode RBAC --service-account-key-file "$dir/sa.pub" \
     --service-account-signing-key-file "$dir/sa.key" \
     --service-account-issuer https://kubernetes.default.svc \
-    --service-cluster-ip-range 10.96.0.0/24 --feature-gates TTLAfterFinished=true \
-    > "$dir/apiserver.log" 2>&1 &
-  echo $! > "$dir/apiserver.pid"
+    --service-cluster-ip-range 10.96.0.0/24 --feature-gates TTLAfterFinished=true > "$dir/apiserver.args"
+  echo "https://127.0.0.1:$api_port" > "$dir/apiserver.url"
+  echo "$token" > "$dir/apiserver.token"
+  launch_apiserver "$dir"
   cat > "$dir/kubeconfig" <<KC
 apiVersion: v1
 kind: Config
@@ -125,7 +160,7 @@ contexts:
   context: {cluster: local, user: admin, namespace: default}
 current-context: local
 KC
-  if ! wait_until 60 curl -skf -H "Authorization: Bearer $token" "https://127.0.0.1:$api_port/readyz"; then
+  if ! apiserver_ready "$dir"; then
     log "API server not ready after 60 s; see $dir/apiserver.log"; stop "$dir"; exit 1
   fi
   if [ "$cm" = "--controller-manager" ]; then
@@ -161,7 +196,7 @@ run() {
   start "$@" >/dev/null
   echo "ready" > "$dir/ready"
   # Wake up regularly so a TERM is handled promptly.
-  while kill -0 "$(cat "$dir/apiserver.pid")" 2>/dev/null; do sleep 1; done
+  while [ -f "$dir/apiserver.paused" ] || kill -0 "$(cat "$dir/apiserver.pid")" 2>/dev/null; do sleep 1; done
   log "API server exited; see $dir/apiserver.log"
   exit 1
 }
@@ -171,5 +206,7 @@ case "${1:-}" in
   run) shift; run "$@" ;;
   start) shift; start "$@" ;;
   stop) shift; stop "$@" ;;
-  *) echo "usage: $0 install | start DIR [--controller-manager] | stop DIR | run DIR [--controller-manager]" >&2; exit 2 ;;
+  stop-apiserver) shift; stop_apiserver "$@" ;;
+  start-apiserver) shift; start_apiserver "$@" ;;
+  *) echo "usage: $0 install | start DIR [--controller-manager] | stop DIR | run DIR [--controller-manager] | stop-apiserver DIR | start-apiserver DIR" >&2; exit 2 ;;
 esac

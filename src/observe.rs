@@ -314,6 +314,15 @@ impl JobObserver {
         }
     }
 
+    /// A launch that did not happen: nothing to wait for, nothing active.
+    pub fn not_launched(&self, agent: &str, namespace: &str, name: &str) {
+        let k = key(namespace, name);
+        self.forget(agent, &k);
+        if let Ok(mut w) = self.waiters.lock() {
+            w.remove(&k);
+        }
+    }
+
     fn forget(&self, agent: &str, job_key: &str) {
         if let Ok(mut a) = self.active.lock()
             && let Some(jobs) = a.get_mut(agent)

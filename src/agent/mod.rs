@@ -367,6 +367,12 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
                 tracing::warn!(error = %e, "could not prepare the launch; will retry");
                 self.stats.error(e.to_string());
             }
+            Err(LaunchError::Deploy(e)) if e.is_transient() => {
+                // The same: adopted once the platform answers again (the Job name is the
+                // run's, so a launch that did happen after all is found, not repeated).
+                tracing::warn!(error = %e, "could not launch; will retry");
+                self.stats.error(e.to_string());
+            }
             Err(e) => {
                 AgentStats::inc(&self.stats.runs_failed);
                 let message = format!("Flow run could not be started: {e}");

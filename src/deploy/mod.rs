@@ -71,6 +71,16 @@ pub enum DeployError {
     Build(String),
     #[error("Kubernetes refused the Job: {0}")]
     Kubernetes(String),
+    /// The platform did not answer or was overloaded; the same launch may work later.
+    #[error("Kubernetes is unavailable, the Job will be created when it answers: {0}")]
+    Unavailable(String),
+}
+
+impl DeployError {
+    /// True when launching again later may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Unavailable(_))
+    }
 }
 
 /// Starts, finds and stops a run's infrastructure on one platform.

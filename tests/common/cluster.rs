@@ -23,6 +23,38 @@ impl KubeApiServer {
         SERVER.get_or_init(Self::start)
     }
 
+    /// A server of its own, for a test that takes it down (see `stop_apiserver`); it
+    /// lives as long as the test process.
+    pub fn dedicated() -> KubeApiServer {
+        Self::start()
+    }
+
+    /// Fault injection: the API server process goes away; etcd keeps the state.
+    pub async fn stop_apiserver(&self) {
+        self.script("stop-apiserver").await;
+    }
+
+    /// Brings the API server back on the same address; returns once it is ready.
+    pub async fn start_apiserver(&self) {
+        self.script("start-apiserver").await;
+    }
+
+    async fn script(&self, command: &str) {
+        let out = tokio::process::Command::new("bash")
+            .arg(repo().join("scripts/kube-apiserver.sh"))
+            .arg(command)
+            .arg(&self.dir)
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .expect("run scripts/kube-apiserver.sh");
+        assert!(
+            out.status.success(),
+            "kube-apiserver.sh {command}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     fn start() -> KubeApiServer {
         let script = repo().join("scripts/kube-apiserver.sh");
         let install = Command::new("bash")
@@ -116,10 +148,24 @@ pub async fn cluster_with_namespace(prefix: &str) -> (&'static KubeApiServer, Cl
     let server = tokio::task::spawn_blocking(KubeApiServer::shared)
         .await
         .expect("the API server");
+    let (client, ns) = prepare(server, prefix).await;
+    (server, client, ns)
+}
+
+/// A dedicated API server (one a test may stop), prepared like the shared one.
+pub async fn dedicated_cluster(prefix: &str) -> (KubeApiServer, Client, String) {
+    let server = tokio::task::spawn_blocking(KubeApiServer::dedicated)
+        .await
+        .expect("the API server");
+    let (client, ns) = prepare(&server, prefix).await;
+    (server, client, ns)
+}
+
+async fn prepare(server: &KubeApiServer, prefix: &str) -> (Client, String) {
     let client = server.client().await;
     install_crd(&client).await;
     let ns = namespace(&client, prefix).await;
-    (server, client, ns)
+    (client, ns)
 }
 
 /// Creates a Secret `name` with one key `key`.

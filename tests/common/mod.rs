@@ -88,50 +88,145 @@ impl PrefectServer {
     }
 
     fn start(extra_env: &[(&str, &str)]) -> PrefectServer {
-        let venv = prefect_venv();
         let port = free_port();
         let home = tempfile::Builder::new()
             .prefix("pao-prefect-")
             .tempdir()
             .expect("tempdir")
             .keep();
-        let log = std::fs::File::create(home.join("server.log")).expect("server log");
-        let mut cmd = Command::new(venv.join("bin/prefect"));
-        cmd.args([
-            "server",
-            "start",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            &port.to_string(),
-        ])
-        .env("PREFECT_HOME", &home)
-        .env("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-        .env("PREFECT_SERVER_UI_ENABLED", "false")
-        .env_remove("PREFECT_API_URL")
-        .env_remove("PREFECT_API_KEY")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().expect("log"))
-        .stderr(log);
-        for (k, v) in extra_env {
-            cmd.env(k, v);
+        spawn_tied_to_test_process(server_command(port, &home, extra_env));
+        wait_healthy(port, &home);
+        PrefectServer {
+            url: format!("http://127.0.0.1:{port}/api"),
+            home,
         }
-        spawn_tied_to_test_process(cmd);
-        let url = format!("http://127.0.0.1:{port}/api");
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while !http_get_ok(port, "/api/health") {
-            assert!(
-                Instant::now() < deadline,
-                "prefect server did not become healthy; see {}",
-                home.join("server.log").display()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        PrefectServer { url, home }
     }
 
     pub fn api(&self) -> Api {
         Api::new(&self.url, Auth::None)
+    }
+}
+
+/// `prefect server start` on `port` with its database under `home`, logging to
+/// `home/server.log`.
+fn server_command(port: u16, home: &Path, extra_env: &[(&str, &str)]) -> Command {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(home.join("server.log"))
+        .expect("server log");
+    let mut cmd = Command::new(prefect_venv().join("bin/prefect"));
+    cmd.args([
+        "server",
+        "start",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        &port.to_string(),
+    ])
+    .env("PREFECT_HOME", home)
+    .env("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    .env("PREFECT_SERVER_UI_ENABLED", "false")
+    .env_remove("PREFECT_API_URL")
+    .env_remove("PREFECT_API_KEY")
+    .stdin(Stdio::null())
+    .stdout(log.try_clone().expect("log"))
+    .stderr(log);
+    for (k, v) in extra_env {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+fn wait_healthy(port: u16, home: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !http_get_ok(port, "/api/health") {
+        assert!(
+            Instant::now() < deadline,
+            "prefect server did not become healthy; see {}",
+            home.join("server.log").display()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A Prefect server of its own that a test stops and starts again (same port, same
+/// database), for fault injection.
+pub struct RestartablePrefect {
+    pub url: String,
+    pub home: PathBuf,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl RestartablePrefect {
+    pub async fn start() -> Self {
+        tokio::task::spawn_blocking(|| {
+            let port = free_port();
+            let home = tempfile::Builder::new()
+                .prefix("pao-prefect-")
+                .tempdir()
+                .expect("tempdir")
+                .keep();
+            let mut server = RestartablePrefect {
+                url: format!("http://127.0.0.1:{port}/api"),
+                home,
+                port,
+                child: None,
+            };
+            server.launch();
+            server
+        })
+        .await
+        .expect("start the Prefect server")
+    }
+
+    fn launch(&mut self) {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = server_command(self.port, &self.home, &[]);
+        // Its own process group, so that a kill takes everything it started.
+        cmd.process_group(0);
+        self.child = Some(cmd.spawn().expect("spawn prefect server"));
+        wait_healthy(self.port, &self.home);
+    }
+
+    /// SIGKILL, no goodbye: what a crashed or evicted server looks like.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let group = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port and database; returns once it is healthy.
+    pub async fn restart(&mut self) {
+        let mut me = std::mem::replace(
+            self,
+            RestartablePrefect {
+                url: String::new(),
+                home: PathBuf::new(),
+                port: 0,
+                child: None,
+            },
+        );
+        me = tokio::task::spawn_blocking(move || {
+            me.launch();
+            me
+        })
+        .await
+        .expect("restart the Prefect server");
+        *self = me;
+    }
+
+    pub fn api(&self) -> Api {
+        Api::new(&self.url, Auth::None)
+    }
+}
+
+impl Drop for RestartablePrefect {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 

@@ -77,19 +77,17 @@ impl Deployer for KubernetesDeployer {
             &agent_label(&self.agent_namespace, &self.agent_name),
             &format!("{}/{name}", self.namespace()),
         );
+        let agent = agent_label(&self.agent_namespace, &self.agent_name);
         match self.jobs().create(&PostParams::default(), &job).await {
             Ok(_) => {}
             // The name is the run's: this run was launched before (a retry, a restart).
             Err(kube::Error::Api(e)) if e.code == 409 => {
                 tracing::info!(job = %name, "Job already exists; adopting it");
             }
-            Err(kube::Error::Api(e)) => {
-                return Err(DeployError::Kubernetes(format!(
-                    "{} ({})",
-                    e.message, e.reason
-                )));
+            Err(e) => {
+                self.observer.not_launched(&agent, &self.namespace(), &name);
+                return Err(create_error(e));
             }
-            Err(e) => return Err(DeployError::Kubernetes(e.to_string())),
         }
         Ok(Launched {
             infra_id: self.infra_id(&launch.run.id),
@@ -126,5 +124,46 @@ impl Deployer for KubernetesDeployer {
             Err(kube::Error::Api(e)) if e.code == 404 => Ok(Stopped::NotFound),
             Err(e) => Err(DeployError::Stop(e.to_string())),
         }
+    }
+}
+
+/// A refused create is final (invalid, forbidden, no such namespace); an unanswered or
+/// overloaded API server is not, and the run keeps its claim until the Job can be made.
+fn create_error(e: kube::Error) -> DeployError {
+    match e {
+        kube::Error::Api(e) if !matches!(e.code, 429 | 500..=599) => {
+            DeployError::Kubernetes(format!("{} ({})", e.message, e.reason))
+        }
+        kube::Error::Api(e) => DeployError::Unavailable(format!("{} ({})", e.message, e.reason)),
+        other => DeployError::Unavailable(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api_error(code: u16) -> kube::Error {
+        let status: kube::core::Status = serde_json::from_value(serde_json::json!({
+            "code": code, "message": "m", "reason": "R"
+        }))
+        .unwrap();
+        kube::Error::Api(Box::new(status))
+    }
+
+    #[test]
+    fn only_an_unanswering_or_overloaded_api_server_is_worth_another_try() {
+        for code in [400, 403, 404, 422] {
+            assert!(!create_error(api_error(code)).is_transient(), "{code}");
+        }
+        for code in [429, 500, 503, 504] {
+            assert!(create_error(api_error(code)).is_transient(), "{code}");
+        }
+        let io = kube::Error::ReadEvents(std::io::Error::other("connection reset"));
+        assert!(create_error(io).is_transient());
+        assert_eq!(
+            create_error(api_error(422)).to_string(),
+            "Kubernetes refused the Job: m (R)"
+        );
     }
 }
