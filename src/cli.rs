@@ -70,6 +70,10 @@ pub struct OperatorArgs {
     /// Watch PrefectAgents and Jobs in this namespace only (default: all namespaces).
     #[arg(long, env = "PAO_WATCH_NAMESPACE")]
     pub namespace: Option<String>,
+    /// Namespaces besides its own where a PrefectAgent may run its Jobs (comma-separated;
+    /// `*` for any). Default: none, each PrefectAgent's Jobs stay in its namespace.
+    #[arg(long, env = "PAO_JOB_NAMESPACES", value_delimiter = ',')]
+    pub job_namespaces: Vec<String>,
     /// How long a flow run's pod may wait on its image or a node before its run is
     /// marked crashed and its Job deleted.
     #[arg(long, env = "PAO_POD_GRACE", default_value = "60s", value_parser = humantime::parse_duration)]
@@ -373,7 +377,11 @@ async fn run_operator(args: OperatorArgs) -> Result<(), CliError> {
     let shutdown = crate::signals::shutdown_on_signals().map_err(CliError::runtime)?;
     let readiness = Arc::new(Readiness::default());
     readiness.api_reachable.store(true, Ordering::Relaxed);
-    let ctx = crate::controller::Context::new(client.clone(), args.pod_grace);
+    let scope = crate::scope::Scope {
+        watch_namespace: args.namespace.clone(),
+        job_namespaces: crate::scope::JobNamespaces::from_list(&args.job_namespaces),
+    };
+    let ctx = crate::controller::Context::new(client.clone(), args.pod_grace, scope);
     crate::operator_api::serve(
         args.health_address,
         readiness.clone(),

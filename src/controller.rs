@@ -34,6 +34,7 @@ use crate::crd::{Flavor, PrefectAgent, PrefectAgentSpec, PrefectAgentStatus, Sec
 use crate::deploy::kubernetes::KubernetesDeployer;
 use crate::deploy::kubernetes::job::agent_label;
 use crate::observe::JobObserver;
+use crate::scope::Scope;
 use crate::secret::SecretString;
 
 /// The finalizer that lets the operator stop an agent before its resource goes.
@@ -76,6 +77,8 @@ pub struct Context {
     pub reconciles: AtomicU64,
     pub reconcile_errors: AtomicU64,
     pub reconcile_duration: Histogram,
+    /// Where resources may put their Jobs.
+    pub scope: Scope,
 }
 
 /// One running agent task.
@@ -459,6 +462,10 @@ impl PrefectAgent {
             ));
         }
         let cfg = agent_config(&self.name_any(), spec)?;
+        let job_namespace = ctx
+            .scope
+            .job_namespace(ns, spec.job.namespace.as_deref())
+            .map_err(|m| ("JobNamespaceNotAllowed", m))?;
         let key_secret = match &spec.api.key_secret_ref {
             Some(r) => Some(
                 read_secret(&ctx.client, ns, r)
@@ -485,7 +492,10 @@ impl PrefectAgent {
             observer: ctx.observer.clone(),
             agent_namespace: ns.to_string(),
             agent_name: self.name_any(),
-            defaults: spec.job.clone(),
+            defaults: crate::crd::JobSpec {
+                namespace: Some(job_namespace),
+                ..spec.job.clone()
+            },
             secret: secret_ref,
             concurrency_limit: spec.concurrency_limit,
         };
@@ -685,7 +695,7 @@ fn error_policy(agent: Arc<PrefectAgent>, error: &Error, _ctx: Arc<Context>) -> 
 /// Runs the operator until `shutdown`: the Job watch and the controller.
 /// `namespace`: watch only this one (resources and Jobs), else every namespace.
 impl Context {
-    pub fn new(client: Client, pod_grace: Duration) -> Arc<Self> {
+    pub fn new(client: Client, pod_grace: Duration, scope: Scope) -> Arc<Self> {
         let reporter = Reporter {
             controller: crate::APP_NAME.into(),
             instance: std::env::var("POD_NAME").ok(),
@@ -699,6 +709,7 @@ impl Context {
             reconciles: AtomicU64::new(0),
             reconcile_errors: AtomicU64::new(0),
             reconcile_duration: Histogram::new(),
+            scope,
         })
     }
 }

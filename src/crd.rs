@@ -134,7 +134,8 @@ pub enum PullPolicy {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct JobSpec {
-    /// Namespace of the Jobs (default: the resource's).
+    /// Namespace of the Jobs (default: the resource's). Another namespace must be allowed
+    /// by the operator (`--job-namespaces`) and hold the API key Secret under the same name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
     /// Image of the flow-run container (default: prefecthq/prefect:3-latest).

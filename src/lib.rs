@@ -16,6 +16,7 @@ pub mod leader;
 pub mod metrics;
 pub mod observe;
 pub mod operator_api;
+pub mod scope;
 pub mod secret;
 pub mod settings;
 pub mod signals;
