@@ -326,6 +326,45 @@ async fn a_missing_secret_is_named_in_a_degraded_condition() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn jobs_in_a_namespace_the_operator_does_not_allow_are_refused() {
+    let (client, ns, prefect, operator) = setup("jobns").await;
+    let agents: Api<PrefectAgent> = Api::namespaced(client.clone(), &ns);
+    let mut resource = agent_resource("elsewhere", &prefect.server.url, &prefect.pool);
+    resource.spec.job.namespace = Some("kube-system".into());
+    agents
+        .create(&PostParams::default(), &resource)
+        .await
+        .expect("create");
+    let (_, message, _) = wait_for("Degraded=True", Duration::from_secs(60), || async {
+        let a = agents.get("elsewhere").await.ok()?;
+        condition(&a, "Degraded").filter(|(s, _, _)| s == "True")
+    })
+    .await;
+    assert_eq!(
+        message,
+        format!(
+            "spec.job.namespace `kube-system`: this operator watches namespace `{ns}` only \
+             and could not follow Jobs elsewhere"
+        )
+    );
+    let a = agents.get("elsewhere").await.unwrap();
+    let ready = a
+        .status
+        .as_ref()
+        .unwrap()
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready");
+    assert_eq!(
+        ready.map(|c| c.reason.as_str()),
+        Some("JobNamespaceNotAllowed")
+    );
+    // No agent runs for it: a run of its pool gets no Job anywhere.
+    assert!(a.status.as_ref().unwrap().agent_id.is_none());
+    drop(operator);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_spec_change_restarts_the_agent_and_suspend_stops_it() {
     let (client, ns, prefect, operator) = setup("edit").await;
     let agents: Api<PrefectAgent> = Api::namespaced(client.clone(), &ns);

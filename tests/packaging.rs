@@ -127,6 +127,10 @@ fn default_values_render_a_restricted_least_privilege_operator() {
         !args.iter().any(|a| a.starts_with("--namespace")),
         "cluster mode"
     );
+    assert!(
+        !args.iter().any(|a| a.starts_with("--job-namespaces")),
+        "Jobs in each PrefectAgent's own namespace"
+    );
     let pod = &deployment["spec"]["template"]["spec"];
     let c = &pod["containers"][0];
     assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
@@ -288,6 +292,8 @@ fn bad_values_are_rejected_by_the_schema_with_a_clear_message() {
     );
     let e = check(json!({"replicas": 2}));
     assert!(e.contains("replicas"), "a misspelt key is named: {e}");
+    let e = check(json!({"jobNamespaces": ["ok", "Not/One"]}));
+    assert!(e.contains("/jobNamespaces/1"), "{e}");
     let e = check(json!({"watchNamespace": "Not_A_Namespace"}));
     assert!(e.contains("/watchNamespace"), "{e}");
     let e = check(json!({"agents": [{"name": "x"}]}));
