@@ -167,6 +167,9 @@ pub struct AgentArgs {
         help_heading = "Prefect API"
     )]
     pub create_pool: Option<String>,
+    /// Do not listen to the server's event stream; find new runs by polling only.
+    #[arg(long, env = "PAO_NO_EVENTS", help_heading = "Prefect API")]
+    pub no_events: bool,
 
     /// Agent name shown in Prefect; also marks this agent's claims, so give each agent its own.
     /// Falls back to PREFECT__CLOUD__AGENT__NAME, then "agent".

@@ -540,6 +540,7 @@ impl PrefectAgent {
             create_pool: None,
             poll_limit: 200,
             retry: ctx.retry,
+            events: spec.api.events.unwrap_or(true),
         })
         .map_err(|e| ("InvalidSpec", e.to_string()))?;
         self.run_agent(ctx, key, Agent::new(cfg, backend, deployer));

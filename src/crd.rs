@@ -120,6 +120,10 @@ pub struct ApiSpec {
     /// Prefect 1 tenant (Cloud 1 with an API key; looked up when unset).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant_id: Option<String>,
+    /// Prefect 3: launch a run as soon as the server's event stream says it was
+    /// scheduled (default true); polling goes on either way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events: Option<bool>,
 }
 
 /// Image pull policy of the flow-run container.

@@ -219,6 +219,7 @@ impl AgentSettings {
                 create_pool: args.create_pool.clone(),
                 poll_limit: 200,
                 retry: RetryPolicy::default(),
+                events: !args.no_events,
             })
         };
         // Prefect 1 runs start with its own command unless one was given.

@@ -3,7 +3,7 @@
 mod common;
 
 use std::collections::{BTreeSet, HashSet};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use nix::sys::signal::Signal;
@@ -307,54 +307,95 @@ fn stopped_field(output: &str, field: &str) -> Option<u64> {
         .and_then(|v| v[field].as_u64())
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn poke_wakes_an_idle_agent_at_once() {
-    let Setup { server, pool, .. } = Setup::new("poke").await;
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let agent = AgentProcess::start(&[
+/// An agent polling every 60 s, with its agent API for the poll count, once it has backed
+/// off into that long sleep: (agent, its address, polls so far).
+async fn an_agent_asleep(
+    server: &PrefectServer,
+    pool: &str,
+    extra: &[&str],
+) -> (AgentProcess, String, u64) {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut args = vec![
         "--api-url",
         &server.url,
         "--pool",
-        &pool,
+        pool,
         "--name",
-        "poked",
+        "sleeper",
         "--poll-interval",
         "60s",
         "--agent-address",
         &addr,
-    ]);
-    let http = reqwest::Client::new();
-    let health = format!("http://{addr}/api/health");
-    let polls = || async {
-        let r = http.get(&health).send().await.ok()?;
-        assert_eq!(r.status(), 200);
-        r.json::<serde_json::Value>().await.ok()?["polls"].as_u64()
-    };
-    // After the 5th poll the seed's backoff sleeps 8 s.
-    let before = wait_for("the agent to back off", Duration::from_secs(30), || async {
-        polls().await.filter(|p| *p >= 5)
+        // The run is only claimed; nothing needs to execute it.
+        "--command",
+        "true",
+    ];
+    args.extend_from_slice(extra);
+    let agent = AgentProcess::start(&args);
+    // The seed's backoff: 0.25 → 0.5 → 1 → 2 → 4 → 8 s after the 5th empty poll, then
+    // the 60 s poll interval after the 6th.
+    let polls = wait_for("the agent to back off", Duration::from_secs(40), || async {
+        polls(&addr).await.filter(|p| *p >= 6)
     })
     .await;
-    let poked = Instant::now();
-    let r = http
-        .get(format!("http://{addr}/api/poke"))
-        .send()
+    (agent, addr, polls)
+}
+
+async fn polls(addr: &str) -> Option<u64> {
+    let r = reqwest::get(format!("http://{addr}/api/health"))
+        .await
+        .ok()?;
+    assert_eq!(r.status(), 200);
+    r.json::<serde_json::Value>().await.ok()?["polls"].as_u64()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn poke_wakes_an_idle_agent_at_once() {
+    let Setup { server, pool, .. } = Setup::new("poke").await;
+    let (agent, addr, before) = an_agent_asleep(server, &pool, &["--no-events"]).await;
+    let r = reqwest::get(format!("http://{addr}/api/poke"))
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+    // Well inside the 60 s sleep the poke cut short.
     wait_for(
         "a poll right after the poke",
-        Duration::from_secs(5),
-        || async { polls().await.filter(|p| *p > before) },
+        Duration::from_secs(20),
+        || async { polls(&addr).await.filter(|p| *p > before) },
     )
     .await;
-    let woke = poked.elapsed();
-    assert!(
-        woke < Duration::from_secs(1),
-        "poke woke the agent after {woke:?}, not at once"
-    );
-    eprintln!("poke → poll in {woke:?}");
+    drop(agent);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_scheduled_run_event_wakes_the_agent_which_claims_it() {
+    let Setup {
+        server, api, pool, ..
+    } = Setup::new("events").await;
+    let (agent, addr, before) = an_agent_asleep(server, &pool, &[]).await;
+    let dep = api.create_deployment(&pool, json!({})).await;
+    let run = api.create_run(&dep).await;
+    // Claimed well inside the 60 s sleep (with --no-events this times out): the event
+    // woke the poll loop, which claimed.
+    wait_for("the run claimed", Duration::from_secs(20), || async {
+        (api.state(&run).await != "SCHEDULED").then_some(())
+    })
+    .await;
+    let after = polls(&addr).await.unwrap();
+    assert!(after > before, "claimed by a poll ({before} → {after})");
+    // A run of another pool wakes nobody here.
+    let other = Setup::new("events-other").await;
+    let other_dep = other.api.create_deployment(&other.pool, json!({})).await;
+    let other_run = other.api.create_run(&other_dep).await;
+    // Its event has come and gone once this pool's next run is claimed.
+    let run2 = api.create_run(&dep).await;
+    wait_for(
+        "the second run claimed",
+        Duration::from_secs(20),
+        || async { (api.state(&run2).await != "SCHEDULED").then_some(()) },
+    )
+    .await;
+    assert_eq!(api.state(&other_run).await, "SCHEDULED");
     drop(agent);
 }
 

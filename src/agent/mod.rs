@@ -195,6 +195,7 @@ impl<B: Backend, D: Deployer> Agent<B, D> {
             };
             inner.stats.set_agent_id(&reg.agent_id);
             tracing::info!(agent_id = %reg.agent_id, kind = %reg.kind, "agent registered");
+            inner.backend.wake_on_new_runs(&inner.poke);
             tasks.spawn(
                 Inner::heartbeat_loop(self.inner.clone(), background.clone()).in_current_span(),
             );

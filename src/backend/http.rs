@@ -131,6 +131,27 @@ fn error_detail(body: &str) -> String {
     detail
 }
 
+/// One connection pool for every agent of the process: a thousand agents of one Prefect
+/// server share its connections instead of holding a thousand pools.
+fn shared_http() -> Result<reqwest::Client, String> {
+    static HTTP: std::sync::OnceLock<Result<reqwest::Client, String>> = std::sync::OnceLock::new();
+    HTTP.get_or_init(new_http).clone()
+}
+
+fn new_http() -> Result<reqwest::Client, String> {
+    crate::install_crypto_provider();
+    reqwest::Client::builder()
+        .user_agent(concat!(
+            "prefect-agent-operator/",
+            env!("CARGO_PKG_VERSION")
+        ))
+        .connect_timeout(Duration::from_secs(10))
+        .timeout(Duration::from_secs(30))
+        .pool_idle_timeout(Duration::from_secs(60))
+        .build()
+        .map_err(|e| root_cause(&e))
+}
+
 /// A JSON API client bound to one base URL.
 #[derive(Clone, Debug)]
 pub struct ApiClient {
@@ -145,21 +166,27 @@ pub struct ApiClient {
 }
 
 impl ApiClient {
+    /// A client on the process's shared connection pool.
     pub fn new(base: &str, auth: Auth, retry: RetryPolicy) -> Result<Self, HttpError> {
-        crate::install_crypto_provider();
-        let http = reqwest::Client::builder()
-            .user_agent(concat!(
-                "prefect-agent-operator/",
-                env!("CARGO_PKG_VERSION")
-            ))
-            .connect_timeout(Duration::from_secs(10))
-            .timeout(Duration::from_secs(30))
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build()
-            .map_err(|e| HttpError::Unreachable {
-                url: base.to_string(),
-                cause: root_cause(&e),
-            })?;
+        Self::on(shared_http(), base, auth, retry)
+    }
+
+    /// A client with a pool of its own: for a process with several Tokio runtimes (tests),
+    /// whose connections must not outlive the runtime that made them.
+    pub fn with_own_pool(base: &str, auth: Auth, retry: RetryPolicy) -> Result<Self, HttpError> {
+        Self::on(new_http(), base, auth, retry)
+    }
+
+    fn on(
+        http: Result<reqwest::Client, String>,
+        base: &str,
+        auth: Auth,
+        retry: RetryPolicy,
+    ) -> Result<Self, HttpError> {
+        let http = http.map_err(|cause| HttpError::Unreachable {
+            url: base.to_string(),
+            cause,
+        })?;
         Ok(Self {
             http,
             base: base.trim_end_matches('/').to_string(),

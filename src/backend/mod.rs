@@ -1,5 +1,6 @@
 //! How the agent talks to Prefect: the [`Backend`] trait and the flow-run types it speaks.
 
+pub mod events;
 pub mod http;
 pub mod prefect1;
 pub mod prefect3;
@@ -227,6 +228,9 @@ pub trait Backend: Send + Sync + 'static {
         level: LogLevel,
         message: &str,
     ) -> impl Future<Output = Result<(), BackendError>> + Send;
+    /// Asks to have `wake` notified as soon as a new run may be waiting (Prefect 3: its
+    /// event stream), for as long as `wake` lives. Without it the agent simply polls.
+    fn wake_on_new_runs(&self, _wake: &std::sync::Arc<tokio::sync::Notify>) {}
 }
 
 #[cfg(test)]

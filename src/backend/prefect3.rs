@@ -34,6 +34,8 @@ pub struct Prefect3Config {
     /// Most runs asked for per poll (the server returns at most 200).
     pub poll_limit: usize,
     pub retry: RetryPolicy,
+    /// Wake the poll loop on the server's events (a run turned SCHEDULED).
+    pub events: bool,
 }
 
 /// The `state.message` a claim carries, so a restarted agent recognises its own claims.
@@ -763,6 +765,17 @@ impl Backend for Prefect3 {
         }]);
         self.api.send(Method::POST, "/logs/", Some(&body)).await?;
         Ok(())
+    }
+
+    fn wake_on_new_runs(&self, wake: &std::sync::Arc<tokio::sync::Notify>) {
+        if self.cfg.events {
+            super::events::EventHub::global().subscribe(
+                &self.cfg.api_url,
+                &self.cfg.auth,
+                &self.cfg.pool,
+                wake,
+            );
+        }
     }
 }
 

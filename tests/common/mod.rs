@@ -283,7 +283,7 @@ impl Api {
             ..RetryPolicy::default()
         };
         Self {
-            client: ApiClient::new(url, auth, retry).expect("client"),
+            client: ApiClient::with_own_pool(url, auth, retry).expect("client"),
         }
     }
 

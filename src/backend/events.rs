@@ -1,0 +1,349 @@
+//! Prefect 3's event stream as a wake-up call. When a flow run of a pool turns SCHEDULED,
+//! the agents of that pool are woken and their poll loop polls at once: claims still
+//! happen in that one loop, and polling stays the safety net (runs made by a deployment's
+//! schedule emit no event until they turn Late; a dropped connection loses events).
+//!
+//! One websocket per Prefect server and credential serves every agent of the process;
+//! it closes once the last of them has stopped, and reconnects with backoff.
+
+use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use rand::Rng;
+use serde_json::{Value, json};
+use tokio::sync::Notify;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+
+use super::http::Auth;
+
+/// What an event asks for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Wake {
+    /// Nothing: not a run becoming schedulable.
+    Nobody,
+    /// The agents of this pool.
+    Pool(String),
+    /// Every agent of the server (the event names no pool).
+    Everyone,
+}
+
+/// Whom a message of the stream wakes: a flow run that turned SCHEDULED (created,
+/// rescheduled, awaiting a retry) wakes its pool's agents.
+pub fn wakes(message: &Value) -> Wake {
+    if message["type"] != "event" {
+        return Wake::Nobody;
+    }
+    let event = &message["event"];
+    let scheduled = event["event"]
+        .as_str()
+        .is_some_and(|e| e.starts_with("prefect.flow-run."))
+        && event["resource"]["prefect.state-type"] == "SCHEDULED";
+    if !scheduled {
+        return Wake::Nobody;
+    }
+    event["related"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|r| r["prefect.resource.role"] == "work-pool")
+        .and_then(|r| r["prefect.resource.name"].as_str())
+        .map_or(Wake::Everyone, |pool| Wake::Pool(pool.to_string()))
+}
+
+/// The websocket address of a Prefect API URL (`http://h/api` → `ws://h/api/events/out`).
+pub fn events_url(api_url: &str) -> Option<String> {
+    let base = api_url.trim_end_matches('/');
+    let rest = base
+        .strip_prefix("https://")
+        .map(|r| format!("wss://{r}"))
+        .or_else(|| base.strip_prefix("http://").map(|r| format!("ws://{r}")))?;
+    Some(format!("{rest}/events/out"))
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct FeedKey {
+    url: String,
+    /// A hash of the credential: agents with different keys must not share a stream,
+    /// and the key itself is kept out of the map.
+    credential: u64,
+}
+
+/// The agents listening on one stream: (pool, wake-up).
+#[derive(Default)]
+struct Feed {
+    subscribers: Mutex<Vec<(String, Weak<Notify>)>>,
+}
+
+impl Feed {
+    /// Drops stopped agents; true while some are left.
+    fn alive(&self) -> bool {
+        let Ok(mut subs) = self.subscribers.lock() else {
+            return false;
+        };
+        subs.retain(|(_, w)| w.strong_count() > 0);
+        !subs.is_empty()
+    }
+
+    fn wake(&self, wake: &Wake) {
+        let Ok(subs) = self.subscribers.lock() else {
+            return;
+        };
+        for (pool, notify) in subs.iter() {
+            let hit = match wake {
+                Wake::Nobody => false,
+                Wake::Everyone => true,
+                Wake::Pool(p) => p == pool,
+            };
+            if hit && let Some(n) = notify.upgrade() {
+                n.notify_one();
+            }
+        }
+    }
+}
+
+/// The process's event streams.
+#[derive(Default)]
+pub struct EventHub {
+    feeds: Mutex<HashMap<FeedKey, Arc<Feed>>>,
+}
+
+impl EventHub {
+    pub fn global() -> &'static EventHub {
+        static HUB: std::sync::OnceLock<EventHub> = std::sync::OnceLock::new();
+        HUB.get_or_init(EventHub::default)
+    }
+
+    /// Wakes `wake` whenever a run of `pool` on the server at `api_url` turns SCHEDULED,
+    /// for as long as the caller holds `wake`. Must be called within a Tokio runtime.
+    pub fn subscribe(&'static self, api_url: &str, auth: &Auth, pool: &str, wake: &Arc<Notify>) {
+        let Some(url) = events_url(api_url) else {
+            tracing::warn!(%api_url, "no event stream for this URL; polling only");
+            return;
+        };
+        let mut hasher = DefaultHasher::new();
+        match auth {
+            Auth::None => 0u8.hash(&mut hasher),
+            Auth::Bearer(k) => (1u8, k.expose()).hash(&mut hasher),
+            Auth::Basic(s) => (2u8, s.expose()).hash(&mut hasher),
+        }
+        let key = FeedKey {
+            url,
+            credential: hasher.finish(),
+        };
+        let Ok(mut feeds) = self.feeds.lock() else {
+            return;
+        };
+        let feed = feeds.entry(key.clone()).or_insert_with(|| {
+            let feed = Arc::new(Feed::default());
+            tokio::spawn(self.run(key, auth.clone(), feed.clone()));
+            feed
+        });
+        if let Ok(mut subs) = feed.subscribers.lock() {
+            subs.push((pool.to_string(), Arc::downgrade(wake)));
+        }
+    }
+
+    /// Removes the feed when nobody listens any more (under the hub's lock, so that a
+    /// concurrent `subscribe` either finds it alive or starts a new one).
+    fn retire_if_idle(&self, key: &FeedKey, feed: &Arc<Feed>) -> bool {
+        let Ok(mut feeds) = self.feeds.lock() else {
+            return true;
+        };
+        if feed.alive() {
+            return false;
+        }
+        if feeds.get(key).is_some_and(|f| Arc::ptr_eq(f, feed)) {
+            feeds.remove(key);
+        }
+        true
+    }
+
+    async fn run(&'static self, key: FeedKey, auth: Auth, feed: Arc<Feed>) {
+        let mut failures: u32 = 0;
+        loop {
+            if self.retire_if_idle(&key, &feed) {
+                tracing::debug!(url = %key.url, "event stream closed: no agent listens");
+                return;
+            }
+            match stream(&key.url, &auth, &feed).await {
+                Ok(()) => failures = 0,
+                Err(e) => {
+                    failures += 1;
+                    // Said once per outage; the poll loop carries on regardless.
+                    if failures == 1 {
+                        tracing::warn!(url = %key.url, error = %e, "event stream unavailable; polling only until it is back");
+                    } else {
+                        tracing::debug!(url = %key.url, error = %e, failures, "event stream still unavailable");
+                    }
+                }
+            }
+            tokio::time::sleep(backoff(failures)).await;
+        }
+    }
+}
+
+/// 1 s, 2 s, 4 s, … up to a minute, with jitter so that restarts do not reconnect in step.
+fn backoff(failures: u32) -> Duration {
+    let base = Duration::from_secs(1u64 << failures.min(6)).min(Duration::from_secs(60));
+    base.mul_f64(rand::rng().random_range(0.5..1.0))
+}
+
+/// One connection: auth, filter, then events until it drops or nobody listens.
+async fn stream(url: &str, auth: &Auth, feed: &Feed) -> Result<(), String> {
+    let mut request = url.into_client_request().map_err(|e| e.to_string())?;
+    let headers = request.headers_mut();
+    headers.insert(
+        "Sec-WebSocket-Protocol",
+        HeaderValue::from_static("prefect"),
+    );
+    if let Auth::Basic(s) = auth {
+        use base64::Engine;
+        let encoded = base64::engine::general_purpose::STANDARD.encode(s.expose());
+        let value = HeaderValue::from_str(&format!("Basic {encoded}"))
+            .map_err(|_| "the auth string is not a valid header value".to_string())?;
+        headers.insert("Authorization", value);
+    }
+    let connect = tokio_tungstenite::connect_async(request);
+    let (mut ws, _) = tokio::time::timeout(Duration::from_secs(10), connect)
+        .await
+        .map_err(|_| "connecting timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    let token = match auth {
+        Auth::Bearer(k) => json!(k.expose()),
+        _ => Value::Null,
+    };
+    send(&mut ws, json!({"type": "auth", "token": token})).await?;
+    let answer = tokio::time::timeout(Duration::from_secs(10), ws.next())
+        .await
+        .map_err(|_| "no answer to auth".to_string())?;
+    match answer {
+        Some(Ok(Message::Text(t))) if t.contains("auth_success") => {}
+        Some(Ok(other)) => return Err(format!("auth refused: {}", short(&other.to_string()))),
+        Some(Err(e)) => return Err(e.to_string()),
+        None => return Err("closed during auth".into()),
+    }
+    let since = k8s_openapi::jiff::Timestamp::now().to_string();
+    // `until` must lie in the future or nothing streams.
+    send(
+        &mut ws,
+        json!({"type": "filter", "backfill": false, "filter": {
+            "occurred": {"since": since, "until": "2100-01-01T00:00:00Z"},
+            "event": {"prefix": ["prefect.flow-run."]}}}),
+    )
+    .await?;
+    tracing::debug!(%url, "event stream connected");
+    let mut check = tokio::time::interval(Duration::from_secs(30));
+    check.tick().await;
+    loop {
+        tokio::select! {
+            msg = ws.next() => match msg {
+                Some(Ok(Message::Text(t))) => {
+                    if let Ok(v) = serde_json::from_str::<Value>(&t) {
+                        feed.wake(&wakes(&v));
+                    }
+                }
+                Some(Ok(Message::Close(_))) | None => return Ok(()),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(e.to_string()),
+            },
+            _ = check.tick() => if !feed.alive() {
+                let _ = ws.close(None).await;
+                return Ok(());
+            },
+        }
+    }
+}
+
+async fn send<S>(ws: &mut S, v: Value) -> Result<(), String>
+where
+    S: futures::Sink<Message> + Unpin,
+    S::Error: std::fmt::Display,
+{
+    ws.send(Message::text(v.to_string()))
+        .await
+        .map_err(|e| e.to_string())
+}
+
+fn short(s: &str) -> String {
+    s.chars().take(200).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(name: &str, state_type: &str, pool: Option<&str>) -> Value {
+        let mut related = vec![json!({"prefect.resource.id": "prefect.flow.f",
+                                      "prefect.resource.role": "flow"})];
+        if let Some(p) = pool {
+            related.push(json!({"prefect.resource.id": "prefect.work-pool.x",
+                                "prefect.resource.role": "work-pool",
+                                "prefect.resource.name": p}));
+        }
+        json!({"type": "event", "event": {"event": name,
+            "resource": {"prefect.resource.id": "prefect.flow-run.r",
+                         "prefect.state-type": state_type},
+            "related": related}})
+    }
+
+    #[test]
+    fn a_run_turning_scheduled_wakes_its_pool() {
+        let e = event("prefect.flow-run.Scheduled", "SCHEDULED", Some("k8s"));
+        assert_eq!(wakes(&e), Wake::Pool("k8s".into()));
+        let retry = event("prefect.flow-run.AwaitingRetry", "SCHEDULED", Some("k8s"));
+        assert_eq!(wakes(&retry), Wake::Pool("k8s".into()));
+        let no_pool = event("prefect.flow-run.Scheduled", "SCHEDULED", None);
+        assert_eq!(wakes(&no_pool), Wake::Everyone);
+    }
+
+    #[test]
+    fn other_events_wake_nobody() {
+        for e in [
+            event("prefect.flow-run.Running", "RUNNING", Some("k8s")),
+            event("prefect.flow-run.Pending", "PENDING", Some("k8s")),
+            json!({"type": "auth_success"}),
+            json!({"type": "event", "event": null}),
+            json!("garbage"),
+        ] {
+            assert_eq!(wakes(&e), Wake::Nobody, "{e}");
+        }
+    }
+
+    #[test]
+    fn the_stream_lives_beside_the_api() {
+        assert_eq!(
+            events_url("http://127.0.0.1:4200/api/").as_deref(),
+            Some("ws://127.0.0.1:4200/api/events/out")
+        );
+        assert_eq!(
+            events_url("https://api.prefect.cloud/api/accounts/a/workspaces/w").as_deref(),
+            Some("wss://api.prefect.cloud/api/accounts/a/workspaces/w/events/out")
+        );
+        assert_eq!(events_url("ftp://x"), None);
+    }
+
+    #[test]
+    fn only_live_subscribers_of_the_pool_are_woken() {
+        let feed = Feed::default();
+        let a = Arc::new(Notify::new());
+        let b = Arc::new(Notify::new());
+        {
+            let mut subs = feed.subscribers.lock().unwrap();
+            subs.push(("a".into(), Arc::downgrade(&a)));
+            subs.push(("b".into(), Arc::downgrade(&b)));
+        }
+        feed.wake(&Wake::Pool("a".into()));
+        // A wake-up is a stored permit: the first poll of `notified()` sees it.
+        use futures::FutureExt;
+        assert!(a.notified().now_or_never().is_some(), "a woken");
+        assert!(b.notified().now_or_never().is_none(), "b not woken");
+        drop(a);
+        drop(b);
+        assert!(!feed.alive());
+    }
+}
