@@ -176,16 +176,18 @@ KC
 }
 
 stop() {
-  local dir="$1"
-  # The API server goes before etcd.
+  local dir="$1" name pid pids=()
+  # All at once: whoever stops us may not wait long (etcd alone takes seconds on TERM).
   for name in controller-manager apiserver etcd; do
-    local pidfile="$dir/$name.pid"
-    [ -f "$pidfile" ] || continue
-    local pid; pid="$(cat "$pidfile")"
+    [ -f "$dir/$name.pid" ] || continue
+    pid="$(cat "$dir/$name.pid")"
     kill "$pid" 2>/dev/null || true
-    wait_until 15 bash -c "! kill -0 $pid" || kill -9 "$pid" 2>/dev/null || true
-    rm -f "$pidfile"
+    pids+=("$pid")
   done
+  for pid in "${pids[@]}"; do
+    wait_until 15 bash -c "! kill -0 $pid" || kill -9 "$pid" 2>/dev/null || true
+  done
+  rm -f "$dir"/{controller-manager,apiserver,etcd}.pid
 }
 
 run() {
