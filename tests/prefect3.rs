@@ -453,18 +453,37 @@ async fn a_process_that_exits_early_crashes_its_run_with_the_exit_code() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cancelling_a_running_run_stops_its_process_and_ends_cancelled() {
+    cancel_a_running_run("cancel", "1s", &["--no-events"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancelling_event_wakes_the_cancellation_check() {
+    // Checks every 2 minutes, yet the run is cancelled within the 60 s deadline below.
+    cancel_a_running_run("cancel-event", "120s", &[]).await;
+}
+
+/// A run whose flow process runs is set CANCELLING: the agent (checking for cancellations
+/// every `maintenance`) kills the process and ends the run CANCELLED.
+async fn cancel_a_running_run(prefix: &str, maintenance: &str, extra: &[&str]) {
     let Setup {
         server,
         api,
         pool,
         record,
         _dir,
-    } = Setup::new("cancel").await;
+    } = Setup::new(prefix).await;
     let dep = api
         .create_deployment(&pool, json!({"command": fake_runner(&record, "sleep")}))
         .await;
     let run = api.create_run(&dep).await;
-    let agent = AgentProcess::start(&agent_args(&server.url, &pool, "canceller"));
+    let mut args = agent_args(&server.url, &pool, "canceller");
+    let at = args
+        .iter()
+        .position(|a| *a == "--maintenance-interval")
+        .unwrap();
+    args[at + 1] = maintenance;
+    args.extend_from_slice(extra);
+    let agent = AgentProcess::start(&args);
     let running = api
         .wait_state(&run, "RUNNING", Duration::from_secs(60))
         .await;

@@ -114,6 +114,8 @@ struct Inner<B, D> {
     deployer: D,
     stats: Arc<AgentStats>,
     poke: Arc<Notify>,
+    /// Wakes the maintenance loop (a run is being cancelled).
+    cancel_poke: Arc<Notify>,
     /// Runs being claimed, launched, adopted or stopped right now: never twice at once.
     busy: Arc<Mutex<HashSet<String>>>,
     slots: Semaphore,
@@ -143,6 +145,7 @@ impl<B: Backend, D: Deployer> Agent<B, D> {
                 deployer,
                 stats: Arc::default(),
                 poke: Arc::default(),
+                cancel_poke: Arc::default(),
                 busy: Arc::default(),
                 slots,
             }),
@@ -195,7 +198,12 @@ impl<B: Backend, D: Deployer> Agent<B, D> {
             };
             inner.stats.set_agent_id(&reg.agent_id);
             tracing::info!(agent_id = %reg.agent_id, kind = %reg.kind, "agent registered");
-            inner.backend.wake_on_new_runs(&inner.poke);
+            inner
+                .backend
+                .wake_on_events(&crate::backend::events::Wakers {
+                    new_runs: inner.poke.clone(),
+                    cancellations: inner.cancel_poke.clone(),
+                });
             tasks.spawn(
                 Inner::heartbeat_loop(self.inner.clone(), background.clone()).in_current_span(),
             );
@@ -494,6 +502,7 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
             self.carry_out_cancellations(&stop).await;
             tokio::select! {
                 _ = tokio::time::sleep(self.cfg.maintenance_interval) => {}
+                _ = self.cancel_poke.notified() => tracing::debug!("woken by a cancellation"),
                 _ = stop.cancelled() => return,
             }
         }

@@ -2,6 +2,7 @@
 //! the agents of that pool are woken and their poll loop polls at once: claims still
 //! happen in that one loop, and polling stays the safety net (runs made by a deployment's
 //! schedule emit no event until they turn Late; a dropped connection loses events).
+//! A run turning CANCELLING wakes the agents' cancellation check the same way.
 //!
 //! One websocket per Prefect server and credential serves every agent of the process;
 //! it closes once the last of them has stopped, and reconnects with backoff.
@@ -21,38 +22,59 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 
 use super::http::Auth;
 
+/// Which of an agent's loops an event concerns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Topic {
+    /// A run turned SCHEDULED (created, rescheduled, awaiting a retry): the poll loop.
+    NewRun,
+    /// A run turned CANCELLING: the cancellation check.
+    Cancelling,
+}
+
 /// What an event asks for.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Wake {
-    /// Nothing: not a run becoming schedulable.
+    /// Nothing: not a run becoming schedulable or cancelled.
     Nobody,
     /// The agents of this pool.
-    Pool(String),
+    Pool(Topic, String),
     /// Every agent of the server (the event names no pool).
-    Everyone,
+    Everyone(Topic),
 }
 
-/// Whom a message of the stream wakes: a flow run that turned SCHEDULED (created,
-/// rescheduled, awaiting a retry) wakes its pool's agents.
+/// Whom a message of the stream wakes, and for what.
 pub fn wakes(message: &Value) -> Wake {
     if message["type"] != "event" {
         return Wake::Nobody;
     }
     let event = &message["event"];
-    let scheduled = event["event"]
+    if !event["event"]
         .as_str()
         .is_some_and(|e| e.starts_with("prefect.flow-run."))
-        && event["resource"]["prefect.state-type"] == "SCHEDULED";
-    if !scheduled {
+    {
         return Wake::Nobody;
     }
+    let topic = match event["resource"]["prefect.state-type"].as_str() {
+        Some("SCHEDULED") => Topic::NewRun,
+        Some("CANCELLING") => Topic::Cancelling,
+        _ => return Wake::Nobody,
+    };
     event["related"]
         .as_array()
         .into_iter()
         .flatten()
         .find(|r| r["prefect.resource.role"] == "work-pool")
         .and_then(|r| r["prefect.resource.name"].as_str())
-        .map_or(Wake::Everyone, |pool| Wake::Pool(pool.to_string()))
+        .map_or(Wake::Everyone(topic), |pool| {
+            Wake::Pool(topic, pool.to_string())
+        })
+}
+
+/// Where an agent wants to be woken.
+#[derive(Clone, Debug)]
+pub struct Wakers {
+    pub new_runs: Arc<Notify>,
+    pub cancellations: Arc<Notify>,
 }
 
 /// The websocket address of a Prefect API URL (`http://h/api` → `ws://h/api/events/out`).
@@ -73,10 +95,10 @@ struct FeedKey {
     credential: u64,
 }
 
-/// The agents listening on one stream: (pool, wake-up).
+/// The agents listening on one stream: (pool, topic, wake-up).
 #[derive(Default)]
 struct Feed {
-    subscribers: Mutex<Vec<(String, Weak<Notify>)>>,
+    subscribers: Mutex<Vec<(String, Topic, Weak<Notify>)>>,
 }
 
 impl Feed {
@@ -85,7 +107,7 @@ impl Feed {
         let Ok(mut subs) = self.subscribers.lock() else {
             return false;
         };
-        subs.retain(|(_, w)| w.strong_count() > 0);
+        subs.retain(|(_, _, w)| w.strong_count() > 0);
         !subs.is_empty()
     }
 
@@ -93,11 +115,11 @@ impl Feed {
         let Ok(subs) = self.subscribers.lock() else {
             return;
         };
-        for (pool, notify) in subs.iter() {
+        for (pool, topic, notify) in subs.iter() {
             let hit = match wake {
                 Wake::Nobody => false,
-                Wake::Everyone => true,
-                Wake::Pool(p) => p == pool,
+                Wake::Everyone(t) => t == topic,
+                Wake::Pool(t, p) => t == topic && p == pool,
             };
             if hit && let Some(n) = notify.upgrade() {
                 n.notify_one();
@@ -118,9 +140,10 @@ impl EventHub {
         HUB.get_or_init(EventHub::default)
     }
 
-    /// Wakes `wake` whenever a run of `pool` on the server at `api_url` turns SCHEDULED,
-    /// for as long as the caller holds `wake`. Must be called within a Tokio runtime.
-    pub fn subscribe(&'static self, api_url: &str, auth: &Auth, pool: &str, wake: &Arc<Notify>) {
+    /// Wakes `wakers` whenever a run of `pool` on the server at `api_url` turns SCHEDULED
+    /// or CANCELLING, for as long as the caller holds them. Must be called within a Tokio
+    /// runtime.
+    pub fn subscribe(&'static self, api_url: &str, auth: &Auth, pool: &str, wakers: &Wakers) {
         let Some(url) = events_url(api_url) else {
             tracing::warn!(%api_url, "no event stream for this URL; polling only");
             return;
@@ -144,7 +167,16 @@ impl EventHub {
             feed
         });
         if let Ok(mut subs) = feed.subscribers.lock() {
-            subs.push((pool.to_string(), Arc::downgrade(wake)));
+            subs.push((
+                pool.to_string(),
+                Topic::NewRun,
+                Arc::downgrade(&wakers.new_runs),
+            ));
+            subs.push((
+                pool.to_string(),
+                Topic::Cancelling,
+                Arc::downgrade(&wakers.cancellations),
+            ));
         }
     }
 
@@ -294,17 +326,20 @@ mod tests {
     #[test]
     fn a_run_turning_scheduled_wakes_its_pool() {
         let e = event("prefect.flow-run.Scheduled", "SCHEDULED", Some("k8s"));
-        assert_eq!(wakes(&e), Wake::Pool("k8s".into()));
+        assert_eq!(wakes(&e), Wake::Pool(Topic::NewRun, "k8s".into()));
         let retry = event("prefect.flow-run.AwaitingRetry", "SCHEDULED", Some("k8s"));
-        assert_eq!(wakes(&retry), Wake::Pool("k8s".into()));
+        assert_eq!(wakes(&retry), Wake::Pool(Topic::NewRun, "k8s".into()));
         let no_pool = event("prefect.flow-run.Scheduled", "SCHEDULED", None);
-        assert_eq!(wakes(&no_pool), Wake::Everyone);
+        assert_eq!(wakes(&no_pool), Wake::Everyone(Topic::NewRun));
+        let cancel = event("prefect.flow-run.Cancelling", "CANCELLING", Some("k8s"));
+        assert_eq!(wakes(&cancel), Wake::Pool(Topic::Cancelling, "k8s".into()));
     }
 
     #[test]
     fn other_events_wake_nobody() {
         for e in [
             event("prefect.flow-run.Running", "RUNNING", Some("k8s")),
+            event("prefect.task-run.Scheduled", "SCHEDULED", Some("k8s")),
             event("prefect.flow-run.Pending", "PENDING", Some("k8s")),
             json!({"type": "auth_success"}),
             json!({"type": "event", "event": null}),
@@ -332,16 +367,20 @@ mod tests {
         let feed = Feed::default();
         let a = Arc::new(Notify::new());
         let b = Arc::new(Notify::new());
+        let a_cancel = Arc::new(Notify::new());
         {
             let mut subs = feed.subscribers.lock().unwrap();
-            subs.push(("a".into(), Arc::downgrade(&a)));
-            subs.push(("b".into(), Arc::downgrade(&b)));
+            subs.push(("a".into(), Topic::NewRun, Arc::downgrade(&a)));
+            subs.push(("a".into(), Topic::Cancelling, Arc::downgrade(&a_cancel)));
+            subs.push(("b".into(), Topic::NewRun, Arc::downgrade(&b)));
         }
-        feed.wake(&Wake::Pool("a".into()));
+        feed.wake(&Wake::Pool(Topic::NewRun, "a".into()));
         // A wake-up is a stored permit: the first poll of `notified()` sees it.
         use futures::FutureExt;
         assert!(a.notified().now_or_never().is_some(), "a woken");
         assert!(b.notified().now_or_never().is_none(), "b not woken");
+        assert!(a_cancel.notified().now_or_never().is_none(), "not for this");
+        drop(a_cancel);
         drop(a);
         drop(b);
         assert!(!feed.alive());

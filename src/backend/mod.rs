@@ -228,9 +228,10 @@ pub trait Backend: Send + Sync + 'static {
         level: LogLevel,
         message: &str,
     ) -> impl Future<Output = Result<(), BackendError>> + Send;
-    /// Asks to have `wake` notified as soon as a new run may be waiting (Prefect 3: its
-    /// event stream), for as long as `wake` lives. Without it the agent simply polls.
-    fn wake_on_new_runs(&self, _wake: &std::sync::Arc<tokio::sync::Notify>) {}
+    /// Asks to have the agent woken as soon as a new run may be waiting or a run is being
+    /// cancelled (Prefect 3: its event stream), for as long as the wakers live. Without
+    /// it the agent simply polls.
+    fn wake_on_events(&self, _wakers: &events::Wakers) {}
 }
 
 #[cfg(test)]

@@ -767,13 +767,13 @@ impl Backend for Prefect3 {
         Ok(())
     }
 
-    fn wake_on_new_runs(&self, wake: &std::sync::Arc<tokio::sync::Notify>) {
+    fn wake_on_events(&self, wakers: &super::events::Wakers) {
         if self.cfg.events {
             super::events::EventHub::global().subscribe(
                 &self.cfg.api_url,
                 &self.cfg.auth,
                 &self.cfg.pool,
-                wake,
+                wakers,
             );
         }
     }

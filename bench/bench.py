@@ -1,0 +1,615 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark: this operator against Prefect's official Kubernetes worker.
+
+Starts a real Prefect server and the real test API server (scripts/kube-apiserver.sh),
+then measures in one run:
+  - submission latency (run created, due now -> its Job exists): operator with events,
+    operator polling only, official worker;
+  - burst drain: 500 runs due at once -> all have Jobs, next to a claim-only client;
+  - idle RSS and CPU of the operator with 1, 100, 1000 PrefectAgents, and of one worker;
+  - cancellation latency (CANCELLING -> Job deleted) of the operator.
+Prints a table, writes JSON and a PNG plot. Run through bench/run.sh.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def log(msg):
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port():
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def wait_until(what, timeout, cond, every=0.1):
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(every)
+
+
+def percentile(values, p):
+    if not values:
+        return None
+    values = sorted(values)
+    k = (len(values) - 1) * p / 100
+    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+# ---------------------------------------------------------------- processes
+
+
+class Proc:
+    """A child process in its own group, with its output in a file."""
+
+    def __init__(self, args, env=None, log_path=None):
+        self.log_path = log_path or tempfile.mktemp(prefix="pao-bench-", suffix=".log")
+        self.out = open(self.log_path, "wb")
+        self.p = subprocess.Popen(
+            args, env=env, stdout=self.out, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+        self.started = time.monotonic()
+
+    @property
+    def pid(self):
+        return self.p.pid
+
+    def pids(self):
+        """The process and its descendants."""
+        out = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True).stdout
+        children = {}
+        for line in out.split("\n"):
+            if line.strip():
+                pid, ppid = map(int, line.split())
+                children.setdefault(ppid, []).append(pid)
+        todo, seen = [self.pid], []
+        while todo:
+            pid = todo.pop()
+            seen.append(pid)
+            todo.extend(children.get(pid, []))
+        return seen
+
+    def stop(self):
+        if self.p.poll() is None:
+            try:
+                os.killpg(self.p.pid, signal.SIGTERM)
+                self.p.wait(timeout=20)
+            except (subprocess.TimeoutExpired, ProcessLookupError):
+                try:
+                    os.killpg(self.p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.p.wait()
+        self.out.close()
+
+
+def rss_kib(pid):
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except FileNotFoundError:
+        pass
+    return 0
+
+
+def cpu_ticks(pid):
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+    except FileNotFoundError:
+        return 0
+
+
+def idle_cost(proc, settle, window):
+    """RSS (MiB, whole process tree) and CPU (% of one core) over `window` seconds."""
+    time.sleep(settle)
+    pids = proc.pids()
+    t0, c0 = time.monotonic(), sum(cpu_ticks(p) for p in pids)
+    time.sleep(window)
+    pids = proc.pids()
+    t1, c1 = time.monotonic(), sum(cpu_ticks(p) for p in pids)
+    rss = sum(rss_kib(p) for p in pids) / 1024
+    return {"rss_mib": round(rss, 1), "cpu_percent": round(100 * (c1 - c0) / TICK / (t1 - t0), 2)}
+
+
+# ---------------------------------------------------------------- the servers
+
+
+class Prefect:
+    def __init__(self, venv):
+        self.port = free_port()
+        self.home = Path(tempfile.mkdtemp(prefix="pao-bench-prefect-"))
+        env = dict(os.environ, PREFECT_HOME=str(self.home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+                   PREFECT_SERVER_UI_ENABLED="false")
+        env.pop("PREFECT_API_URL", None)
+        self.proc = Proc([f"{venv}/bin/prefect", "server", "start", "--host", "127.0.0.1",
+                          "--port", str(self.port)], env=env, log_path=str(self.home / "server.log"))
+        self.url = f"http://127.0.0.1:{self.port}/api"
+        self.http = httpx.Client(base_url=self.url, timeout=60)
+
+        def healthy():
+            try:
+                return self.http.get("/health").status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until("the Prefect server", 120, healthy, 0.3)
+
+    def call(self, method, path, body=None):
+        for attempt in range(20):
+            try:
+                r = self.http.request(method, path, json=body)
+            except httpx.HTTPError:
+                time.sleep(0.2 * (attempt + 1))
+                continue
+            if r.status_code in (429, 500, 502, 503):
+                time.sleep(0.2 * (attempt + 1))
+                continue
+            r.raise_for_status()
+            return r.json() if r.content else None
+        raise RuntimeError(f"{method} {path}: the server kept failing")
+
+    def pool(self, name, kind="kubernetes", template=None):
+        self.call("POST", "/work_pools/", {"name": name, "type": kind, "base_job_template": template or {}})
+        return name
+
+    def deployment(self, pool, job_variables=None):
+        flow = self.call("POST", "/flows/", {"name": "bench"})
+        dep = self.call("POST", "/deployments/", {
+            "name": f"bench-{pool}", "flow_id": flow["id"], "work_pool_name": pool,
+            "entrypoint": "hello.py:hello", "job_variables": job_variables or {}})
+        return dep["id"]
+
+    def run(self, deployment):
+        return self.call("POST", f"/deployments/{deployment}/create_flow_run", {})["id"]
+
+    def set_state(self, run, kind):
+        return self.call("POST", f"/flow_runs/{run}/set_state", {"state": {"type": kind}, "force": True})
+
+
+class Kube:
+    def __init__(self):
+        self.dir = Path(tempfile.mkdtemp(prefix="pao-bench-kube-"))
+        subprocess.run(["bash", str(REPO / "scripts/kube-apiserver.sh"), "start", str(self.dir)],
+                       check=True, stdout=subprocess.DEVNULL)
+        self.kubeconfig = str(self.dir / "kubeconfig")
+
+    def kubectl(self, *args, input=None):
+        r = subprocess.run(["kubectl", "--kubeconfig", self.kubeconfig, *args], input=input,
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"kubectl {' '.join(args)}: {r.stderr}")
+        return r.stdout
+
+    def namespace(self, prefix):
+        ns = f"{prefix}-{uuid.uuid4().hex[:6]}"
+        self.kubectl("create", "namespace", ns)
+        return ns
+
+    def stop(self):
+        subprocess.run(["bash", str(REPO / "scripts/kube-apiserver.sh"), "stop", str(self.dir)])
+
+
+class JobWatch:
+    """`kubectl get jobs -w` on a namespace: when each run's Job appeared and vanished."""
+
+    def __init__(self, kube, namespace):
+        self.added, self.deleted = {}, {}
+        self.lock = threading.Lock()
+        self.p = subprocess.Popen(
+            ["kubectl", "--kubeconfig", kube.kubeconfig, "get", "jobs", "-n", namespace, "-w",
+             "--output-watch-events", "-o",
+             "jsonpath={.type} {.object.metadata.labels.prefect\\.io/flow-run-id}{\"\\n\"}"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.p.stdout:
+            now = time.monotonic()
+            parts = line.split()
+            if len(parts) != 2:
+                continue
+            kind, run = parts
+            with self.lock:
+                if kind == "ADDED":
+                    self.added.setdefault(run, now)
+                elif kind == "DELETED":
+                    self.deleted.setdefault(run, now)
+
+    def added_at(self, run):
+        with self.lock:
+            return self.added.get(run)
+
+    def count(self):
+        with self.lock:
+            return len(self.added)
+
+    def stop(self):
+        self.p.kill()
+        self.p.wait()
+
+
+# ---------------------------------------------------------------- what runs the runs
+
+
+class Operator:
+    def __init__(self, binary, kube, namespace):
+        self.kube, self.ns = kube, namespace
+        self.health = free_port()
+        env = dict(os.environ, KUBECONFIG=kube.kubeconfig, PAO_HEALTH_ADDRESS=f"127.0.0.1:{self.health}")
+        self.proc = Proc([binary, "operator", "--install-crd", "--namespace", namespace], env=env)
+
+        def ready():
+            try:
+                return httpx.get(f"http://127.0.0.1:{self.health}/readyz").status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until("the operator ready", 60, ready, 0.2)
+
+    def agents(self, prefect_url, pool, names, events=True, poll_interval="10s"):
+        items = [{
+            "apiVersion": "prefect.io/v1alpha1", "kind": "PrefectAgent",
+            "metadata": {"name": name, "namespace": self.ns},
+            "spec": {"api": {"url": prefect_url, "workPool": pool, "events": events},
+                     "pollInterval": poll_interval,
+                     "job": {"image": "prefecthq/prefect:3-latest"}},
+        } for name in names]
+        self.kube.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
+
+    def ready_agents(self):
+        out = self.kube.kubectl("get", "pfa", "-n", self.ns, "-o",
+                                "jsonpath={range .items[*]}{.status.agentId}{\"\\n\"}{end}")
+        return sum(1 for line in out.split("\n") if line.strip())
+
+    def stop(self):
+        self.proc.stop()
+
+
+class Worker:
+    """`prefect worker start --type kubernetes`, as its docs say, against the same servers."""
+
+    def __init__(self, venv, kube, prefect_url, pool):
+        env = dict(os.environ, KUBECONFIG=kube.kubeconfig, PREFECT_API_URL=prefect_url,
+                   PREFECT_HOME=tempfile.mkdtemp(prefix="pao-bench-worker-"))
+        self.proc = Proc([f"{venv}/bin/prefect", "worker", "start", "--pool", pool, "--type",
+                          "kubernetes", "--name", f"official-{pool}"], env=env)
+
+    def stop(self):
+        self.proc.stop()
+
+
+def online(prefect, pool):
+    """Until the pool has a worker that heartbeats: what runs it is up, as in production."""
+    wait_until(f"a worker of {pool} online", 120, lambda: any(
+        w.get("status") == "ONLINE" for w in prefect.call("POST", f"/work_pools/{pool}/workers/filter", {})), 0.3)
+
+
+def kubernetes_template(venv):
+    """The official worker's default base job template (what `prefect work-pool create
+    --type kubernetes` stores)."""
+    code = ("import json; from prefect_kubernetes.worker import KubernetesWorker; "
+            "print(json.dumps(KubernetesWorker.get_default_base_job_template()))")
+    return json.loads(subprocess.run([f"{venv}/bin/python", "-c", code], check=True,
+                                     capture_output=True, text=True).stdout)
+
+
+# ---------------------------------------------------------------- scenarios
+
+
+def claim_only(prefect, n):
+    """The server's own ceiling: poll and claim (PENDING) with nothing else to do."""
+    pool = prefect.pool(f"claim-{uuid.uuid4().hex[:6]}", kind="process")
+    dep = prefect.deployment(pool)
+    runs = {prefect.run(dep) for _ in range(n)}
+
+    async def go():
+        claimed = set()
+        async with httpx.AsyncClient(base_url=prefect.url, timeout=60) as http:
+            sem = asyncio.Semaphore(8)
+
+            async def claim(run_id):
+                async with sem:
+                    for attempt in range(20):
+                        r = await http.post(f"/flow_runs/{run_id}/set_state", json={"state": {
+                            "type": "PENDING", "state_details": {"transition_id": str(uuid.uuid4())}}})
+                        if r.status_code < 300:
+                            if r.json().get("status") == "ACCEPT":
+                                claimed.add(run_id)
+                            return
+                        await asyncio.sleep(0.1 * (attempt + 1))
+
+            while len(claimed) < n:
+                r = await http.post(f"/work_pools/{pool}/get_scheduled_flow_runs", json={
+                    "scheduled_before": "2100-01-01T00:00:00Z", "limit": 200})
+                batch = [x["flow_run"]["id"] for x in r.json() if x["flow_run"]["id"] not in claimed]
+                await asyncio.gather(*(claim(rid) for rid in batch))
+        return claimed
+
+    t0 = time.monotonic()
+    claimed = asyncio.run(go())
+    seconds = time.monotonic() - t0
+    assert claimed == runs
+    result = {"runs": n, "seconds": seconds, "runs_per_second": n / seconds}
+    log(f"claim-only: {seconds:.1f}s ({result['runs_per_second']:.1f} runs/s)")
+    return result
+
+
+def cancellation(prefect, op, kube, ns, runs):
+    pool = prefect.pool(f"cancel-{uuid.uuid4().hex[:6]}", template=TEMPLATE)
+    dep = prefect.deployment(pool)
+    op.agents(prefect.url, pool, ["canceller"])
+    watch = JobWatch(kube, ns)
+    lat = []
+    try:
+        for _ in range(runs):
+            run = prefect.run(dep)
+            wait_until("the Job", 60, lambda: watch.added_at(run))
+            t0 = time.monotonic()
+            prefect.set_state(run, "CANCELLING")
+            wait_until("the Job deleted", 60, lambda: watch.deleted.get(run))
+            lat.append(watch.deleted[run] - t0)
+    finally:
+        watch.stop()
+        kube.kubectl("delete", "pfa", "canceller", "-n", ns, "--wait=false")
+    result = {"runs": runs, "p50": percentile(lat, 50), "max": max(lat)}
+    log(f"cancellation: p50 {result['p50']:.2f}s max {result['max']:.2f}s")
+    return result
+
+
+def idle(prefect, kube, binary, counts, settle, window):
+    out = {}
+    pool = prefect.pool(f"idle-{uuid.uuid4().hex[:6]}", template=TEMPLATE)
+    for n in counts:
+        ns = kube.namespace(f"idle{n}")
+        op = Operator(binary, kube, ns)
+        try:
+            op.agents(prefect.url, pool, [f"agent-{i}" for i in range(n)])
+            wait_until(f"{n} agents registered", 600, lambda: op.ready_agents() >= n, 1)
+            out[n] = idle_cost(op.proc, settle, window)
+        finally:
+            op.stop()
+            kube.kubectl("delete", "namespace", ns, "--wait=false")
+        log(f"idle with {n} agents: {out[n]}")
+    return out
+
+
+def idle_worker(prefect, kube, venv, settle, window):
+    pool = prefect.pool(f"idlew-{uuid.uuid4().hex[:6]}", template=TEMPLATE)
+    w = Worker(venv, kube, prefect.url, pool)
+    try:
+        result = idle_cost(w.proc, settle, window)
+    finally:
+        w.stop()
+    log(f"idle official worker: {result}")
+    return result
+
+
+# ---------------------------------------------------------------- report
+
+
+def ratio(a, b):
+    return None if not a or not b else b / a
+
+
+def table(r):
+    lat, bur, idl = r["latency"], r["burst"], r["idle"]
+    w = lat["official worker"]
+    rows = ["| measure | this operator | official worker | ratio | target |", "|---|---|---|---|---|"]
+    for label in ("operator, events", "operator, polling"):
+        x = lat[label]
+        rows.append(f"| submission latency p50/p90/p99, {label.split(', ')[1]} | "
+                    f"{x['p50']:.3f} / {x['p90']:.3f} / {x['p99']:.3f} s | "
+                    f"{w['p50']:.3f} / {w['p90']:.3f} / {w['p99']:.3f} s | "
+                    f"{ratio(x['p50'], w['p50']):.0f}× (p50) | p50 ≤ 0.2 s, ≥ 20× |")
+    o, ow, c = bur["operator"], bur["official worker"], bur["claim-only"]
+    rows.append(f"| burst of {o['runs']}: all Jobs | {o['seconds']:.1f} s ({o['runs_per_second']:.1f}/s, "
+                f"{100 * o['runs_per_second'] / c['runs_per_second']:.0f} % of claim-only "
+                f"{c['runs_per_second']:.1f}/s) | {ow['seconds']:.1f} s ({ow['runs_per_second']:.1f}/s) | "
+                f"{ratio(ow['runs_per_second'], o['runs_per_second']):.1f}× | ≥ 90 % of ceiling, ≥ 3× |")
+    iw = r["idle official worker"]
+    for n, x in idl.items():
+        rows.append(f"| idle, {n} PrefectAgent{'s' if int(n) > 1 else ''}: RSS / CPU | "
+                    f"{x['rss_mib']} MiB / {x['cpu_percent']} % | "
+                    f"{iw['rss_mib']} MiB / {iw['cpu_percent']} % (one worker, one pool) | | "
+                    f"{'≤ 30 MiB' if int(n) == 1 else '≤ 150 MiB' if int(n) == 1000 else 'CPU ≤ 2 %'} |")
+    cx = r["cancellation"]
+    rows.append(f"| cancellation (CANCELLING → Job deleted) | p50 {cx['p50']:.2f} s, max {cx['max']:.2f} s | "
+                f"not measured | | |")
+    return "\n".join(rows)
+
+
+def plot(r, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    labels = list(r["latency"])
+    for i, p in enumerate(("p50", "p90", "p99")):
+        axes[0].bar([x + i * 0.27 for x in range(len(labels))], [r["latency"][l][p] for l in labels],
+                    width=0.27, label=p)
+    axes[0].set_xticks([x + 0.27 for x in range(len(labels))], labels, fontsize=8)
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("seconds (log)")
+    axes[0].set_title("submission latency")
+    axes[0].legend()
+    names = list(r["burst"])
+    axes[1].bar(names, [r["burst"][n]["runs_per_second"] for n in names], color="tab:green")
+    axes[1].set_ylabel("runs per second")
+    axes[1].set_title(f"burst of {r['burst']['operator']['runs']} runs")
+    axes[1].tick_params(axis="x", labelsize=8)
+    counts = list(r["idle"])
+    axes[2].bar([f"{n} agents" for n in counts] + ["official worker"],
+                [r["idle"][n]["rss_mib"] for n in counts] + [r["idle official worker"]["rss_mib"]],
+                color="tab:purple")
+    axes[2].set_ylabel("RSS, MiB")
+    axes[2].set_title("idle memory")
+    axes[2].tick_params(axis="x", labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+TEMPLATE = None
+
+
+def main():
+    global TEMPLATE
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--binary", default=str(REPO / "target/release/prefect-agent-operator"))
+    ap.add_argument("--venv", required=True)
+    ap.add_argument("--out", default=str(REPO / "bench/results"))
+    ap.add_argument("--latency-runs", type=int, default=30)
+    ap.add_argument("--spacing", type=float, default=0.5)
+    ap.add_argument("--burst", type=int, default=500)
+    ap.add_argument("--idle", default="1,100,1000")
+    ap.add_argument("--settle", type=float, default=20)
+    ap.add_argument("--window", type=float, default=30)
+    ap.add_argument("--cancellations", type=int, default=5)
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    TEMPLATE = kubernetes_template(args.venv)
+    log("starting the Prefect server and the API server")
+    prefect, kube = Prefect(args.venv), Kube()
+    ops = []
+    try:
+        ns = kube.namespace("ops")
+        op = Operator(args.binary, kube, ns)
+        ops.append(op)
+
+        def operator_runner(events):
+            def start(_job_ns, pool):
+                name = f"a-{uuid.uuid4().hex[:6]}"
+                op.agents(prefect.url, pool, [name], events=events)
+                online(prefect, pool)
+
+                class Stop:
+                    def stop(self_):
+                        kube.kubectl("delete", "pfa", name, "-n", ns, "--wait=false")
+                return Stop()
+            return start
+
+        def worker_runner(_job_ns, pool):
+            w = Worker(args.venv, kube, prefect.url, pool)
+            online(prefect, pool)
+            return w
+
+        results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                               "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}}
+        # Operator Jobs land in the operator's namespace; so the watches look there.
+        def lat(label, runner, job_ns_is_ops):
+            return latency(prefect, kube, args.latency_runs, runner, label, args.spacing,
+                              ns if job_ns_is_ops else None)
+
+        results["latency"] = {
+            "operator, events": lat("operator, events", operator_runner(True), True),
+            "operator, polling": lat("operator, polling", operator_runner(False), True),
+            "official worker": lat("official worker", worker_runner, False),
+        }
+        results["burst"] = {
+            "operator": burst(prefect, kube, args.burst, operator_runner(True), "operator", ns),
+            "official worker": burst(prefect, kube, args.burst, worker_runner, "official worker", None),
+            "claim-only": claim_only(prefect, args.burst),
+        }
+        results["cancellation"] = cancellation(prefect, op, kube, ns, args.cancellations)
+        op.stop()
+        ops.clear()
+        counts = [int(c) for c in args.idle.split(",") if c]
+        results["idle"] = idle(prefect, kube, args.binary, counts, args.settle, args.window)
+        results["idle official worker"] = idle_worker(prefect, kube, args.venv, args.settle, args.window)
+    finally:
+        for o in ops:
+            o.stop()
+        prefect.proc.stop()
+        kube.stop()
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    text = table(results)
+    (out / "results.md").write_text(text + "\n")
+    plot(results, out / "results.png")
+    print(text)
+    print(f"\n{out / 'results.json'}, {out / 'results.png'}")
+
+
+def latency(prefect, kube, runs, start_runner, label, spacing, job_ns):
+    """Runs created one every `spacing` s, due now: seconds until each has a Job. Jobs land
+    in `job_ns` (the operator's namespace) or a fresh one (the worker's, by job variable)."""
+    ns = job_ns or kube.namespace("lat")
+    pool = prefect.pool(f"lat-{uuid.uuid4().hex[:6]}", template=TEMPLATE)
+    dep = prefect.deployment(pool, {"namespace": ns})
+    watch = JobWatch(kube, ns)
+    runner = start_runner(ns, pool)
+    created = {}
+    try:
+        for _ in range(runs):
+            run = prefect.run(dep)
+            created[run] = time.monotonic()
+            time.sleep(spacing)
+        wait_until(f"{label}: all Jobs", 180, lambda: all(watch.added_at(r) for r in created), 0.2)
+    finally:
+        runner.stop()
+        watch.stop()
+    lat = [watch.added_at(r) - t for r, t in created.items()]
+    result = {"runs": runs, "p50": percentile(lat, 50), "p90": percentile(lat, 90), "p99": percentile(lat, 99)}
+    log(f"latency {label}: p50 {result['p50']:.3f}s p90 {result['p90']:.3f}s p99 {result['p99']:.3f}s")
+    return result
+
+
+def burst(prefect, kube, n, start_runner, label, job_ns):
+    """`n` runs due before the runner starts: from its start until all have Jobs."""
+    ns = job_ns or kube.namespace("burst")
+    pool = prefect.pool(f"burst-{uuid.uuid4().hex[:6]}", template=TEMPLATE)
+    dep = prefect.deployment(pool, {"namespace": ns})
+    runs = [prefect.run(dep) for _ in range(n)]
+    watch = JobWatch(kube, ns)
+    t0 = time.monotonic()
+    runner = start_runner(ns, pool)
+    try:
+        wait_until(f"{label}: {n} Jobs", 900, lambda: all(r in watch.added for r in runs), 0.2)
+    finally:
+        runner.stop()
+        watch.stop()
+    times = sorted(watch.added[r] for r in runs)
+    seconds = times[-1] - t0
+    result = {"runs": n, "seconds": seconds, "first_to_last": times[-1] - times[0],
+              "runs_per_second": n / seconds}
+    log(f"burst {label}: {seconds:.1f}s ({result['runs_per_second']:.1f} runs/s)")
+    return result
+
+
+if __name__ == "__main__":
+    main()
