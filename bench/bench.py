@@ -16,6 +16,7 @@ import asyncio
 import json
 import os
 import platform
+import random
 import shutil
 import signal
 import statistics
@@ -494,7 +495,8 @@ def main():
     ap.add_argument("--venv", required=True)
     ap.add_argument("--out", default=str(REPO / "bench/results"))
     ap.add_argument("--latency-runs", type=int, default=30)
-    ap.add_argument("--spacing", type=float, default=0.5)
+    ap.add_argument("--spacing", type=float, default=1.5,
+                    help="mean seconds between runs in the latency test (uniform, ±1 s)")
     ap.add_argument("--burst", type=int, default=500)
     ap.add_argument("--idle", default="1,100,1000")
     ap.add_argument("--settle", type=float, default=20)
@@ -566,7 +568,8 @@ def main():
 
 
 def latency(prefect, kube, runs, start_runner, label, spacing, job_ns):
-    """Runs created one every `spacing` s, due now: seconds until each has a Job. Jobs land
+    """Runs created about every `spacing` s (at random, so that no poll rhythm is
+    favoured), due now: seconds until each has a Job. Jobs land
     in `job_ns` (the operator's namespace) or a fresh one (the worker's, by job variable)."""
     ns = job_ns or kube.namespace("lat")
     pool = prefect.pool(f"lat-{uuid.uuid4().hex[:6]}", template=TEMPLATE)
@@ -578,7 +581,7 @@ def latency(prefect, kube, runs, start_runner, label, spacing, job_ns):
         for _ in range(runs):
             run = prefect.run(dep)
             created[run] = time.monotonic()
-            time.sleep(spacing)
+            time.sleep(max(0.05, random.uniform(spacing - 1, spacing + 1)))
         wait_until(f"{label}: all Jobs", 180, lambda: all(watch.added_at(r) for r in created), 0.2)
     finally:
         runner.stop()
