@@ -101,13 +101,14 @@ apiserver_ready() {
   wait_until 60 curl -skf -H "Authorization: Bearer $(cat "$1/apiserver.token")" "$(cat "$1/apiserver.url")/readyz"
 }
 
-# Fault injection: the API server goes away (etcd and the data stay) ...
+# Fault injection: the API server crashes (SIGKILL; a TERM drains watches for long
+# seconds); etcd and the data stay ...
 stop_apiserver() {
   local dir="$1"
   touch "$dir/apiserver.paused"
   local pid; pid="$(cat "$dir/apiserver.pid")"
-  kill "$pid" 2>/dev/null || true
-  wait_until 15 bash -c "! kill -0 $pid" || kill -9 "$pid" 2>/dev/null || true
+  kill -9 "$pid" 2>/dev/null || true
+  wait_until 15 bash -c "! kill -0 $pid" || true
 }
 
 # ... and comes back on the same address with the same state.
