@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use k8s_openapi::jiff::Timestamp;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -612,7 +612,7 @@ impl PrefectAgent {
         if self
             .status
             .as_ref()
-            .is_some_and(|s| same_status(s, &status))
+            .is_some_and(|s| !status_changed(s, &status))
         {
             return Ok(());
         }
@@ -657,15 +657,31 @@ impl PrefectAgent {
 }
 
 /// Equal apart from condition timestamps: such a write would change nothing.
-fn same_status(a: &PrefectAgentStatus, b: &PrefectAgentStatus) -> bool {
+/// How stale an idle agent's poll count and time may get in its status. They move with
+/// every poll; writing them for every agent every few seconds (and the watch event and
+/// reconcile each write causes) would be most of what an idle operator does.
+const POLL_FIGURES_EVERY: SignedDuration = SignedDuration::from_secs(30);
+
+/// Whether `new` is worth a write over `old`: anything but the poll figures changed, or
+/// those are older than `POLL_FIGURES_EVERY`.
+fn status_changed(old: &PrefectAgentStatus, new: &PrefectAgentStatus) -> bool {
     let strip = |s: &PrefectAgentStatus| {
         let mut s = s.clone();
         for c in &mut s.conditions {
             c.last_transition_time = Time(Timestamp::UNIX_EPOCH);
         }
+        s.polls = 0;
+        s.last_poll_time = None;
         s
     };
-    strip(a) == strip(b)
+    if strip(old) != strip(new) {
+        return true;
+    }
+    match (&old.last_poll_time, &new.last_poll_time) {
+        (Some(Time(then)), Some(Time(now))) => now.duration_since(*then) >= POLL_FIGURES_EVERY,
+        (None, Some(_)) => true,
+        _ => false,
+    }
 }
 
 async fn reconcile(agent: Arc<PrefectAgent>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -756,7 +772,11 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: Cancell
         None => Api::all(client),
     };
     let stop = shutdown.clone();
+    // Bounded: a thousand resources requeued at once must not open a thousand
+    // connections to the API server.
+    let config = kube::runtime::controller::Config::default().concurrency(16);
     Controller::new(agents, watcher::Config::default())
+        .with_config(config)
         .graceful_shutdown_on(async move { stop.cancelled().await })
         .run(reconcile, error_policy, ctx.clone())
         .for_each(|result| async move {
@@ -771,6 +791,32 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: Cancell
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn poll_figures_alone_are_written_every_30_seconds() {
+        let at = |secs: i64| Some(Time(Timestamp::from_second(1_800_000_000 + secs).unwrap()));
+        let old = PrefectAgentStatus {
+            polls: 10,
+            last_poll_time: at(0),
+            ..Default::default()
+        };
+        let polled = |polls, secs| PrefectAgentStatus {
+            polls,
+            last_poll_time: at(secs),
+            ..old.clone()
+        };
+        assert!(!status_changed(&old, &old));
+        assert!(!status_changed(&old, &polled(12, 20)));
+        assert!(status_changed(&old, &polled(13, 30)));
+        let submitted = PrefectAgentStatus {
+            runs_submitted: 1,
+            ..polled(11, 1)
+        };
+        assert!(
+            status_changed(&old, &submitted),
+            "a launch is written at once"
+        );
+    }
 
     fn stats(agent_id: Option<&str>, polls: u64, errors: u64) -> StatsSnapshot {
         StatsSnapshot {

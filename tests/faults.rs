@@ -338,6 +338,21 @@ impl Burst {
     }
 }
 
+/// A burst through `disruption`, reported as `scenario`.
+async fn burst_through(
+    scenario: &str,
+    client: Client,
+    ns: String,
+    prefect_url: &str,
+    disruption: &mut impl Disruption,
+) {
+    let row = Burst::new(client, ns, prefect_url)
+        .await
+        .run(disruption)
+        .await;
+    report(scenario, row, &disruption.logs());
+}
+
 /// Prints the scenario's table row and fails on any duplicate, loss or leak.
 fn report(scenario: &str, row: Row, logs: &str) {
     // A line of its own: libtest prints the test's name without a newline before output.
@@ -410,10 +425,14 @@ async fn sigkilled_operators_lose_and_duplicate_nothing() {
         ns: ns.clone(),
         logs: String::new(),
     };
-    let burst = Burst::new(client, ns, &prefect.url).await;
-    let row = burst.run(&mut disruption).await;
-    let logs = disruption.logs();
-    report("SIGKILL operator", row, &logs);
+    burst_through(
+        "SIGKILL operator",
+        client,
+        ns,
+        &prefect.url,
+        &mut disruption,
+    )
+    .await;
 }
 
 /// Two replicas with leader election; the leader is SIGKILLed and restarted as standby.
@@ -483,10 +502,14 @@ async fn a_killed_leader_loses_and_duplicates_nothing() {
         replicas,
         logs: String::new(),
     };
-    let burst = Burst::new(client, ns, &prefect.url).await;
-    let row = burst.run(&mut disruption).await;
-    let logs = disruption.logs();
-    report("SIGKILL leader of 2 replicas", row, &logs);
+    burst_through(
+        "SIGKILL leader of 2 replicas",
+        client,
+        ns,
+        &prefect.url,
+        &mut disruption,
+    )
+    .await;
 }
 
 /// The Prefect server is SIGKILLed; it stays down until the operator has noticed (a
@@ -526,10 +549,14 @@ async fn a_restarted_prefect_server_loses_and_duplicates_nothing() {
         port,
         operator: operator(&kube.kubeconfig, &ns, port, &[]),
     };
-    let burst = Burst::new(client, ns, &url).await;
-    let row = burst.run(&mut disruption).await;
-    let logs = disruption.logs();
-    report("Prefect server restarted", row, &logs);
+    burst_through(
+        "Prefect server restarted",
+        client,
+        ns,
+        &url,
+        &mut disruption,
+    )
+    .await;
 }
 
 /// The API server goes away until the operator's /readyz says so, then comes back.
@@ -578,8 +605,12 @@ async fn a_restarted_api_server_loses_and_duplicates_nothing() {
         port,
         operator,
     };
-    let burst = Burst::new(client, ns, &prefect.url).await;
-    let row = burst.run(&mut disruption).await;
-    let logs = disruption.logs();
-    report("API server restarted", row, &logs);
+    burst_through(
+        "API server restarted",
+        client,
+        ns,
+        &prefect.url,
+        &mut disruption,
+    )
+    .await;
 }

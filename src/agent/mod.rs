@@ -119,6 +119,17 @@ struct Inner<B, D> {
     /// Runs being claimed, launched, adopted or stopped right now: never twice at once.
     busy: Arc<Mutex<HashSet<String>>>,
     slots: Semaphore,
+    /// Orphan scans are needed only while a claim may have been left unlaunched: since
+    /// start (a previous process's claims) or since a launch went wrong. They become
+    /// visible to a scan `adopt_after` later; one clean scan after that ends the need.
+    trouble: Mutex<Trouble>,
+}
+
+struct Trouble {
+    /// When a claim may last have been left without a launch.
+    since: std::time::Instant,
+    /// A scan that started after `since + adopt_after` and found nothing.
+    cleared: bool,
 }
 
 /// Releases a run from the busy set when its work ends, however it ends.
@@ -146,6 +157,10 @@ impl<B: Backend, D: Deployer> Agent<B, D> {
                 stats: Arc::default(),
                 poke: Arc::default(),
                 cancel_poke: Arc::default(),
+                trouble: Mutex::new(Trouble {
+                    since: std::time::Instant::now(),
+                    cleared: false,
+                }),
                 busy: Arc::default(),
                 slots,
             }),
@@ -198,7 +213,7 @@ impl<B: Backend, D: Deployer> Agent<B, D> {
             };
             inner.stats.set_agent_id(&reg.agent_id);
             tracing::info!(agent_id = %reg.agent_id, kind = %reg.kind, "agent registered");
-            inner
+            let events = inner
                 .backend
                 .wake_on_events(&crate::backend::events::Wakers {
                     new_runs: inner.poke.clone(),
@@ -208,7 +223,8 @@ impl<B: Backend, D: Deployer> Agent<B, D> {
                 Inner::heartbeat_loop(self.inner.clone(), background.clone()).in_current_span(),
             );
             tasks.spawn(
-                Inner::maintenance_loop(self.inner.clone(), background.clone()).in_current_span(),
+                Inner::maintenance_loop(self.inner.clone(), background.clone(), events)
+                    .in_current_span(),
             );
             if let Some(exits) = inner.deployer.unwatched_exits() {
                 tasks.spawn(
@@ -337,6 +353,8 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
             }
             Ok(Claim::Delayed(reason)) => tracing::info!(%reason, "not claimed now"),
             Err(e) => {
+                // The claim may have landed even so.
+                self.trouble();
                 tracing::warn!(error = %e, "claim failed; the run will be offered again");
                 self.stats.error(e.to_string());
             }
@@ -349,6 +367,7 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
         match self.try_launch(run).await {
             Ok((infra_id, description, exit)) => {
                 if let Err(e) = self.backend.launched(&run_id, &infra_id).await {
+                    self.trouble();
                     tracing::warn!(error = %e, "could not record the infrastructure id");
                 }
                 AgentStats::inc(&self.stats.runs_submitted);
@@ -372,11 +391,13 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
                 }
             }
             Err(LaunchError::Backend(e)) if e.is_transient() => {
+                self.trouble();
                 // Still claimed by us: the maintenance loop adopts it once Prefect answers again.
                 tracing::warn!(error = %e, "could not prepare the launch; will retry");
                 self.stats.error(e.to_string());
             }
             Err(LaunchError::Deploy(e)) if e.is_transient() => {
+                self.trouble();
                 // The same: adopted once the platform answers again (the Job name is the
                 // run's, so a launch that did happen after all is found, not repeated).
                 tracing::warn!(error = %e, "could not launch; will retry");
@@ -495,20 +516,47 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
         }
     }
 
-    /// Cancellations and re-adoption of unlaunched claims, on their own clock.
-    async fn maintenance_loop(self: Arc<Self>, stop: CancellationToken) {
+    /// A claim may have been left unlaunched just now: scan for orphans again.
+    fn trouble(&self) {
+        if let Ok(mut t) = self.trouble.lock() {
+            t.since = std::time::Instant::now();
+            t.cleared = false;
+        }
+    }
+
+    /// Cancellations and re-adoption of unlaunched claims, on their own clock. With the
+    /// event stream waking it for cancellations, the cancellation scan is only the safety
+    /// net and runs every `EVENT_SAFETY_NET_TICKS` rounds.
+    async fn maintenance_loop(self: Arc<Self>, stop: CancellationToken, events: bool) {
+        const EVENT_SAFETY_NET_TICKS: u32 = 6;
+        let mut tick: u32 = 0;
+        let mut woken = false;
         loop {
             self.adopt_orphans(&stop).await;
-            self.carry_out_cancellations(&stop).await;
+            if woken || !events || tick % EVENT_SAFETY_NET_TICKS == 0 {
+                self.carry_out_cancellations(&stop).await;
+            }
+            tick = tick.wrapping_add(1);
             tokio::select! {
-                _ = tokio::time::sleep(self.cfg.maintenance_interval) => {}
-                _ = self.cancel_poke.notified() => tracing::debug!("woken by a cancellation"),
+                _ = tokio::time::sleep(self.cfg.maintenance_interval) => woken = false,
+                _ = self.cancel_poke.notified() => {
+                    tracing::debug!("woken by a cancellation");
+                    woken = true;
+                }
                 _ = stop.cancelled() => return,
             }
         }
     }
 
     async fn adopt_orphans(self: &Arc<Self>, stop: &CancellationToken) {
+        let started = std::time::Instant::now();
+        let due = match self.trouble.lock() {
+            Ok(t) => !t.cleared,
+            Err(_) => true,
+        };
+        if !due {
+            return;
+        }
         let orphans = match self.backend.orphans(self.cfg.adopt_after).await {
             Ok(runs) => runs,
             Err(e) => {
@@ -516,6 +564,13 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
                 return;
             }
         };
+        if orphans.is_empty()
+            && let Ok(mut t) = self.trouble.lock()
+            && started >= t.since + self.cfg.adopt_after
+        {
+            // Whatever was left unlaunched before `since` would have shown by now.
+            t.cleared = true;
+        }
         for run in orphans {
             if stop.is_cancelled() {
                 return;

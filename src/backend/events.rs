@@ -142,11 +142,17 @@ impl EventHub {
 
     /// Wakes `wakers` whenever a run of `pool` on the server at `api_url` turns SCHEDULED
     /// or CANCELLING, for as long as the caller holds them. Must be called within a Tokio
-    /// runtime.
-    pub fn subscribe(&'static self, api_url: &str, auth: &Auth, pool: &str, wakers: &Wakers) {
+    /// runtime. False when there is no stream to listen to.
+    pub fn subscribe(
+        &'static self,
+        api_url: &str,
+        auth: &Auth,
+        pool: &str,
+        wakers: &Wakers,
+    ) -> bool {
         let Some(url) = events_url(api_url) else {
             tracing::warn!(%api_url, "no event stream for this URL; polling only");
-            return;
+            return false;
         };
         let mut hasher = DefaultHasher::new();
         match auth {
@@ -159,7 +165,7 @@ impl EventHub {
             credential: hasher.finish(),
         };
         let Ok(mut feeds) = self.feeds.lock() else {
-            return;
+            return false;
         };
         let feed = feeds.entry(key.clone()).or_insert_with(|| {
             let feed = Arc::new(Feed::default());
@@ -178,6 +184,7 @@ impl EventHub {
                 Arc::downgrade(&wakers.cancellations),
             ));
         }
+        true
     }
 
     /// Removes the feed when nobody listens any more (under the hub's lock, so that a

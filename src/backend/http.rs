@@ -148,6 +148,8 @@ fn new_http() -> Result<reqwest::Client, String> {
         .connect_timeout(Duration::from_secs(10))
         .timeout(Duration::from_secs(30))
         .pool_idle_timeout(Duration::from_secs(60))
+        // Agents poll at random moments; a few kept connections serve them all.
+        .pool_max_idle_per_host(32)
         .build()
         .map_err(|e| root_cause(&e))
 }

@@ -230,8 +230,10 @@ pub trait Backend: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), BackendError>> + Send;
     /// Asks to have the agent woken as soon as a new run may be waiting or a run is being
     /// cancelled (Prefect 3: its event stream), for as long as the wakers live. Without
-    /// it the agent simply polls.
-    fn wake_on_events(&self, _wakers: &events::Wakers) {}
+    /// it the agent simply polls. True when the agent will be woken.
+    fn wake_on_events(&self, _wakers: &events::Wakers) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]

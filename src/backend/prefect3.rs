@@ -767,15 +767,14 @@ impl Backend for Prefect3 {
         Ok(())
     }
 
-    fn wake_on_events(&self, wakers: &super::events::Wakers) {
-        if self.cfg.events {
-            super::events::EventHub::global().subscribe(
+    fn wake_on_events(&self, wakers: &super::events::Wakers) -> bool {
+        self.cfg.events
+            && super::events::EventHub::global().subscribe(
                 &self.cfg.api_url,
                 &self.cfg.auth,
                 &self.cfg.pool,
                 wakers,
-            );
-        }
+            )
     }
 }
 

@@ -89,11 +89,7 @@ impl PrefectServer {
 
     fn start(extra_env: &[(&str, &str)]) -> PrefectServer {
         let port = free_port();
-        let home = tempfile::Builder::new()
-            .prefix("pao-prefect-")
-            .tempdir()
-            .expect("tempdir")
-            .keep();
+        let home = prefect_home();
         spawn_tied_to_test_process(server_command(port, &home, extra_env));
         wait_healthy(port, &home);
         PrefectServer {
@@ -105,6 +101,15 @@ impl PrefectServer {
     pub fn api(&self) -> Api {
         Api::new(&self.url, Auth::None)
     }
+}
+
+/// A server's home (database, log), kept after the test for a look.
+fn prefect_home() -> PathBuf {
+    tempfile::Builder::new()
+        .prefix("pao-prefect-")
+        .tempdir()
+        .expect("tempdir")
+        .keep()
 }
 
 /// `prefect server start` on `port` with its database under `home`, logging to
@@ -163,11 +168,7 @@ impl RestartablePrefect {
     pub async fn start() -> Self {
         tokio::task::spawn_blocking(|| {
             let port = free_port();
-            let home = tempfile::Builder::new()
-                .prefix("pao-prefect-")
-                .tempdir()
-                .expect("tempdir")
-                .keep();
+            let home = prefect_home();
             let mut server = RestartablePrefect {
                 url: format!("http://127.0.0.1:{port}/api"),
                 home,
