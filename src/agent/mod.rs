@@ -533,7 +533,7 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
         let mut woken = false;
         loop {
             self.adopt_orphans(&stop).await;
-            if woken || !events || tick % EVENT_SAFETY_NET_TICKS == 0 {
+            if woken || !events || tick.is_multiple_of(EVENT_SAFETY_NET_TICKS) {
                 self.carry_out_cancellations(&stop).await;
             }
             tick = tick.wrapping_add(1);
