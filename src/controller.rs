@@ -656,14 +656,13 @@ impl PrefectAgent {
     }
 }
 
-/// Equal apart from condition timestamps: such a write would change nothing.
 /// How stale an idle agent's poll count and time may get in its status. They move with
 /// every poll; writing them for every agent every few seconds (and the watch event and
 /// reconcile each write causes) would be most of what an idle operator does.
 const POLL_FIGURES_EVERY: SignedDuration = SignedDuration::from_secs(30);
 
-/// Whether `new` is worth a write over `old`: anything but the poll figures changed, or
-/// those are older than `POLL_FIGURES_EVERY`.
+/// Whether `new` is worth a write over `old`: anything but the poll figures (and the
+/// condition timestamps) changed, or those figures are older than `POLL_FIGURES_EVERY`.
 fn status_changed(old: &PrefectAgentStatus, new: &PrefectAgentStatus) -> bool {
     let strip = |s: &PrefectAgentStatus| {
         let mut s = s.clone();

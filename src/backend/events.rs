@@ -240,10 +240,11 @@ async fn stream(url: &str, auth: &Auth, feed: &Feed) -> Result<(), String> {
         "Sec-WebSocket-Protocol",
         HeaderValue::from_static("prefect"),
     );
-    if let Auth::Basic(s) = auth {
-        use base64::Engine;
-        let encoded = base64::engine::general_purpose::STANDARD.encode(s.expose());
-        let value = HeaderValue::from_str(&format!("Basic {encoded}"))
+    // A server behind basic auth checks the upgrade request; a key goes in the auth message.
+    if let Auth::Basic(_) = auth
+        && let Some(value) = auth.authorization()
+    {
+        let value = HeaderValue::from_str(value.expose())
             .map_err(|_| "the auth string is not a valid header value".to_string())?;
         headers.insert("Authorization", value);
     }

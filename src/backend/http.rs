@@ -20,6 +20,24 @@ pub enum Auth {
     Basic(SecretString),
 }
 
+impl Auth {
+    /// The `Authorization` header value, for every connection that sends one (HTTP calls,
+    /// the event stream's upgrade request).
+    pub fn authorization(&self) -> Option<SecretString> {
+        use base64::Engine;
+        match self {
+            Auth::None => None,
+            Auth::Bearer(key) => Some(SecretString::new(format!("Bearer {}", key.expose()))),
+            Auth::Basic(s) => {
+                let (user, pass) = s.expose().split_once(':').unwrap_or((s.expose(), ""));
+                let encoded =
+                    base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
+                Some(SecretString::new(format!("Basic {encoded}")))
+            }
+        }
+    }
+}
+
 /// When and how often to retry a request that failed for a passing reason.
 #[derive(Clone, Copy, Debug)]
 pub struct RetryPolicy {
@@ -282,14 +300,12 @@ impl ApiClient {
         for (name, value) in headers {
             req = req.header(*name, value);
         }
-        req = match &self.auth {
-            Auth::None => req,
-            Auth::Bearer(key) => req.bearer_auth(key.expose()),
-            Auth::Basic(s) => {
-                let (user, pass) = s.expose().split_once(':').unwrap_or((s.expose(), ""));
-                req.basic_auth(user, Some(pass))
-            }
-        };
+        if let Some(value) = self.auth.authorization()
+            && let Ok(mut value) = reqwest::header::HeaderValue::from_str(value.expose())
+        {
+            value.set_sensitive(true);
+            req = req.header(reqwest::header::AUTHORIZATION, value);
+        }
         if let Some(body) = body {
             req = req.json(body);
         }
@@ -371,6 +387,24 @@ enum Attempt {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn authorization_headers_as_reqwest_would_write_them() {
+        let bearer = Auth::Bearer(SecretString::new("pnu_k"));
+        assert_eq!(bearer.authorization().unwrap().expose(), "Bearer pnu_k");
+        // base64("admin:pass") and base64("admin:"), as basic_auth(user, Some(pass)).
+        let basic = Auth::Basic(SecretString::new("admin:pass"));
+        assert_eq!(
+            basic.authorization().unwrap().expose(),
+            "Basic YWRtaW46cGFzcw=="
+        );
+        let user_only = Auth::Basic(SecretString::new("admin"));
+        assert_eq!(
+            user_only.authorization().unwrap().expose(),
+            "Basic YWRtaW46"
+        );
+        assert!(Auth::None.authorization().is_none());
+    }
 
     #[test]
     fn retry_delays_grow_and_are_capped() {

@@ -166,29 +166,15 @@ pub struct RestartablePrefect {
 
 impl RestartablePrefect {
     pub async fn start() -> Self {
-        tokio::task::spawn_blocking(|| {
-            let port = free_port();
-            let home = prefect_home();
-            let mut server = RestartablePrefect {
-                url: format!("http://127.0.0.1:{port}/api"),
-                home,
-                port,
-                child: None,
-            };
-            server.launch();
-            server
-        })
-        .await
-        .expect("start the Prefect server")
-    }
-
-    fn launch(&mut self) {
-        use std::os::unix::process::CommandExt;
-        let mut cmd = server_command(self.port, &self.home, &[]);
-        // Its own process group, so that a kill takes everything it started.
-        cmd.process_group(0);
-        self.child = Some(cmd.spawn().expect("spawn prefect server"));
-        wait_healthy(self.port, &self.home);
+        let (port, home) = (free_port(), prefect_home());
+        let mut server = RestartablePrefect {
+            url: format!("http://127.0.0.1:{port}/api"),
+            home,
+            port,
+            child: None,
+        };
+        server.restart().await;
+        server
     }
 
     /// SIGKILL, no goodbye: what a crashed or evicted server looks like.
@@ -200,24 +186,21 @@ impl RestartablePrefect {
         }
     }
 
-    /// Starts it again on the same port and database; returns once it is healthy.
+    /// Starts it (again) on its port and database; returns once it is healthy.
     pub async fn restart(&mut self) {
-        let mut me = std::mem::replace(
-            self,
-            RestartablePrefect {
-                url: String::new(),
-                home: PathBuf::new(),
-                port: 0,
-                child: None,
-            },
-        );
-        me = tokio::task::spawn_blocking(move || {
-            me.launch();
-            me
+        let (port, home) = (self.port, self.home.clone());
+        let child = tokio::task::spawn_blocking(move || {
+            use std::os::unix::process::CommandExt;
+            let mut cmd = server_command(port, &home, &[]);
+            // Its own process group, so that a kill takes everything it started.
+            cmd.process_group(0);
+            let child = cmd.spawn().expect("spawn prefect server");
+            wait_healthy(port, &home);
+            child
         })
         .await
-        .expect("restart the Prefect server");
-        *self = me;
+        .expect("start the Prefect server");
+        self.child = Some(child);
     }
 
     pub fn api(&self) -> Api {

@@ -73,11 +73,9 @@ impl Deployer for KubernetesDeployer {
         let name = job_name(&launch.run.id);
         let exit = self.observer.wait_for(&self.namespace(), &name);
         // Counted from now on, not from when the watch sees it: the limit holds under bursts.
-        self.observer.launched(
-            &agent_label(&self.agent_namespace, &self.agent_name),
-            &format!("{}/{name}", self.namespace()),
-        );
         let agent = agent_label(&self.agent_namespace, &self.agent_name);
+        self.observer
+            .launched(&agent, &format!("{}/{name}", self.namespace()));
         match self.jobs().create(&PostParams::default(), &job).await {
             Ok(_) => {}
             // The name is the run's: this run was launched before (a retry, a restart).
