@@ -175,41 +175,17 @@ async fn two_agents_racing_over_100_runs_execute_each_exactly_once() {
             .iter()
             .filter_map(|s| s["type"].as_str())
             .collect();
-        assert!(
-            kinds.contains(&"COMPLETED"),
-            "run {run} completed: {kinds:?}"
-        );
-        assert!(
-            !kinds.contains(&"CRASHED"),
-            "run {run} was not crashed by an agent: {kinds:?}"
-        );
+        if !kinds.contains(&"COMPLETED") || kinds.contains(&"CRASHED") {
+            explain(&api, run, &[&a, &b]).await;
+            panic!("run {run} completed and was not crashed by an agent: {kinds:?}");
+        }
     }
     let lines = recorded(&record);
     let unique_ids: BTreeSet<String> = lines.iter().cloned().collect();
     if lines.len() != unique_ids.len() {
         let mut seen = HashSet::new();
         let dup = lines.iter().find(|l| !seen.insert(l.as_str())).unwrap();
-        let states = api
-            .call(
-                reqwest::Method::GET,
-                &format!("/flow_run_states/?flow_run_id={dup}"),
-                None,
-            )
-            .await;
-        for s in states.as_array().unwrap() {
-            eprintln!(
-                "DUP {dup} {} {} {}",
-                s["timestamp"], s["type"], s["message"]
-            );
-        }
-        for l in a
-            .output()
-            .lines()
-            .chain(b.output().lines())
-            .filter(|l| l.contains(dup.as_str()))
-        {
-            eprintln!("LOG {l}");
-        }
+        explain(&api, dup, &[&a, &b]).await;
     }
     assert_eq!(
         lines.len(),
@@ -232,6 +208,28 @@ async fn two_agents_racing_over_100_runs_execute_each_exactly_once() {
         na > 0 && nb > 0,
         "both agents took part in the race: {na} + {nb}"
     );
+}
+
+/// Prints a run's state history with messages and every agent log line naming it.
+async fn explain(api: &Api, run: &str, agents: &[&AgentProcess]) {
+    let states = api
+        .call(
+            reqwest::Method::GET,
+            &format!("/flow_run_states/?flow_run_id={run}"),
+            None,
+        )
+        .await;
+    for s in states.as_array().into_iter().flatten() {
+        eprintln!(
+            "STATE {run} {} {} {}",
+            s["timestamp"], s["type"], s["message"]
+        );
+    }
+    for agent in agents {
+        for l in agent.output().lines().filter(|l| l.contains(run)) {
+            eprintln!("LOG {l}");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
