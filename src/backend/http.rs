@@ -73,7 +73,7 @@ impl RetryPolicy {
 }
 
 /// What went wrong with a request, after retries.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum HttpError {
     #[error("cannot reach the Prefect API at {url}: {cause}")]
     Unreachable { url: String, cause: String },

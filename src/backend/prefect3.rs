@@ -1,14 +1,16 @@
 //! The Prefect 3 work-pool backend: poll a pool, claim runs with a transition id, report back.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use reqwest::Method;
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
 use tokio::sync::RwLock;
 
+use super::coalesce::Coalescer;
 use super::http::{ApiClient, Auth, HttpError, RetryPolicy};
 use super::references::{Reference, References, references_in};
 use super::{
@@ -49,12 +51,37 @@ pub struct Prefect3 {
     cfg: Prefect3Config,
     /// The pool's base job template, read at registration.
     pool_template: RwLock<Value>,
+    /// Concurrent submissions share their reads and log lines (see `coalesce`).
+    runs: Coalescer<String, Option<ApiFlowRun>>,
+    deployments: Coalescer<String, Option<Value>>,
+    logs: Coalescer<Value, ()>,
 }
+
+/// How many items one coalesced request carries at most (Prefect's filters answer 200).
+const BATCH: usize = 100;
 
 impl Prefect3 {
     pub fn new(cfg: Prefect3Config) -> Result<Self, BackendError> {
         let api = ApiClient::new(&cfg.api_url, cfg.auth.clone(), cfg.retry)?;
+        let (a, b, c) = (api.clone(), api.clone(), api.clone());
         Ok(Self {
+            runs: Coalescer::new("flow run reads", BATCH, move |ids| {
+                let api = a.clone();
+                async move { read_by_id(&api, "/flow_runs/filter", "flow_runs", ids).await }
+            }),
+            deployments: Coalescer::new("deployment reads", BATCH, move |ids| {
+                let api = b.clone();
+                async move { read_by_id(&api, "/deployments/filter", "deployments", ids).await }
+            }),
+            logs: Coalescer::new("run logs", BATCH, move |lines: Vec<Value>| {
+                let api = c.clone();
+                async move {
+                    let n = lines.len();
+                    api.send(Method::POST, "/logs/", Some(&Value::Array(lines)))
+                        .await?;
+                    Ok(vec![(); n])
+                }
+            }),
             api,
             cfg,
             pool_template: RwLock::new(Value::Null),
@@ -93,11 +120,10 @@ impl Prefect3 {
 
     /// The run as it is now.
     async fn read(&self, run_id: &str) -> Result<FlowRun, BackendError> {
-        let run: ApiFlowRun = self
-            .api
-            .call(Method::GET, &format!("/flow_runs/{run_id}"), None)
-            .await?;
-        Ok(run.into())
+        match self.runs.call(run_id.to_string()).await? {
+            Some(run) => Ok(run.into()),
+            None => Err(not_found("flow run", run_id).into()),
+        }
     }
 
     /// Puts back a state our late claim overwrote (best effort; logged either way).
@@ -438,8 +464,54 @@ pub struct ApiState {
     pub data: Value,
 }
 
+/// Objects by id through a filter call (`{<kind>: {id: {any_: [..]}}}`), one answer per
+/// id asked, in order: `None` where the server has no such object.
+async fn read_by_id<T: DeserializeOwned + HasId + Clone>(
+    api: &ApiClient,
+    path: &str,
+    kind: &str,
+    ids: Vec<String>,
+) -> Result<Vec<Option<T>>, HttpError> {
+    let mut unique = ids.clone();
+    unique.sort();
+    unique.dedup();
+    let body = json!({kind: {"id": {"any_": unique}}, "limit": unique.len()});
+    let found: Vec<T> = api.call(Method::POST, path, Some(&body)).await?;
+    let by_id: HashMap<String, T> = found
+        .into_iter()
+        .filter_map(|x| x.id().map(|id| (id, x)))
+        .collect();
+    Ok(ids.iter().map(|id| by_id.get(id).cloned()).collect())
+}
+
+/// The error a read by id gives for an object the server does not have.
+fn not_found(what: &str, id: &str) -> HttpError {
+    HttpError::NotFound {
+        method: Method::POST,
+        path: format!("{what} {id}"),
+        detail: "no such object".into(),
+    }
+}
+
+/// What `read_by_id` matches answers on.
+trait HasId {
+    fn id(&self) -> Option<String>;
+}
+
+impl HasId for ApiFlowRun {
+    fn id(&self) -> Option<String> {
+        Some(self.id.clone())
+    }
+}
+
+impl HasId for Value {
+    fn id(&self) -> Option<String> {
+        self["id"].as_str().map(str::to_string)
+    }
+}
+
 /// A flow run as the Prefect 3 API returns it (decoded leniently: missing fields default).
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 pub struct ApiFlowRun {
     id: String,
     #[serde(default)]
@@ -626,10 +698,11 @@ impl Backend for Prefect3 {
     ) -> Result<RunContext, BackendError> {
         let deployment_vars = match &run.deployment_id {
             Some(id) => {
-                let dep: Value = self
-                    .api
-                    .call(Method::GET, &format!("/deployments/{id}"), None)
-                    .await?;
+                let dep = self
+                    .deployments
+                    .call(id.clone())
+                    .await?
+                    .ok_or_else(|| not_found("deployment", id))?;
                 dep.get("job_variables")
                     .and_then(Value::as_object)
                     .cloned()
@@ -756,14 +829,14 @@ impl Backend for Prefect3 {
             LogLevel::Info => 20,
             LogLevel::Error => 40,
         };
-        let body = json!([{
+        let line = json!({
             "name": crate::APP_NAME,
             "level": level,
             "message": message,
             "timestamp": Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
             "flow_run_id": run_id,
-        }]);
-        self.api.send(Method::POST, "/logs/", Some(&body)).await?;
+        });
+        self.logs.call(line).await?;
         Ok(())
     }
 

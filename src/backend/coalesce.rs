@@ -1,0 +1,175 @@
+//! Joins concurrent calls of one kind into one request. In a burst, sixteen submissions
+//! each reading "their" run, deployment or shipping "their" log line become one filter
+//! call or one `POST /logs/` with sixteen entries: the Prefect server, not this process,
+//! is what bounds a burst, and it pays per request far more than per item.
+//!
+//! A lone call goes out at once (no timer, no added latency); calls that arrive while a
+//! request is in flight wait for it and go out together in the next one.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::http::HttpError;
+
+type BatchFuture<O> = Pin<Box<dyn Future<Output = Result<Vec<O>, HttpError>> + Send>>;
+type SendBatch<I, O> = Arc<dyn Fn(Vec<I>) -> BatchFuture<O> + Send + Sync>;
+type Waiter<I, O> = (I, oneshot::Sender<Result<O, HttpError>>);
+
+/// Calls `send` with every item queued since its last call; `send` answers one output
+/// per item, in order.
+pub struct Coalescer<I, O> {
+    what: &'static str,
+    max_batch: usize,
+    send: SendBatch<I, O>,
+    /// The queue of the worker task, started on first use (inside a runtime) and again
+    /// should the runtime it ran on be gone.
+    queue: Mutex<Option<mpsc::UnboundedSender<Waiter<I, O>>>>,
+}
+
+impl<I: Send + 'static, O: Send + 'static> Coalescer<I, O> {
+    pub fn new<F, Fut>(what: &'static str, max_batch: usize, send: F) -> Self
+    where
+        F: Fn(Vec<I>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Vec<O>, HttpError>> + Send + 'static,
+    {
+        Self {
+            what,
+            max_batch: max_batch.max(1),
+            send: Arc::new(move |items| Box::pin(send(items))),
+            queue: Mutex::new(None),
+        }
+    }
+
+    pub async fn call(&self, item: I) -> Result<O, HttpError> {
+        let (tx, rx) = oneshot::channel();
+        self.enqueue((item, tx));
+        rx.await.unwrap_or_else(|_| Err(self.lost()))
+    }
+
+    fn enqueue(&self, waiter: Waiter<I, O>) {
+        let Ok(mut queue) = self.queue.lock() else {
+            let _ = waiter.1.send(Err(self.lost()));
+            return;
+        };
+        let waiter = match queue.as_ref() {
+            Some(q) => match q.send(waiter) {
+                Ok(()) => return,
+                Err(mpsc::error::SendError(w)) => w,
+            },
+            None => waiter,
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let _ = tx.send(waiter);
+        tokio::spawn(work(rx, self.send.clone(), self.max_batch));
+        *queue = Some(tx);
+    }
+
+    fn lost(&self) -> HttpError {
+        HttpError::Unreachable {
+            url: self.what.to_string(),
+            cause: "the batching task stopped".into(),
+        }
+    }
+}
+
+async fn work<I, O>(
+    mut rx: mpsc::UnboundedReceiver<Waiter<I, O>>,
+    send: SendBatch<I, O>,
+    max_batch: usize,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < max_batch {
+            match rx.try_recv() {
+                Ok(w) => batch.push(w),
+                Err(_) => break,
+            }
+        }
+        let (items, waiters): (Vec<I>, Vec<_>) = batch.into_iter().unzip();
+        let n = items.len();
+        match send(items).await {
+            Ok(outs) if outs.len() == n => {
+                for (w, o) in waiters.into_iter().zip(outs) {
+                    let _ = w.send(Ok(o));
+                }
+            }
+            Ok(outs) => {
+                let e = HttpError::Decode {
+                    method: reqwest::Method::POST,
+                    path: "(batched call)".into(),
+                    cause: format!("{} answers to {n} items", outs.len()),
+                };
+                for w in waiters {
+                    let _ = w.send(Err(e.clone()));
+                }
+            }
+            Err(e) => {
+                for w in waiters {
+                    let _ = w.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[tokio::test]
+    async fn concurrent_calls_share_requests_and_get_their_own_answers() {
+        let requests = Arc::new(AtomicUsize::new(0));
+        let counter = requests.clone();
+        let c = Arc::new(Coalescer::new("test", 8, move |items: Vec<u32>| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            async move {
+                tokio::task::yield_now().await;
+                Ok(items.into_iter().map(|i| i * 10).collect())
+            }
+        }));
+        let calls: Vec<_> = (0..20u32)
+            .map(|i| {
+                let c = c.clone();
+                tokio::spawn(async move { c.call(i).await })
+            })
+            .collect();
+        for (i, call) in calls.into_iter().enumerate() {
+            assert_eq!(call.await.unwrap().unwrap(), i as u32 * 10);
+        }
+        let n = requests.load(Ordering::SeqCst);
+        assert!((3..20).contains(&n), "20 calls in {n} requests");
+    }
+
+    #[tokio::test]
+    async fn a_failed_request_fails_each_of_its_calls_and_the_next_goes_out() {
+        let fail = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let f = fail.clone();
+        let c = Coalescer::new("test", 8, move |items: Vec<u32>| {
+            let fail = f.swap(false, Ordering::SeqCst);
+            async move {
+                if fail {
+                    Err(HttpError::Unreachable {
+                        url: "http://x".into(),
+                        cause: "refused".into(),
+                    })
+                } else {
+                    Ok(items)
+                }
+            }
+        });
+        let e = c.call(1).await.unwrap_err();
+        assert!(e.is_transient(), "{e}");
+        assert_eq!(c.call(2).await.unwrap(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_wrong_number_of_answers_is_an_error_not_a_mix_up() {
+        let c: Coalescer<u32, u32> = Coalescer::new("test", 8, |_: Vec<u32>| async { Ok(vec![]) });
+        let e: HttpError = c.call(1).await.unwrap_err();
+        assert!(e.to_string().contains("0 answers to 1 items"), "{e}");
+    }
+}
