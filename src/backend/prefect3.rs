@@ -1,6 +1,7 @@
 //! The Prefect 3 work-pool backend: poll a pool, claim runs with a transition id, report back.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -50,7 +51,7 @@ pub struct Prefect3 {
     api: ApiClient,
     cfg: Prefect3Config,
     /// The pool's base job template, read at registration.
-    pool_template: RwLock<Value>,
+    pool_template: RwLock<Arc<Value>>,
     /// Concurrent submissions share their reads and log lines (see `coalesce`).
     runs: Coalescer<String, Option<ApiFlowRun>>,
     deployments: Coalescer<String, Option<Value>>,
@@ -84,7 +85,7 @@ impl Prefect3 {
             }),
             api,
             cfg,
-            pool_template: RwLock::new(Value::Null),
+            pool_template: RwLock::new(Arc::new(Value::Null)),
         })
     }
 
@@ -213,6 +214,27 @@ impl Prefect3 {
             Err(e) => Err(e.into()),
         }
     }
+}
+
+/// One copy of each distinct base job template in the process: a thousand agents of one
+/// pool would otherwise hold a thousand parsed copies (some 45 KiB each for Prefect's
+/// standard Kubernetes template), most of an idle agent's memory.
+fn shared_template(template: Value) -> Arc<Value> {
+    static TEMPLATES: Mutex<Vec<Weak<Value>>> = Mutex::new(Vec::new());
+    let Ok(mut all) = TEMPLATES.lock() else {
+        return Arc::new(template);
+    };
+    all.retain(|w| w.strong_count() > 0);
+    if let Some(same) = all
+        .iter()
+        .filter_map(Weak::upgrade)
+        .find(|t| **t == template)
+    {
+        return same;
+    }
+    let template = Arc::new(template);
+    all.push(Arc::downgrade(&template));
+    template
 }
 
 /// The base job template a pool of `kind` is created with: Prefect's standard one for
@@ -572,10 +594,11 @@ impl Backend for Prefect3 {
             .and_then(Value::as_str)
             .unwrap_or("")
             .to_string();
-        *self.pool_template.write().await = pool
-            .get("base_job_template")
-            .cloned()
-            .unwrap_or(Value::Null);
+        *self.pool_template.write().await = shared_template(
+            pool.get("base_job_template")
+                .cloned()
+                .unwrap_or(Value::Null),
+        );
         for queue in &self.cfg.queues {
             let path = format!("{}/queues/{}", self.pool_path(), urlencode(queue));
             match self.api.send(Method::GET, &path, None).await {
@@ -710,7 +733,7 @@ impl Backend for Prefect3 {
             }
             None => Map::new(),
         };
-        let template = self.pool_template.read().await.clone();
+        let template = Value::clone(&*self.pool_template.read().await);
         let job_variables = Value::Object(merge_job_variables(
             &template_defaults(&template),
             &deployment_vars,
@@ -1056,6 +1079,18 @@ mod tests {
             Some(&json!("IfNotPresent"))
         );
         assert_eq!(standard_template("process"), json!({}));
+    }
+
+    #[test]
+    fn agents_of_one_pool_share_one_copy_of_its_template() {
+        let a = shared_template(standard_template("kubernetes"));
+        let b = shared_template(standard_template("kubernetes"));
+        assert!(Arc::ptr_eq(&a, &b));
+        let mut edited = standard_template("kubernetes");
+        edited["variables"]["properties"]["image"]["default"] = json!("mine:1");
+        let c = shared_template(edited);
+        assert!(!Arc::ptr_eq(&a, &c), "an edited template is its own");
+        assert_eq!(c["variables"]["properties"]["image"]["default"], "mine:1");
     }
 
     #[test]
