@@ -68,10 +68,12 @@ impl Default for AgentConfig {
     }
 }
 
-/// The seed's thread-pool size: `min(32, cpus + 4)`.
+/// The seed sized its submission thread pool by CPUs (`min(32, cpus + 4)`) because each
+/// submission held a thread. Here a submission is a task waiting on Prefect and
+/// Kubernetes, so the bound is there to spare the Prefect server, not this process's
+/// CPUs: a burst drains about as fast as this many round trips allow.
 pub fn default_submit_concurrency() -> usize {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    (cpus + 4).min(32)
+    32
 }
 
 /// Why `start()` returned normally.
