@@ -162,19 +162,8 @@ async fn two_agents_racing_over_100_runs_execute_each_exactly_once() {
     for run in &runs {
         // The history, not the current-state pointer: the SQLite server can let a stale
         // concurrent claim overwrite the pointer after COMPLETED (see docs/prefect3.md).
-        let states = api
-            .call(
-                reqwest::Method::GET,
-                &format!("/flow_run_states/?flow_run_id={run}"),
-                None,
-            )
-            .await;
-        let kinds: Vec<&str> = states
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter_map(|s| s["type"].as_str())
-            .collect();
+        let states = api.states(run).await;
+        let kinds: Vec<&str> = states.iter().filter_map(|s| s["type"].as_str()).collect();
         if !kinds.contains(&"COMPLETED") || kinds.contains(&"CRASHED") {
             explain(&api, run, &[&a, &b]).await;
             panic!("run {run} completed and was not crashed by an agent: {kinds:?}");
@@ -212,14 +201,7 @@ async fn two_agents_racing_over_100_runs_execute_each_exactly_once() {
 
 /// Prints a run's state history with messages and every agent log line naming it.
 async fn explain(api: &Api, run: &str, agents: &[&AgentProcess]) {
-    let states = api
-        .call(
-            reqwest::Method::GET,
-            &format!("/flow_run_states/?flow_run_id={run}"),
-            None,
-        )
-        .await;
-    for s in states.as_array().into_iter().flatten() {
+    for s in api.states(run).await {
         eprintln!(
             "STATE {run} {} {} {}",
             s["timestamp"], s["type"], s["message"]

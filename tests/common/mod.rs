@@ -277,6 +277,18 @@ impl Api {
             .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
     }
 
+    /// A flow run's state history, oldest first.
+    pub async fn states(&self, run: &str) -> Vec<Value> {
+        let states = self
+            .call(
+                Method::GET,
+                &format!("/flow_run_states/?flow_run_id={run}"),
+                None,
+            )
+            .await;
+        states.as_array().cloned().unwrap_or_default()
+    }
+
     pub async fn try_call(
         &self,
         method: Method,
