@@ -534,9 +534,11 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
         let mut tick: u32 = 0;
         let mut woken = false;
         loop {
-            self.adopt_orphans(&stop).await;
+            // Boxed: a launch inside is a large future, and inline it would make every
+            // idle agent's sleeping loop that large (a thousand agents, a thousand copies).
+            Box::pin(self.adopt_orphans(&stop)).await;
             if woken || !events || tick.is_multiple_of(EVENT_SAFETY_NET_TICKS) {
-                self.carry_out_cancellations(&stop).await;
+                Box::pin(self.carry_out_cancellations(&stop)).await;
             }
             tick = tick.wrapping_add(1);
             tokio::select! {
