@@ -18,7 +18,7 @@ use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use tokio::task::JoinHandle;
@@ -774,7 +774,17 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: Cancell
     // Bounded: a thousand resources requeued at once must not open a thousand
     // connections to the API server.
     let config = kube::runtime::controller::Config::default().concurrency(16);
-    Controller::new(agents, watcher::Config::default())
+    // The cache keeps every resource for the operator's lifetime; their managedFields
+    // (server-side apply bookkeeping, several KiB each) are never read here.
+    let (reader, writer) = reflector::store();
+    let resources = reflector(
+        writer,
+        watcher(agents, watcher::Config::default()).modify(|agent| {
+            agent.managed_fields_mut().clear();
+        }),
+    )
+    .applied_objects();
+    Controller::for_stream(resources, reader)
         .with_config(config)
         .graceful_shutdown_on(async move { stop.cancelled().await })
         .run(reconcile, error_policy, ctx.clone())
