@@ -7,7 +7,8 @@ then measures in one run:
     operator polling only, official worker;
   - burst drain: 500 runs due at once -> all have Jobs, next to a claim-only client;
   - idle RSS and CPU of the operator with 1, 100, 1000 PrefectAgents, and of one worker;
-  - cancellation latency (CANCELLING -> Job deleted) of the operator.
+  - cancellation latency (CANCELLING -> Job deleted) of a run whose pod never started,
+    for both (the worker with PREFECT_WORKER_ENABLE_CANCELLATION=true, off by default).
 Prints a table, writes JSON and a PNG plot. Run through bench/run.sh.
 """
 
@@ -146,6 +147,18 @@ def idle_cost(proc, settle, window):
     return {"rss_mib": round(rss, 1), "cpu_percent": round(100 * (c1 - c0) / TICK / (t1 - t0), 2)}
 
 
+class ServerCpu:
+    """The Prefect server's CPU use from now until `percent()` (% of one core)."""
+
+    def __init__(self, prefect):
+        self.pids = prefect.proc.pids()
+        self.t0, self.c0 = time.monotonic(), sum(cpu_ticks(p) for p in self.pids)
+
+    def percent(self):
+        c1 = sum(cpu_ticks(p) for p in self.pids)
+        return round(100 * (c1 - self.c0) / TICK / (time.monotonic() - self.t0), 1)
+
+
 # ---------------------------------------------------------------- the servers
 
 
@@ -207,16 +220,20 @@ class Prefect:
             return list(pool.map(lambda _: self.run_via(deployment), range(n)))
 
     def run_via(self, deployment):
+        last = None
         with httpx.Client(base_url=self.url, timeout=60) as http:
-            for attempt in range(20):
+            for attempt in range(30):
                 try:
                     r = http.post(f"/deployments/{deployment}/create_flow_run", json={})
                     if r.status_code < 300:
                         return r.json()["id"]
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.2 * (attempt + 1))
-        raise RuntimeError("could not create a run")
+                    last = f"HTTP {r.status_code}: {r.text[:300]}"
+                    if r.status_code not in (429, 500, 502, 503, 504):
+                        break
+                except httpx.HTTPError as e:
+                    last = repr(e)
+                time.sleep(min(0.2 * (attempt + 1), 3))
+        raise RuntimeError(f"could not create a run: {last}")
 
     def final_without(self, runs):
         """Of `runs`, those already in a final state (given up on)."""
@@ -301,7 +318,7 @@ class Operator:
         self.kube, self.ns = kube, namespace
         self.health = free_port()
         env = dict(os.environ, KUBECONFIG=kube.kubeconfig, PAO_HEALTH_ADDRESS=f"127.0.0.1:{self.health}")
-        self.proc = Proc([binary, "operator", "--install-crd", "--namespace", namespace], env=env)
+        self.proc = Proc([*WRAP, binary, "operator", "--install-crd", "--namespace", namespace], env=env)
 
         def ready():
             try:
@@ -333,9 +350,9 @@ class Operator:
 class Worker:
     """`prefect worker start --type kubernetes`, as its docs say, against the same servers."""
 
-    def __init__(self, venv, kube, prefect_url, pool):
+    def __init__(self, venv, kube, prefect_url, pool, extra_env=None):
         env = dict(os.environ, KUBECONFIG=kube.kubeconfig, PREFECT_API_URL=prefect_url,
-                   PREFECT_HOME=tempfile.mkdtemp(prefix="pao-bench-worker-"))
+                   PREFECT_HOME=tempfile.mkdtemp(prefix="pao-bench-worker-"), **(extra_env or {}))
         self.proc = Proc([f"{venv}/bin/prefect", "worker", "start", "--pool", pool, "--type",
                           "kubernetes", "--name", f"official-{pool}"], env=env)
 
@@ -391,33 +408,50 @@ def claim_only(prefect, n):
         return claimed
 
     t0 = time.monotonic()
+    server = ServerCpu(prefect)
     claimed = asyncio.run(go())
     seconds = time.monotonic() - t0
     assert claimed == runs
-    result = {"runs": n, "seconds": seconds, "runs_per_second": n / seconds}
-    log(f"claim-only: {seconds:.1f}s ({result['runs_per_second']:.1f} runs/s)")
+    result = {"runs": n, "seconds": seconds, "runs_per_second": n / seconds,
+              "server_cpu_percent": server.percent()}
+    log(f"claim-only: {seconds:.1f}s ({result['runs_per_second']:.1f} runs/s, "
+        f"Prefect server {result['server_cpu_percent']} % of a core)")
     return result
 
 
-def cancellation(prefect, op, kube, ns, runs):
+def cancellation(prefect, kube, runs, start_runner, label, job_ns, patience=120):
+    """A run whose Job exists (its pod never starts: no kubelet, so the run stays PENDING)
+    is set CANCELLING: seconds until the Job is deleted, or None when it still exists
+    `patience` seconds later."""
+    ns = job_ns or kube.namespace("cancel")
     pool = prefect.pool(f"cancel-{uuid.uuid4().hex[:6]}", template=TEMPLATE)
-    dep = prefect.deployment(pool)
-    op.agents(prefect.url, pool, ["canceller"])
+    dep = prefect.deployment(pool, {"namespace": ns})
     watch = JobWatch(kube, ns)
+    runner = start_runner(ns, pool)
     lat = []
     try:
         for _ in range(runs):
             run = prefect.run(dep)
-            wait_until("the Job", 60, lambda: watch.added_at(run))
+            wait_until(f"{label}: the Job", 120, lambda: watch.added_at(run))
+            # The infrastructure id is written after the Job is created; cancelling
+            # before it is there would measure a different path.
+            wait_until(f"{label}: infrastructure id", 60,
+                       lambda: prefect.call("GET", f"/flow_runs/{run}").get("infrastructure_pid"))
             t0 = time.monotonic()
             prefect.set_state(run, "CANCELLING")
-            wait_until("the Job deleted", 60, lambda: watch.deleted.get(run))
-            lat.append(watch.deleted[run] - t0)
+            try:
+                wait_until(f"{label}: the Job deleted", patience, lambda: watch.deleted.get(run))
+                lat.append(watch.deleted[run] - t0)
+            except TimeoutError:
+                lat.append(None)
     finally:
+        runner.stop()
         watch.stop()
-        kube.kubectl("delete", "pfa", "canceller", "-n", ns, "--wait=false")
-    result = {"runs": runs, "p50": percentile(lat, 50), "max": max(lat)}
-    log(f"cancellation: p50 {result['p50']:.2f}s max {result['max']:.2f}s")
+    done = [x for x in lat if x is not None]
+    result = {"runs": runs, "deleted": len(done), "patience_seconds": patience,
+              "p50": percentile(done, 50) if done else None, "max": max(done) if done else None}
+    log(f"cancellation {label}: {len(done)} of {runs} Jobs deleted" +
+        (f", p50 {result['p50']:.2f}s max {result['max']:.2f}s" if done else f" within {patience} s"))
     return result
 
 
@@ -462,6 +496,11 @@ def ratio(a, b):
     return None if not a or not b else b / a
 
 
+def times(x):
+    """A ratio for the table; a worker that never did it is infinitely slower."""
+    return "∞" if x is None else f"{x:.0f}×"
+
+
 def table(r):
     lat, bur, idl = r["latency"], r["burst"], r["idle"]
     w = lat["official worker"]
@@ -484,9 +523,16 @@ def table(r):
                     f"{x['rss_mib']} MiB / {x['cpu_percent']} % | "
                     f"{iw['rss_mib']} MiB / {iw['cpu_percent']} % (one worker, one pool) | | "
                     f"{'≤ 30 MiB' if int(n) == 1 else '≤ 150 MiB' if int(n) == 1000 else 'CPU ≤ 2 %'} |")
-    cx = r["cancellation"]
-    rows.append(f"| cancellation (CANCELLING → Job deleted) | p50 {cx['p50']:.2f} s, max {cx['max']:.2f} s | "
-                f"not measured | | |")
+    cx, cw = r["cancellation"]["operator"], r["cancellation"]["official worker"]
+
+    def cancelled(c):
+        if not c["deleted"]:
+            return f"never: 0 of {c['runs']} Jobs deleted within {c['patience_seconds']} s"
+        return f"{c['p50']:.2f} / {c['max']:.2f} s ({c['deleted']} of {c['runs']} deleted)"
+
+    rows.append(f"| cancellation of a run whose pod never started (CANCELLING → Job deleted), "
+                f"p50 / max | {cancelled(cx)} | {cancelled(cw)} (with PREFECT_WORKER_ENABLE_"
+                f"CANCELLATION=true) | {times(ratio(cx['p50'], cw['p50']))} | |")
     return "\n".join(rows)
 
 
@@ -523,6 +569,7 @@ def plot(r, path):
 
 
 TEMPLATE = None
+WRAP = []
 
 
 def main():
@@ -541,7 +588,14 @@ def main():
     ap.add_argument("--settle", type=float, default=20)
     ap.add_argument("--window", type=float, default=30)
     ap.add_argument("--cancellations", type=int, default=5)
+    ap.add_argument("--only", default="latency,burst,cancellation,idle",
+                    help="the parts to run, comma-separated (a partial run writes partial results)")
+    ap.add_argument("--wrap", default="",
+                    help="a command the operator runs under, e.g. 'heaptrack -o /tmp/op' (profiling)")
     args = ap.parse_args()
+    only = set(args.only.split(","))
+    global WRAP
+    WRAP = args.wrap.split()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     TEMPLATE = kubernetes_template(args.venv)
@@ -565,10 +619,13 @@ def main():
                 return Stop()
             return start
 
-        def worker_runner(_job_ns, pool):
-            w = Worker(args.venv, kube, prefect.url, pool)
+        def worker_runner(_job_ns, pool, **env):
+            w = Worker(args.venv, kube, prefect.url, pool, env)
             online(prefect, pool)
             return w
+
+        def worker_runner_cancelling(job_ns, pool):
+            return worker_runner(job_ns, pool, PREFECT_WORKER_ENABLE_CANCELLATION="true")
 
         results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}}
@@ -577,28 +634,44 @@ def main():
             return latency(prefect, kube, args.latency_runs, runner, label, args.spacing,
                               ns if job_ns_is_ops else None)
 
-        results["latency"] = {
-            "operator, events": lat("operator, events", operator_runner(True), True),
-            "operator, polling": lat("operator, polling", operator_runner(False), True),
-            "official worker": lat("official worker", worker_runner, False),
-        }
-        results["burst"] = {
-            "operator": burst(prefect, kube, args.burst, operator_runner(True), "operator", ns),
-            "official worker": burst(prefect, kube, args.burst, worker_runner, "official worker", None),
-            "claim-only": claim_only(prefect, args.burst),
-        }
-        results["cancellation"] = cancellation(prefect, op, kube, ns, args.cancellations)
+        if "latency" in only:
+            results["latency"] = {
+                "operator, events": lat("operator, events", operator_runner(True), True),
+                "operator, polling": lat("operator, polling", operator_runner(False), True),
+                "official worker": lat("official worker", worker_runner, False),
+            }
+        if "burst" in only:
+            results["burst"] = {
+                "operator": burst(prefect, kube, args.burst, operator_runner(True), "operator", ns),
+                "official worker": burst(prefect, kube, args.burst, worker_runner, "official worker", None),
+                "claim-only": claim_only(prefect, args.burst),
+            }
+        if "cancellation" in only:
+            results["cancellation"] = {
+                "operator": cancellation(prefect, kube, args.cancellations, operator_runner(True),
+                                         "operator", ns),
+                # Off by default in Prefect 3.9 (PREFECT_WORKER_ENABLE_CANCELLATION): the
+                # runner inside the Job handles cancellation once it runs.
+                "official worker": cancellation(prefect, kube, args.cancellations,
+                                                worker_runner_cancelling, "official worker", None),
+            }
         op.stop()
         ops.clear()
-        counts = [int(c) for c in args.idle.split(",") if c]
-        results["idle"] = idle(prefect, kube, args.binary, counts, args.settle, args.window,
-                               args.idle_poll_interval)
-        results["idle official worker"] = idle_worker(prefect, kube, args.venv, args.settle, args.window)
+        if "idle" in only:
+            counts = [int(c) for c in args.idle.split(",") if c]
+            results["idle"] = idle(prefect, kube, args.binary, counts, args.settle, args.window,
+                                   args.idle_poll_interval)
+            results["idle official worker"] = idle_worker(prefect, kube, args.venv, args.settle,
+                                                          args.window)
     finally:
         for o in ops:
             o.stop()
         prefect.proc.stop()
         kube.stop()
+    if only != {"latency", "burst", "cancellation", "idle"}:
+        (out / "partial.json").write_text(json.dumps(results, indent=2))
+        print(json.dumps(results, indent=2))
+        return
     (out / "results.json").write_text(json.dumps(results, indent=2))
     text = table(results)
     (out / "results.md").write_text(text + "\n")
@@ -641,6 +714,7 @@ def burst(prefect, kube, n, start_runner, label, job_ns):
     runs = prefect.runs(dep, n)
     watch = JobWatch(kube, ns)
     t0 = time.monotonic()
+    server = ServerCpu(prefect)
     runner = start_runner(ns, pool)
     lost = set()
     try:
@@ -658,8 +732,10 @@ def burst(prefect, kube, n, start_runner, label, job_ns):
     times = sorted(watch.added[r] for r in runs if r in watch.added)
     seconds = times[-1] - t0
     result = {"runs": n, "seconds": seconds, "first_to_last": times[-1] - times[0],
-              "runs_per_second": len(times) / seconds, "lost": len(lost)}
-    log(f"burst {label}: {seconds:.1f}s ({result['runs_per_second']:.1f} runs/s, {len(lost)} lost)")
+              "runs_per_second": len(times) / seconds, "lost": len(lost),
+              "server_cpu_percent": server.percent()}
+    log(f"burst {label}: {seconds:.1f}s ({result['runs_per_second']:.1f} runs/s, {len(lost)} lost, "
+        f"Prefect server {result['server_cpu_percent']} % of a core)")
     return result
 
 
