@@ -11,6 +11,7 @@ pub use references::References;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -117,8 +118,9 @@ pub struct RunContext {
     pub default_env: BTreeMap<String, String>,
     /// Variables the run needs to talk to Prefect; they win over everything else.
     pub fixed_env: BTreeMap<String, EnvValue>,
-    /// The pool's base job template (Prefect 3), for deployers that render one.
-    pub base_job_template: Option<Value>,
+    /// The pool's base job template (Prefect 3), for deployers that render one; shared,
+    /// not copied, per launch.
+    pub base_job_template: Option<Arc<Value>>,
     /// Prefect variables and blocks the template refers to (job variables come resolved).
     pub references: References,
 }

@@ -733,7 +733,7 @@ impl Backend for Prefect3 {
             }
             None => Map::new(),
         };
-        let template = Value::clone(&*self.pool_template.read().await);
+        let template = self.pool_template.read().await.clone();
         let job_variables = Value::Object(merge_job_variables(
             &template_defaults(&template),
             &deployment_vars,

@@ -22,7 +22,7 @@ pub struct Launch {
     /// The run's environment after precedence was applied (see `agent::env`).
     pub env: BTreeMap<String, EnvValue>,
     /// The pool's base job template, where the backend has one.
-    pub base_job_template: Option<Value>,
+    pub base_job_template: Option<std::sync::Arc<Value>>,
     /// Prefect variables and blocks the base job template refers to.
     pub references: crate::backend::References,
 }

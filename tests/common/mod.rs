@@ -466,17 +466,11 @@ impl Api {
 
     /// How many times the run entered `kind` (its state history).
     pub async fn times_in_state(&self, run_id: &str, kind: &str) -> usize {
-        let states = self
-            .call(
-                Method::GET,
-                &format!("/flow_run_states/?flow_run_id={run_id}"),
-                None,
-            )
-            .await;
-        states
-            .as_array()
-            .map(|a| a.iter().filter(|s| s["type"] == kind).count())
-            .unwrap_or_default()
+        self.states(run_id)
+            .await
+            .iter()
+            .filter(|s| s["type"] == kind)
+            .count()
     }
 }
 

@@ -528,7 +528,7 @@ impl Backend for Prefect1 {
                 self.cfg.log_level.clone(),
             )]),
             fixed_env: fixed,
-            base_job_template: Some(spec.base_job_template),
+            base_job_template: Some(std::sync::Arc::new(spec.base_job_template)),
             references: References::default(),
         })
     }

@@ -64,7 +64,7 @@ impl Deployer for KubernetesDeployer {
             job_variables: &launch.job_variables,
             explicit_job_variables: &launch.explicit_job_variables,
             env: &launch.env,
-            base_job_template: launch.base_job_template.as_ref(),
+            base_job_template: launch.base_job_template.as_deref(),
             defaults: &self.defaults,
             secret: self.secret.as_ref(),
             references: &launch.references,
