@@ -419,13 +419,19 @@ def claim_only(prefect, n):
     return result
 
 
+def scene(prefect, kube, prefix, job_ns):
+    """A fresh pool with the Kubernetes template and a deployment whose Jobs land in
+    `job_ns` (the operator's namespace) or in a fresh namespace (the worker's)."""
+    ns = job_ns or kube.namespace(prefix)
+    pool = prefect.pool(f"{prefix}-{uuid.uuid4().hex[:6]}", template=TEMPLATE)
+    return ns, pool, prefect.deployment(pool, {"namespace": ns})
+
+
 def cancellation(prefect, kube, runs, start_runner, label, job_ns, patience=120):
     """A run whose Job exists (its pod never starts: no kubelet, so the run stays PENDING)
     is set CANCELLING: seconds until the Job is deleted, or None when it still exists
     `patience` seconds later."""
-    ns = job_ns or kube.namespace("cancel")
-    pool = prefect.pool(f"cancel-{uuid.uuid4().hex[:6]}", template=TEMPLATE)
-    dep = prefect.deployment(pool, {"namespace": ns})
+    ns, pool, dep = scene(prefect, kube, "cancel", job_ns)
     watch = JobWatch(kube, ns)
     runner = start_runner(ns, pool)
     lat = []
@@ -684,9 +690,7 @@ def latency(prefect, kube, runs, start_runner, label, spacing, job_ns):
     """Runs created about every `spacing` s (at random, so that no poll rhythm is
     favoured), due now: seconds until each has a Job. Jobs land
     in `job_ns` (the operator's namespace) or a fresh one (the worker's, by job variable)."""
-    ns = job_ns or kube.namespace("lat")
-    pool = prefect.pool(f"lat-{uuid.uuid4().hex[:6]}", template=TEMPLATE)
-    dep = prefect.deployment(pool, {"namespace": ns})
+    ns, pool, dep = scene(prefect, kube, "lat", job_ns)
     watch = JobWatch(kube, ns)
     runner = start_runner(ns, pool)
     created = {}
@@ -708,9 +712,7 @@ def latency(prefect, kube, runs, start_runner, label, spacing, job_ns):
 def burst(prefect, kube, n, start_runner, label, job_ns):
     """`n` runs due before the runner starts: from its start until each has a Job (or was
     given up on: a run the runner ended CRASHED without a Job counts as lost)."""
-    ns = job_ns or kube.namespace("burst")
-    pool = prefect.pool(f"burst-{uuid.uuid4().hex[:6]}", template=TEMPLATE)
-    dep = prefect.deployment(pool, {"namespace": ns})
+    ns, pool, dep = scene(prefect, kube, "burst", job_ns)
     runs = prefect.runs(dep, n)
     watch = JobWatch(kube, ns)
     t0 = time.monotonic()
