@@ -11,6 +11,10 @@
 #   scripts/kube-apiserver.sh stop-apiserver DIR / start-apiserver DIR
 #                                              take only the API server away and bring it
 #                                              back (etcd keeps the state): fault injection
+#
+# Environment (scripts/cluster.sh sets them for a one-node cluster):
+#   PAO_APISERVER_ADDRESS   the address to serve on (default 127.0.0.1)
+#   PAO_CONTROLLERS         more kube-controller-manager controllers (comma-separated)
 set -euo pipefail
 
 CACHE="${PAO_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/prefect-agent-operator}"
@@ -25,9 +29,16 @@ need_root() {
   fi
 }
 
+# kubelet and kube-scheduler come from the same tree and build (scripts/cluster.sh runs a node).
+BINARIES="kube-apiserver kube-controller-manager kube-scheduler kubelet"
+
+have_bins() {
+  local b
+  for b in $BINARIES; do [ -x "$BIN/$b" ] || return 1; done
+}
+
 install() {
-  if [ -x "$BIN/kube-apiserver" ] && [ -x "$BIN/kube-controller-manager" ] && command -v etcd >/dev/null \
-    && command -v kubectl >/dev/null; then
+  if have_bins && command -v etcd >/dev/null && command -v kubectl >/dev/null; then
     echo "$BIN"
     return
   fi
@@ -37,7 +48,7 @@ install() {
     $sudo apt-get update -qq >&2
     $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubernetes-client >&2
   fi
-  if [ -x "$BIN/kube-apiserver" ] && [ -x "$BIN/kube-controller-manager" ] && command -v etcd >/dev/null; then
+  if have_bins && command -v etcd >/dev/null; then
     echo "$BIN"
     return
   fi
@@ -63,17 +74,18 @@ SRC
   # The vendored reflect2 does not build with Go 1.19; Debian's own copy does.
   rm -rf "$tree/vendor/github.com/modern-go/reflect2"
   cp -r /usr/share/gocode/src/github.com/modern-go/reflect2 "$tree/vendor/github.com/modern-go/reflect2"
-  log "building kube-apiserver and kube-controller-manager (about 3 minutes on 2 cores)"
+  log "building $BINARIES (about 7 minutes on 2 cores)"
   (
     cd "$tree"
     mkdir -p .go/src/k8s.io .home
     ln -sfn ../../.. .go/src/k8s.io/kubernetes
     export GOPATH="$PWD/.go" CGO_ENABLED=0 GO111MODULE=off HOME="$PWD/.home"
     cd .go/src/k8s.io/kubernetes
-    make WHAT="cmd/kube-apiserver cmd/kube-controller-manager" >&2
+    make WHAT="$(printf 'cmd/%s ' $BINARIES)" >&2
   )
   mkdir -p "$BIN"
-  cp "$tree/_output/bin/kube-apiserver" "$tree/_output/bin/kube-controller-manager" "$BIN/"
+  local b
+  for b in $BINARIES; do cp "$tree/_output/bin/$b" "$BIN/"; done
   rm -rf "$src"
   echo "$BIN"
 }
@@ -126,7 +138,9 @@ start() {
   local bin; bin="$(install)"
   mkdir -p "$dir"
   dir="$(cd "$dir" && pwd)"
-  local etcd_port peer_port api_port token
+  local etcd_port peer_port api_port token address="${PAO_APISERVER_ADDRESS:-127.0.0.1}"
+  local controllers="job,garbagecollector,ttl-after-finished,serviceaccount,serviceaccount-token,namespace"
+  [ -z "${PAO_CONTROLLERS:-}" ] || controllers="$controllers,$PAO_CONTROLLERS"
   etcd_port="$(free_port)"; peer_port="$(free_port)"; api_port="$(free_port)"
   token="$(openssl rand -hex 16)"
   openssl genrsa -out "$dir/sa.key" 2048 2>/dev/null
@@ -138,13 +152,13 @@ start() {
     --initial-cluster "default=http://127.0.0.1:$peer_port" > "$dir/etcd.log" 2>&1 &
   echo $! > "$dir/etcd.pid"
   # Kept so that `stop-apiserver`/`start-apiserver` can bring the same server back.
-  printf '%s\n' "$bin/kube-apiserver" --etcd-servers "http://127.0.0.1:$etcd_port" --bind-address 127.0.0.1 \
+  printf '%s\n' "$bin/kube-apiserver" --etcd-servers "http://127.0.0.1:$etcd_port" --bind-address "$address" \
     --secure-port "$api_port" --cert-dir "$dir/certs" --token-auth-file "$dir/tokens.csv" \
     --authorization-mode RBAC --service-account-key-file "$dir/sa.pub" \
     --service-account-signing-key-file "$dir/sa.key" \
     --service-account-issuer https://kubernetes.default.svc \
     --service-cluster-ip-range 10.96.0.0/24 --feature-gates TTLAfterFinished=true > "$dir/apiserver.args"
-  echo "https://127.0.0.1:$api_port" > "$dir/apiserver.url"
+  echo "https://$address:$api_port" > "$dir/apiserver.url"
   echo "$token" > "$dir/apiserver.token"
   launch_apiserver "$dir"
   cat > "$dir/kubeconfig" <<KC
@@ -152,7 +166,7 @@ apiVersion: v1
 kind: Config
 clusters:
 - name: local
-  cluster: {server: "https://127.0.0.1:$api_port", insecure-skip-tls-verify: true}
+  cluster: {server: "https://$address:$api_port", insecure-skip-tls-verify: true}
 users:
 - name: admin
   user: {token: "$token"}
@@ -167,7 +181,7 @@ KC
   if [ "$cm" = "--controller-manager" ]; then
     "$bin/kube-controller-manager" --kubeconfig "$dir/kubeconfig" --bind-address 127.0.0.1 \
       --secure-port 0 --port 0 --leader-elect=false \
-      --controllers job,garbagecollector,ttl-after-finished,serviceaccount,serviceaccount-token,namespace \
+      --controllers "$controllers" \
       --service-account-private-key-file "$dir/sa.key" --root-ca-file "$dir/certs/apiserver.crt" \
       --feature-gates TTLAfterFinished=true > "$dir/controller-manager.log" 2>&1 &
     echo $! > "$dir/controller-manager.pid"
