@@ -329,6 +329,37 @@ async fn polls(addr: &str) -> Option<u64> {
     r.json::<serde_json::Value>().await.ok()?["polls"].as_u64()
 }
 
+/// A server with an auth string takes it as the event stream's token too (found when
+/// pods on a real node met such a server: the stream was refused, polling only).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_event_stream_authenticates_with_an_auth_string() {
+    const AUTH: &str = "admin:events-credential";
+    let server = tokio::task::spawn_blocking(|| PrefectServer::with_auth(AUTH))
+        .await
+        .unwrap();
+    let api = Api::new(
+        &server.url,
+        prefect_agent_operator::backend::http::Auth::Basic(
+            prefect_agent_operator::secret::SecretString::new(AUTH),
+        ),
+    );
+    let pool = unique("events-auth");
+    api.create_pool(&pool).await;
+    let (agent, _addr, _) = an_agent_asleep(server, &pool, &["--auth-string", AUTH]).await;
+    let dep = api.create_deployment(&pool, json!({})).await;
+    let run = api.create_run(&dep).await;
+    // Well inside the 60 s sleep: the event woke the agent.
+    wait_for("the run claimed", Duration::from_secs(20), || async {
+        (api.state(&run).await != "SCHEDULED").then_some(())
+    })
+    .await;
+    assert!(
+        !agent.output().contains("event stream unavailable"),
+        "{}",
+        agent.output()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn poke_wakes_an_idle_agent_at_once() {
     let Setup { server, pool, .. } = Setup::new("poke").await;

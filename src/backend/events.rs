@@ -253,9 +253,11 @@ async fn stream(url: &str, auth: &Auth, feed: &Feed) -> Result<(), String> {
         .await
         .map_err(|_| "connecting timed out".to_string())?
         .map_err(|e| e.to_string())?;
+    // A self-hosted server with PREFECT_SERVER_API_AUTH_STRING wants the auth string
+    // itself as the token (as Prefect's own event subscriber sends it).
     let token = match auth {
-        Auth::Bearer(k) => json!(k.expose()),
-        _ => Value::Null,
+        Auth::Bearer(k) | Auth::Basic(k) => json!(k.expose()),
+        Auth::None => Value::Null,
     };
     send(&mut ws, json!({"type": "auth", "token": token})).await?;
     let answer = tokio::time::timeout(Duration::from_secs(10), ws.next())
