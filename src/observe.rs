@@ -166,6 +166,28 @@ pub fn job_outcome(job: &Job) -> Option<Exit> {
     })
 }
 
+/// How a failed Job's pod ended, in Kubernetes' words (`container prefect-job: OOMKilled,
+/// exit code 137`): the cause behind a Job's `BackoffLimitExceeded`. The newest pod's
+/// first container that ended other than `Completed`.
+pub fn pod_termination(pods: &[Pod]) -> Option<String> {
+    let newest = pods
+        .iter()
+        .max_by_key(|p| p.metadata.creation_timestamp.as_ref().map(|t| t.0))?;
+    let statuses = newest.status.as_ref()?.container_statuses.as_ref()?;
+    statuses.iter().find_map(|cs| {
+        let t = cs.state.as_ref()?.terminated.as_ref()?;
+        let reason = t.reason.as_deref().unwrap_or("Terminated");
+        if reason == "Completed" {
+            return None;
+        }
+        let mut text = format!("container {}: {reason}, exit code {}", cs.name, t.exit_code);
+        if let Some(m) = t.message.as_deref().filter(|m| !m.trim().is_empty()) {
+            text.push_str(&format!(" ({})", m.trim()));
+        }
+        Some(text)
+    })
+}
+
 impl JobObserver {
     /// An observer that gives a stuck pod `grace` before its run is given up.
     pub fn new(grace: Duration) -> Arc<Self> {
@@ -250,8 +272,18 @@ impl JobObserver {
 
     /// Hands a Job's outcome to whoever waits for it (pure dispatch, used by the watch).
     pub fn observe(&self, job: &Job) {
+        self.observe_with_cause(job, None);
+    }
+
+    /// The same, with what the Job's pod said when it ended (see [`pod_termination`]).
+    pub fn observe_with_cause(&self, job: &Job, cause: Option<String>) {
         let k = key(&job.namespace().unwrap_or_default(), &job.name_any());
-        let outcome = job_outcome(job);
+        let outcome = job_outcome(job).map(|mut exit| {
+            if let Some(cause) = cause.filter(|_| !exit.success) {
+                exit.description = format!("{}; {cause}", exit.description);
+            }
+            exit
+        });
         if let Some(agent) = job.labels().get(labels::AGENT) {
             match outcome {
                 Some(_) => self.forget(agent, &k),
@@ -402,6 +434,24 @@ impl JobObserver {
         Some((ns, job))
     }
 
+    /// For a failed Job whose end nobody heard yet: how its pod ended (one list call).
+    async fn failed_pod_cause(&self, client: &Client, job: &Job) -> Option<String> {
+        let ns = job.namespace()?;
+        let k = key(&ns, &job.name_any());
+        if job_outcome(job).is_none_or(|e| e.success)
+            || self.routed.lock().is_ok_and(|r| r.contains(&k))
+        {
+            return None;
+        }
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+        let selector = format!("job-name={}", job.name_any());
+        let list = pods
+            .list(&kube::api::ListParams::default().labels(&selector))
+            .await
+            .ok()?;
+        pod_termination(&list.items)
+    }
+
     /// Watches the operator's Jobs and Pods in every namespace until shutdown; the
     /// watches restart themselves with backoff when they break.
     pub async fn run(
@@ -448,7 +498,11 @@ impl JobObserver {
                         .collect()
                 }
                 next = events.try_next() => match next {
-                    Ok(Some(Seen::Job(job))) => { self.observe(&job); Vec::new() }
+                    Ok(Some(Seen::Job(job))) => {
+                        let cause = self.failed_pod_cause(&client, &job).await;
+                        self.observe_with_cause(&job, cause);
+                        Vec::new()
+                    }
                     Ok(Some(Seen::JobGone(job))) => { self.gone(&job); Vec::new() }
                     Ok(Some(Seen::Relist)) => {
                         if let Ok(mut a) = self.active.lock() { a.clear(); }
@@ -531,6 +585,42 @@ mod tests {
     fn waiting(reason: &str) -> serde_json::Value {
         json!({"containerStatuses": [{"name": "prefect-job", "ready": false, "restartCount": 0,
             "image": "x", "imageID": "", "state": {"waiting": {"reason": reason, "message": "Back-off pulling image \"x\""}}}]})
+    }
+
+    #[test]
+    fn a_failed_job_s_pod_says_why() {
+        let ended = |reason: &str, code: i32| {
+            pod(
+                1,
+                json!({"containerStatuses": [{"name": "prefect-job", "ready": false,
+                "restartCount": 0, "image": "x", "imageID": "",
+                "state": {"terminated": {"reason": reason, "exitCode": code}}}]}),
+            )
+        };
+        assert_eq!(
+            pod_termination(&[ended("OOMKilled", 137)]).as_deref(),
+            Some("container prefect-job: OOMKilled, exit code 137")
+        );
+        assert_eq!(
+            pod_termination(&[ended("Error", 3)]).as_deref(),
+            Some("container prefect-job: Error, exit code 3")
+        );
+        assert_eq!(pod_termination(&[ended("Completed", 0)]), None);
+        assert_eq!(pod_termination(&[]), None);
+        // The cause is added to a failure, never to a success.
+        let observer = JobObserver::new(Duration::from_secs(1));
+        let failed = job(json!([{"type": "Failed", "status": "True",
+            "reason": "BackoffLimitExceeded", "message": "Job has reached the specified backoff limit"}]));
+        let mut exit = observer.wait_for("n", "j");
+        observer.observe_with_cause(
+            &failed,
+            Some("container prefect-job: Error, exit code 3".into()),
+        );
+        assert_eq!(
+            exit.try_recv().unwrap().description,
+            "the Job failed (BackoffLimitExceeded): Job has reached the specified backoff limit; \
+             container prefect-job: Error, exit code 3"
+        );
     }
 
     #[test]
