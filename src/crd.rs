@@ -134,6 +134,20 @@ pub enum PullPolicy {
     Never,
 }
 
+/// What the operator adds to flow-run pods that set no security context themselves.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum SecurityProfile {
+    /// Nothing: the pod runs as its image says, as with Prefect's own worker (Prefect's
+    /// official image runs as root in a root-owned working directory).
+    #[default]
+    Prefect,
+    /// The "restricted" Pod Security Standard: uid/gid 1000, non-root, no privilege
+    /// escalation, no capabilities, RuntimeDefault seccomp; HOME and the working directory
+    /// on an emptyDir, so that Prefect's image and pull steps that write still run.
+    Restricted,
+}
+
 /// What every flow run's Job gets unless Prefect's job variables say otherwise.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -173,6 +187,11 @@ pub struct JobSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub ttl_seconds_after_finished: Option<i32>,
+    /// `prefect` (default): pods run as their image says, as with Prefect's worker;
+    /// `restricted`: the restricted Pod Security Standard, with a writable HOME and
+    /// working directory. A template's or `podTemplate`'s own security context wins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security_profile: Option<SecurityProfile>,
     /// Applied last, over the built Job's pod template (strategic-merge style).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "free_form_object")]

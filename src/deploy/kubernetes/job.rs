@@ -17,7 +17,7 @@ use super::template::apply_values;
 use crate::backend::prefect3::template_defaults;
 use crate::backend::references::{ReferenceError, References};
 use crate::backend::{EnvValue, FlowRun};
-use crate::crd::{JobSpec, PullPolicy, SecretKeyRef};
+use crate::crd::{JobSpec, PullPolicy, SecretKeyRef, SecurityProfile};
 
 /// Prefect's standard Kubernetes base job template (prefect-kubernetes 0.8.0), used when
 /// the pool has none; `--create-pool` sends it too.
@@ -118,8 +118,10 @@ pub fn build_job(input: &JobInputs<'_>) -> Result<Job, JobBuildError> {
         serde_json::from_value(job).map_err(|e| JobBuildError::Invalid(e.to_string()))?;
 
     fill_from_resource(&mut job, input.defaults);
-    restrict_by_default(&mut job);
     fix_identity(&mut job, input)?;
+    if input.defaults.security_profile == Some(SecurityProfile::Restricted) {
+        restrict(&mut job);
+    }
     let mut value =
         serde_json::to_value(&job).map_err(|e| JobBuildError::Invalid(e.to_string()))?;
     if let (Some(overrides), Some(pod)) = (
@@ -132,24 +134,34 @@ pub fn build_job(input: &JobInputs<'_>) -> Result<Job, JobBuildError> {
         .map_err(|e| JobBuildError::Invalid(format!("after podTemplate: {e}")))
 }
 
-/// The user flow pods run as when neither the template nor the resource says.
-pub const DEFAULT_RUN_AS_USER: i64 = 1000;
+/// The user pods of the `restricted` profile run as when the template does not say.
+pub const RESTRICTED_USER: i64 = 1000;
 
-/// Gives pods and containers that have no security context the "restricted" Pod Security
-/// Standard's: non-root, no privilege escalation, no capabilities, RuntimeDefault seccomp.
+/// Where the `restricted` profile's writable emptyDir is mounted: HOME and the working
+/// directory (beside Prefect's image's root-owned `/opt/prefect`, whose entrypoint it
+/// must not hide).
+pub const RESTRICTED_WORKDIR: &str = "/opt/prefect/work";
+
+/// The `restricted` profile: pods and containers that have no security context get the
+/// "restricted" Pod Security Standard's (non-root uid/gid 1000, no privilege escalation,
+/// no capabilities, RuntimeDefault seccomp), and containers without a working directory
+/// get HOME and their working directory on an emptyDir, since a uid other than the
+/// image's cannot write where Prefect's image puts them (what real pods showed).
 /// A template's or `podTemplate`'s own security context wins.
-fn restrict_by_default(job: &mut Job) {
+fn restrict(job: &mut Job) {
     use k8s_openapi::api::core::v1::{
-        Capabilities, PodSecurityContext, SeccompProfile, SecurityContext,
+        Capabilities, EmptyDirVolumeSource, EnvVar, PodSecurityContext, SeccompProfile,
+        SecurityContext, Volume, VolumeMount,
     };
+    const VOLUME: &str = "prefect-workdir";
     let Some(pod) = job.spec.as_mut().and_then(|s| s.template.spec.as_mut()) else {
         return;
     };
     if pod.security_context.is_none() {
         pod.security_context = Some(PodSecurityContext {
             run_as_non_root: Some(true),
-            run_as_user: Some(DEFAULT_RUN_AS_USER),
-            run_as_group: Some(DEFAULT_RUN_AS_USER),
+            run_as_user: Some(RESTRICTED_USER),
+            run_as_group: Some(RESTRICTED_USER),
             seccomp_profile: Some(SeccompProfile {
                 type_: "RuntimeDefault".into(),
                 ..SeccompProfile::default()
@@ -157,6 +169,7 @@ fn restrict_by_default(job: &mut Job) {
             ..PodSecurityContext::default()
         });
     }
+    let mut needs_volume = false;
     for c in pod
         .containers
         .iter_mut()
@@ -172,6 +185,32 @@ fn restrict_by_default(job: &mut Job) {
                 ..SecurityContext::default()
             });
         }
+        if c.working_dir.is_none() {
+            needs_volume = true;
+            c.working_dir = Some(RESTRICTED_WORKDIR.into());
+            c.volume_mounts
+                .get_or_insert_with(Vec::new)
+                .push(VolumeMount {
+                    name: VOLUME.into(),
+                    mount_path: RESTRICTED_WORKDIR.into(),
+                    ..VolumeMount::default()
+                });
+            let env = c.env.get_or_insert_with(Vec::new);
+            if !env.iter().any(|e| e.name == "HOME") {
+                env.push(EnvVar {
+                    name: "HOME".into(),
+                    value: Some(RESTRICTED_WORKDIR.into()),
+                    ..EnvVar::default()
+                });
+            }
+        }
+    }
+    if needs_volume {
+        pod.volumes.get_or_insert_with(Vec::new).push(Volume {
+            name: VOLUME.into(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Volume::default()
+        });
     }
 }
 
@@ -670,9 +709,21 @@ mod tests {
         assert_eq!(sigterm["value"], "reschedule");
     }
 
+    /// The default adds nothing, as Prefect's worker: the image decides the user.
     #[test]
-    fn pods_are_restricted_unless_the_template_or_resource_says_otherwise() {
-        let job = build(json!({}), JobSpec::default(), None).unwrap();
+    fn pods_run_as_their_image_says_by_default() {
+        let v = serde_json::to_value(build(json!({}), JobSpec::default(), None).unwrap()).unwrap();
+        let pod = &v["spec"]["template"]["spec"];
+        assert!(pod.get("securityContext").is_none(), "{pod}");
+        assert!(pod["containers"][0].get("securityContext").is_none());
+        assert!(pod.get("volumes").is_none());
+    }
+
+    #[test]
+    fn the_restricted_profile_gives_a_writable_home_and_working_directory() {
+        let restricted: JobSpec =
+            serde_json::from_value(json!({"securityProfile": "restricted"})).unwrap();
+        let job = build(json!({}), restricted.clone(), None).unwrap();
         let v = serde_json::to_value(&job).unwrap();
         let pod = &v["spec"]["template"]["spec"];
         assert_eq!(
@@ -680,31 +731,53 @@ mod tests {
             json!({"runAsNonRoot": true, "runAsUser": 1000, "runAsGroup": 1000,
                    "seccompProfile": {"type": "RuntimeDefault"}})
         );
+        let c = &pod["containers"][0];
         assert_eq!(
-            pod["containers"][0]["securityContext"],
+            c["securityContext"],
             json!({"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}})
         );
+        assert_eq!(c["workingDir"], RESTRICTED_WORKDIR);
+        assert_eq!(
+            c["volumeMounts"],
+            json!([{"name": "prefect-workdir", "mountPath": RESTRICTED_WORKDIR}])
+        );
+        assert_eq!(
+            pod["volumes"],
+            json!([{"name": "prefect-workdir", "emptyDir": {}}])
+        );
+        let home: Vec<_> = c["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["name"] == "HOME")
+            .collect();
+        assert_eq!(
+            home,
+            vec![&json!({"name": "HOME", "value": RESTRICTED_WORKDIR})]
+        );
+
         // An image that must run as root: the resource says so in podTemplate.
-        let defaults: JobSpec = serde_json::from_value(json!({"podTemplate": {"spec": {
-            "securityContext": {"runAsNonRoot": false, "runAsUser": 0}}}}))
-        .unwrap();
+        let mut defaults = restricted.clone();
+        defaults.pod_template = Some(json!({"spec": {
+            "securityContext": {"runAsNonRoot": false, "runAsUser": 0}}}));
         let v = serde_json::to_value(build(json!({}), defaults, None).unwrap()).unwrap();
         let sc = &v["spec"]["template"]["spec"]["securityContext"];
         assert_eq!(
             (&sc["runAsNonRoot"], &sc["runAsUser"]),
             (&json!(false), &json!(0))
         );
-        // A pool template that sets its own keeps it whole.
+        // A pool template that sets its own keeps it whole, and its own working directory
+        // and HOME are left alone.
         let mut template = standard_base_job_template().clone();
-        template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["securityContext"] =
-            json!({"fsGroup": 2000});
+        let spec = &mut template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"];
+        spec["securityContext"] = json!({"fsGroup": 2000});
+        spec["containers"][0]["workingDir"] = json!("/work");
         let v =
-            serde_json::to_value(build(json!({}), JobSpec::default(), Some(&template)).unwrap())
-                .unwrap();
-        assert_eq!(
-            v["spec"]["template"]["spec"]["securityContext"],
-            json!({"fsGroup": 2000})
-        );
+            serde_json::to_value(build(json!({}), restricted, Some(&template)).unwrap()).unwrap();
+        let pod = &v["spec"]["template"]["spec"];
+        assert_eq!(pod["securityContext"], json!({"fsGroup": 2000}));
+        assert_eq!(pod["containers"][0]["workingDir"], "/work");
+        assert!(pod.get("volumes").is_none());
     }
 
     /// Pool defaults < the resource's `job` section < the deployment's and run's variables.
