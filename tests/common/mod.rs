@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod node;
 pub mod prefect1;
 
 use std::io::{Read, Write};
@@ -88,12 +89,17 @@ impl PrefectServer {
     }
 
     fn start(extra_env: &[(&str, &str)]) -> PrefectServer {
+        Self::start_on("127.0.0.1", extra_env)
+    }
+
+    /// A server of its own listening on `host` (e.g. the address pods reach the host at).
+    pub fn start_on(host: &str, extra_env: &[(&str, &str)]) -> PrefectServer {
         let port = free_port();
         let home = prefect_home();
-        spawn_tied_to_test_process(server_command(port, &home, extra_env));
-        wait_healthy(port, &home);
+        spawn_tied_to_test_process(server_command(host, port, &home, extra_env));
+        wait_healthy(host, port, &home);
         PrefectServer {
-            url: format!("http://127.0.0.1:{port}/api"),
+            url: format!("http://{host}:{port}/api"),
             home,
         }
     }
@@ -114,7 +120,7 @@ fn prefect_home() -> PathBuf {
 
 /// `prefect server start` on `port` with its database under `home`, logging to
 /// `home/server.log`.
-fn server_command(port: u16, home: &Path, extra_env: &[(&str, &str)]) -> Command {
+fn server_command(host: &str, port: u16, home: &Path, extra_env: &[(&str, &str)]) -> Command {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -125,7 +131,7 @@ fn server_command(port: u16, home: &Path, extra_env: &[(&str, &str)]) -> Command
         "server",
         "start",
         "--host",
-        "127.0.0.1",
+        host,
         "--port",
         &port.to_string(),
     ])
@@ -143,9 +149,9 @@ fn server_command(port: u16, home: &Path, extra_env: &[(&str, &str)]) -> Command
     cmd
 }
 
-fn wait_healthy(port: u16, home: &Path) {
+fn wait_healthy(host: &str, port: u16, home: &Path) {
     let deadline = Instant::now() + Duration::from_secs(120);
-    while !http_get_ok(port, "/api/health") {
+    while !http_get_ok_at(host, port, "/api/health") {
         assert!(
             Instant::now() < deadline,
             "prefect server did not become healthy; see {}",
@@ -191,11 +197,11 @@ impl RestartablePrefect {
         let (port, home) = (self.port, self.home.clone());
         let child = tokio::task::spawn_blocking(move || {
             use std::os::unix::process::CommandExt;
-            let mut cmd = server_command(port, &home, &[]);
+            let mut cmd = server_command("127.0.0.1", port, &home, &[]);
             // Its own process group, so that a kill takes everything it started.
             cmd.process_group(0);
             let child = cmd.spawn().expect("spawn prefect server");
-            wait_healthy(port, &home);
+            wait_healthy("127.0.0.1", port, &home);
             child
         })
         .await
@@ -242,11 +248,16 @@ pub fn spawn_tied_to_test_process(mut cmd: Command) {
 
 /// A plain HTTP/1.0 GET, answering whether the status was 2xx (no runtime needed).
 pub(crate) fn http_get_ok(port: u16, path: &str) -> bool {
-    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+    http_get_ok_at("127.0.0.1", port, path)
+}
+
+/// The same against `host`.
+pub(crate) fn http_get_ok_at(host: &str, port: u16, path: &str) -> bool {
+    let Ok(mut s) = TcpStream::connect((host, port)) else {
         return false;
     };
     let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    if write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").is_err() {
+    if write!(s, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").is_err() {
         return false;
     }
     let mut buf = String::new();
