@@ -1,20 +1,28 @@
-"""Quick start, operator path: a local Prefect server and a local kube-apiserver; the
-operator runs a PrefectAgent resource; its run becomes a Job; the dev job runner (no
-kubelet here) executes the Job's command; the run is COMPLETED; `kubectl get pfa` shows it.
+"""Quick start, operator path: a one-node cluster on this machine (scripts/cluster.sh:
+kube-apiserver, scheduler, kubelet, containerd) and a local Prefect server; the operator
+runs a PrefectAgent; its flow run becomes a Job whose pod pulls the flow's code with
+Prefect's git_clone step and runs it in the Prefect image built here; the run is COMPLETED;
+`kubectl get pods`, the pod's logs and `kubectl get pfa` show it.
 
-Run through scripts/quickstart.sh, which installs Prefect and the API server and builds
-the binary.
+Where this machine cannot run a node (scripts/cluster.sh check says why), the API server
+runs alone and the dev job runner executes each Job's command as a local process instead.
+
+Run through scripts/quickstart.sh, which installs Prefect, the cluster and the images and
+builds the binary.
 """
 
 import json
 import os
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
-from qs_common import REPO, VENV, call, clean_env, deploy_hello, free_port, follow_run, print_logs, start_prefect_server, step, stop
+from qs_common import (REPO, VENV, call, clean_env, deploy_hello, follow_run, free_port, print_logs,
+                       serve_flows_repo, start_prefect_server, step, stop)
 
 BIN = Path(os.environ["PAO_AGENT_BIN"])
+REAL_NODE = os.environ.get("PAO_QUICKSTART_NODE") == "1"
 POOL = "quickstart-k8s"
 
 AGENT_YAML = """\
@@ -40,29 +48,55 @@ def kubectl(kubeconfig: Path, *args: str, check: bool = True) -> str:
     return out.stdout
 
 
+def wait(what: str, cond, timeout: float = 60) -> None:
+    import time
+    deadline = time.time() + timeout
+    while not cond():
+        if time.time() > deadline:
+            raise SystemExit(f"timed out waiting for {what}")
+        time.sleep(0.3)
+
+
 def main() -> None:
     kube_dir = Path(tempfile.mkdtemp(prefix="pao-quickstart-kube-"))
-    server, api, _ = start_prefect_server()
-    operator = runner = None
+    server = operator = runner = daemon = None
+    cluster = ["bash", str(REPO / "scripts/cluster.sh")]
     try:
-        step(f"Starting kube-apiserver + etcd on loopback ({kube_dir})")
-        subprocess.run(["bash", str(REPO / "scripts/kube-apiserver.sh"), "start", str(kube_dir)],
-                       check=True, stdout=subprocess.DEVNULL)
+        if REAL_NODE:
+            step(f"Starting a one-node cluster: API server, scheduler, containerd, kubelet ({kube_dir})")
+            subprocess.run(cluster + ["start", str(kube_dir)], check=True, stdout=subprocess.DEVNULL)
+            step("Importing the Prefect 3 image built here into the node")
+            subprocess.run(cluster + ["load", str(kube_dir), "flow"], check=True)
+            env_file = dict(line.split("=", 1) for line in (kube_dir / "env").read_text().split())
+            host = env_file["PAO_NODE_HOST_IP"]  # the host as pods see it
+            image = subprocess.run(["bash", str(REPO / "scripts/images.sh"), "ref", "flow"],
+                                   capture_output=True, text=True, check=True).stdout.strip()
+        else:
+            step(f"Starting kube-apiserver + etcd on loopback ({kube_dir}); no node can run here")
+            subprocess.run(["bash", str(REPO / "scripts/kube-apiserver.sh"), "start", str(kube_dir)],
+                           check=True, stdout=subprocess.DEVNULL)
+            host = "127.0.0.1"
+        server, api, _ = start_prefect_server(host)
         kubeconfig = kube_dir / "kubeconfig"
         env = dict(clean_env(), KUBECONFIG=str(kubeconfig), PATH=f"{VENV}/bin:" + os.environ.get("PATH", ""))
 
         template = json.loads((REPO / "src/deploy/kubernetes/default-base-job-template.json").read_text())
-        dep = deploy_hello(api, POOL, "kubernetes", template)
+        if REAL_NODE:
+            daemon, repo = serve_flows_repo(host)
+            print(f"examples/flows is served at {repo}; the pod clones it (Prefect's git_clone step)")
+            dep = deploy_hello(api, POOL, "kubernetes", template,
+                               pull_steps=[{"prefect.deployments.steps.git_clone": {"repository": repo}}],
+                               job_variables={"image": image})
+        else:
+            dep = deploy_hello(api, POOL, "kubernetes", template)
 
-        step("Starting the operator (it installs its CRD) and the dev job runner")
+        step("Starting the operator (it installs its CRD)" + ("" if REAL_NODE else " and the dev job runner"))
         health = f"127.0.0.1:{free_port()}"
-        operator = subprocess.Popen([str(BIN), "operator", "--install-crd", "--health-address", health],
-                                    env=env)
-        runner = subprocess.Popen([str(BIN), "dev-runner"], env=env)
-        for _ in range(100):
-            if "prefectagents.prefect.io" in kubectl(kubeconfig, "get", "crd", check=False):
-                break
-            subprocess.run(["sleep", "0.2"])
+        operator = subprocess.Popen([str(BIN), "operator", "--install-crd", "--health-address", health], env=env)
+        if not REAL_NODE:
+            print("(the dev job runner plays the kubelet: it runs each Job's command as a local process)")
+            runner = subprocess.Popen([str(BIN), "dev-runner"], env=env)
+        wait("the CRD", lambda: "prefectagents.prefect.io" in kubectl(kubeconfig, "get", "crd", check=False))
         kubectl(kubeconfig, "wait", "--for=condition=Established", "crd/prefectagents.prefect.io", "--timeout=60s")
 
         step("kubectl apply -f - <<EOF (a PrefectAgent)")
@@ -75,29 +109,37 @@ def main() -> None:
         run = call(api, "POST", f"/deployments/{dep}/create_flow_run", {})
         print(f"flow run {run['name']} ({run['id']}) is {run['state']['type']}")
         state = follow_run(api, run)
-        subprocess.run(["sleep", "1"])  # the flow ships its last log lines just after its final state
+        # The flow ships its last log lines just after its final state.
+        wait("the flow's greeting in Prefect", lambda: state != "COMPLETED" or any(
+            "Hello" in line["message"] for line in call(api, "POST", "/logs/filter", {
+                "logs": {"flow_run_id": {"any_": [run["id"]]}}})), timeout=20)
         print_logs(api, run)
-        step("kubectl get jobs,pfa")
-        for _ in range(30):  # the dev runner writes the Job's status when the process exits
-            jobs = kubectl(kubeconfig, "get", "jobs")
-            if "1/1" in jobs:
-                break
-            subprocess.run(["sleep", "0.5"])
-        print(jobs)
-        for _ in range(30):  # the status is refreshed every few seconds
-            out = kubectl(kubeconfig, "get", "pfa")
-            if state != "COMPLETED" or out.split()[-2] != "0":
-                break
-            subprocess.run(["sleep", "1"])
-        print(out)
-        step(f"Result: flow run {run['name']} is {state}")
+        job = f"prefect-run-{run['id']}"
+        step("kubectl get jobs,pods")
+        wait("the Job to finish", lambda: "1/1" in kubectl(kubeconfig, "get", "job", job, check=False)
+             or state != "COMPLETED", timeout=30)
+        print(kubectl(kubeconfig, "get", "jobs,pods", "-o", "wide"))
+        if REAL_NODE:
+            step(f"kubectl logs job/{job}")
+            print(kubectl(kubeconfig, "logs", f"job/{job}", check=False))
+        step("kubectl get pfa")
+        # The status is refreshed every few seconds.
+        wait("the PrefectAgent's count", lambda: state != "COMPLETED" or kubectl(
+            kubeconfig, "get", "pfa", "quickstart", "-o", "jsonpath={.status.runsSubmitted}/{.status.activeJobs}")
+            == "1/0", timeout=60)
+        print(kubectl(kubeconfig, "get", "pfa"))
+        step(f"Result: flow run {run['name']} is {state}" + (" (in a real pod)" if REAL_NODE else " (dev job runner)"))
         if state != "COMPLETED":
-            raise SystemExit(1)
+            sys.exit(1)
     finally:
         stop(runner)
         stop(operator)
-        subprocess.run(["bash", str(REPO / "scripts/kube-apiserver.sh"), "stop", str(kube_dir)])
+        stop(daemon)
         stop(server)
+        if REAL_NODE:
+            subprocess.run(cluster + ["stop", str(kube_dir)])
+        else:
+            subprocess.run(["bash", str(REPO / "scripts/kube-apiserver.sh"), "stop", str(kube_dir)])
 
 
 if __name__ == "__main__":
