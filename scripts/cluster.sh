@@ -99,6 +99,11 @@ start() {
   install
   if [ -f "$STATE" ]; then
     local other; other="$(cat "$STATE")"
+    # A node being stopped (e.g. by the previous test binary) is waited for.
+    wait_until 60 bash -c "[ ! -f '$STATE' ] || { [ ! -f '$other/stopping' ] && p=\$(cat '$other/kubelet.pid' 2>/dev/null); { [ -z \"\$p\" ] || ! kill -0 \"\$p\"; }; }" || true
+  fi
+  if [ -f "$STATE" ]; then
+    local other; other="$(cat "$STATE")"
     if [ -f "$other/kubelet.pid" ] && kill -0 "$(cat "$other/kubelet.pid")" 2>/dev/null; then
       die "a node already runs here (started in $other); stop it first: scripts/cluster.sh stop $other"
     fi
@@ -122,7 +127,7 @@ start() {
   ip addr replace "$HOST_IP/${SUBNET#*/}" dev "$BRIDGE"
   ip link set "$BRIDGE" up
 
-  PAO_APISERVER_ADDRESS="$HOST_IP" PAO_CONTROLLERS="nodelifecycle,podgc" \
+  PAO_APISERVER_ADDRESS="$HOST_IP" PAO_CONTROLLERS="nodelifecycle,podgc,deployment,replicaset,endpoint,endpointslice,disruption" \
     bash scripts/kube-apiserver.sh start "$dir" --controller-manager >/dev/null
   local api_port; api_port="$(sed 's/.*://' "$dir/apiserver.url")"
   # kube-proxy's one job here: the `kubernetes` Service's address reaches the API server.
@@ -228,6 +233,7 @@ kill_pidfile() { # dir name...
 stop() {
   local dir="$1"
   dir="$(cd "$dir" 2>/dev/null && pwd)" || { log "nothing to stop in $1"; return 0; }
+  touch "$dir/stopping"
   kill_pidfile "$dir" kubelet scheduler
   # Every container and sandbox goes, then containerd and its shims.
   if [ -S "$dir/containerd/containerd.sock" ]; then
@@ -274,6 +280,7 @@ stop() {
   # Container filesystems are big; the logs stay for a look.
   rm -rf "$dir/containerd/root" "$dir/containerd/state" "$dir/kubelet"
   [ "$(cat "$STATE" 2>/dev/null)" != "$dir" ] || rm -f "$STATE"
+  rm -f "$dir/stopping"
 }
 
 run() {

@@ -12,8 +12,9 @@
 #              root, no USER, WORKDIR /opt/prefect owned by root, `prefect` on PATH,
 #              ENTRYPOINT tini -g -- /opt/prefect/entrypoint.sh (EXTRA_PIP_PACKAGES, then exec)
 #   prefect1   the same layout with Prefect 1.4.1 (`prefect execute flow-run`)
-#   operator   target/release/prefect-agent-operator in a minimal image: the binary, the
-#              libraries it links, CA roots; user 65532, the Dockerfile's entrypoint
+#   operator   target/release/prefect-agent-operator (or $PAO_OPERATOR_BINARY, e.g. the
+#              tests' debug build) in a minimal image: the binary, the libraries it links,
+#              CA roots; user 65532, the Dockerfile's entrypoint
 #   pause      the pod sandbox: a static binary that waits for a signal and reaps children
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -144,9 +145,12 @@ SH
 
 operator_image() {
   local out; out="$(tar_path operator)"
-  local bin=target/release/prefect-agent-operator
-  log "operator: cargo build --release"
-  cargo build --release --quiet --bin prefect-agent-operator >&2
+  local bin="${PAO_OPERATOR_BINARY:-}"
+  if [ -z "$bin" ]; then
+    bin=target/release/prefect-agent-operator
+    log "operator: cargo build --release"
+    cargo build --release --quiet --bin prefect-agent-operator >&2
+  fi
   # Rebuilt whenever the binary changed.
   local sum; sum="$(sha256sum "$bin" | cut -c1-16)"
   if [ -f "$out" ] && [ "$(cat "$out.binary" 2>/dev/null)" = "$sum" ]; then return; fi

@@ -652,6 +652,19 @@ impl PrefectAgent {
             self.name_any()
         );
         ctx.supervisor.stop(&key);
+        // Its finished Jobs go with it; a failure leaves them to their TTL.
+        let own = self.namespace().unwrap_or_default();
+        let namespace = self.spec.job.namespace.clone().unwrap_or(own.clone());
+        let label = agent_label(&own, &self.name_any());
+        match crate::deploy::kubernetes::delete_finished_jobs(&ctx.client, &namespace, &label).await
+        {
+            Ok(n) => {
+                tracing::info!(resource = %key, deleted = n, "deleted the finished Jobs of a removed PrefectAgent")
+            }
+            Err(e) => {
+                tracing::warn!(resource = %key, error = %e, "could not delete the finished Jobs of a removed PrefectAgent; their TTL will")
+            }
+        }
         Ok(Action::await_change())
     }
 }

@@ -1,6 +1,8 @@
 //! The operator's own HTTP endpoints, for probes and Prometheus:
 //! `GET /healthz` (the process serves), `GET /readyz` (leading, synced with Kubernetes
-//! and the Kubernetes API reachable; a standby replica is healthy but not ready) and
+//! and the Kubernetes API reachable; a standby replica is healthy but not ready;
+//! `/readyz?standby=ok` also accepts a standby that reaches Kubernetes, which is what the
+//! chart's readiness probe asks, so that rolling updates of several replicas finish) and
 //! `GET /metrics` (each agent's counters, labelled `agent="namespace/name"`).
 
 use std::fmt::Write as _;
@@ -31,6 +33,12 @@ impl Readiness {
         self.leading.load(Ordering::Relaxed)
             && self.synced.load(Ordering::Relaxed)
             && self.api_reachable.load(Ordering::Relaxed)
+    }
+
+    /// Ready to take over: a standby that reaches Kubernetes (or a ready leader).
+    pub fn is_ready_or_standing_by(&self) -> bool {
+        self.is_ready()
+            || (!self.leading.load(Ordering::Relaxed) && self.api_reachable.load(Ordering::Relaxed))
     }
 
     /// Why not ready, for the probe's body.
@@ -208,8 +216,23 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
-async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
-    let status = if state.readiness.is_ready() {
+/// `?standby=ok` on `/readyz`.
+#[derive(Debug, Default, serde::Deserialize)]
+struct ReadyzQuery {
+    standby: Option<String>,
+}
+
+async fn readyz(
+    State(state): State<AppState>,
+    axum::extract::Query(query): axum::extract::Query<ReadyzQuery>,
+) -> impl IntoResponse {
+    let standby_ok = query.standby.as_deref() == Some("ok");
+    let ready = if standby_ok {
+        state.readiness.is_ready_or_standing_by()
+    } else {
+        state.readiness.is_ready()
+    };
+    let status = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -304,5 +327,18 @@ mod tests {
         assert_eq!(r.reason(), "not synced with Kubernetes yet");
         r.synced.store(true, Ordering::Relaxed);
         assert!(r.is_ready());
+    }
+
+    #[test]
+    fn a_standby_that_reaches_kubernetes_stands_by() {
+        let r = Readiness::default();
+        assert!(!r.is_ready_or_standing_by(), "not connected yet");
+        r.api_reachable.store(true, Ordering::Relaxed);
+        assert!(!r.is_ready() && r.is_ready_or_standing_by());
+        // A leader still syncing is not ready in either sense.
+        r.leading.store(true, Ordering::Relaxed);
+        assert!(!r.is_ready_or_standing_by());
+        r.synced.store(true, Ordering::Relaxed);
+        assert!(r.is_ready_or_standing_by());
     }
 }

@@ -132,6 +132,30 @@ impl KubeApiServer {
         assert!(out.contains("condition met"), "{out}");
     }
 
+    /// `kubectl wait --for=condition=Ready pfa/<name>` for an operator running elsewhere
+    /// (e.g. as a pod).
+    pub async fn wait_ready_for(&self, namespace: &str, name: &str) {
+        let resource = format!("pfa/{name}");
+        let (ok, out) = self
+            .kubectl(&[
+                "wait",
+                "-n",
+                namespace,
+                "--for=condition=Ready",
+                &resource,
+                "--timeout=120s",
+            ])
+            .await;
+        let (_, status) = self
+            .kubectl(&["get", "-n", namespace, &resource, "-o", "yaml"])
+            .await;
+        assert!(
+            ok && out.contains("condition met"),
+            "kubectl wait: {out}
+{status}"
+        );
+    }
+
     /// An admin client from the kubeconfig the script wrote.
     pub async fn client(&self) -> Client {
         prefect_agent_operator::install_crypto_provider();

@@ -98,6 +98,41 @@ impl Node {
         );
     }
 
+    /// Imports the operator image built from `binary` (scripts/images.sh `operator`), also
+    /// under `published` (a fully qualified reference, e.g. the chart's default image).
+    pub async fn load_operator(&self, binary: &str, published: &str) {
+        let out = tokio::process::Command::new("bash")
+            .arg(repo().join("scripts/cluster.sh"))
+            .arg("load")
+            .arg(&self.kube.dir)
+            .arg("operator")
+            .env("PAO_OPERATOR_BINARY", binary)
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .expect("run scripts/cluster.sh load");
+        assert!(
+            out.status.success(),
+            "cluster.sh load operator: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let sock = self.kube.dir.join("containerd/containerd.sock");
+        let out = tokio::process::Command::new("ctr")
+            .arg("-a")
+            .arg(&sock)
+            .args(["-n", "k8s.io", "images", "tag", "--force"])
+            .arg(image("operator"))
+            .arg(published)
+            .output()
+            .await
+            .expect("run ctr images tag");
+        assert!(
+            out.status.success(),
+            "ctr images tag: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// The logs of a Job's pod (`kubectl logs job/NAME`).
     pub async fn job_logs(&self, namespace: &str, job: &str) -> String {
         self.kube

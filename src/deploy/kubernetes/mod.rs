@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use k8s_openapi::api::batch::v1::Job;
 use kube::api::{DeleteParams, PostParams, PropagationPolicy};
-use kube::{Api, Client};
+use kube::{Api, Client, ResourceExt};
 
 use super::{DeployError, Deployer, Launch, Launched, Stopped};
 use crate::backend::FlowRun;
@@ -123,6 +123,38 @@ impl Deployer for KubernetesDeployer {
             Err(e) => Err(DeployError::Stop(e.to_string())),
         }
     }
+}
+
+/// Deletes the finished Jobs of the agent with this `prefect.io/agent` label in
+/// `namespace` (when its resource goes, so that nothing of it stays behind); Jobs still
+/// running are left to finish, and their TTL removes them. Returns how many went.
+pub async fn delete_finished_jobs(
+    client: &Client,
+    namespace: &str,
+    agent: &str,
+) -> Result<usize, kube::Error> {
+    let jobs: Api<Job> = Api::namespaced(client.clone(), namespace);
+    let selector = format!("{}={agent}", job::labels::AGENT);
+    let params = DeleteParams {
+        propagation_policy: Some(PropagationPolicy::Background),
+        ..DeleteParams::default()
+    };
+    let mut deleted = 0;
+    for found in jobs
+        .list(&kube::api::ListParams::default().labels(&selector))
+        .await?
+        .items
+    {
+        if crate::observe::job_outcome(&found).is_none() {
+            continue;
+        }
+        match jobs.delete(&found.name_any(), &params).await {
+            Ok(_) => deleted += 1,
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(deleted)
 }
 
 /// A refused create is final (invalid, forbidden, no such namespace); an unanswered or
