@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one test command: formatting, lints, unit tests, and integration tests against a
 # real Prefect server and Helm's engine (a cached venv from scripts/setup-prefect.sh),
-# a real kube-apiserver (scripts/kube-apiserver.sh) and Lua 5.1 (Debian's lua5.1).
+# a real kube-apiserver (scripts/kube-apiserver.sh), a real one-node cluster with images
+# built here (scripts/cluster.sh, scripts/images.sh) and Lua 5.1 (Debian's lua5.1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,8 +13,12 @@ PAO_PREFECT_VENV="$(bash scripts/setup-prefect.sh)"
 export PAO_PREFECT_VENV
 echo "using $PAO_PREFECT_VENV"
 
-echo "==> kube-apiserver + etcd (built from Debian sources once, cached)"
+echo "==> kube-apiserver, etcd, kubelet, kube-scheduler (built from Debian sources once, cached)"
 bash scripts/kube-apiserver.sh install
+
+echo "==> one-node cluster: containerd, CNI, the Prefect image (built once, cached)"
+bash scripts/cluster.sh install
+bash scripts/images.sh build flow
 
 echo "==> lua5.1 (runs the Argo CD health check)"
 if ! command -v lua5.1 >/dev/null; then
