@@ -163,7 +163,7 @@ class ServerCpu:
 
 
 class Prefect:
-    def __init__(self, venv):
+    def __init__(self, venv, host="127.0.0.1"):
         self.port = free_port()
         self.home = Path(tempfile.mkdtemp(prefix="pao-bench-prefect-"))
         # The late-runs service off: it rewrites every waiting run of a burst as Late and
@@ -171,9 +171,9 @@ class Prefect:
         env = dict(os.environ, PREFECT_HOME=str(self.home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                    PREFECT_SERVER_UI_ENABLED="false", PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED="false")
         env.pop("PREFECT_API_URL", None)
-        self.proc = Proc([f"{venv}/bin/prefect", "server", "start", "--host", "127.0.0.1",
+        self.proc = Proc([f"{venv}/bin/prefect", "server", "start", "--host", host,
                           "--port", str(self.port)], env=env, log_path=str(self.home / "server.log"))
-        self.url = f"http://127.0.0.1:{self.port}/api"
+        self.url = f"http://{host}:{self.port}/api"
         self.http = httpx.Client(base_url=self.url, timeout=60)
 
         def healthy():

@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # The benchmark in one command: this operator against Prefect's official Kubernetes worker
-# on a real Prefect server and the real test API server. Prints the table and writes
-# bench/results/results.{json,md,png}. Extra flags go to bench.py (--help lists them).
+# on a real Prefect server and the real test API server (bench/bench.py), then end to end
+# on the real one-node cluster (bench/e2e.py). Prints the tables and writes
+# bench/results/results.{json,md,png} and e2e.{json,md}. Extra flags go to bench.py
+# (--help lists them); with flags, the end-to-end part is left out (bench/e2e.sh runs it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="$(bash bench/setup.sh)"
 bash scripts/kube-apiserver.sh install >/dev/null
 cargo build --release --quiet
-exec "$VENV/bin/python" bench/bench.py --venv "$VENV" "$@"
+"$VENV/bin/python" bench/bench.py --venv "$VENV" "$@"
+if [ "$#" -eq 0 ]; then
+  bash bench/e2e.sh
+fi

@@ -18,7 +18,7 @@ bash scripts/kube-apiserver.sh install
 
 echo "==> one-node cluster: containerd, CNI, the Prefect image (built once, cached)"
 bash scripts/cluster.sh install
-bash scripts/images.sh build flow
+bash scripts/images.sh build flow prefect1
 
 echo "==> lua5.1 (runs the Argo CD health check)"
 if ! command -v lua5.1 >/dev/null; then

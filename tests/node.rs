@@ -393,18 +393,21 @@ async fn an_operator_killed_while_pods_run_duplicates_nothing() {
     let mut w = World::new("kill").await;
     w.agent("etl", json!({})).await;
     let dep = w.deployment("node_flows.py:sleepy", json!({})).await;
-    let set_seconds = json!({"parameters": {"seconds": 15}});
-    let mut runs = Vec::new();
-    for _ in 0..3 {
+    // Runs of 15 s.
+    let fifteen_seconds = || async {
         let run = w
             .api
             .call(
                 reqwest::Method::POST,
                 &format!("/deployments/{dep}/create_flow_run"),
-                Some(set_seconds.clone()),
+                Some(json!({"parameters": {"seconds": 15}})),
             )
             .await;
-        runs.push(run["id"].as_str().unwrap().to_string());
+        run["id"].as_str().unwrap().to_string()
+    };
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        runs.push(fifteen_seconds().await);
     }
     for run in &runs {
         w.wait_state(run, "RUNNING").await;
@@ -413,15 +416,7 @@ async fn an_operator_killed_while_pods_run_duplicates_nothing() {
     w.operator.wait_exit(Duration::from_secs(10)).await;
     // Runs created while no operator runs wait for the next one.
     for _ in 0..2 {
-        let run = w
-            .api
-            .call(
-                reqwest::Method::POST,
-                &format!("/deployments/{dep}/create_flow_run"),
-                Some(set_seconds.clone()),
-            )
-            .await;
-        runs.push(run["id"].as_str().unwrap().to_string());
+        runs.push(fifteen_seconds().await);
     }
     let mut cmd = operator_command(&w.node.kube.kubeconfig);
     cmd.args(["--namespace", &w.ns]).env("PAO_POD_GRACE", "15s");
@@ -530,5 +525,109 @@ async fn security_profiles_in_the_official_image_layout() {
             pod_log.contains(seen),
             "`{seen}` in the pod's log:\n{pod_log}"
         );
+    }
+}
+
+/// Prefect 1.4.1's own `prefect execute flow-run`, in the 1.4.1 image built here, against
+/// the fake Prefect 1 server: the run goes Submitted → Running → Success in a real pod.
+/// The flow comes from Prefect 1's `Webhook` storage (a script served from the host).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_prefect1_flow_runs_in_a_real_pod() {
+    let node = tokio::task::spawn_blocking(Node::shared)
+        .await
+        .expect("the node");
+    node.load(&["prefect1"]).await;
+    let server = common::prefect1::FakePrefect1::start_on(&node.host_ip, &[]).await;
+    // The flow's script over HTTP.
+    let dir = common::node::scratch("pao-p1-flow-");
+    std::fs::write(
+        dir.join("hello1.py"),
+        "from prefect import Flow\n\nflow = Flow(\"hello1\")\n",
+    )
+    .unwrap();
+    let port = free_port();
+    let mut http = std::process::Command::new(prefect_venv().join("bin/python"));
+    http.args([
+        "-m",
+        "http.server",
+        "--bind",
+        &node.host_ip,
+        &port.to_string(),
+        "--directory",
+    ])
+    .arg(&dir)
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null());
+    spawn_tied_to_test_process(http);
+    let host = node.host_ip.clone();
+    wait_for("the flow's HTTP server", Duration::from_secs(30), || {
+        let host = host.clone();
+        async move {
+            tokio::task::spawn_blocking(move || common::http_get_ok_at(&host, port, "/hello1.py"))
+                .await
+                .ok()?
+                .then_some(())
+        }
+    })
+    .await;
+
+    let client = node.kube.client().await;
+    common::cluster::install_crd(&client).await;
+    let ns = common::cluster::namespace(&client, "p1pod").await;
+    let mut cmd = operator_command(&node.kube.kubeconfig);
+    cmd.args(["--namespace", &ns]).env("PAO_POD_GRACE", "15s");
+    let operator = AgentProcess::start_with(cmd);
+    let agents: KubeApi<PrefectAgent> = KubeApi::namespaced(client.clone(), &ns);
+    let resource: PrefectAgent = serde_json::from_value(json!({
+        "apiVersion": "prefect.io/v1alpha1", "kind": "PrefectAgent",
+        "metadata": {"name": "legacy"},
+        "spec": {"api": {"flavor": "prefect1", "url": server.url},
+                 "labels": ["k8s"], "pollInterval": "1s"}
+    }))
+    .unwrap();
+    agents
+        .create(&PostParams::default(), &resource)
+        .await
+        .unwrap();
+    node.kube.wait_ready(&ns, "legacy", &operator).await;
+
+    let storage = json!({"type": "Webhook", "__version__": "1.4.1",
+        "flows": {"hello1": "hello1.py"}, "secrets": [],
+        "build_request_kwargs": {}, "build_request_http_method": "POST",
+        "get_flow_request_kwargs": {"url": format!("http://{}:{port}/hello1.py", node.host_ip)},
+        "get_flow_request_http_method": "GET", "stored_as_script": true});
+    let flow = server
+        .create_flow(json!({"name": "hello1", "core_version": "1.4.1", "storage": storage}))
+        .await;
+    let run = server
+        .create_run(json!({"flow_id": flow, "labels": ["k8s"], "run_config": {
+            "type": "KubernetesRun", "__version__": "1.4.1", "image": image("prefect1"),
+            // The fake server has no heartbeat mutation.
+            "env": {"PREFECT__CLOUD__HEARTBEAT_MODE": "off"}}}))
+        .await;
+    let deadline = std::time::Instant::now() + RUN_TIMEOUT;
+    loop {
+        let current = server.run(&run).await;
+        if current["state"] == "Success" {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            let job = prefect_agent_operator::deploy::kubernetes::job::job_name(&run);
+            panic!(
+                "run {run}: {current}\npod logs:\n{}\noperator:\n{}",
+                node.job_logs(&ns, &job).await,
+                operator.output()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let history: Vec<String> = server.run(&run).await["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["type"].as_str().unwrap_or_default().to_string())
+        .collect();
+    for state in ["Submitted", "Running", "Success"] {
+        assert!(history.iter().any(|h| h == state), "{state} in {history:?}");
     }
 }

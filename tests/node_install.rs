@@ -110,6 +110,15 @@ async fn a_flow_completes(node: &Node, api: &Api, pool: &str, repo: &FlowRepo, w
     }
 }
 
+/// `kubectl delete pfa --all`: each PrefectAgent's finalizer runs while the operator does.
+async fn delete_agents(node: &Node, namespace: &str) {
+    let (ok, out) = node
+        .kube
+        .kubectl(&["delete", "pfa", "--all", "-n", namespace, "--timeout=120s"])
+        .await;
+    assert!(ok, "{out}");
+}
+
 /// `kubectl wait --for=condition=complete` for every Job of `namespace`.
 async fn jobs_complete(node: &Node, namespace: &str) {
     let (ok, out) = node
@@ -283,11 +292,7 @@ async fn helm_and_kubectl_install_the_operator_as_a_pod_that_runs_flows() {
     // --- Uninstall as the README says: the PrefectAgents first, then the release (once
     // their runs' Jobs are done: a Job still running is left to finish).
     jobs_complete(node, &agents_ns).await;
-    let (ok, out) = node
-        .kube
-        .kubectl(&["delete", "pfa", "--all", "-n", &agents_ns, "--timeout=120s"])
-        .await;
-    assert!(ok, "{out}");
+    delete_agents(node, &agents_ns).await;
     helm(&["uninstall", &kubeconfig, "pao", release_ns]).await;
     nothing_left(node, &agents_ns).await;
 
@@ -333,11 +338,7 @@ async fn helm_and_kubectl_install_the_operator_as_a_pod_that_runs_flows() {
     node.kube.wait_ready_for(&agents_ns, "etl").await;
     a_flow_completes(node, &api, &pool, repo, "kubectl apply install.yaml").await;
     jobs_complete(node, &agents_ns).await;
-    let (ok, out) = node
-        .kube
-        .kubectl(&["delete", "pfa", "--all", "-n", &agents_ns, "--timeout=120s"])
-        .await;
-    assert!(ok, "{out}");
+    delete_agents(node, &agents_ns).await;
     let (ok, out) = node
         .kube
         .kubectl(&["delete", "-f", &install, "--timeout=120s"])

@@ -56,40 +56,7 @@ impl KubeApiServer {
     }
 
     fn start() -> KubeApiServer {
-        let script = repo().join("scripts/kube-apiserver.sh");
-        let install = Command::new("bash")
-            .arg(&script)
-            .arg("install")
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("run scripts/kube-apiserver.sh install");
-        assert!(
-            install.status.success(),
-            "scripts/kube-apiserver.sh install failed"
-        );
-        let dir = tempfile::Builder::new()
-            .prefix("pao-kube-")
-            .tempdir()
-            .expect("tempdir")
-            .keep();
-        let log = std::fs::File::create(dir.join("run.log")).expect("log");
-        let mut cmd = Command::new("bash");
-        cmd.arg(&script)
-            .arg("run")
-            .arg(&dir)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log);
-        spawn_tied_to_test_process(cmd);
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while !dir.join("ready").exists() {
-            assert!(
-                Instant::now() < deadline,
-                "the API server did not start; see {}",
-                dir.join("run.log").display()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let dir = run_in_background("kube-apiserver.sh", "pao-kube-", &[], 120);
         KubeApiServer {
             kubeconfig: dir.join("kubeconfig"),
             dir,
@@ -115,26 +82,18 @@ impl KubeApiServer {
     }
 
     /// `kubectl wait --for=condition=Ready pfa/<name>`, as a user runs it; panics with
-    /// kubectl's answer and the operator's log when it times out.
+    /// kubectl's answer, the resource and the operator's log when it times out.
     pub async fn wait_ready(&self, namespace: &str, name: &str, operator: &super::AgentProcess) {
-        let resource = format!("pfa/{name}");
-        let (ok, out) = self
-            .kubectl(&[
-                "wait",
-                "-n",
-                namespace,
-                "--for=condition=Ready",
-                &resource,
-                "--timeout=60s",
-            ])
+        self.wait_ready_with(namespace, name, &operator.output())
             .await;
-        assert!(ok, "kubectl wait: {out}\noperator:\n{}", operator.output());
-        assert!(out.contains("condition met"), "{out}");
     }
 
-    /// `kubectl wait --for=condition=Ready pfa/<name>` for an operator running elsewhere
-    /// (e.g. as a pod).
+    /// The same for an operator running elsewhere (e.g. as a pod).
     pub async fn wait_ready_for(&self, namespace: &str, name: &str) {
+        self.wait_ready_with(namespace, name, "").await;
+    }
+
+    async fn wait_ready_with(&self, namespace: &str, name: &str, operator_log: &str) {
         let resource = format!("pfa/{name}");
         let (ok, out) = self
             .kubectl(&[
@@ -146,14 +105,12 @@ impl KubeApiServer {
                 "--timeout=120s",
             ])
             .await;
-        let (_, status) = self
-            .kubectl(&["get", "-n", namespace, &resource, "-o", "yaml"])
-            .await;
-        assert!(
-            ok && out.contains("condition met"),
-            "kubectl wait: {out}
-{status}"
-        );
+        if !(ok && out.contains("condition met")) {
+            let (_, status) = self
+                .kubectl(&["get", "-n", namespace, &resource, "-o", "yaml"])
+                .await;
+            panic!("kubectl wait: {out}\n{status}\noperator:\n{operator_log}");
+        }
     }
 
     /// An admin client from the kubeconfig the script wrote.
@@ -165,6 +122,50 @@ impl KubeApiServer {
             .expect("config");
         Client::try_from(config).expect("client")
     }
+}
+
+/// `scripts/<script> install`, then `scripts/<script> run DIR ARGS...` tied to the test
+/// process, until it writes DIR/ready (or says `error:`); returns DIR.
+pub fn run_in_background(script: &str, prefix: &str, args: &[&str], timeout_secs: u64) -> PathBuf {
+    let script = repo().join("scripts").join(script);
+    let install = Command::new("bash")
+        .arg(&script)
+        .arg("install")
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run the install script");
+    assert!(
+        install.status.success(),
+        "{} install failed",
+        script.display()
+    );
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .expect("tempdir")
+        .keep();
+    let log = std::fs::File::create(dir.join("run.log")).expect("log");
+    let mut cmd = Command::new("bash");
+    cmd.arg(&script)
+        .arg("run")
+        .arg(&dir)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log);
+    spawn_tied_to_test_process(cmd);
+    let deadline = Instant::now() + Duration::from_secs(timeout_secs);
+    while !dir.join("ready").exists() {
+        let log = std::fs::read_to_string(dir.join("run.log")).unwrap_or_default();
+        assert!(
+            !log.contains("error:") && Instant::now() < deadline,
+            "{} run did not get ready; see {}:\n{log}",
+            script.display(),
+            dir.join("run.log").display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    dir
 }
 
 /// The shared API server with the CRD installed, an admin client and a fresh namespace.

@@ -29,42 +29,7 @@ impl Node {
     }
 
     fn start(images: &[&str]) -> Node {
-        let script = repo().join("scripts/cluster.sh");
-        let install = Command::new("bash")
-            .arg(&script)
-            .arg("install")
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("run scripts/cluster.sh install");
-        assert!(
-            install.status.success(),
-            "scripts/cluster.sh install failed"
-        );
-        let dir = tempfile::Builder::new()
-            .prefix("pao-node-")
-            .tempdir()
-            .expect("tempdir")
-            .keep();
-        let log = std::fs::File::create(dir.join("run.log")).expect("log");
-        let mut cmd = Command::new("bash");
-        cmd.arg(&script)
-            .arg("run")
-            .arg(&dir)
-            .args(images)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log);
-        spawn_tied_to_test_process(cmd);
-        let deadline = Instant::now() + Duration::from_secs(600);
-        while !dir.join("ready").exists() {
-            let log = std::fs::read_to_string(dir.join("run.log")).unwrap_or_default();
-            assert!(
-                !log.contains("error:") && Instant::now() < deadline,
-                "the node did not start; see {}:\n{log}",
-                dir.join("run.log").display()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        let dir = super::cluster::run_in_background("cluster.sh", "pao-node-", images, 600);
         let env = std::fs::read_to_string(dir.join("env")).expect("the node's env file");
         let host_ip = env
             .lines()
@@ -82,11 +47,16 @@ impl Node {
 
     /// Imports more images (scripts/images.sh names) into the node.
     pub async fn load(&self, images: &[&str]) {
+        self.load_with(images, &[]).await;
+    }
+
+    async fn load_with(&self, images: &[&str], env: &[(&str, &str)]) {
         let out = tokio::process::Command::new("bash")
             .arg(repo().join("scripts/cluster.sh"))
             .arg("load")
             .arg(&self.kube.dir)
             .args(images)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .output()
             .await
@@ -101,21 +71,8 @@ impl Node {
     /// Imports the operator image built from `binary` (scripts/images.sh `operator`), also
     /// under `published` (a fully qualified reference, e.g. the chart's default image).
     pub async fn load_operator(&self, binary: &str, published: &str) {
-        let out = tokio::process::Command::new("bash")
-            .arg(repo().join("scripts/cluster.sh"))
-            .arg("load")
-            .arg(&self.kube.dir)
-            .arg("operator")
-            .env("PAO_OPERATOR_BINARY", binary)
-            .stdin(Stdio::null())
-            .output()
-            .await
-            .expect("run scripts/cluster.sh load");
-        assert!(
-            out.status.success(),
-            "cluster.sh load operator: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        self.load_with(&["operator"], &[("PAO_OPERATOR_BINARY", binary)])
+            .await;
         let sock = self.kube.dir.join("containerd/containerd.sock");
         let out = tokio::process::Command::new("ctr")
             .arg("-a")

@@ -8,7 +8,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use super::{
-    Api, free_port, http_get_ok, prefect_venv, repo, spawn_tied_to_test_process, wait_for,
+    Api, free_port, http_get_ok_at, prefect_venv, repo, spawn_tied_to_test_process, wait_for,
 };
 
 pub struct FakePrefect1 {
@@ -24,10 +24,15 @@ impl FakePrefect1 {
 
     /// With extra arguments, e.g. `["--token", key]`.
     pub async fn start_with(args: &[&str]) -> Self {
+        Self::start_on("127.0.0.1", args).await
+    }
+
+    /// Listening on `host` (e.g. the address pods reach the node's host at).
+    pub async fn start_on(host: &str, args: &[&str]) -> Self {
         let port = free_port();
         let mut cmd = Command::new(prefect_venv().join("bin/python"));
         cmd.arg(repo().join("tests/fixtures/fake_prefect1.py"))
-            .args(["--port", &port.to_string()])
+            .args(["--port", &port.to_string(), "--host", host])
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null());
@@ -36,16 +41,17 @@ impl FakePrefect1 {
             "the fake Prefect 1 server",
             Duration::from_secs(30),
             || async move {
-                tokio::task::spawn_blocking(move || http_get_ok(port, "/_fake/agents"))
+                let host = host.to_string();
+                tokio::task::spawn_blocking(move || http_get_ok_at(&host, port, "/_fake/agents"))
                     .await
                     .ok()?
                     .then_some(())
             },
         )
         .await;
-        let url = format!("http://127.0.0.1:{port}/graphql");
+        let url = format!("http://{host}:{port}/graphql");
         Self {
-            api: Api::new(&format!("http://127.0.0.1:{port}"), Auth::None),
+            api: Api::new(&format!("http://{host}:{port}"), Auth::None),
             url,
         }
     }
