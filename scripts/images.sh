@@ -26,6 +26,7 @@ PREFECT3_VERSION=3.9.1
 PREFECT1_VERSION=1.4.1
 # Bumped when a recipe below changes, so that cached tars are rebuilt.
 RECIPE=1
+PREFECT1_RECIPE=2
 
 log() { echo "images.sh: $*" >&2; }
 
@@ -36,7 +37,7 @@ need() { # command package
 ref() {
   case "$1" in
     flow) echo "docker.io/local/prefect:$PREFECT3_VERSION-r$RECIPE" ;;
-    prefect1) echo "docker.io/local/prefect:$PREFECT1_VERSION-r$RECIPE" ;;
+    prefect1) echo "docker.io/local/prefect:$PREFECT1_VERSION-r$PREFECT1_RECIPE" ;;
     operator) echo "docker.io/local/prefect-agent-operator:dev" ;;
     pause) echo "docker.io/local/pause:3.2-r$RECIPE" ;;
     *) log "unknown image \`$1\` (flow, prefect1, operator, pause)"; exit 2 ;;
@@ -200,7 +201,9 @@ build() {
   for name in "$@"; do
     case "$name" in
       flow) prefect_image flow "prefect==$PREFECT3_VERSION" ;;
-      prefect1) prefect_image prefect1 "prefect==$PREFECT1_VERSION" ;;
+      # Prefect 1.4.1 does not bound marshmallow; marshmallow 4 removed Schema.context, which
+      # its serializers use ("'Nested' object has no attribute 'context'").
+      prefect1) prefect_image prefect1 "prefect==$PREFECT1_VERSION" "'marshmallow<4'" ;;
       operator) operator_image ;;
       pause) pause_image ;;
       *) ref "$name" >/dev/null ;;
