@@ -134,7 +134,8 @@ fn default_values_render_a_restricted_least_privilege_operator() {
     let pod = &deployment["spec"]["template"]["spec"];
     let c = &pod["containers"][0];
     assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
-    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+    // A standby replica is Ready too, or rolling updates of 2+ replicas never finish.
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz?standby=ok");
     assert_eq!(
         c["image"],
         "ghcr.io/prefect-agent-operator/prefect-agent-operator:0.1.0"
