@@ -150,8 +150,9 @@ def report(results, out):
     def cell(r, key):
         return f"{r[key]['p50']:.3f} / {r[key]['p90']:.3f} s"
 
+    events = "events" if results.get("events", True) else "polling only"
     for name, label in (("floor", "the node's floor (the Job created directly)"),
-                        ("operator", "this operator (events)"), ("worker", "official worker (defaults)")):
+                        ("operator", f"this operator ({events})"), ("worker", "official worker (defaults)")):
         r = results[name]
         first = "0 (by hand)" if name == "floor" else cell(r, "scheduled_to_job")
         lines.append(f"| {label} | {first} | {cell(r, 'scheduled_to_pod_running')} | "
@@ -174,6 +175,8 @@ def main():
     ap.add_argument("--out", default=str(REPO / "bench/results"))
     ap.add_argument("--runs", type=int, default=12, help="runs per runner, one at a time")
     ap.add_argument("--report", metavar="JSON", help="only print the table of an earlier e2e.json")
+    ap.add_argument("--no-events", action="store_true",
+                    help="the PrefectAgent polls only (api.events: false), to see what the stream costs")
     args = ap.parse_args()
     if args.report:
         report(json.loads(Path(args.report).read_text()), Path(args.out))
@@ -213,7 +216,7 @@ def main():
         wpool = prefect.pool(f"e2e-worker-{uuid.uuid4().hex[:6]}", template=template)
         dep, floor_dep, wdep = deployment(pool, ns), deployment(floor_pool, ns), deployment(wpool, wns)
         operator = Operator(args.binary, node, ns)
-        operator.agents(prefect.url, pool, ["e2e"])
+        operator.agents(prefect.url, pool, ["e2e"], events=not args.no_events)
         wait_until("the PrefectAgent registered", 60, lambda: operator.ready_agents() == 1, 0.3)
         worker = Worker(args.venv, node, prefect.url, wpool)
         online(prefect, wpool)
@@ -244,6 +247,7 @@ def main():
             worker_rows.append(one_run(prefect, wwatch, created_run(wdep), "worker"))
 
         results["rows"] = {"operator": op_rows, "floor": floor_rows, "worker": worker_rows}
+        results["events"] = not args.no_events
         report(results, Path(args.out))
     finally:
         for w in watches:
