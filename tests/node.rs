@@ -502,6 +502,21 @@ async fn security_profiles_in_the_official_image_layout() {
         "{facts}"
     );
 
+    // In both, the persisted task result was written.
+    for run in [&default, &restricted] {
+        let pod_log = w
+            .node
+            .job_logs(
+                &w.ns,
+                &prefect_agent_operator::deploy::kubernetes::job::job_name(run),
+            )
+            .await;
+        assert!(
+            !pod_log.contains("An error was encountered while committing transaction"),
+            "{pod_log}"
+        );
+    }
+
     // uid 1000 alone (what this operator did before): Prefect 3.9 clones into a temporary
     // directory, so the pull step works, but HOME is `/`: Prefect cannot create its home,
     // and the persisted task result is lost (the run still COMPLETES: Prefect logs the
