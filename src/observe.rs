@@ -11,7 +11,6 @@ use futures::TryStreamExt;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, PropagationPolicy};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::{mpsc, oneshot};
@@ -519,11 +518,10 @@ impl JobObserver {
             };
             for (ns, job, why) in doomed {
                 let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
-                let params = DeleteParams {
-                    propagation_policy: Some(PropagationPolicy::Background),
-                    ..DeleteParams::default()
-                };
-                match jobs.delete(&job, &params).await {
+                match jobs
+                    .delete(&job, &crate::deploy::kubernetes::in_background())
+                    .await
+                {
                     Ok(_) => {
                         tracing::info!(job = %format!("{ns}/{job}"), why, "deleted a Job")
                     }

@@ -113,15 +113,23 @@ impl Deployer for KubernetesDeployer {
         {
             return Ok(Stopped::NotMine);
         }
-        let params = DeleteParams {
-            propagation_policy: Some(PropagationPolicy::Background),
-            ..DeleteParams::default()
-        };
-        match self.jobs().delete(&job_name(&run.id), &params).await {
+        match self
+            .jobs()
+            .delete(&job_name(&run.id), &in_background())
+            .await
+        {
             Ok(_) => Ok(Stopped::Stopped),
             Err(kube::Error::Api(e)) if e.code == 404 => Ok(Stopped::NotFound),
             Err(e) => Err(DeployError::Stop(e.to_string())),
         }
+    }
+}
+
+/// How the operator deletes a Job: at once, its pods by the garbage collector.
+pub fn in_background() -> DeleteParams {
+    DeleteParams {
+        propagation_policy: Some(PropagationPolicy::Background),
+        ..DeleteParams::default()
     }
 }
 
@@ -135,10 +143,6 @@ pub async fn delete_finished_jobs(
 ) -> Result<usize, kube::Error> {
     let jobs: Api<Job> = Api::namespaced(client.clone(), namespace);
     let selector = format!("{}={agent}", job::labels::AGENT);
-    let params = DeleteParams {
-        propagation_policy: Some(PropagationPolicy::Background),
-        ..DeleteParams::default()
-    };
     let mut deleted = 0;
     for found in jobs
         .list(&kube::api::ListParams::default().labels(&selector))
@@ -148,7 +152,7 @@ pub async fn delete_finished_jobs(
         if crate::observe::job_outcome(&found).is_none() {
             continue;
         }
-        match jobs.delete(&found.name_any(), &params).await {
+        match jobs.delete(&found.name_any(), &in_background()).await {
             Ok(_) => deleted += 1,
             Err(kube::Error::Api(e)) if e.code == 404 => {}
             Err(e) => return Err(e),
