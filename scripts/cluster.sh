@@ -34,13 +34,11 @@ SYSCTLS="vm.overcommit_memory kernel.panic kernel.panic_on_oops"
 log() { echo "cluster.sh: $*" >&2; }
 die() { echo "error: $*" >&2; exit 1; }
 
-wait_until() { # seconds, command...
-  local deadline=$(( $(date +%s) + $1 )); shift
-  until "$@" >/dev/null 2>&1; do
-    [ "$(date +%s)" -lt "$deadline" ] || return 1
-    sleep 0.2
-  done
-}
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
+
+# The node in $STATE is gone, or its owner is not stopping it and its kubelet is dead.
+settled() { [ ! -f "$STATE" ] || { [ ! -f "$1/stopping" ] && ! pid_alive "$1/kubelet.pid"; }; }
 
 check() {
   [ "$(id -u)" -eq 0 ] || die "a node needs root (mounts, cgroups, network): run as root"
@@ -100,15 +98,14 @@ start() {
   if [ -f "$STATE" ]; then
     local other; other="$(cat "$STATE")"
     # A node being stopped (e.g. by the previous test binary) is waited for.
-    wait_until 60 bash -c "[ ! -f '$STATE' ] || { [ ! -f '$other/stopping' ] && p=\$(cat '$other/kubelet.pid' 2>/dev/null); { [ -z \"\$p\" ] || ! kill -0 \"\$p\"; }; }" || true
-  fi
-  if [ -f "$STATE" ]; then
-    local other; other="$(cat "$STATE")"
-    if [ -f "$other/kubelet.pid" ] && kill -0 "$(cat "$other/kubelet.pid")" 2>/dev/null; then
-      die "a node already runs here (started in $other); stop it first: scripts/cluster.sh stop $other"
+    wait_until 60 settled "$other" || true
+    if [ -f "$STATE" ]; then
+      if pid_alive "$other/kubelet.pid"; then
+        die "a node already runs here (started in $other); stop it first: scripts/cluster.sh stop $other"
+      fi
+      log "cleaning up after a node that was not stopped ($other)"
+      stop "$other" || true
     fi
-    log "cleaning up after a node that was not stopped ($other)"
-    stop "$other" || true
   fi
   mkdir -p "$dir"
   dir="$(cd "$dir" && pwd)"
@@ -217,19 +214,6 @@ YAML
   echo "$dir/kubeconfig"
 }
 
-kill_pidfile() { # dir name...
-  local dir="$1" name pid pids=(); shift
-  for name in "$@"; do
-    [ -f "$dir/$name.pid" ] || continue
-    pid="$(cat "$dir/$name.pid")"
-    kill "$pid" 2>/dev/null && pids+=("$pid")
-    rm -f "$dir/$name.pid"
-  done
-  for pid in "${pids[@]}"; do
-    wait_until 15 bash -c "! kill -0 $pid" || kill -9 "$pid" 2>/dev/null || true
-  done
-}
-
 stop() {
   local dir="$1"
   dir="$(cd "$dir" 2>/dev/null && pwd)" || { log "nothing to stop in $1"; return 0; }
@@ -292,7 +276,7 @@ run() {
   start "$dir" >/dev/null
   [ "$#" -eq 0 ] || load "$dir" "$@"
   echo ready > "$dir/ready"
-  while kill -0 "$(cat "$dir/kubelet.pid")" 2>/dev/null && kill -0 "$(cat "$dir/apiserver.pid")" 2>/dev/null; do
+  while pid_alive "$dir/kubelet.pid" && pid_alive "$dir/apiserver.pid"; do
     sleep 1
   done
   log "the kubelet or the API server exited; see $dir/*.log"

@@ -94,13 +94,8 @@ free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
 }
 
-wait_until() { # seconds, command...
-  local deadline=$(( $(date +%s) + $1 )); shift
-  until "$@" >/dev/null 2>&1; do
-    [ "$(date +%s)" -lt "$deadline" ] || return 1
-    sleep 0.2
-  done
-}
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 launch_apiserver() {
   local dir="$1" args
@@ -191,18 +186,7 @@ KC
 }
 
 stop() {
-  local dir="$1" name pid pids=()
-  # All at once: whoever stops us may not wait long (etcd alone takes seconds on TERM).
-  for name in controller-manager apiserver etcd; do
-    [ -f "$dir/$name.pid" ] || continue
-    pid="$(cat "$dir/$name.pid")"
-    kill "$pid" 2>/dev/null || true
-    pids+=("$pid")
-  done
-  for pid in "${pids[@]}"; do
-    wait_until 15 bash -c "! kill -0 $pid" || kill -9 "$pid" 2>/dev/null || true
-  done
-  rm -f "$dir"/{controller-manager,apiserver,etcd}.pid
+  kill_pidfile "$1" controller-manager apiserver etcd
 }
 
 run() {
