@@ -56,10 +56,7 @@ impl World {
         common::cluster::install_crd(&client).await;
         let ns = common::cluster::namespace(&client, prefix).await;
         common::cluster::create_secret(&client, &ns, "prefect-auth", AUTH).await;
-        let mut cmd = operator_command(&node.kube.kubeconfig);
-        // Real pods take real seconds to be scheduled and to start.
-        cmd.args(["--namespace", &ns]).env("PAO_POD_GRACE", "15s");
-        let operator = AgentProcess::start_with(cmd);
+        let operator = node.operator(&ns);
         World {
             node,
             api,
@@ -418,9 +415,7 @@ async fn an_operator_killed_while_pods_run_duplicates_nothing() {
     for _ in 0..2 {
         runs.push(fifteen_seconds().await);
     }
-    let mut cmd = operator_command(&w.node.kube.kubeconfig);
-    cmd.args(["--namespace", &w.ns]).env("PAO_POD_GRACE", "15s");
-    w.operator = AgentProcess::start_with(cmd);
+    w.operator = w.node.operator(&w.ns);
     for run in &runs {
         w.wait_state(run, "COMPLETED").await;
     }
@@ -589,9 +584,7 @@ async fn a_prefect1_flow_runs_in_a_real_pod() {
     let client = node.kube.client().await;
     common::cluster::install_crd(&client).await;
     let ns = common::cluster::namespace(&client, "p1pod").await;
-    let mut cmd = operator_command(&node.kube.kubeconfig);
-    cmd.args(["--namespace", &ns]).env("PAO_POD_GRACE", "15s");
-    let operator = AgentProcess::start_with(cmd);
+    let operator = node.operator(&ns);
     let agents: KubeApi<PrefectAgent> = KubeApi::namespaced(client.clone(), &ns);
     let resource: PrefectAgent = serde_json::from_value(json!({
         "apiVersion": "prefect.io/v1alpha1", "kind": "PrefectAgent",

@@ -62,6 +62,28 @@ async fn operator_pods(client: &kube::Client, namespace: &str) -> Vec<(Pod, bool
         .collect()
 }
 
+/// Waits until the operator has exactly one pod in `namespace`, and it is Ready.
+async fn one_operator_ready(client: &kube::Client, namespace: &str) {
+    wait_for(
+        "the operator pod Ready",
+        Duration::from_secs(120),
+        || async {
+            let pods = operator_pods(client, namespace).await;
+            (pods.len() == 1 && pods[0].1).then_some(())
+        },
+    )
+    .await;
+}
+
+/// A namespace for PrefectAgents with the credential's Secret, and a kubernetes pool.
+async fn agents_namespace(client: &kube::Client, api: &Api, prefix: &str) -> (String, String) {
+    let ns = common::cluster::namespace(client, prefix).await;
+    common::cluster::create_secret(client, &ns, "prefect-auth", AUTH).await;
+    let pool = unique(prefix);
+    api.create_kubernetes_pool(&pool).await;
+    (ns, pool)
+}
+
 /// `GET http://<pod ip>:8080<path>` from the host (pods are routable on the bridge).
 async fn probe(pod: &Pod, path: &str) -> Option<(u16, String)> {
     let ip = pod.status.as_ref()?.pod_ip.clone()?;
@@ -194,10 +216,7 @@ async fn helm_and_kubectl_install_the_operator_as_a_pod_that_runs_flows() {
 
     // --- Helm: install (cluster mode, the default) with a PrefectAgent from values.
     let release_ns = "pao-system";
-    let agents_ns = common::cluster::namespace(&client, "helm").await;
-    common::cluster::create_secret(&client, &agents_ns, "prefect-auth", AUTH).await;
-    let pool = unique("helm");
-    api.create_kubernetes_pool(&pool).await;
+    let (agents_ns, pool) = agents_namespace(&client, &api, "helm").await;
     let agent = json!({"name": "from-values", "namespace": agents_ns, "spec": {
         "api": {"url": server.url, "workPool": pool,
                 "authStringSecretRef": {"name": "prefect-auth", "key": "key"}},
@@ -214,15 +233,7 @@ async fn helm_and_kubectl_install_the_operator_as_a_pod_that_runs_flows() {
         &values.to_string(),
     ])
     .await;
-    wait_for(
-        "the operator pod Ready",
-        Duration::from_secs(120),
-        || async {
-            let pods = operator_pods(&client, release_ns).await;
-            (pods.len() == 1 && pods[0].1).then_some(())
-        },
-    )
-    .await;
+    one_operator_ready(&client, release_ns).await;
     let (pod, _) = operator_pods(&client, release_ns).await.remove(0);
     let spec = pod.spec.as_ref().unwrap();
     assert_eq!(
@@ -310,19 +321,8 @@ async fn helm_and_kubectl_install_the_operator_as_a_pod_that_runs_flows() {
         .await;
     assert!(ok, "{out}");
     let kubectl_ns = "prefect-agent-operator";
-    wait_for(
-        "the operator pod Ready",
-        Duration::from_secs(120),
-        || async {
-            let pods = operator_pods(&client, kubectl_ns).await;
-            (pods.len() == 1 && pods[0].1).then_some(())
-        },
-    )
-    .await;
-    let agents_ns = common::cluster::namespace(&client, "kubectl").await;
-    common::cluster::create_secret(&client, &agents_ns, "prefect-auth", AUTH).await;
-    let pool = unique("kubectl");
-    api.create_kubernetes_pool(&pool).await;
+    one_operator_ready(&client, kubectl_ns).await;
+    let (agents_ns, pool) = agents_namespace(&client, &api, "kubectl").await;
     let manifest = json!({"apiVersion": "prefect.io/v1alpha1", "kind": "PrefectAgent",
         "metadata": {"name": "etl", "namespace": agents_ns},
         "spec": {"api": {"url": server.url, "workPool": pool,

@@ -90,6 +90,15 @@ impl Node {
         );
     }
 
+    /// The operator on the host, for one namespace, with a pod grace that real pods need
+    /// (they take real seconds to be scheduled and to start).
+    pub fn operator(&self, namespace: &str) -> super::AgentProcess {
+        let mut cmd = super::operator_command(&self.kube.kubeconfig);
+        cmd.args(["--namespace", namespace])
+            .env("PAO_POD_GRACE", "15s");
+        super::AgentProcess::start_with(cmd)
+    }
+
     /// The logs of a Job's pod (`kubectl logs job/NAME`).
     pub async fn job_logs(&self, namespace: &str, job: &str) -> String {
         self.kube
