@@ -80,7 +80,7 @@ def main() -> None:
         kubeconfig = kube_dir / "kubeconfig"
         env = dict(clean_env(), KUBECONFIG=str(kubeconfig), PATH=f"{VENV}/bin:" + os.environ.get("PATH", ""))
 
-        template = json.loads((REPO / "src/deploy/kubernetes/default-base-job-template.json").read_text())
+        template = json.loads((REPO / "src/work_pool/default-base-job-template.json").read_text())
         if REAL_NODE:
             daemon, repo = serve_flows_repo(host)
             print(f"examples/flows is served at {repo}; the pod clones it (Prefect's git_clone step)")

@@ -21,6 +21,7 @@ pub mod secret;
 pub mod settings;
 pub mod signals;
 pub mod telemetry;
+pub mod work_pool;
 
 /// The field manager, user agent and log target this program identifies itself with.
 pub const APP_NAME: &str = "prefect-agent-operator";

@@ -9,14 +9,14 @@ use prefect_agent_operator::backend::prefect1::parse_flow_run_row;
 use prefect_agent_operator::backend::prefect1::run_config::{FlowInfo, run_spec};
 use prefect_agent_operator::backend::prefect3::{
     ApiFlowRun, ApiState, SetStateResponse, displaced_by, interpret_claim, latest_claimant,
-    merge_job_variables, verify_claim,
+    verify_claim,
 };
-use prefect_agent_operator::backend::references::references_in;
 use prefect_agent_operator::backend::{EnvValue, FlowRun, References, StateKind};
 use prefect_agent_operator::controller::agent_config;
 use prefect_agent_operator::crd::{PrefectAgentSpec, SecretKeyRef};
 use prefect_agent_operator::deploy::kubernetes::job::{JobInputs, build_job};
-use prefect_agent_operator::deploy::kubernetes::template::apply_values;
+use prefect_agent_operator::work_pool::template::apply_values;
+use prefect_agent_operator::work_pool::{merge_job_variables, references_in};
 use proptest::prelude::*;
 use serde_json::{Map, Value, json};
 

@@ -5,9 +5,8 @@ pub mod events;
 pub mod http;
 pub mod prefect1;
 pub mod prefect3;
-pub mod references;
 
-pub use references::References;
+pub use crate::work_pool::References;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -152,7 +151,7 @@ pub enum BackendError {
     #[error("work queue `{queue}` does not exist in work pool `{pool}`")]
     UnknownQueue { pool: String, queue: String },
     #[error(transparent)]
-    Reference(#[from] references::ReferenceError),
+    Reference(#[from] crate::work_pool::ReferenceError),
     #[error(transparent)]
     RunConfig(#[from] prefect1::run_config::RunConfigError),
     #[error("unexpected answer from the Prefect API to {call}: {detail}")]

@@ -1,7 +1,7 @@
 //! The Prefect 3 work-pool backend: poll a pool, claim runs with a transition id, report back.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -13,11 +13,14 @@ use tokio::sync::RwLock;
 
 use super::coalesce::Coalescer;
 use super::http::{ApiClient, Auth, HttpError, RetryPolicy};
-use super::references::{Reference, References, references_in};
 use super::{
     Backend, BackendError, Claim, EnvValue, FlowRun, LogLevel, Registration, RunContext, StateKind,
 };
 use crate::secret::SecretString;
+use crate::work_pool::{
+    Reference, References, merge_job_variables, references_in, shared_template, standard_template,
+    template_defaults,
+};
 
 /// Where and how this backend polls.
 #[derive(Clone, Debug)]
@@ -216,36 +219,6 @@ impl Prefect3 {
     }
 }
 
-/// One copy of each distinct base job template in the process: a thousand agents of one
-/// pool would otherwise hold a thousand parsed copies (some 45 KiB each for Prefect's
-/// standard Kubernetes template), most of an idle agent's memory.
-fn shared_template(template: Value) -> Arc<Value> {
-    static TEMPLATES: Mutex<Vec<Weak<Value>>> = Mutex::new(Vec::new());
-    let Ok(mut all) = TEMPLATES.lock() else {
-        return Arc::new(template);
-    };
-    all.retain(|w| w.strong_count() > 0);
-    if let Some(same) = all
-        .iter()
-        .filter_map(Weak::upgrade)
-        .find(|t| **t == template)
-    {
-        return same;
-    }
-    let template = Arc::new(template);
-    all.push(Arc::downgrade(&template));
-    template
-}
-
-/// The base job template a pool of `kind` is created with: Prefect's standard one for
-/// `kubernetes` (what the official worker sends), none otherwise.
-pub fn standard_template(kind: &str) -> Value {
-    match kind {
-        "kubernetes" => crate::deploy::kubernetes::job::standard_base_job_template().clone(),
-        _ => json!({}),
-    }
-}
-
 /// Percent-encodes a path segment (pool and queue names may hold spaces).
 fn urlencode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -254,84 +227,6 @@ fn urlencode(s: &str) -> String {
             out.push(b as char);
         } else {
             out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-/// Job-variable defaults of a base job template (`variables.properties.*.default`, not null).
-pub fn template_defaults(base_job_template: &Value) -> Map<String, Value> {
-    base_job_template
-        .pointer("/variables/properties")
-        .and_then(Value::as_object)
-        .map(|props| {
-            props
-                .iter()
-                .filter_map(|(k, v)| v.get("default").map(|d| (k.clone(), d.clone())))
-                // Prefect treats `default: null` as no default.
-                .filter(|(_, d)| !d.is_null())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// Job variables as Prefect's workers merge them: pool defaults < deployment < run, each
-/// key replaced whole except `env`, whose variables merge one by one; dotted keys
-/// (`"env.FOO": "1"`) set one nested value.
-pub fn merge_job_variables(
-    pool_defaults: &Map<String, Value>,
-    deployment: &Map<String, Value>,
-    run: &Map<String, Value>,
-) -> Map<String, Value> {
-    let mut out = pool_defaults.clone();
-    for layer in [deployment, run] {
-        for (k, v) in expand_dotted(layer) {
-            match (out.get_mut(&k), v) {
-                (Some(Value::Object(env)), Value::Object(more)) if k == "env" => env.extend(more),
-                (_, v) => {
-                    out.insert(k, v);
-                }
-            }
-        }
-    }
-    out
-}
-
-/// Sets `value` at a dotted path, making objects on the way (and replacing non-objects).
-fn set_in(map: &mut Map<String, Value>, path: &[&str], value: Value) {
-    match path {
-        [] => {}
-        [leaf] => {
-            map.insert(leaf.to_string(), value);
-        }
-        [head, rest @ ..] => {
-            let next = map
-                .entry(head.to_string())
-                .or_insert_with(|| Value::Object(Map::new()));
-            if !next.is_object() {
-                *next = Value::Object(Map::new());
-            }
-            if let Value::Object(inner) = next {
-                set_in(inner, rest, value);
-            }
-        }
-    }
-}
-
-/// Turns `{"env.FOO": "1", "image": "x"}` into `{"env": {"FOO": "1"}, "image": "x"}`;
-/// a plain key is merged over what dotted keys built, as in Prefect.
-fn expand_dotted(values: &Map<String, Value>) -> Map<String, Value> {
-    let mut out = Map::new();
-    for (key, value) in values.iter().filter(|(k, _)| k.contains('.')) {
-        let parts: Vec<&str> = key.split('.').collect();
-        set_in(&mut out, &parts, value.clone());
-    }
-    for (key, value) in values.iter().filter(|(k, _)| !k.contains('.')) {
-        match (out.get_mut(key), value) {
-            (Some(Value::Object(nested)), Value::Object(plain)) => nested.extend(plain.clone()),
-            _ => {
-                out.insert(key.clone(), value.clone());
-            }
         }
     }
     out
@@ -1004,43 +899,6 @@ mod tests {
     }
 
     #[test]
-    fn job_variables_merge_in_order() {
-        let template = json!({"job_configuration": {}, "variables": {"properties": {
-            "command": {"type": "string", "default": "prefect flow-run execute"},
-            "env": {"type": "object", "default": {"POOL": "1"}},
-            "working_dir": {"type": "string"},
-            "image": {"default": null}
-        }}});
-        let pool = template_defaults(&template);
-        assert_eq!(pool.len(), 2);
-        let deployment = json!({"env": {"DEP": "1", "SHARED": "dep"}, "working_dir": "/srv"});
-        let run =
-            json!({"env": {"RUN": "1", "SHARED": "run"}, "env.DOTTED": "yes", "command": "x"});
-        let merged = merge_job_variables(
-            &pool,
-            deployment.as_object().unwrap(),
-            run.as_object().unwrap(),
-        );
-        assert_eq!(merged["command"], "x");
-        assert_eq!(merged["working_dir"], "/srv");
-        assert_eq!(
-            merged["env"],
-            json!({"POOL": "1", "DEP": "1", "RUN": "1", "SHARED": "run", "DOTTED": "yes"})
-        );
-        // Without overrides the pool defaults stay.
-        let merged = merge_job_variables(&pool, &Map::new(), &Map::new());
-        assert_eq!(merged["command"], "prefect flow-run execute");
-    }
-
-    #[test]
-    fn dotted_keys_expand_under_plain_ones() {
-        let v = json!({"a.b.c": 1, "a.d": 2, "a": {"d": 3}, "x.y": 4});
-        let out = expand_dotted(v.as_object().unwrap());
-        assert_eq!(out["a"], json!({"b": {"c": 1}, "d": 3}));
-        assert_eq!(out["x"], json!({"y": 4}));
-    }
-
-    #[test]
     fn fixed_env_carries_credentials_as_secrets() {
         let env = fixed_env(
             "http://x/api",
@@ -1065,32 +923,6 @@ mod tests {
         );
         assert!(env.contains_key("PREFECT_API_AUTH_STRING"));
         assert!(!env.contains_key("PREFECT_LOGGING_TO_API_ENABLED"));
-    }
-
-    #[test]
-    fn kubernetes_pools_are_created_with_the_standard_template() {
-        let t = standard_template("kubernetes");
-        assert!(
-            t.pointer("/job_configuration/job_manifest/spec/template")
-                .is_some()
-        );
-        assert_eq!(
-            t.pointer("/variables/properties/image_pull_policy/default"),
-            Some(&json!("IfNotPresent"))
-        );
-        assert_eq!(standard_template("process"), json!({}));
-    }
-
-    #[test]
-    fn agents_of_one_pool_share_one_copy_of_its_template() {
-        let a = shared_template(standard_template("kubernetes"));
-        let b = shared_template(standard_template("kubernetes"));
-        assert!(Arc::ptr_eq(&a, &b));
-        let mut edited = standard_template("kubernetes");
-        edited["variables"]["properties"]["image"]["default"] = json!("mine:1");
-        let c = shared_template(edited);
-        assert!(!Arc::ptr_eq(&a, &c), "an edited template is its own");
-        assert_eq!(c["variables"]["properties"]["image"]["default"], "mine:1");
     }
 
     #[test]

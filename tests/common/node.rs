@@ -206,10 +206,9 @@ impl FlowRepo {
 impl Api {
     /// A pool of type `kubernetes` with Prefect's standard base job template.
     pub async fn create_kubernetes_pool(&self, name: &str) {
-        let template: Value = serde_json::from_str(
-            prefect_agent_operator::deploy::kubernetes::job::DEFAULT_BASE_JOB_TEMPLATE,
-        )
-        .expect("the standard template");
+        let template: Value =
+            serde_json::from_str(prefect_agent_operator::work_pool::DEFAULT_BASE_JOB_TEMPLATE)
+                .expect("the standard template");
         self.call(
             Method::POST,
             "/work_pools/",

@@ -13,24 +13,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use k8s_openapi::api::batch::v1::Job;
 use serde_json::{Map, Value, json};
 
-use super::template::apply_values;
-use crate::backend::prefect3::template_defaults;
-use crate::backend::references::{ReferenceError, References};
 use crate::backend::{EnvValue, FlowRun};
 use crate::crd::{JobSpec, PullPolicy, SecretKeyRef, SecurityProfile};
-
-/// Prefect's standard Kubernetes base job template (prefect-kubernetes 0.8.0), used when
-/// the pool has none; `--create-pool` sends it too.
-pub const DEFAULT_BASE_JOB_TEMPLATE: &str = include_str!("default-base-job-template.json");
-
-/// [`DEFAULT_BASE_JOB_TEMPLATE`], parsed once.
-pub fn standard_base_job_template() -> &'static Value {
-    static PARSED: std::sync::LazyLock<Value> = std::sync::LazyLock::new(|| {
-        // Compiled into the binary and parsed by a unit test: an invariant, not input.
-        serde_json::from_str(DEFAULT_BASE_JOB_TEMPLATE).expect("the embedded template is JSON")
-    });
-    &PARSED
-}
+use crate::work_pool::template::apply_values;
+use crate::work_pool::{ReferenceError, References, standard_base_job_template, template_defaults};
 
 /// Image when neither Prefect nor the resource names one.
 pub const DEFAULT_IMAGE: &str = "prefecthq/prefect:3-latest";
@@ -87,20 +73,27 @@ pub fn job_name(run_id: &str) -> String {
 
 /// Builds the Job for one flow run.
 pub fn build_job(input: &JobInputs<'_>) -> Result<Job, JobBuildError> {
-    let template = match input.base_job_template {
-        Some(t) if t.pointer("/job_configuration/job_manifest").is_some() => t,
+    // The backend merged the pool's own defaults into the job variables; only the
+    // standard template, used when the pool has none, brings defaults of its own.
+    let (template, mut values) = match input.base_job_template {
+        Some(t) if t.pointer("/job_configuration/job_manifest").is_some() => {
+            (t, input.job_variables.clone())
+        }
         Some(t) if t.as_object().is_some_and(|o| !o.is_empty()) => {
             return Err(JobBuildError::NoManifest);
         }
-        _ => standard_base_job_template(),
+        _ => {
+            let standard = standard_base_job_template();
+            let mut values = template_defaults(standard);
+            values.extend(input.job_variables.clone());
+            (standard, values)
+        }
     };
     let manifest = template
         .pointer("/job_configuration/job_manifest")
         .filter(|m| m.is_object())
         .ok_or(JobBuildError::NoManifest)?;
 
-    let mut values = template_defaults(template);
-    values.extend(input.job_variables.clone());
     // The resource's settings beat the pool's defaults, not the deployment's or the run's.
     for (name, value) in resource_variables(input.defaults) {
         if !input.explicit_job_variables.contains(name) {
@@ -508,8 +501,8 @@ fn is_named_list(items: &[Value]) -> bool {
 mod tests {
     use super::*;
     use crate::backend::StateKind;
-    use crate::backend::references::Reference;
     use crate::secret::SecretString;
+    use crate::work_pool::Reference;
 
     fn run() -> FlowRun {
         FlowRun {

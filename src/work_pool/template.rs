@@ -6,7 +6,7 @@
 //! - other strings get text substitution (unset → empty), values printed as Python
 //!   would (`True`, `None`); `{{ $NAME }}` reads the environment;
 //! - `{{ prefect.variables.* }}` / `{{ prefect.blocks.* }}` are left in place; Prefect
-//!   resolves them after rendering, as `crate::backend::references` does here.
+//!   resolves them after rendering, as [`super::references`] does here.
 
 use serde_json::{Map, Value};
 

@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{Map, Value};
 
-use crate::deploy::kubernetes::template::{as_text, lookup_path, placeholders};
+use super::template::{as_text, lookup_path, placeholders};
 
 const BLOCK_PREFIX: &str = "prefect.blocks.";
 const VARIABLE_PREFIX: &str = "prefect.variables.";
