@@ -33,7 +33,7 @@ use crate::backend::prefect3::{Prefect3, Prefect3Config};
 use crate::crd::{Flavor, PrefectAgent, PrefectAgentSpec, PrefectAgentStatus, SecretKeyRef};
 use crate::deploy::kubernetes::KubernetesDeployer;
 use crate::deploy::kubernetes::job::agent_label;
-use crate::observe::JobObserver;
+use crate::deploy::kubernetes::observe::JobObserver;
 use crate::scope::Scope;
 use crate::secret::SecretString;
 

@@ -14,7 +14,6 @@ pub mod deploy;
 pub mod devrunner;
 pub mod leader;
 pub mod metrics;
-pub mod observe;
 pub mod operator_api;
 pub mod scope;
 pub mod secret;

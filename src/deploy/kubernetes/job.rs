@@ -11,6 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::batch::v1::Job;
+use kube::api::{DeleteParams, PropagationPolicy};
 use serde_json::{Map, Value, json};
 
 use crate::backend::{EnvValue, FlowRun};
@@ -69,6 +70,14 @@ pub enum JobBuildError {
 /// The Job's name: one per flow run, so a second create is `AlreadyExists`.
 pub fn job_name(run_id: &str) -> String {
     format!("prefect-run-{}", run_id.to_ascii_lowercase())
+}
+
+/// How the operator deletes a Job: at once, its pods by the garbage collector.
+pub fn in_background() -> DeleteParams {
+    DeleteParams {
+        propagation_policy: Some(PropagationPolicy::Background),
+        ..DeleteParams::default()
+    }
 }
 
 /// Builds the Job for one flow run.

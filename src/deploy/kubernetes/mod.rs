@@ -1,18 +1,19 @@
 //! The `kubernetes` deployer: one Job per flow run, built from the pool's base job template.
 
 pub mod job;
+pub mod observe;
 
 use std::sync::Arc;
 
 use k8s_openapi::api::batch::v1::Job;
-use kube::api::{DeleteParams, PostParams, PropagationPolicy};
+use kube::api::PostParams;
 use kube::{Api, Client, ResourceExt};
 
 use super::{DeployError, Deployer, Launch, Launched, Stopped};
 use crate::backend::FlowRun;
 use crate::crd::{JobSpec, SecretKeyRef};
-use crate::observe::JobObserver;
-use job::{JobInputs, agent_label, build_job, job_name};
+use job::{JobInputs, agent_label, build_job, in_background, job_name};
+use observe::JobObserver;
 
 /// Starts flow runs as Jobs for one `PrefectAgent`.
 #[derive(Clone)]
@@ -124,14 +125,6 @@ impl Deployer for KubernetesDeployer {
     }
 }
 
-/// How the operator deletes a Job: at once, its pods by the garbage collector.
-pub fn in_background() -> DeleteParams {
-    DeleteParams {
-        propagation_policy: Some(PropagationPolicy::Background),
-        ..DeleteParams::default()
-    }
-}
-
 /// Deletes the finished Jobs of the agent with this `prefect.io/agent` label in
 /// `namespace` (when its resource goes, so that nothing of it stays behind); Jobs still
 /// running are left to finish, and their TTL removes them. Returns how many went.
@@ -148,7 +141,7 @@ pub async fn delete_finished_jobs(
         .await?
         .items
     {
-        if crate::observe::job_outcome(&found).is_none() {
+        if observe::job_outcome(&found).is_none() {
             continue;
         }
         match jobs.delete(&found.name_any(), &in_background()).await {

@@ -16,8 +16,8 @@ use kube::{Api, Client, ResourceExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use super::job::{in_background, job_name, labels};
 use crate::deploy::Exit;
-use crate::deploy::kubernetes::job::{job_name, labels};
 
 /// Who waits for which Job (`namespace/name`), and how long a stuck pod is given.
 #[derive(Debug)]
@@ -518,10 +518,7 @@ impl JobObserver {
             };
             for (ns, job, why) in doomed {
                 let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
-                match jobs
-                    .delete(&job, &crate::deploy::kubernetes::in_background())
-                    .await
-                {
+                match jobs.delete(&job, &in_background()).await {
                     Ok(_) => {
                         tracing::info!(job = %format!("{ns}/{job}"), why, "deleted a Job")
                     }
