@@ -95,7 +95,21 @@ async fn play_kubelet(
         tokio::spawn(async move {
             let path = format!("/flow_runs/{run}/set_state");
             for kind in ["RUNNING", "COMPLETED"] {
-                insist(&api, Method::POST, &path, json!({"state": {"type": kind}})).await;
+                // As Prefect's engine does: a WAIT is retried after the delay it names;
+                // anything else but ACCEPT is reported (the run then shows as unfinished).
+                for _ in 0..10 {
+                    let body = json!({"state": {"type": kind}});
+                    let answer = insist(&api, Method::POST, &path, body).await;
+                    if answer["status"] == "ACCEPT" {
+                        break;
+                    }
+                    eprintln!("kubelet stand-in: {run} → {kind} answered {answer}");
+                    if answer["status"] != "WAIT" {
+                        break;
+                    }
+                    let delay = answer["details"]["delay_seconds"].as_f64().unwrap_or(1.0);
+                    tokio::time::sleep(Duration::from_secs_f64(delay.clamp(0.1, 10.0))).await;
+                }
             }
             let now = k8s_openapi::jiff::Timestamp::now().to_string();
             let status = json!({"status": {"completionTime": now, "succeeded": 1, "conditions": [
@@ -253,10 +267,10 @@ impl Burst {
         let runs = creator.await.unwrap();
         // Everything finishes: adopted claims after `adopt_after` (15 s) at most.
         let deadline = Instant::now() + Duration::from_secs(300);
-        let mut unfinished = runs.clone();
+        let mut unfinished: BTreeSet<String> = runs.clone();
         while !unfinished.is_empty() && Instant::now() < deadline {
             let mut still = BTreeSet::new();
-            for run in &unfinished {
+            for run in unfinished.iter().map(|u| u.split(' ').next().unwrap_or(u)) {
                 let r = insist(
                     &self.api,
                     Method::GET,
@@ -265,7 +279,10 @@ impl Burst {
                 )
                 .await;
                 if r["state"]["type"] != "COMPLETED" {
-                    still.insert(run.clone());
+                    still.insert(format!(
+                        "{run} ({} {})",
+                        r["state"]["type"], r["state"]["message"]
+                    ));
                 }
             }
             unfinished = still;
