@@ -1,23 +1,12 @@
-//! The command line: `agent` runs one standalone agent. Every flag can also come from the environment.
+//! The command line's flags, and nothing else: `app` runs what they ask for. Every flag can
+//! also come from the environment.
 
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
-
-use tokio_util::sync::CancellationToken;
-
-use crate::leader::LeaderConfig;
-use crate::operator_api::Readiness;
-use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::agent::{Agent, StopReason};
-use crate::backend::prefect1::Prefect1;
-use crate::backend::prefect3::Prefect3;
-use crate::deploy::process::ProcessDeployer;
-use crate::settings::{AgentSettings, BackendSettings};
-use crate::telemetry::{self, LogFormat};
+use crate::flavor::Flavor;
+use crate::telemetry::LogFormat;
 
 /// Runs Prefect agents: pulls scheduled flow runs from Prefect and starts one
 /// piece of infrastructure per run.
@@ -94,15 +83,6 @@ pub struct OperatorArgs {
         default_value = "prefect-agent-operator"
     )]
     pub leader_election_id: String,
-}
-
-/// Which Prefect API the agent speaks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Flavor {
-    /// Prefect 3 work pools (REST).
-    Prefect3,
-    /// Prefect Server / Cloud 1.x (GraphQL), as the seed's Agent.
-    Prefect1,
 }
 
 /// Where claimed runs are started.
@@ -251,7 +231,7 @@ pub struct AgentArgs {
     )]
     pub deployer: Option<DeployerKind>,
     /// Process deployer: command run for each flow run, unless the run's job variables set `command`.
-    #[arg(long, env = "PAO_PROCESS_COMMAND", default_value = crate::deploy::process::DEFAULT_COMMAND, help_heading = "Infrastructure")]
+    #[arg(long, env = "PAO_PROCESS_COMMAND", default_value = DEFAULT_PROCESS_COMMAND, help_heading = "Infrastructure")]
     pub command: String,
     /// Process deployer: working directory, unless the job variables set `working_dir`.
     #[arg(long, env = "PAO_PROCESS_WORKING_DIR", help_heading = "Infrastructure")]
@@ -262,227 +242,5 @@ pub struct AgentArgs {
     pub fault_abort_after_claim: bool,
 }
 
-/// Runs the command line; errors become one line on stderr and a non-zero exit code.
-pub fn run(cli: Cli) -> ExitCode {
-    if matches!(cli.command, Command::Crdgen) {
-        return match crate::crd::crd_yaml() {
-            Ok(yaml) => {
-                print!("{yaml}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("error: cannot render the CRD: {e}");
-                ExitCode::FAILURE
-            }
-        };
-    }
-    if let Err(e) = telemetry::init(cli.log_format, &cli.log_level) {
-        eprintln!("error: {e}");
-        return ExitCode::from(2);
-    }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let result = match cli.command {
-        Command::Agent(args) => runtime.block_on(run_agent(*args)),
-        Command::Crdgen => Ok(()),
-        Command::Operator(args) => runtime.block_on(run_operator(args)),
-        Command::DevRunner(args) => runtime.block_on(run_dev_runner(args)),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(CliError { message, code }) => {
-            eprintln!("error: {message}");
-            ExitCode::from(code)
-        }
-    }
-}
-
-/// An error for the user: one line, and the exit code (2 for usage, 1 otherwise).
-#[derive(Debug)]
-pub struct CliError {
-    pub message: String,
-    pub code: u8,
-}
-
-impl CliError {
-    fn usage(e: impl std::fmt::Display) -> Self {
-        Self {
-            message: e.to_string(),
-            code: 2,
-        }
-    }
-
-    fn runtime(e: impl std::fmt::Display) -> Self {
-        Self {
-            message: e.to_string(),
-            code: 1,
-        }
-    }
-}
-
-async fn run_agent(args: AgentArgs) -> Result<(), CliError> {
-    let settings =
-        AgentSettings::resolve(&args, |k| std::env::var(k).ok()).map_err(CliError::usage)?;
-    for warning in &settings.warnings {
-        tracing::warn!("{warning}");
-    }
-    let shutdown = crate::signals::shutdown_on_signals().map_err(CliError::runtime)?;
-    let deployer = ProcessDeployer::new(settings.process);
-    let reason = match settings.backend {
-        BackendSettings::Prefect3(cfg) => {
-            let backend = Prefect3::new(cfg).map_err(CliError::runtime)?;
-            let agent = Agent::new(settings.agent, backend, deployer);
-            agent.start(shutdown).await
-        }
-        BackendSettings::Prefect1(cfg) => {
-            let backend = Prefect1::new(cfg).map_err(CliError::runtime)?;
-            let agent = Agent::new(settings.agent, backend, deployer);
-            agent.start(shutdown).await
-        }
-    };
-    match reason.map_err(CliError::runtime)? {
-        StopReason::MaxPolls => tracing::info!("max polls reached"),
-        StopReason::Shutdown => {}
-    }
-    Ok(())
-}
-
-async fn run_operator(args: OperatorArgs) -> Result<(), CliError> {
-    let client = kube::Client::try_default()
-        .await
-        .map_err(|e| CliError::runtime(format!("cannot configure a Kubernetes client: {e}")))?;
-    let version = client
-        .apiserver_version()
-        .await
-        .map_err(|e| CliError::runtime(format!("cannot reach the Kubernetes API: {e}")))?;
-    tracing::info!(version = %version.git_version, "connected to Kubernetes");
-    if args.install_crd {
-        use kube::api::{Patch, PatchParams};
-        let crds: kube::Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
-            kube::Api::all(client.clone());
-        crds.patch(
-            "prefectagents.prefect.io",
-            &PatchParams::apply(crate::controller::FIELD_MANAGER).force(),
-            &Patch::Apply(crate::crd::crd()),
-        )
-        .await
-        .map_err(|e| CliError::runtime(format!("cannot install the PrefectAgent CRD: {e}")))?;
-        tracing::info!("PrefectAgent CRD installed");
-    }
-    let shutdown = crate::signals::shutdown_on_signals().map_err(CliError::runtime)?;
-    let readiness = Arc::new(Readiness::default());
-    readiness.api_reachable.store(true, Ordering::Relaxed);
-    let scope = crate::scope::Scope {
-        watch_namespace: args.namespace.clone(),
-        job_namespaces: crate::scope::JobNamespaces::from_list(&args.job_namespaces),
-    };
-    let ctx = crate::controller::Context::new(client.clone(), args.pod_grace, scope);
-    crate::operator_api::serve(
-        args.health_address,
-        readiness.clone(),
-        ctx.clone(),
-        shutdown.clone(),
-    )
-    .await
-    .map_err(|e| {
-        CliError::runtime(format!(
-            "cannot serve on --health-address {}: {e}",
-            args.health_address
-        ))
-    })?;
-    tokio::spawn(watch_api(
-        client.clone(),
-        readiness.clone(),
-        shutdown.clone(),
-    ));
-
-    // Agents run only while this replica leads; losing the Lease ends the process.
-    let run_token = shutdown.child_token();
-    let mut renewer = None;
-    if args.leader_elect {
-        let identity = std::env::var("POD_NAME")
-            .unwrap_or_else(|_| format!("{}-{}", hostname(), std::process::id()));
-        let cfg = LeaderConfig::new(
-            args.leader_election_namespace.clone(),
-            args.leader_election_id.clone(),
-            identity,
-        );
-        let Some((lost, handle)) = crate::leader::lead(client.clone(), cfg, shutdown.clone()).await
-        else {
-            return Ok(());
-        };
-        let token = run_token.clone();
-        tokio::spawn(async move {
-            lost.cancelled().await;
-            token.cancel();
-        });
-        renewer = Some(handle);
-    }
-    readiness.leading.store(true, Ordering::Relaxed);
-    let agents: kube::Api<crate::crd::PrefectAgent> = match &args.namespace {
-        Some(ns) => kube::Api::namespaced(client.clone(), ns),
-        None => kube::Api::all(client.clone()),
-    };
-    // Ready once PrefectAgents can be listed (a CRD installed a moment ago is not served yet).
-    let mut warned = false;
-    while let Err(e) = agents
-        .list(&kube::api::ListParams::default().limit(1))
-        .await
-    {
-        if !warned {
-            tracing::warn!(error = %e, "cannot list PrefectAgents yet; retrying (is the CRD installed?)");
-            warned = true;
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
-            _ = run_token.cancelled() => return Ok(()),
-        }
-    }
-    readiness.synced.store(true, Ordering::Relaxed);
-    crate::controller::run(ctx, args.namespace, run_token).await;
-    readiness.leading.store(false, Ordering::Relaxed);
-    if let Some(handle) = renewer {
-        shutdown.cancel();
-        if let Ok(Err(e)) = handle.await {
-            return Err(CliError::runtime(e));
-        }
-    }
-    Ok(())
-}
-
-/// Keeps `api_reachable` current: /readyz fails while Kubernetes cannot be reached.
-async fn watch_api(client: kube::Client, readiness: Arc<Readiness>, stop: CancellationToken) {
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(std::time::Duration::from_secs(10)) => {}
-            _ = stop.cancelled() => return,
-        }
-        let ok = client.apiserver_version().await.is_ok();
-        if readiness.api_reachable.swap(ok, Ordering::Relaxed) != ok {
-            tracing::warn!(reachable = ok, "Kubernetes API reachability changed");
-        }
-    }
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "operator".into())
-}
-
-async fn run_dev_runner(args: DevRunnerArgs) -> Result<(), CliError> {
-    let client = kube::Client::try_default()
-        .await
-        .map_err(|e| CliError::runtime(format!("cannot configure a Kubernetes client: {e}")))?;
-    let shutdown = crate::signals::shutdown_on_signals().map_err(CliError::runtime)?;
-    crate::devrunner::run(client, args.namespace, shutdown).await;
-    Ok(())
-}
+/// The process deployer's command when none is given (`ProcessConfig`'s default).
+pub const DEFAULT_PROCESS_COMMAND: &str = "prefect flow-run execute";

@@ -12,6 +12,8 @@ use kube::CustomResource;
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Serialize};
 
+pub use crate::flavor::Flavor;
+
 /// One Prefect agent, run by the operator.
 #[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
@@ -72,17 +74,6 @@ pub struct PrefectAgentSpec {
     /// Stop polling; Jobs already started keep running.
     #[serde(default)]
     pub suspend: bool,
-}
-
-/// Which Prefect API the agent speaks.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum Flavor {
-    /// Prefect 3 work pools (REST).
-    #[default]
-    Prefect3,
-    /// Prefect 1 Server/Cloud (GraphQL).
-    Prefect1,
 }
 
 /// A key of a Secret in the resource's namespace.

@@ -6,12 +6,14 @@
 //! backend.
 
 pub mod agent;
+pub mod app;
 pub mod backend;
 pub mod cli;
 pub mod controller;
 pub mod crd;
 pub mod deploy;
 pub mod devrunner;
+pub mod flavor;
 pub mod leader;
 pub mod metrics;
 pub mod operator_api;

@@ -4,31 +4,26 @@
 //! variable) wins, then Prefect 1's configuration variables, then the default.
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, ToSocketAddrs};
 
 use serde_json::Value;
 
+use crate::agent::health::parse_agent_address;
 use crate::agent::{AgentConfig, default_submit_concurrency};
+use crate::backend::config::BackendConfig;
+use crate::backend::http::Auth;
 use crate::backend::http::RetryPolicy;
 use crate::backend::prefect1::Prefect1Config;
-use crate::backend::prefect3::{Prefect3Config, auth_from};
+use crate::backend::prefect3::Prefect3Config;
 use crate::cli::AgentArgs;
-use crate::cli::Flavor;
 use crate::deploy::process::ProcessConfig;
+use crate::flavor::Flavor;
 use crate::secret::SecretString;
-
-/// Which API the agent speaks, configured.
-#[derive(Debug, Clone)]
-pub enum BackendSettings {
-    Prefect3(Prefect3Config),
-    Prefect1(Prefect1Config),
-}
 
 /// Everything a standalone agent needs, resolved and checked.
 #[derive(Debug, Clone)]
 pub struct AgentSettings {
     pub agent: AgentConfig,
-    pub backend: BackendSettings,
+    pub backend: BackendConfig,
     pub process: ProcessConfig,
     /// Things the user set that have no effect here; logged at start.
     pub warnings: Vec<String>,
@@ -144,7 +139,7 @@ impl AgentSettings {
             .agent_address
             .clone()
             .or_else(|| env("PREFECT__CLOUD__AGENT__AGENT_ADDRESS"))
-            .map(|a| parse_agent_address(&a))
+            .map(|a| parse_agent_address(&a).ok_or(SettingsError::BadAgentAddress(a)))
             .transpose()?;
         let no_cloud_logs = args.no_cloud_logs
             || env("PREFECT__CLOUD__SEND_FLOW_RUN_LOGS")
@@ -183,7 +178,7 @@ impl AgentSettings {
             fault_abort_after_claim: args.fault_abort_after_claim,
         };
         let backend = if prefect1 {
-            BackendSettings::Prefect1(Prefect1Config {
+            BackendConfig::Prefect1(Prefect1Config {
                 api_url,
                 backend: env("PREFECT__BACKEND")
                     .unwrap_or_else(|| if key.is_some() { "cloud" } else { "server" }.to_string()),
@@ -203,9 +198,9 @@ impl AgentSettings {
                 retry: RetryPolicy::default(),
             })
         } else {
-            BackendSettings::Prefect3(Prefect3Config {
+            BackendConfig::Prefect3(Prefect3Config {
                 api_url,
-                auth: auth_from(key, auth_string),
+                auth: Auth::from_credentials(key, auth_string),
                 pool,
                 queues: args
                     .queues
@@ -304,16 +299,6 @@ fn parse_env_json(raw: &str) -> Result<BTreeMap<String, String>, SettingsError> 
         .collect()
 }
 
-/// Accepts `host:port` or the seed's `http://host:port`.
-pub fn parse_agent_address(raw: &str) -> Result<SocketAddr, SettingsError> {
-    let t = raw.trim();
-    let t = t.strip_prefix("http://").unwrap_or(t).trim_end_matches('/');
-    t.to_socket_addrs()
-        .ok()
-        .and_then(|mut addrs| addrs.next())
-        .ok_or_else(|| SettingsError::BadAgentAddress(raw.to_string()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -344,15 +329,15 @@ mod tests {
 
     fn prefect3(s: &AgentSettings) -> &Prefect3Config {
         match &s.backend {
-            BackendSettings::Prefect3(cfg) => cfg,
-            BackendSettings::Prefect1(_) => panic!("expected Prefect 3 settings"),
+            BackendConfig::Prefect3(cfg) => cfg,
+            BackendConfig::Prefect1(_) => panic!("expected Prefect 3 settings"),
         }
     }
 
     fn prefect1(s: &AgentSettings) -> &Prefect1Config {
         match &s.backend {
-            BackendSettings::Prefect1(cfg) => cfg,
-            BackendSettings::Prefect3(_) => panic!("expected Prefect 1 settings"),
+            BackendConfig::Prefect1(cfg) => cfg,
+            BackendConfig::Prefect3(_) => panic!("expected Prefect 1 settings"),
         }
     }
 

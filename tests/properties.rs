@@ -178,8 +178,8 @@ proptest! {
         let Ok(spec) = serde_json::from_value::<PrefectAgentSpec>(spec) else {
             return Ok(()); // the shape is wrong: the CRD schema rejects it first
         };
-        if let Err((reason, message)) = agent_config("x", &spec) {
-            prop_assert!(!reason.is_empty() && !message.is_empty());
+        if let Err(e) = agent_config("x", &spec) {
+            prop_assert!(!e.reason().is_empty() && !e.to_string().is_empty());
         }
         let vars = vars.as_object().cloned().unwrap_or_default();
         let explicit: BTreeSet<String> = vars.keys().cloned().collect();

@@ -1,6 +1,6 @@
 //! The seed's optional agent API at `agent_address`: `GET /api/health` and `GET /api/poke`.
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -11,6 +11,13 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::stats::AgentStats;
+
+/// Accepts `host:port` or the seed's `http://host:port`.
+pub fn parse_agent_address(raw: &str) -> Option<SocketAddr> {
+    let t = raw.trim();
+    let t = t.strip_prefix("http://").unwrap_or(t).trim_end_matches('/');
+    t.to_socket_addrs().ok()?.next()
+}
 
 #[derive(Clone)]
 struct HealthState {

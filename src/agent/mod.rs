@@ -1,9 +1,12 @@
 //! The seed's `Agent`: register, then poll → claim → deploy → report, until told to stop.
 
+mod any;
 pub mod backoff;
 pub mod env;
 pub mod health;
 pub mod stats;
+
+pub use any::AnyAgent;
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;

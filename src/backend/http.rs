@@ -21,6 +21,15 @@ pub enum Auth {
 }
 
 impl Auth {
+    /// What an API key or a `user:password` string (at most one is given) sends.
+    pub fn from_credentials(key: Option<SecretString>, auth_string: Option<SecretString>) -> Self {
+        match (key, auth_string) {
+            (Some(k), _) => Auth::Bearer(k),
+            (None, Some(s)) => Auth::Basic(s),
+            (None, None) => Auth::None,
+        }
+    }
+
     /// The `Authorization` header value, for every connection that sends one (HTTP calls,
     /// the event stream's upgrade request).
     pub fn authorization(&self) -> Option<SecretString> {

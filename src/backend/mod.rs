@@ -1,6 +1,7 @@
 //! How the agent talks to Prefect: the [`Backend`] trait and the flow-run types it speaks.
 
 pub mod coalesce;
+pub mod config;
 pub mod events;
 pub mod http;
 pub mod prefect1;

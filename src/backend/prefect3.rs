@@ -16,7 +16,6 @@ use super::http::{ApiClient, Auth, HttpError, RetryPolicy};
 use super::{
     Backend, BackendError, Claim, EnvValue, FlowRun, LogLevel, Registration, RunContext, StateKind,
 };
-use crate::secret::SecretString;
 use crate::work_pool::{
     Reference, References, merge_job_variables, references_in, shared_template, standard_template,
     template_defaults,
@@ -769,18 +768,10 @@ impl Backend for Prefect3 {
     }
 }
 
-/// Reads `PREFECT_API_KEY`-style credentials into the auth the client sends.
-pub fn auth_from(key: Option<SecretString>, auth_string: Option<SecretString>) -> Auth {
-    match (key, auth_string) {
-        (Some(k), _) => Auth::Bearer(k),
-        (None, Some(s)) => Auth::Basic(s),
-        (None, None) => Auth::None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::secret::SecretString;
 
     fn resp(body: Value) -> SetStateResponse {
         serde_json::from_value(body).unwrap()

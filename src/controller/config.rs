@@ -1,0 +1,217 @@
+//! From a PrefectAgent's spec (and its Secrets) to what runs: the agent's settings, its
+//! backend's, and the reason a spec cannot be run, for its conditions.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::{Api, Client};
+
+use crate::agent::AgentConfig;
+use crate::backend::config::BackendConfig;
+use crate::backend::http::{Auth, RetryPolicy};
+use crate::backend::prefect1::Prefect1Config;
+use crate::backend::prefect3::Prefect3Config;
+use crate::crd::{Flavor, PrefectAgentSpec, SecretKeyRef};
+use crate::secret::SecretString;
+
+/// Why a spec cannot be run; the variant is the conditions' reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    SecretNotFound(String),
+    #[error("{0}")]
+    JobNamespaceNotAllowed(String),
+}
+
+impl SpecError {
+    /// The reason of the conditions this error sets.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Invalid(_) => "InvalidSpec",
+            Self::SecretNotFound(_) => "SecretNotFound",
+            Self::JobNamespaceNotAllowed(_) => "JobNamespaceNotAllowed",
+        }
+    }
+}
+
+/// The credentials a spec's Secrets hold.
+#[derive(Debug, Default)]
+pub struct Credentials {
+    pub key: Option<SecretString>,
+    pub auth_string: Option<SecretString>,
+}
+
+impl Credentials {
+    /// Reads the Secrets the spec names, in the resource's namespace.
+    pub async fn read(
+        client: &Client,
+        namespace: &str,
+        spec: &PrefectAgentSpec,
+    ) -> Result<Self, SpecError> {
+        let read = |r: &Option<SecretKeyRef>| {
+            let r = r.clone();
+            async move {
+                match r {
+                    Some(r) => read_secret(client, namespace, &r)
+                        .await
+                        .map(Some)
+                        .map_err(SpecError::SecretNotFound),
+                    None => Ok(None),
+                }
+            }
+        };
+        Ok(Self {
+            key: read(&spec.api.key_secret_ref).await?,
+            auth_string: read(&spec.api.auth_string_secret_ref).await?,
+        })
+    }
+}
+
+/// Reads `key` of a Secret in `namespace`; the error names the object, never the value.
+async fn read_secret(
+    client: &Client,
+    namespace: &str,
+    r: &SecretKeyRef,
+) -> Result<SecretString, String> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let secret = match secrets.get_opt(&r.name).await {
+        Ok(Some(s)) => s,
+        Ok(None) => return Err(format!("secret {namespace}/{} not found", r.name)),
+        Err(e) => return Err(format!("cannot read secret {namespace}/{}: {e}", r.name)),
+    };
+    let value = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(&r.key))
+        .map(|b| String::from_utf8_lossy(&b.0).trim().to_string())
+        .or_else(|| {
+            secret
+                .string_data
+                .as_ref()
+                .and_then(|d| d.get(&r.key))
+                .cloned()
+        });
+    match value {
+        Some(v) if !v.is_empty() => Ok(SecretString::new(v)),
+        _ => Err(format!(
+            "secret {namespace}/{} has no key `{}`",
+            r.name, r.key
+        )),
+    }
+}
+
+/// Checks what must hold before anything is read: the settings of one flavour are not
+/// given to the other.
+pub fn check_spec(spec: &PrefectAgentSpec) -> Result<(), SpecError> {
+    match spec.api.flavor {
+        Flavor::Prefect3 if spec.api.work_pool.is_none() => Err(SpecError::Invalid(
+            "spec.api.workPool is required for flavor prefect3".into(),
+        )),
+        Flavor::Prefect1 if spec.api.auth_string_secret_ref.is_some() => Err(SpecError::Invalid(
+            "spec.api.authStringSecretRef is a Prefect 3 setting; Prefect 1 takes keySecretRef"
+                .into(),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The backend a spec asks for, with the credentials its Secrets hold.
+pub fn backend_config(
+    spec: &PrefectAgentSpec,
+    agent: &AgentConfig,
+    credentials: Credentials,
+    retry: RetryPolicy,
+) -> Result<BackendConfig, SpecError> {
+    check_spec(spec)?;
+    let api_url = spec.api.url.trim_end_matches('/').to_string();
+    Ok(match spec.api.flavor {
+        Flavor::Prefect1 => BackendConfig::Prefect1(Prefect1Config {
+            api_url,
+            backend: if credentials.key.is_some() {
+                "cloud"
+            } else {
+                "server"
+            }
+            .into(),
+            key: credentials.key,
+            tenant_id: spec.api.tenant_id.clone(),
+            agent_name: agent.name.clone(),
+            agent_type: "KubernetesAgent".into(),
+            labels: agent.labels.clone(),
+            agent_config_id: agent.agent_config_id.clone(),
+            prefetch: Duration::from_secs(10),
+            default_image: spec.job.image.clone(),
+            log_level: "INFO".into(),
+            retry,
+        }),
+        Flavor::Prefect3 => BackendConfig::Prefect3(Prefect3Config {
+            api_url,
+            auth: Auth::from_credentials(credentials.key, credentials.auth_string),
+            pool: spec.api.work_pool.clone().unwrap_or_default(),
+            queues: spec.api.work_queues.clone(),
+            agent_name: agent.name.clone(),
+            prefetch: Duration::from_secs(10),
+            heartbeat_interval: agent.heartbeat_interval,
+            create_pool: None,
+            poll_limit: 200,
+            retry,
+            events: spec.api.events.unwrap_or(true),
+        }),
+    })
+}
+
+/// The agent settings a spec asks for, or why it cannot be run.
+pub fn agent_config(name: &str, spec: &PrefectAgentSpec) -> Result<AgentConfig, SpecError> {
+    let poll_interval = match &spec.poll_interval {
+        Some(s) => humantime::parse_duration(s)
+            .map_err(|e| SpecError::Invalid(format!("spec.pollInterval `{s}`: {e}")))?,
+        None => Duration::from_secs(10),
+    };
+    let agent_address = spec
+        .agent_address
+        .as_deref()
+        .map(|a| {
+            crate::agent::health::parse_agent_address(a).ok_or_else(|| {
+                SpecError::Invalid(format!(
+                    "spec.agentAddress `{a}` is not an address such as 0.0.0.0:8080"
+                ))
+            })
+        })
+        .transpose()?;
+    Ok(AgentConfig {
+        agent_config_id: spec.agent_config_id.clone(),
+        name: spec.name.clone().unwrap_or_else(|| name.to_string()),
+        labels: spec.labels.clone(),
+        env_vars: spec.env_vars.clone(),
+        max_polls: spec.max_polls,
+        agent_address,
+        no_cloud_logs: spec.no_cloud_logs,
+        poll_interval: poll_interval.max(Duration::from_millis(250)),
+        ..AgentConfig::default()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn agent_settings_from_a_spec() {
+        let spec: PrefectAgentSpec = serde_json::from_value(json!({
+            "api": {"url": "http://p/api", "workPool": "k"}, "pollInterval": "2s", "maxPolls": 3,
+            "envVars": {"A": "1"}, "noCloudLogs": true}))
+        .unwrap();
+        let cfg = agent_config("etl", &spec).unwrap();
+        assert_eq!(cfg.name, "etl");
+        assert_eq!(cfg.poll_interval, Duration::from_secs(2));
+        assert_eq!(cfg.max_polls, Some(3));
+        assert!(cfg.no_cloud_logs);
+        let bad: PrefectAgentSpec = serde_json::from_value(json!({
+            "api": {"url": "http://p/api"}, "agentAddress": "nowhere"}))
+        .unwrap();
+        assert_eq!(agent_config("x", &bad).unwrap_err().reason(), "InvalidSpec");
+    }
+}

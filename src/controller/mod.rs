@@ -1,0 +1,179 @@
+//! The `PrefectAgent` controller: one agent per resource, run while the resource exists
+//! and is not suspended, its state written back into the resource's status.
+//!
+//! - [`reconcile`](self::reconcile): the finalizer, the agent's start and its status;
+//! - [`supervisor`]: the agent tasks, restarted with backoff when they fail;
+//! - [`status`]: what the status says, decided without I/O;
+//! - [`config`]: spec (and Secrets) → agent and backend settings, or why not.
+
+mod config;
+mod reconcile;
+pub mod status;
+pub mod supervisor;
+
+pub use config::{SpecError, agent_config, backend_config};
+pub use supervisor::{AgentPhase, Supervisor};
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::{WatchStreamExt, reflector, watcher};
+use kube::{Api, Client, ResourceExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::agent::stats::AgentStats;
+use crate::backend::http::RetryPolicy;
+use crate::crd::PrefectAgent;
+use crate::deploy::kubernetes::job::agent_label;
+use crate::deploy::kubernetes::observe::JobObserver;
+use crate::metrics::Histogram;
+use crate::operator_api::{AgentMetrics, ControllerMetrics, MetricsSource};
+use crate::scope::Scope;
+
+/// The finalizer that lets the operator stop an agent before its resource goes.
+pub const FINALIZER: &str = "prefect.io/agent";
+/// The field manager of every status write.
+pub const FIELD_MANAGER: &str = crate::APP_NAME;
+/// How often status is refreshed while nothing changes.
+const STATUS_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Errors of one reconcile, each with a message a user can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("finalizer: {0}")]
+    Finalizer(String),
+}
+
+/// Shared by every reconcile.
+pub struct Context {
+    pub client: Client,
+    /// Publishes Kubernetes Events on the resources.
+    pub recorder: Recorder,
+    pub observer: Arc<JobObserver>,
+    pub supervisor: Supervisor,
+    pub retry: RetryPolicy,
+    pub reconciles: AtomicU64,
+    pub reconcile_errors: AtomicU64,
+    pub reconcile_duration: Histogram,
+    /// Where resources may put their Jobs.
+    pub scope: Scope,
+}
+
+async fn reconcile(agent: Arc<PrefectAgent>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let api: Api<PrefectAgent> =
+        Api::namespaced(ctx.client.clone(), &agent.namespace().unwrap_or_default());
+    let result = finalizer(&api, FINALIZER, agent, |event| async {
+        match event {
+            Finalizer::Apply(a) => a.reconcile(&ctx).await,
+            Finalizer::Cleanup(a) => a.cleanup(&ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(e.to_string()));
+    AgentStats::inc(&ctx.reconciles);
+    if result.is_err() {
+        AgentStats::inc(&ctx.reconcile_errors);
+    }
+    ctx.reconcile_duration.observe(started.elapsed());
+    result
+}
+
+fn error_policy(agent: Arc<PrefectAgent>, error: &Error, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(agent = %agent.name_any(), %error, "reconcile failed");
+    Action::requeue(Duration::from_secs(5))
+}
+
+impl Context {
+    pub fn new(client: Client, pod_grace: Duration, scope: Scope) -> Arc<Self> {
+        let reporter = Reporter {
+            controller: crate::APP_NAME.into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        Arc::new(Context {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            observer: JobObserver::new(pod_grace),
+            supervisor: Supervisor::default(),
+            retry: RetryPolicy::default(),
+            reconciles: AtomicU64::new(0),
+            reconcile_errors: AtomicU64::new(0),
+            reconcile_duration: Histogram::new(),
+            scope,
+        })
+    }
+}
+
+impl MetricsSource for Context {
+    fn agents(&self) -> Vec<AgentMetrics> {
+        self.supervisor
+            .snapshots()
+            .into_iter()
+            .map(|(agent, stats, submission_latency)| {
+                let active_jobs = agent
+                    .split_once('/')
+                    .map_or(0, |(ns, name)| self.observer.active(&agent_label(ns, name)));
+                AgentMetrics {
+                    agent,
+                    stats,
+                    active_jobs,
+                    submission_latency,
+                }
+            })
+            .collect()
+    }
+
+    fn controller(&self) -> ControllerMetrics {
+        ControllerMetrics {
+            reconciles: self.reconciles.load(Ordering::Relaxed),
+            reconcile_errors: self.reconcile_errors.load(Ordering::Relaxed),
+            reconcile_duration: self.reconcile_duration.snapshot(),
+        }
+    }
+}
+
+/// Runs the controller (and the Job observer) until `shutdown`.
+pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: CancellationToken) {
+    let client = ctx.client.clone();
+    tokio::spawn(
+        ctx.observer
+            .clone()
+            .run(client.clone(), namespace.clone(), shutdown.clone()),
+    );
+    let agents: Api<PrefectAgent> = match &namespace {
+        Some(ns) => Api::namespaced(client, ns),
+        None => Api::all(client),
+    };
+    let stop = shutdown.clone();
+    // Bounded: a thousand resources requeued at once must not open a thousand
+    // connections to the API server.
+    let config = kube::runtime::controller::Config::default().concurrency(16);
+    // The cache keeps every resource for the operator's lifetime; their managedFields
+    // (server-side apply bookkeeping, several KiB each) are never read here.
+    let (reader, writer) = reflector::store();
+    let resources = reflector(
+        writer,
+        watcher(agents, watcher::Config::default()).modify(|agent| {
+            agent.managed_fields_mut().clear();
+        }),
+    )
+    .applied_objects();
+    Controller::for_stream(resources, reader)
+        .with_config(config)
+        .graceful_shutdown_on(async move { stop.cancelled().await })
+        .run(reconcile, error_policy, ctx.clone())
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "reconcile error");
+            }
+        })
+        .await;
+    ctx.supervisor.stop_all();
+}

@@ -1,0 +1,180 @@
+//! One PrefectAgent reconciled: its agent started, kept or stopped, its status written,
+//! and on deletion its agent stopped and its finished Jobs removed.
+
+use std::time::Duration;
+
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::{Api, Resource, ResourceExt};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use super::config::{Credentials, SpecError, agent_config, backend_config, check_spec};
+use super::status::{desired_status, status_changed, transition_event};
+use super::supervisor::{AgentPhase, RESTART_FIRST};
+use super::{Context, Error, FIELD_MANAGER, STATUS_INTERVAL};
+use crate::agent::AnyAgent;
+use crate::crd::{JobSpec, PrefectAgent};
+use crate::deploy::kubernetes::KubernetesDeployer;
+use crate::deploy::kubernetes::job::agent_label;
+
+impl PrefectAgent {
+    /// `namespace/name`: the supervisor's key and the logs' `resource`.
+    pub(super) fn key(&self) -> String {
+        format!(
+            "{}/{}",
+            self.namespace().unwrap_or_default(),
+            self.name_any()
+        )
+    }
+
+    pub(super) async fn reconcile(&self, ctx: &Context) -> Result<Action, Error> {
+        let key = self.key();
+        let generation = self.metadata.generation;
+        let phase = if self.spec.suspend {
+            ctx.supervisor.stop(&key);
+            AgentPhase::Suspended
+        } else if let Some(phase) = ctx.supervisor.current(&key, generation) {
+            phase
+        } else {
+            match self.start_agent(ctx).await {
+                Ok(()) => ctx
+                    .supervisor
+                    .current(&key, generation)
+                    .unwrap_or(AgentPhase::Failed {
+                        message: "the agent did not start".into(),
+                        retry_in: RESTART_FIRST,
+                    }),
+                Err(e) => {
+                    ctx.supervisor.stop(&key);
+                    AgentPhase::Invalid {
+                        reason: e.reason(),
+                        message: e.to_string(),
+                    }
+                }
+            }
+        };
+        self.write_status(ctx, &phase).await?;
+        Ok(match phase {
+            AgentPhase::Invalid { .. } => Action::requeue(Duration::from_secs(30)),
+            _ => Action::requeue(STATUS_INTERVAL),
+        })
+    }
+
+    /// Builds this generation's agent from the spec and runs it as a supervised task.
+    async fn start_agent(&self, ctx: &Context) -> Result<(), SpecError> {
+        let ns = self.namespace().unwrap_or_default();
+        let spec = &self.spec;
+        check_spec(spec)?;
+        let cfg = agent_config(&self.name_any(), spec)?;
+        let job_namespace = ctx
+            .scope
+            .job_namespace(&ns, spec.job.namespace.as_deref())
+            .map_err(SpecError::JobNamespaceNotAllowed)?;
+        let credentials = Credentials::read(&ctx.client, &ns, spec).await?;
+        let deployer = KubernetesDeployer {
+            client: ctx.client.clone(),
+            observer: ctx.observer.clone(),
+            agent_namespace: ns,
+            agent_name: self.name_any(),
+            defaults: JobSpec {
+                namespace: Some(job_namespace),
+                ..spec.job.clone()
+            },
+            secret: (spec.api.key_secret_ref.clone()).or(spec.api.auth_string_secret_ref.clone()),
+            concurrency_limit: spec.concurrency_limit,
+        };
+        let backend = backend_config(spec, &cfg, credentials, ctx.retry)?;
+        let agent =
+            AnyAgent::new(cfg, backend, deployer).map_err(|e| SpecError::Invalid(e.to_string()))?;
+        self.run_agent(ctx, agent);
+        Ok(())
+    }
+
+    /// Runs the agent as a supervised task for this resource's generation.
+    fn run_agent(&self, ctx: &Context, agent: AnyAgent<KubernetesDeployer>) {
+        let key = self.key();
+        let stats = agent.stats();
+        let token = CancellationToken::new();
+        let run_token = token.clone();
+        // A root span: the task outlives the reconcile that started it.
+        let span = tracing::info_span!(parent: None, "resource", resource = %key);
+        let task_stats = stats.clone();
+        let handle = tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                // The error goes where the status reads it: the agent's counters.
+                if let Err(e) = agent.start(run_token).await {
+                    tracing::error!(error = %e, "agent stopped with an error");
+                    task_stats.error(e.to_string());
+                }
+            },
+            span,
+        ));
+        ctx.supervisor
+            .start(key, self.metadata.generation, token, stats, handle);
+    }
+
+    async fn write_status(&self, ctx: &Context, phase: &AgentPhase) -> Result<(), Error> {
+        let ns = self.namespace().unwrap_or_default();
+        let previous = self
+            .status
+            .as_ref()
+            .map(|s| s.conditions.clone())
+            .unwrap_or_default();
+        let active_jobs = ctx.observer.active(&agent_label(&ns, &self.name_any())) as u64;
+        let status = desired_status(phase, self.metadata.generation, &previous, active_jobs);
+        if self
+            .status
+            .as_ref()
+            .is_some_and(|s| !status_changed(s, &status))
+        {
+            return Ok(());
+        }
+        if let Some((warning, reason, note)) = transition_event(&previous, &status.conditions) {
+            let event = Event {
+                type_: if warning {
+                    EventType::Warning
+                } else {
+                    EventType::Normal
+                },
+                reason,
+                note: Some(note),
+                action: "Reconcile".into(),
+                secondary: None,
+            };
+            if let Err(e) = ctx.recorder.publish(&event, &self.object_ref(&())).await {
+                tracing::warn!(error = %e, "could not publish an Event");
+            }
+        }
+        let api: Api<PrefectAgent> = Api::namespaced(ctx.client.clone(), &ns);
+        let patch =
+            json!({"apiVersion": "prefect.io/v1alpha1", "kind": "PrefectAgent", "status": status});
+        api.patch_status(
+            &self.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+        Ok(())
+    }
+
+    pub(super) async fn cleanup(&self, ctx: &Context) -> Result<Action, Error> {
+        let key = self.key();
+        ctx.supervisor.stop(&key);
+        // Its finished Jobs go with it; a failure leaves them to their TTL.
+        let own = self.namespace().unwrap_or_default();
+        let namespace = self.spec.job.namespace.clone().unwrap_or(own.clone());
+        let label = agent_label(&own, &self.name_any());
+        match crate::deploy::kubernetes::delete_finished_jobs(&ctx.client, &namespace, &label).await
+        {
+            Ok(n) => {
+                tracing::info!(resource = %key, deleted = n, "deleted the finished Jobs of a removed PrefectAgent")
+            }
+            Err(e) => {
+                tracing::warn!(resource = %key, error = %e, "could not delete the finished Jobs of a removed PrefectAgent; their TTL will")
+            }
+        }
+        Ok(Action::await_change())
+    }
+}

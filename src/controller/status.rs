@@ -1,0 +1,382 @@
+//! What a resource's status should say, decided without I/O: conditions from the
+//! agent's phase, the Event a change deserves, and whether a change is worth a write.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+
+use super::supervisor::AgentPhase;
+use crate::crd::PrefectAgentStatus;
+
+/// A condition's status, reason and message.
+type Cond<'a> = (&'a str, &'a str, String);
+
+/// Conditions for a phase, keeping `lastTransitionTime` where a condition did not change.
+pub fn conditions(
+    phase: &AgentPhase,
+    generation: Option<i64>,
+    previous: &[Condition],
+) -> Vec<Condition> {
+    let (ready, progressing, degraded): (Cond, Cond, Cond) = match phase {
+        AgentPhase::Suspended => (
+            (
+                "False",
+                "Suspended",
+                "spec.suspend is true: the agent does not poll".into(),
+            ),
+            ("False", "Suspended", "suspended".into()),
+            ("False", "Suspended", "suspended".into()),
+        ),
+        AgentPhase::Invalid { reason, message } => (
+            ("False", reason, message.clone()),
+            ("False", reason, message.clone()),
+            ("True", reason, message.clone()),
+        ),
+        AgentPhase::Failed { message, retry_in } => (
+            ("False", "AgentFailed", message.clone()),
+            (
+                "True",
+                "Restarting",
+                format!(
+                    "the agent will be restarted in {}s: {message}",
+                    retry_in.as_secs()
+                ),
+            ),
+            ("True", "AgentFailed", message.clone()),
+        ),
+        AgentPhase::Running { stats } if stats.agent_id.is_none() => (
+            (
+                "False",
+                "Registering",
+                "the agent is registering with Prefect".into(),
+            ),
+            (
+                "True",
+                "Registering",
+                "the agent is registering with Prefect".into(),
+            ),
+            ("False", "Registering", "no problem seen".into()),
+        ),
+        AgentPhase::Running { stats } => {
+            let polling_fails =
+                stats.polls > 0 && stats.last_error.is_some() && stats.poll_errors == stats.polls;
+            if polling_fails {
+                let m = stats.last_error.clone().unwrap_or_default();
+                (
+                    ("False", "PollFailing", m.clone()),
+                    ("False", "Polling", "polling".into()),
+                    ("True", "PollFailing", m),
+                )
+            } else {
+                (
+                    (
+                        "True",
+                        "Polling",
+                        format!(
+                            "agent {} polls Prefect",
+                            stats.agent_id.clone().unwrap_or_default()
+                        ),
+                    ),
+                    ("False", "Polling", "up to date".into()),
+                    ("False", "Polling", "no problem seen".into()),
+                )
+            }
+        }
+    };
+    let now = Time(Timestamp::now());
+    [
+        ("Ready", ready),
+        ("Progressing", progressing),
+        ("Degraded", degraded),
+    ]
+    .into_iter()
+    .map(|(kind, (status, reason, message))| {
+        let since = previous
+            .iter()
+            .find(|c| c.type_ == kind && c.status == status)
+            .map(|c| c.last_transition_time.clone())
+            .unwrap_or_else(|| now.clone());
+        Condition {
+            type_: kind.into(),
+            status: status.into(),
+            reason: reason.into(),
+            message,
+            observed_generation: generation,
+            last_transition_time: since,
+        }
+    })
+    .collect()
+}
+
+/// The status a resource should have: its agent's phase and figures, and the Jobs of
+/// its agent still running.
+pub fn desired_status(
+    phase: &AgentPhase,
+    generation: Option<i64>,
+    previous: &[Condition],
+    active_jobs: u64,
+) -> PrefectAgentStatus {
+    let stats = match phase {
+        AgentPhase::Running { stats } => Some(stats),
+        _ => None,
+    };
+    let last_error = match phase {
+        AgentPhase::Invalid { message, .. } | AgentPhase::Failed { message, .. } => {
+            Some(message.clone())
+        }
+        _ => stats.and_then(|s| s.last_error.clone()),
+    };
+    PrefectAgentStatus {
+        observed_generation: generation,
+        conditions: conditions(phase, generation, previous),
+        agent_id: stats.and_then(|s| s.agent_id.clone()),
+        last_poll_time: stats
+            .and_then(|s| s.last_poll_time)
+            .and_then(|t| Timestamp::from_microsecond(t.timestamp_micros()).ok())
+            .map(Time),
+        polls: stats.map_or(0, |s| s.polls),
+        runs_submitted: stats.map_or(0, |s| s.runs_submitted),
+        runs_failed: stats.map_or(0, |s| s.runs_failed),
+        active_jobs,
+        last_error,
+        message: None,
+    }
+}
+
+/// The Event a status change deserves: Ready turning True, or a new problem (Degraded
+/// turning True or changing reason), or suspension. `(warning, reason, note)`.
+pub fn transition_event(
+    previous: &[Condition],
+    next: &[Condition],
+) -> Option<(bool, String, String)> {
+    let find = |list: &[Condition], t: &str| list.iter().find(|c| c.type_ == t).cloned();
+    let (old_ready, new_ready) = (find(previous, "Ready"), find(next, "Ready")?);
+    let (old_degraded, new_degraded) = (find(previous, "Degraded"), find(next, "Degraded")?);
+    let same = |a: &Option<Condition>, b: &Condition| {
+        a.as_ref()
+            .is_some_and(|a| a.status == b.status && a.reason == b.reason)
+    };
+    if new_degraded.status == "True" && !same(&old_degraded, &new_degraded) {
+        return Some((true, new_degraded.reason, new_degraded.message));
+    }
+    if !same(&old_ready, &new_ready)
+        && (new_ready.status == "True" || new_ready.reason == "Suspended")
+    {
+        let reason = if new_ready.status == "True" {
+            "AgentReady".to_string()
+        } else {
+            new_ready.reason
+        };
+        return Some((false, reason, new_ready.message));
+    }
+    None
+}
+
+/// How stale an idle agent's poll count and time may get in its status. They move with
+/// every poll; writing them for every agent every few seconds (and the watch event and
+/// reconcile each write causes) would be most of what an idle operator does.
+const POLL_FIGURES_EVERY: SignedDuration = SignedDuration::from_secs(30);
+
+/// Whether `new` is worth a write over `old`: anything but the poll figures (and the
+/// condition timestamps) changed, or those figures are older than `POLL_FIGURES_EVERY`.
+pub fn status_changed(old: &PrefectAgentStatus, new: &PrefectAgentStatus) -> bool {
+    let strip = |s: &PrefectAgentStatus| {
+        let mut s = s.clone();
+        for c in &mut s.conditions {
+            c.last_transition_time = Time(Timestamp::UNIX_EPOCH);
+        }
+        s.polls = 0;
+        s.last_poll_time = None;
+        s
+    };
+    if strip(old) != strip(new) {
+        return true;
+    }
+    match (&old.last_poll_time, &new.last_poll_time) {
+        (Some(Time(then)), Some(Time(now))) => now.duration_since(*then) >= POLL_FIGURES_EVERY,
+        (None, Some(_)) => true,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::supervisor::{RESTART_MAX, restart_delay};
+    use super::*;
+    use crate::agent::stats::StatsSnapshot;
+
+    #[test]
+    fn poll_figures_alone_are_written_every_30_seconds() {
+        let at = |secs: i64| Some(Time(Timestamp::from_second(1_800_000_000 + secs).unwrap()));
+        let old = PrefectAgentStatus {
+            polls: 10,
+            last_poll_time: at(0),
+            ..Default::default()
+        };
+        let polled = |polls, secs| PrefectAgentStatus {
+            polls,
+            last_poll_time: at(secs),
+            ..old.clone()
+        };
+        assert!(!status_changed(&old, &old));
+        assert!(!status_changed(&old, &polled(12, 20)));
+        assert!(status_changed(&old, &polled(13, 30)));
+        let submitted = PrefectAgentStatus {
+            runs_submitted: 1,
+            ..polled(11, 1)
+        };
+        assert!(
+            status_changed(&old, &submitted),
+            "a launch is written at once"
+        );
+    }
+
+    fn stats(agent_id: Option<&str>, polls: u64, errors: u64) -> StatsSnapshot {
+        StatsSnapshot {
+            agent_id: agent_id.map(str::to_string),
+            polls,
+            poll_errors: errors,
+            last_error: (errors > 0).then(|| "cannot reach the Prefect API".to_string()),
+            ..StatsSnapshot::default()
+        }
+    }
+
+    fn get<'a>(c: &'a [Condition], t: &str) -> &'a Condition {
+        c.iter().find(|c| c.type_ == t).unwrap()
+    }
+
+    #[test]
+    fn conditions_follow_the_phase() {
+        let ready = conditions(
+            &AgentPhase::Running {
+                stats: stats(Some("w1"), 3, 0),
+            },
+            Some(2),
+            &[],
+        );
+        assert_eq!(get(&ready, "Ready").status, "True");
+        assert_eq!(get(&ready, "Degraded").status, "False");
+        assert!(ready.iter().all(|c| c.observed_generation == Some(2)));
+
+        let invalid = conditions(
+            &AgentPhase::Invalid {
+                reason: "SecretNotFound",
+                message: "secret data/prefect-api not found".into(),
+            },
+            Some(1),
+            &[],
+        );
+        assert_eq!(get(&invalid, "Ready").status, "False");
+        assert_eq!(get(&invalid, "Degraded").reason, "SecretNotFound");
+        assert!(
+            get(&invalid, "Degraded")
+                .message
+                .contains("data/prefect-api")
+        );
+
+        let failing = conditions(
+            &AgentPhase::Running {
+                stats: stats(Some("w1"), 4, 4),
+            },
+            Some(1),
+            &[],
+        );
+        assert_eq!(get(&failing, "Ready").reason, "PollFailing");
+        let registering = conditions(
+            &AgentPhase::Running {
+                stats: stats(None, 0, 0),
+            },
+            Some(1),
+            &[],
+        );
+        assert_eq!(get(&registering, "Progressing").status, "True");
+        let suspended = conditions(&AgentPhase::Suspended, Some(1), &[]);
+        assert_eq!(get(&suspended, "Ready").reason, "Suspended");
+    }
+
+    #[test]
+    fn failed_agents_restart_with_doubling_delays() {
+        let delays: Vec<u64> = (1..=7).map(|n| restart_delay(n).as_secs()).collect();
+        assert_eq!(delays, [10, 20, 40, 80, 160, 300, 300]);
+        assert_eq!(restart_delay(u32::MAX), RESTART_MAX);
+        let failed = conditions(
+            &AgentPhase::Failed {
+                message: "cannot reach the Prefect API at http://p/api".into(),
+                retry_in: restart_delay(3),
+            },
+            Some(2),
+            &[],
+        );
+        let progressing = get(&failed, "Progressing");
+        assert_eq!(
+            progressing.message,
+            "the agent will be restarted in 40s: cannot reach the Prefect API at http://p/api"
+        );
+    }
+
+    #[test]
+    fn events_on_transitions_only() {
+        let ready = conditions(
+            &AgentPhase::Running {
+                stats: stats(Some("w"), 1, 0),
+            },
+            Some(1),
+            &[],
+        );
+        let (warning, reason, _) = transition_event(&[], &ready).unwrap();
+        assert!(!warning);
+        assert_eq!(reason, "AgentReady");
+        assert_eq!(
+            transition_event(&ready, &ready),
+            None,
+            "no change, no event"
+        );
+        let broken = conditions(
+            &AgentPhase::Invalid {
+                reason: "SecretNotFound",
+                message: "secret d/s not found".into(),
+            },
+            Some(2),
+            &ready,
+        );
+        let (warning, reason, note) = transition_event(&ready, &broken).unwrap();
+        assert!(warning);
+        assert_eq!(
+            (reason.as_str(), note.as_str()),
+            ("SecretNotFound", "secret d/s not found")
+        );
+        assert_eq!(transition_event(&broken, &broken), None);
+        let suspended = conditions(&AgentPhase::Suspended, Some(3), &ready);
+        assert_eq!(transition_event(&ready, &suspended).unwrap().1, "Suspended");
+    }
+
+    #[test]
+    fn transition_times_survive_unchanged_conditions() {
+        let first = conditions(
+            &AgentPhase::Running {
+                stats: stats(Some("w"), 1, 0),
+            },
+            Some(1),
+            &[],
+        );
+        let mut old = first.clone();
+        for c in &mut old {
+            c.last_transition_time = Time(Timestamp::UNIX_EPOCH);
+        }
+        let again = conditions(
+            &AgentPhase::Running {
+                stats: stats(Some("w"), 2, 0),
+            },
+            Some(1),
+            &old,
+        );
+        assert_eq!(
+            get(&again, "Ready").last_transition_time,
+            Time(Timestamp::UNIX_EPOCH)
+        );
+        let changed = conditions(&AgentPhase::Suspended, Some(1), &old);
+        assert_ne!(
+            get(&changed, "Ready").last_transition_time,
+            Time(Timestamp::UNIX_EPOCH)
+        );
+    }
+}

@@ -1,0 +1,158 @@
+//! The agents the operator runs: one task per resource generation, restarted with a
+//! doubling delay when it fails, and what each is doing for the resource's status.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::agent::stats::{AgentStats, StatsSnapshot};
+use crate::metrics::HistogramSnapshot;
+
+/// How long a failed agent waits before the supervisor starts it again: doubling from
+/// the first, up to the last; an agent that ran this long counts as healthy again.
+pub const RESTART_FIRST: Duration = Duration::from_secs(10);
+pub const RESTART_MAX: Duration = Duration::from_secs(300);
+const HEALTHY_AFTER: Duration = Duration::from_secs(600);
+
+/// The wait before restarting an agent that failed `failures` times in a row (≥ 1).
+pub fn restart_delay(failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(16);
+    RESTART_FIRST
+        .saturating_mul(1 << doublings)
+        .min(RESTART_MAX)
+}
+
+/// One running agent task.
+struct Running {
+    generation: Option<i64>,
+    token: CancellationToken,
+    stats: Arc<AgentStats>,
+    handle: JoinHandle<()>,
+    started: Instant,
+    /// Failed runs of this generation in a row, counting this one once it ends.
+    failures: u32,
+    /// When the supervisor first saw this task ended.
+    ended: Option<Instant>,
+}
+
+/// Agent tasks by `namespace/name`.
+#[derive(Default)]
+pub struct Supervisor {
+    agents: Mutex<HashMap<String, Running>>,
+}
+
+/// What the supervisor knows about one resource's agent, for its status.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AgentPhase {
+    /// Not started: the resource is suspended.
+    Suspended,
+    /// The spec cannot be run as it is; reason and message.
+    Invalid {
+        reason: &'static str,
+        message: String,
+    },
+    /// The agent task runs; `stats` says how far it got.
+    Running { stats: StatsSnapshot },
+    /// The agent task ended with this error and will be restarted after `retry_in`.
+    Failed { message: String, retry_in: Duration },
+}
+
+impl Supervisor {
+    pub fn stop(&self, key: &str) {
+        if let Some(r) = self.agents.lock().ok().and_then(|mut a| a.remove(key)) {
+            r.token.cancel();
+        }
+    }
+
+    /// The running agent for `key` if it runs the given generation and has not failed.
+    pub fn current(&self, key: &str, generation: Option<i64>) -> Option<AgentPhase> {
+        let mut agents = self.agents.lock().ok()?;
+        let r = agents.get_mut(key)?;
+        if r.generation != generation {
+            return None;
+        }
+        if r.handle.is_finished() {
+            let last = r
+                .stats
+                .snapshot()
+                .last_error
+                .unwrap_or_else(|| "the agent stopped".into());
+            let ended = *r.ended.get_or_insert_with(Instant::now);
+            let retry_in = restart_delay(r.failures + 1);
+            if ended.elapsed() < retry_in {
+                return Some(AgentPhase::Failed {
+                    message: last,
+                    retry_in,
+                });
+            }
+            return None;
+        }
+        Some(AgentPhase::Running {
+            stats: r.stats.snapshot(),
+        })
+    }
+
+    pub fn start(
+        &self,
+        key: String,
+        generation: Option<i64>,
+        token: CancellationToken,
+        stats: Arc<AgentStats>,
+        handle: JoinHandle<()>,
+    ) {
+        let Ok(mut agents) = self.agents.lock() else {
+            return;
+        };
+        // A restart of the same generation after a quick failure backs off further.
+        let failures = match agents.get(&key) {
+            Some(old)
+                if old.generation == generation
+                    && old.handle.is_finished()
+                    && old.started.elapsed() < HEALTHY_AFTER =>
+            {
+                old.failures + 1
+            }
+            _ => 0,
+        };
+        let running = Running {
+            generation,
+            token,
+            stats,
+            handle,
+            started: Instant::now(),
+            failures,
+            ended: None,
+        };
+        if let Some(old) = agents.insert(key, running) {
+            old.token.cancel();
+        }
+    }
+
+    /// Each running agent's counters, by `namespace/name`.
+    pub fn snapshots(&self) -> Vec<(String, StatsSnapshot, HistogramSnapshot)> {
+        let Ok(agents) = self.agents.lock() else {
+            return Vec::new();
+        };
+        let mut out: Vec<_> = agents
+            .iter()
+            .map(|(k, r)| {
+                let latency = r.stats.submission_latency.snapshot();
+                (k.clone(), r.stats.snapshot(), latency)
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// Stops every agent (operator shutdown).
+    pub fn stop_all(&self) {
+        if let Ok(mut agents) = self.agents.lock() {
+            for (_, r) in agents.drain() {
+                r.token.cancel();
+            }
+        }
+    }
+}
