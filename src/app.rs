@@ -7,7 +7,8 @@ use std::sync::atomic::Ordering;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::{AnyAgent, StopReason};
+use crate::agent::{AgentError, AnyAgent, StopReason};
+use crate::backend::BackendError;
 use crate::cli::{AgentArgs, Cli, Command, DevRunnerArgs, OperatorArgs};
 use crate::deploy::process::ProcessDeployer;
 use crate::leader::LeaderConfig;
@@ -91,7 +92,14 @@ async fn run_agent(args: AgentArgs) -> Result<(), CliError> {
     let deployer = ProcessDeployer::new(settings.process);
     let agent =
         AnyAgent::new(settings.agent, settings.backend, deployer).map_err(CliError::runtime)?;
-    match agent.start(shutdown).await.map_err(CliError::runtime)? {
+    let stopped = agent.start(shutdown).await.map_err(|e| match e {
+        // The standalone agent can create its pool itself.
+        AgentError::Register(BackendError::UnknownPool { .. }) => {
+            CliError::runtime(format!("{e}, or pass --create-pool TYPE"))
+        }
+        e => CliError::runtime(e),
+    })?;
+    match stopped {
         StopReason::MaxPolls => tracing::info!("max polls reached"),
         StopReason::Shutdown => {}
     }
@@ -131,7 +139,7 @@ async fn run_operator(args: OperatorArgs) -> Result<(), CliError> {
     crate::operator_api::serve(
         args.health_address,
         readiness.clone(),
-        ctx.clone(),
+        ctx.registry.clone(),
         shutdown.clone(),
     )
     .await

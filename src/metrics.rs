@@ -1,9 +1,11 @@
-//! Prometheus histograms without a registry: fixed buckets, atomic counts, rendered as
-//! text by `operator_api`. Process-wide series (API latency by backend) live here too.
+//! Metrics on the `prometheus` crate: latency histograms with the operator's buckets and
+//! the Prefect API's latency by backend. `operator_api` gathers them with the agents'
+//! counters into one registry and encodes it for `GET /metrics`.
 
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::LazyLock;
 use std::time::Duration;
+
+use prometheus::{Histogram, HistogramOpts, HistogramVec};
 
 /// Upper bounds in seconds, shared by every histogram here: from a fast API call to a
 /// slow submission.
@@ -11,109 +13,74 @@ pub const BUCKETS: [f64; 12] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0,
 ];
 
-/// A latency histogram.
-#[derive(Debug)]
-pub struct Histogram {
-    counts: [AtomicU64; BUCKETS.len()],
-    count: AtomicU64,
-    sum_micros: AtomicU64,
+fn opts(name: &str, help: &str) -> HistogramOpts {
+    HistogramOpts::new(name, help).buckets(BUCKETS.to_vec())
 }
 
-impl Default for Histogram {
-    fn default() -> Self {
-        Self::new()
-    }
+/// A latency histogram with [`BUCKETS`]; its owner collects it.
+pub fn latency_histogram(name: &str, help: &str) -> Histogram {
+    // Only this module's constant names and buckets reach here; a unit test builds each.
+    Histogram::with_opts(opts(name, help)).expect("valid histogram options")
 }
 
-/// A copy of a histogram's counts (per bucket, not cumulative).
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct HistogramSnapshot {
-    pub counts: Vec<u64>,
-    pub count: u64,
-    pub sum_seconds: f64,
-}
-
-impl Histogram {
-    pub const fn new() -> Self {
-        Self {
-            counts: [const { AtomicU64::new(0) }; BUCKETS.len()],
-            count: AtomicU64::new(0),
-            sum_micros: AtomicU64::new(0),
-        }
-    }
-
-    pub fn observe(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
-            self.counts[i].fetch_add(1, Ordering::Relaxed);
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_micros.fetch_add(
-            d.as_micros().min(u128::from(u64::MAX)) as u64,
-            Ordering::Relaxed,
-        );
-    }
-
-    pub fn snapshot(&self) -> HistogramSnapshot {
-        HistogramSnapshot {
-            counts: self
-                .counts
-                .iter()
-                .map(|c| c.load(Ordering::Relaxed))
-                .collect(),
-            count: self.count.load(Ordering::Relaxed),
-            sum_seconds: self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6,
-        }
-    }
-}
-
-/// Writes one histogram series (`labels` like `agent="ns/x"`) in the text format.
-pub fn write_histogram(out: &mut String, name: &str, labels: &str, h: &HistogramSnapshot) {
-    let sep = if labels.is_empty() { "" } else { "," };
-    let mut cumulative = 0;
-    for (bound, n) in BUCKETS.iter().zip(&h.counts) {
-        cumulative += n;
-        let _ = writeln!(
-            out,
-            "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}"
-        );
-    }
-    let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}", h.count);
-    let _ = writeln!(out, "{name}_sum{{{labels}}} {}", h.sum_seconds);
-    let _ = writeln!(out, "{name}_count{{{labels}}} {}", h.count);
+/// Records one duration.
+pub fn observe(histogram: &Histogram, d: Duration) {
+    histogram.observe(d.as_secs_f64());
 }
 
 /// Prefect API request latency, by backend (every attempt, retries included).
-pub static API_LATENCY_PREFECT3: Histogram = Histogram::new();
-pub static API_LATENCY_PREFECT1: Histogram = Histogram::new();
+pub static API_LATENCY: LazyLock<HistogramVec> = LazyLock::new(|| {
+    let opts = opts(
+        "prefect_api_request_duration_seconds",
+        "Prefect API requests (each attempt), by backend.",
+    );
+    // A constant name, label and buckets: an invariant, built by a unit test.
+    let vec = HistogramVec::new(opts, &["backend"]).expect("valid histogram options");
+    // Both series exist from the start, at zero.
+    for backend in BACKENDS {
+        vec.with_label_values(&[backend]);
+    }
+    vec
+});
+
+/// The values of the `backend` label.
+const BACKENDS: [&str; 2] = ["prefect3", "prefect1"];
 
 /// The histogram for a backend's API calls.
-pub fn api_latency(backend: &str) -> &'static Histogram {
-    match backend {
-        "prefect1" => &API_LATENCY_PREFECT1,
-        _ => &API_LATENCY_PREFECT3,
-    }
+pub fn api_latency(backend: &str) -> Histogram {
+    let backend = BACKENDS
+        .into_iter()
+        .find(|b| *b == backend)
+        .unwrap_or(BACKENDS[0]);
+    API_LATENCY.with_label_values(&[backend])
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use prometheus::core::{Collector, Metric};
 
     #[test]
-    fn buckets_are_cumulative_in_the_text() {
-        let h = Histogram::new();
-        h.observe(Duration::from_millis(30));
-        h.observe(Duration::from_millis(30));
-        h.observe(Duration::from_secs(2));
-        h.observe(Duration::from_secs(600));
-        let mut out = String::new();
-        write_histogram(&mut out, "x_seconds", "agent=\"a\"", &h.snapshot());
-        assert!(out.contains("x_seconds_bucket{agent=\"a\",le=\"0.025\"} 0\n"));
-        assert!(out.contains("x_seconds_bucket{agent=\"a\",le=\"0.05\"} 2\n"));
-        assert!(out.contains("x_seconds_bucket{agent=\"a\",le=\"2.5\"} 3\n"));
-        assert!(out.contains("x_seconds_bucket{agent=\"a\",le=\"60\"} 3\n"));
-        assert!(out.contains("x_seconds_bucket{agent=\"a\",le=\"+Inf\"} 4\n"));
-        assert!(out.contains("x_seconds_count{agent=\"a\"} 4\n"));
-        assert!(out.contains("x_seconds_sum{agent=\"a\"} 602.06\n"));
+    fn histograms_use_the_operator_s_buckets() {
+        let h = latency_histogram("x_seconds", "x");
+        observe(&h, Duration::from_millis(30));
+        observe(&h, Duration::from_secs(600));
+        let m = h.metric();
+        let bounds: Vec<f64> = m
+            .get_histogram()
+            .get_bucket()
+            .iter()
+            .map(|b| b.upper_bound())
+            .collect();
+        assert_eq!(bounds, BUCKETS);
+        assert_eq!(m.get_histogram().get_sample_count(), 2);
+        let families = API_LATENCY.collect();
+        assert_eq!(
+            families[0].get_metric().len(),
+            2,
+            "both backends, from the start"
+        );
+        api_latency("prefect1").observe(0.1);
+        api_latency("unknown").observe(0.1);
     }
 }

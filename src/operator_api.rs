@@ -5,10 +5,10 @@
 //! chart's readiness probe asks, so that rolling updates of several replicas finish) and
 //! `GET /metrics` (each agent's counters, labelled `agent="namespace/name"`).
 
-use std::fmt::Write as _;
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
 
 use axum::Router;
 use axum::extract::State;
@@ -18,7 +18,11 @@ use axum::routing::get;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::stats::StatsSnapshot;
-use crate::metrics::{HistogramSnapshot, api_latency, write_histogram};
+use prometheus::core::{Collector, Desc, Metric as _};
+use prometheus::proto::{self, LabelPair, Metric, MetricFamily, MetricType};
+use prometheus::{IntCounter, Registry, TextEncoder};
+
+use crate::metrics::{API_LATENCY, latency_histogram};
 
 /// What the probes report; set by the operator's main loop.
 #[derive(Debug, Default)]
@@ -56,160 +60,239 @@ impl Readiness {
 }
 
 /// One agent's figures.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct AgentMetrics {
     /// `namespace/name`.
     pub agent: String,
     pub stats: StatsSnapshot,
     pub active_jobs: usize,
-    pub submission_latency: HistogramSnapshot,
+    pub submission_latency: prometheus::Histogram,
 }
 
-/// The controller's own figures.
-#[derive(Clone, Debug, Default)]
+/// The controller's own figures, registered with the agents'.
+#[derive(Clone, Debug)]
 pub struct ControllerMetrics {
-    pub reconciles: u64,
-    pub reconcile_errors: u64,
-    pub reconcile_duration: HistogramSnapshot,
+    pub reconciles: IntCounter,
+    pub reconcile_errors: IntCounter,
+    pub reconcile_duration: prometheus::Histogram,
 }
 
-/// Where metrics come from.
+impl Default for ControllerMetrics {
+    fn default() -> Self {
+        // Constant names: an invariant, built by every unit test of this module.
+        let counter = |name: &str, help: &str| IntCounter::new(name, help).expect("valid counter");
+        Self {
+            reconciles: counter(
+                "prefect_agent_operator_reconciles_total",
+                "PrefectAgent reconciles.",
+            ),
+            reconcile_errors: counter(
+                "prefect_agent_operator_reconcile_errors_total",
+                "Reconciles that failed.",
+            ),
+            reconcile_duration: latency_histogram(
+                "prefect_agent_operator_reconcile_duration_seconds",
+                "Time per reconcile.",
+            ),
+        }
+    }
+}
+
+/// Where the agents' figures come from.
 pub trait MetricsSource: Send + Sync + 'static {
     fn agents(&self) -> Vec<AgentMetrics>;
-    fn controller(&self) -> ControllerMetrics;
 }
 
 #[derive(Clone)]
 struct AppState {
     readiness: Arc<Readiness>,
-    metrics: Arc<dyn MetricsSource>,
+    registry: Registry,
 }
 
-/// Prometheus text exposition of the agents' and the controller's figures.
-pub fn render_metrics(agents: &[AgentMetrics], controller: &ControllerMetrics) -> String {
-    type Field = fn(&StatsSnapshot) -> u64;
-    let counters: [(&str, &str, Field); 8] = [
-        (
-            "prefect_agent_polls_total",
-            "Polls of Prefect for due runs.",
-            |s| s.polls,
-        ),
-        (
-            "prefect_agent_poll_errors_total",
-            "Polls that failed.",
-            |s| s.poll_errors,
-        ),
-        (
-            "prefect_agent_runs_claimed_total",
-            "Claims this agent won.",
-            |s| s.runs_claimed,
-        ),
-        (
-            "prefect_agent_claim_conflicts_total",
-            "Claims another agent or worker won first.",
-            |s| s.claim_conflicts,
-        ),
-        (
-            "prefect_agent_runs_submitted_total",
-            "Flow runs launched.",
-            |s| s.runs_submitted,
-        ),
-        (
-            "prefect_agent_runs_failed_total",
-            "Flow runs that could not be started or whose infrastructure failed (crashed).",
-            |s| s.runs_failed,
-        ),
-        (
-            "prefect_agent_runs_cancelled_total",
-            "Flow runs cancelled.",
-            |s| s.runs_cancelled,
-        ),
-        (
-            "prefect_agent_runs_adopted_total",
-            "Claimed but unlaunched runs launched again.",
-            |s| s.runs_adopted,
-        ),
-    ];
-    let mut out = String::new();
-    for (name, help, field) in counters {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-        for a in agents {
-            let _ = writeln!(
-                out,
-                "{name}{{agent=\"{}\"}} {}",
-                escape(&a.agent),
-                field(&a.stats)
-            );
-        }
-    }
-    type Gauge = fn(&AgentMetrics) -> u64;
-    let gauges: [(&str, &str, Gauge); 2] = [
-        (
-            "prefect_agent_active_jobs",
-            "Jobs of the agent not finished yet.",
-            |a| a.active_jobs as u64,
-        ),
-        (
-            "prefect_agent_registered",
-            "1 when the agent is registered with Prefect.",
-            |a| u64::from(a.stats.agent_id.is_some()),
-        ),
-    ];
-    for (name, help, value) in gauges {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-        for a in agents {
-            let _ = writeln!(out, "{name}{{agent=\"{}\"}} {}", escape(&a.agent), value(a));
-        }
-    }
-    let name = "prefect_agent_submission_latency_seconds";
-    let _ = writeln!(
-        out,
-        "# HELP {name} From a run's scheduled time to its infrastructure created.\n# TYPE {name} histogram"
-    );
-    for a in agents {
-        let labels = format!("agent=\"{}\"", escape(&a.agent));
-        write_histogram(&mut out, name, &labels, &a.submission_latency);
-    }
-    for (name, help, value) in [
-        (
-            "prefect_agent_operator_reconciles_total",
-            "PrefectAgent reconciles.",
-            controller.reconciles,
-        ),
-        (
-            "prefect_agent_operator_reconcile_errors_total",
-            "Reconciles that failed.",
-            controller.reconcile_errors,
-        ),
-    ] {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
-        );
-    }
-    let name = "prefect_agent_operator_reconcile_duration_seconds";
-    let _ = writeln!(
-        out,
-        "# HELP {name} Time per reconcile.\n# TYPE {name} histogram"
-    );
-    write_histogram(&mut out, name, "", &controller.reconcile_duration);
-    let name = "prefect_api_request_duration_seconds";
-    let _ = writeln!(
-        out,
-        "# HELP {name} Prefect API requests (each attempt), by backend.\n# TYPE {name} histogram"
-    );
-    for backend in ["prefect3", "prefect1"] {
-        let labels = format!("backend=\"{backend}\"");
-        write_histogram(&mut out, name, &labels, &api_latency(backend).snapshot());
-    }
-    out
+type Field = fn(&AgentMetrics) -> f64;
+
+/// The agents' series: name, help, type, value.
+const AGENT_SERIES: [(&str, &str, MetricType, Field); 10] = [
+    (
+        "prefect_agent_polls_total",
+        "Polls of Prefect for due runs.",
+        MetricType::COUNTER,
+        |a| a.stats.polls as f64,
+    ),
+    (
+        "prefect_agent_poll_errors_total",
+        "Polls that failed.",
+        MetricType::COUNTER,
+        |a| a.stats.poll_errors as f64,
+    ),
+    (
+        "prefect_agent_runs_claimed_total",
+        "Claims this agent won.",
+        MetricType::COUNTER,
+        |a| a.stats.runs_claimed as f64,
+    ),
+    (
+        "prefect_agent_claim_conflicts_total",
+        "Claims another agent or worker won first.",
+        MetricType::COUNTER,
+        |a| a.stats.claim_conflicts as f64,
+    ),
+    (
+        "prefect_agent_runs_submitted_total",
+        "Flow runs launched.",
+        MetricType::COUNTER,
+        |a| a.stats.runs_submitted as f64,
+    ),
+    (
+        "prefect_agent_runs_failed_total",
+        "Flow runs that could not be started or whose infrastructure failed (crashed).",
+        MetricType::COUNTER,
+        |a| a.stats.runs_failed as f64,
+    ),
+    (
+        "prefect_agent_runs_cancelled_total",
+        "Flow runs cancelled.",
+        MetricType::COUNTER,
+        |a| a.stats.runs_cancelled as f64,
+    ),
+    (
+        "prefect_agent_runs_adopted_total",
+        "Claimed but unlaunched runs launched again.",
+        MetricType::COUNTER,
+        |a| a.stats.runs_adopted as f64,
+    ),
+    (
+        "prefect_agent_active_jobs",
+        "Jobs of the agent not finished yet.",
+        MetricType::GAUGE,
+        |a| a.active_jobs as f64,
+    ),
+    (
+        "prefect_agent_registered",
+        "1 when the agent is registered with Prefect.",
+        MetricType::GAUGE,
+        |a| if a.stats.agent_id.is_some() { 1.0 } else { 0.0 },
+    ),
+];
+
+const SUBMISSION_LATENCY: (&str, &str) = (
+    "prefect_agent_submission_latency_seconds",
+    "From a run's scheduled time to its infrastructure created.",
+);
+
+/// The agents' figures, read from their counters when scraped, labelled `agent`.
+struct AgentsCollector {
+    source: Weak<dyn MetricsSource>,
+    descs: Vec<Desc>,
 }
 
-fn escape(label: &str) -> String {
-    label
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+impl AgentsCollector {
+    fn new(source: Weak<dyn MetricsSource>) -> Self {
+        let descs = AGENT_SERIES
+            .iter()
+            .map(|(name, help, _, _)| (*name, *help))
+            .chain([SUBMISSION_LATENCY])
+            .map(|(name, help)| {
+                // Constant names and label: an invariant, built by a unit test.
+                Desc::new(
+                    name.into(),
+                    help.into(),
+                    vec!["agent".into()],
+                    HashMap::new(),
+                )
+                .expect("valid metric description")
+            })
+            .collect();
+        Self { source, descs }
+    }
+}
+
+impl Collector for AgentsCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let agents = self
+            .source
+            .upgrade()
+            .map(|s| s.agents())
+            .unwrap_or_default();
+        let label = |a: &AgentMetrics| {
+            let mut l = LabelPair::default();
+            l.set_name("agent".into());
+            l.set_value(a.agent.clone());
+            vec![l]
+        };
+        let family = |name: &str, help: &str, kind: MetricType, metrics: Vec<Metric>| {
+            let mut f = MetricFamily::default();
+            f.set_name(name.into());
+            f.set_help(help.into());
+            f.set_field_type(kind);
+            f.set_metric(metrics);
+            f
+        };
+        let mut out: Vec<MetricFamily> = AGENT_SERIES
+            .iter()
+            .map(|(name, help, kind, value)| {
+                let metrics = agents
+                    .iter()
+                    .map(|a| {
+                        let mut m = Metric::from_label(label(a));
+                        if *kind == MetricType::COUNTER {
+                            let mut c = proto::Counter::default();
+                            c.set_value(value(a));
+                            m.set_counter(c);
+                        } else {
+                            let mut g = proto::Gauge::default();
+                            g.set_value(value(a));
+                            m.set_gauge(g);
+                        }
+                        m
+                    })
+                    .collect();
+                family(name, help, *kind, metrics)
+            })
+            .collect();
+        let latencies = agents
+            .iter()
+            .map(|a| {
+                let mut m = a.submission_latency.metric();
+                m.set_label(label(a));
+                m
+            })
+            .collect();
+        let (name, help) = SUBMISSION_LATENCY;
+        out.push(family(name, help, MetricType::HISTOGRAM, latencies));
+        out
+    }
+}
+
+/// One registry for `/metrics`: the agents' figures from `source`, the controller's, and
+/// the Prefect API's latency.
+pub fn registry(source: Weak<dyn MetricsSource>, controller: &ControllerMetrics) -> Registry {
+    let registry = Registry::new();
+    let collectors: [Box<dyn Collector>; 5] = [
+        Box::new(AgentsCollector::new(source)),
+        Box::new(controller.reconciles.clone()),
+        Box::new(controller.reconcile_errors.clone()),
+        Box::new(controller.reconcile_duration.clone()),
+        Box::new(API_LATENCY.clone()),
+    ];
+    for c in collectors {
+        // Distinct constant names: registering cannot clash (a unit test registers them).
+        if let Err(e) = registry.register(c) {
+            tracing::error!(error = %e, "a metric could not be registered");
+        }
+    }
+    registry
+}
+
+/// The registry in Prometheus' text format.
+pub fn render_metrics(registry: &Registry) -> String {
+    TextEncoder::new()
+        .encode_to_string(&registry.gather())
+        .unwrap_or_else(|e| format!("# the metrics could not be encoded: {e}\n"))
 }
 
 async fn healthz() -> &'static str {
@@ -243,7 +326,7 @@ async fn readyz(
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     (
         [("content-type", "text/plain; version=0.0.4")],
-        render_metrics(&state.metrics.agents(), &state.metrics.controller()),
+        render_metrics(&state.registry),
     )
 }
 
@@ -251,7 +334,7 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
 pub async fn serve(
     address: SocketAddr,
     readiness: Arc<Readiness>,
-    source: Arc<dyn MetricsSource>,
+    registry: Registry,
     stop: CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>, std::io::Error> {
     let listener = tokio::net::TcpListener::bind(address).await?;
@@ -261,7 +344,7 @@ pub async fn serve(
         .route("/metrics", get(metrics))
         .with_state(AppState {
             readiness,
-            metrics: source,
+            registry,
         });
     Ok(tokio::spawn(async move {
         let served = axum::serve(listener, app)
@@ -276,6 +359,14 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    struct Agents(Vec<AgentMetrics>);
+
+    impl MetricsSource for Agents {
+        fn agents(&self) -> Vec<AgentMetrics> {
+            self.0.clone()
+        }
+    }
 
     #[test]
     fn metrics_are_prometheus_text_per_agent() {
@@ -292,29 +383,54 @@ mod tests {
             last_poll_time: None,
             last_error: None,
         };
-        let latency = crate::metrics::Histogram::new();
-        latency.observe(std::time::Duration::from_millis(80));
+        let latency = latency_histogram(SUBMISSION_LATENCY.0, SUBMISSION_LATENCY.1);
+        latency.observe(0.08);
         let agent = AgentMetrics {
             agent: "data/etl".into(),
             stats: s,
             active_jobs: 2,
-            submission_latency: latency.snapshot(),
+            submission_latency: latency,
         };
-        let controller = ControllerMetrics {
-            reconciles: 9,
-            ..ControllerMetrics::default()
-        };
-        let text = render_metrics(&[agent], &controller);
+        let source: Arc<dyn MetricsSource> = Arc::new(Agents(vec![agent]));
+        let controller = ControllerMetrics::default();
+        for _ in 0..9 {
+            controller.reconciles.inc();
+        }
+        let registry = registry(Arc::downgrade(&source), &controller);
+        let text = render_metrics(&registry);
         assert!(text.contains("prefect_agent_claim_conflicts_total{agent=\"data/etl\"} 4\n"));
         assert!(text.contains(
             "prefect_agent_submission_latency_seconds_bucket{agent=\"data/etl\",le=\"0.1\"} 1\n"
+        ));
+        assert!(text.contains(
+            "prefect_agent_submission_latency_seconds_bucket{agent=\"data/etl\",le=\"0.05\"} 0\n"
         ));
         assert!(text.contains("prefect_agent_operator_reconciles_total 9\n"));
         assert!(text.contains("prefect_api_request_duration_seconds_count{backend=\"prefect1\"}"));
         assert!(text.contains("# TYPE prefect_agent_polls_total counter\nprefect_agent_polls_total{agent=\"data/etl\"} 7\n"));
         assert!(text.contains("prefect_agent_active_jobs{agent=\"data/etl\"} 2\n"));
         assert!(text.contains("prefect_agent_registered{agent=\"data/etl\"} 1\n"));
-        assert_eq!(escape("a\"b"), "a\\\"b");
+        // Label values are escaped by the encoder.
+        let odd: Arc<dyn MetricsSource> = Arc::new(Agents(vec![AgentMetrics {
+            agent: "a\"b".into(),
+            stats: StatsSnapshot::default(),
+            active_jobs: 0,
+            submission_latency: latency_histogram("x", "x"),
+        }]));
+        let text = render_metrics(&registry_for(&odd));
+        assert!(
+            text.contains("prefect_agent_polls_total{agent=\"a\\\"b\"} 0\n"),
+            "{text}"
+        );
+        // No agents: no agent series, the rest still there.
+        let none: Arc<dyn MetricsSource> = Arc::new(Agents(Vec::new()));
+        let text = render_metrics(&registry_for(&none));
+        assert!(!text.contains("prefect_agent_polls_total"));
+        assert!(text.contains("prefect_agent_operator_reconciles_total 0\n"));
+    }
+
+    fn registry_for(source: &Arc<dyn MetricsSource>) -> Registry {
+        registry(Arc::downgrade(source), &ControllerMetrics::default())
     }
 
     #[test]

@@ -375,11 +375,11 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
                     self.trouble();
                     tracing::warn!(error = %e, "could not record the infrastructure id");
                 }
-                AgentStats::inc(&self.stats.runs_submitted);
+                self.stats.submitted();
                 if let Some(at) = scheduled {
                     // Early (prefetched) launches count as zero.
                     let late = (chrono::Utc::now() - at).to_std().unwrap_or_default();
-                    self.stats.submission_latency.observe(late);
+                    crate::metrics::observe(&self.stats.submission_latency, late);
                 }
                 tracing::info!(%infra_id, "submitted for execution");
                 self.run_log(
@@ -409,7 +409,7 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
                 self.stats.error(e.to_string());
             }
             Err(e) => {
-                AgentStats::inc(&self.stats.runs_failed);
+                self.stats.failed();
                 let message = format!("Flow run could not be started: {e}");
                 tracing::error!(%message);
                 self.stats.error(message.clone());
@@ -473,6 +473,8 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
     }
 
     async fn report_exit(&self, run_id: String, exit: Exit) {
+        // One fewer active run, whatever follows.
+        self.stats.touch();
         let state = match self.backend.settled_state(&run_id).await {
             Ok(state) => state,
             Err(e) => {
@@ -493,7 +495,7 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
             exit.description
         );
         tracing::warn!(%message);
-        AgentStats::inc(&self.stats.runs_failed);
+        self.stats.failed();
         self.run_log(&run_id, LogLevel::Error, &message).await;
         if let Err(e) = self.backend.crash(&run_id, &message).await {
             tracing::error!(error = %e, "could not mark the run crashed");

@@ -1,15 +1,19 @@
 //! What an agent has done so far: counters for status, health and metrics.
 
 use std::sync::Mutex;
+
 use std::sync::atomic::{AtomicU64, Ordering};
+use tokio::sync::Notify;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use crate::metrics::Histogram;
+use prometheus::Histogram;
+
+use crate::metrics::latency_histogram;
 
 /// Live counters, updated by the loop and read by the health API.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct AgentStats {
     pub polls: AtomicU64,
     pub poll_errors: AtomicU64,
@@ -24,6 +28,8 @@ pub struct AgentStats {
     /// A run's scheduled time → its infrastructure created.
     pub submission_latency: Histogram,
     last: Mutex<Last>,
+    /// Signalled when something a status shows changed (not on every poll).
+    changed: Notify,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -31,6 +37,8 @@ struct Last {
     agent_id: Option<String>,
     poll_time: Option<DateTime<Utc>>,
     error: Option<String>,
+    /// Whether the last poll failed.
+    failing: bool,
 }
 
 /// A copy of the counters at one moment.
@@ -52,34 +60,93 @@ pub struct StatsSnapshot {
     pub last_error: Option<String>,
 }
 
+impl Default for AgentStats {
+    fn default() -> Self {
+        Self {
+            polls: AtomicU64::default(),
+            poll_errors: AtomicU64::default(),
+            runs_submitted: AtomicU64::default(),
+            runs_failed: AtomicU64::default(),
+            runs_cancelled: AtomicU64::default(),
+            runs_adopted: AtomicU64::default(),
+            runs_claimed: AtomicU64::default(),
+            claim_conflicts: AtomicU64::default(),
+            submission_latency: latency_histogram(
+                "prefect_agent_submission_latency_seconds",
+                "From a run's scheduled time to its infrastructure created.",
+            ),
+            last: Mutex::default(),
+            changed: Notify::new(),
+        }
+    }
+}
+
 impl AgentStats {
     pub fn inc(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Waits until something a status shows changed since the last wait returned.
+    pub async fn changed(&self) {
+        self.changed.notified().await;
+    }
+
+    /// Something a status shows changed (a run started or ended, the agent stopped).
+    pub fn touch(&self) {
+        // A stored permit: a change while nobody waits is not lost.
+        self.changed.notify_one();
     }
 
     pub fn set_agent_id(&self, id: &str) {
         if let Ok(mut last) = self.last.lock() {
             last.agent_id = Some(id.to_string());
         }
+        self.touch();
     }
 
+    /// One poll, failed with `error` or not; a change only when polling starts or stops
+    /// failing, or fails differently.
     pub fn polled(&self, error: Option<String>) {
         Self::inc(&self.polls);
         if error.is_some() {
             Self::inc(&self.poll_errors);
         }
-        if let Ok(mut last) = self.last.lock() {
-            last.poll_time = Some(Utc::now());
-            if error.is_some() {
-                last.error = error;
-            }
+        let Ok(mut last) = self.last.lock() else {
+            return;
+        };
+        last.poll_time = Some(Utc::now());
+        let failing = error.is_some();
+        let changed = failing != last.failing || (failing && error != last.error);
+        last.failing = failing;
+        if failing {
+            last.error = error;
+        }
+        drop(last);
+        if changed {
+            self.touch();
         }
     }
 
     pub fn error(&self, message: String) {
         if let Ok(mut last) = self.last.lock() {
+            if last.error.as_ref() == Some(&message) {
+                return;
+            }
             last.error = Some(message);
         }
+        self.touch();
+    }
+
+    /// A run was submitted.
+    pub fn submitted(&self) {
+        Self::inc(&self.runs_submitted);
+        self.touch();
+    }
+
+    /// A run could not be started, or its infrastructure ended before it did.
+    pub fn failed(&self) {
+        Self::inc(&self.runs_failed);
+        self.touch();
     }
 
     pub fn snapshot(&self) -> StatsSnapshot {
@@ -97,5 +164,47 @@ impl AgentStats {
             last_poll_time: last.poll_time,
             last_error: last.error,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether a change was signalled since the last call (the permit is taken).
+    fn signalled(stats: &AgentStats) -> bool {
+        let waiter = stats.changed();
+        let mut waiter = std::pin::pin!(waiter);
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        waiter.as_mut().poll(&mut cx).is_ready()
+    }
+
+    #[test]
+    fn only_what_a_status_shows_signals_a_change() {
+        let stats = AgentStats::default();
+        assert!(!signalled(&stats));
+        stats.set_agent_id("a-1");
+        assert!(signalled(&stats));
+        // Polls alone change nothing worth a write.
+        stats.polled(None);
+        stats.polled(None);
+        assert!(!signalled(&stats));
+        // Polling starts failing: once; the same failure again: nothing; recovery: once.
+        stats.polled(Some("down".into()));
+        assert!(signalled(&stats));
+        stats.polled(Some("down".into()));
+        assert!(!signalled(&stats));
+        stats.polled(Some("refused".into()));
+        assert!(signalled(&stats));
+        stats.polled(None);
+        assert!(signalled(&stats));
+        stats.submitted();
+        assert!(signalled(&stats));
+        stats.failed();
+        assert!(signalled(&stats));
+        assert_eq!(stats.snapshot().runs_submitted, 1);
+        assert_eq!(stats.snapshot().runs_failed, 1);
+        assert_eq!(stats.snapshot().polls, 6);
     }
 }

@@ -14,33 +14,34 @@ pub mod supervisor;
 pub use config::{SpecError, agent_config, backend_config};
 pub use supervisor::{AgentPhase, Supervisor};
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Client, ResourceExt};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::stats::AgentStats;
 use crate::backend::http::RetryPolicy;
 use crate::crd::PrefectAgent;
 use crate::deploy::kubernetes::job::agent_label;
 use crate::deploy::kubernetes::observe::JobObserver;
-use crate::metrics::Histogram;
 use crate::operator_api::{AgentMetrics, ControllerMetrics, MetricsSource};
 use crate::scope::Scope;
+use prometheus::Registry;
 
 /// The finalizer that lets the operator stop an agent before its resource goes.
 pub const FINALIZER: &str = "prefect.io/agent";
 /// The field manager of every status write.
 pub const FIELD_MANAGER: &str = crate::APP_NAME;
-/// How often status is refreshed while nothing changes.
-const STATUS_INTERVAL: Duration = Duration::from_secs(5);
+/// How often a running agent's status is refreshed when nothing else changed (its poll
+/// count and time); everything else is written when the agent says it changed.
+const STATUS_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Errors of one reconcile, each with a message a user can act on.
 #[derive(Debug, thiserror::Error)]
@@ -59,11 +60,14 @@ pub struct Context {
     pub observer: Arc<JobObserver>,
     pub supervisor: Supervisor,
     pub retry: RetryPolicy,
-    pub reconciles: AtomicU64,
-    pub reconcile_errors: AtomicU64,
-    pub reconcile_duration: Histogram,
+    pub metrics: ControllerMetrics,
+    /// What `/metrics` serves: the agents', the controller's and the API's figures.
+    pub registry: Registry,
     /// Where resources may put their Jobs.
     pub scope: Scope,
+    /// Resources whose agent changed something their status shows: reconciled at once.
+    changes: mpsc::UnboundedSender<ObjectRef<PrefectAgent>>,
+    changed: Mutex<Option<mpsc::UnboundedReceiver<ObjectRef<PrefectAgent>>>>,
 }
 
 async fn reconcile(agent: Arc<PrefectAgent>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -78,11 +82,11 @@ async fn reconcile(agent: Arc<PrefectAgent>, ctx: Arc<Context>) -> Result<Action
     })
     .await
     .map_err(|e| Error::Finalizer(e.to_string()));
-    AgentStats::inc(&ctx.reconciles);
+    ctx.metrics.reconciles.inc();
     if result.is_err() {
-        AgentStats::inc(&ctx.reconcile_errors);
+        ctx.metrics.reconcile_errors.inc();
     }
-    ctx.reconcile_duration.observe(started.elapsed());
+    crate::metrics::observe(&ctx.metrics.reconcile_duration, started.elapsed());
     result
 }
 
@@ -97,15 +101,19 @@ impl Context {
             controller: crate::APP_NAME.into(),
             instance: std::env::var("POD_NAME").ok(),
         };
-        Arc::new(Context {
+        let (changes, changed) = mpsc::unbounded_channel();
+        let metrics = ControllerMetrics::default();
+        // The registry reads the agents from this very Context when scraped.
+        Arc::new_cyclic(|this: &Weak<Context>| Context {
+            changes,
+            changed: Mutex::new(Some(changed)),
             recorder: Recorder::new(client.clone(), reporter),
             client,
             observer: JobObserver::new(pod_grace),
             supervisor: Supervisor::default(),
             retry: RetryPolicy::default(),
-            reconciles: AtomicU64::new(0),
-            reconcile_errors: AtomicU64::new(0),
-            reconcile_duration: Histogram::new(),
+            registry: crate::operator_api::registry(this.clone(), &metrics),
+            metrics,
             scope,
         })
     }
@@ -128,14 +136,6 @@ impl MetricsSource for Context {
                 }
             })
             .collect()
-    }
-
-    fn controller(&self) -> ControllerMetrics {
-        ControllerMetrics {
-            reconciles: self.reconciles.load(Ordering::Relaxed),
-            reconcile_errors: self.reconcile_errors.load(Ordering::Relaxed),
-            reconcile_duration: self.reconcile_duration.snapshot(),
-        }
     }
 }
 
@@ -165,8 +165,19 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: Cancell
         }),
     )
     .applied_objects();
-    Controller::for_stream(resources, reader)
-        .with_config(config)
+    let changed = ctx
+        .changed
+        .lock()
+        .ok()
+        .and_then(|mut c| c.take())
+        .map(|rx| {
+            futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) })
+        });
+    let mut controller = Controller::for_stream(resources, reader).with_config(config);
+    if let Some(changed) = changed {
+        controller = controller.reconcile_on(changed);
+    }
+    controller
         .graceful_shutdown_on(async move { stop.cancelled().await })
         .run(reconcile, error_policy, ctx.clone())
         .for_each(|result| async move {

@@ -6,6 +6,7 @@ use std::time::Duration;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
+use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -57,8 +58,11 @@ impl PrefectAgent {
         };
         self.write_status(ctx, &phase).await?;
         Ok(match phase {
+            // Fixed Secrets and namespaces are not watched: looked at again now and then.
             AgentPhase::Invalid { .. } => Action::requeue(Duration::from_secs(30)),
-            _ => Action::requeue(STATUS_INTERVAL),
+            AgentPhase::Failed { retry_in, .. } => Action::requeue(retry_in),
+            AgentPhase::Suspended => Action::await_change(),
+            AgentPhase::Running { .. } => Action::requeue(STATUS_INTERVAL),
         })
     }
 
@@ -108,9 +112,25 @@ impl PrefectAgent {
                     tracing::error!(error = %e, "agent stopped with an error");
                     task_stats.error(e.to_string());
                 }
+                task_stats.touch();
             },
             span,
         ));
+        // What the agent says changed is written into the status at once.
+        let (changes, watched, stop) = (ctx.changes.clone(), stats.clone(), token.clone());
+        let resource = ObjectRef::from_obj(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = watched.changed() => {
+                        if changes.send(resource.clone()).is_err() {
+                            return;
+                        }
+                    }
+                    _ = stop.cancelled() => return,
+                }
+            }
+        });
         ctx.supervisor
             .start(key, self.metadata.generation, token, stats, handle);
     }

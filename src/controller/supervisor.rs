@@ -9,7 +9,6 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::stats::{AgentStats, StatsSnapshot};
-use crate::metrics::HistogramSnapshot;
 
 /// How long a failed agent waits before the supervisor starts it again: doubling from
 /// the first, up to the last; an agent that ran this long counts as healthy again.
@@ -132,14 +131,14 @@ impl Supervisor {
     }
 
     /// Each running agent's counters, by `namespace/name`.
-    pub fn snapshots(&self) -> Vec<(String, StatsSnapshot, HistogramSnapshot)> {
+    pub fn snapshots(&self) -> Vec<(String, StatsSnapshot, prometheus::Histogram)> {
         let Ok(agents) = self.agents.lock() else {
             return Vec::new();
         };
         let mut out: Vec<_> = agents
             .iter()
             .map(|(k, r)| {
-                let latency = r.stats.submission_latency.snapshot();
+                let latency = r.stats.submission_latency.clone();
                 (k.clone(), r.stats.snapshot(), latency)
             })
             .collect();
