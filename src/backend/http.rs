@@ -321,7 +321,10 @@ impl ApiClient {
         let path = url.strip_prefix(&self.base).unwrap_or(url).to_string();
         let started = std::time::Instant::now();
         let sent = req.send().await;
-        crate::metrics::api_latency(self.backend).observe(started.elapsed());
+        crate::metrics::observe(
+            &crate::metrics::api_latency(self.backend),
+            started.elapsed(),
+        );
         let resp = match sent {
             Ok(resp) => resp,
             Err(e) => {

@@ -140,13 +140,42 @@ pub enum LogLevel {
     Error,
 }
 
+impl LogLevel {
+    /// Python's name of the level (Prefect 1's logs).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Info => "INFO",
+            Self::Error => "ERROR",
+        }
+    }
+
+    /// Python's number of the level (Prefect 3's logs).
+    pub fn number(self) -> u8 {
+        match self {
+            Self::Info => 20,
+            Self::Error => 40,
+        }
+    }
+}
+
+/// A time as both APIs take it: RFC 3339, UTC, microseconds.
+pub fn timestamp(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
+/// The latest scheduled start a poll at `now` picks up: runs due within the prefetch
+/// window are started early, as the seed does.
+pub fn poll_horizon(now: DateTime<Utc>, prefetch: Duration) -> DateTime<Utc> {
+    now + chrono::Duration::from_std(prefetch).unwrap_or_default()
+}
+
 /// Errors a backend reports, each with a message a user can act on.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
     #[error(transparent)]
     Http(#[from] HttpError),
     #[error(
-        "work pool `{pool}` does not exist at {url}; create it (`prefect work-pool create {pool} --type process`) or pass --create-pool"
+        "work pool `{pool}` does not exist at {url}; create it in Prefect (`prefect work-pool create '{pool}' --type <type>`)"
     )]
     UnknownPool { pool: String, url: String },
     #[error("work queue `{queue}` does not exist in work pool `{pool}`")]

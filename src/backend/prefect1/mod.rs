@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use serde_json::{Map, Value, json};
 
 use self::graphql::{CORE_VERSION, GraphqlClient, GraphqlError, literal};
@@ -22,7 +22,7 @@ use self::run_config::{FlowInfo, RunIdentity, fixed_env, run_spec};
 use super::http::{ApiClient, Auth, RetryPolicy};
 use super::{
     Backend, BackendError, Claim, FlowRun, LogLevel, References, Registration, RunContext,
-    StateKind,
+    StateKind, poll_horizon, timestamp,
 };
 use crate::secret::SecretString;
 
@@ -105,10 +105,6 @@ pub fn serialized_state(kind: &str, message: &str) -> Value {
 /// The message of this agent's Submitted states: how a restarted agent knows its claims.
 pub fn claim_marker(agent_name: &str) -> String {
     format!("Submitted for execution by agent {agent_name}")
-}
-
-fn timestamp(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Micros, true)
 }
 
 const RUN_FIELDS: &str = "id version state state_message state_timestamp serialized_state \
@@ -412,7 +408,7 @@ impl Backend for Prefect1 {
 
     async fn poll(&self) -> Result<Vec<FlowRun>, BackendError> {
         let now = Utc::now();
-        let before = now + chrono::Duration::from_std(self.cfg.prefetch).unwrap_or_default();
+        let before = poll_horizon(now, self.cfg.prefetch);
         let input = json!({"input": {
             "before": timestamp(before),
             "labels": self.cfg.labels,
@@ -612,10 +608,7 @@ impl Backend for Prefect1 {
     }
 
     async fn log(&self, run_id: &str, level: LogLevel, message: &str) -> Result<(), BackendError> {
-        let level = match level {
-            LogLevel::Info => "INFO",
-            LogLevel::Error => "ERROR",
-        };
+        let level = level.name();
         let input = json!({"input": {"logs": [{
             "flow_run_id": run_id,
             "name": "agent",

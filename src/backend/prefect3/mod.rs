@@ -4,17 +4,27 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use reqwest::Method;
-use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
 use tokio::sync::RwLock;
+
+mod claims;
+mod wire;
+
+pub use claims::{
+    claim_marker, claimant_of_record, displaced_by, interpret_claim, latest_claimant, verify_claim,
+};
+pub use wire::{ApiFlowRun, ApiState, SetStateResponse};
+
+use wire::{ScheduledRun, Worker};
 
 use super::coalesce::Coalescer;
 use super::http::{ApiClient, Auth, HttpError, RetryPolicy};
 use super::{
     Backend, BackendError, Claim, EnvValue, FlowRun, LogLevel, Registration, RunContext, StateKind,
+    poll_horizon, timestamp,
 };
 use crate::work_pool::{
     Reference, References, merge_job_variables, references_in, shared_template, standard_template,
@@ -41,11 +51,6 @@ pub struct Prefect3Config {
     pub retry: RetryPolicy,
     /// Wake the poll loop on the server's events (a run turned SCHEDULED).
     pub events: bool,
-}
-
-/// The `state.message` a claim carries, so a restarted agent recognises its own claims.
-pub fn claim_marker(agent_name: &str) -> String {
-    format!("Claimed by agent {agent_name}")
 }
 
 /// The Prefect 3 REST backend.
@@ -265,121 +270,6 @@ pub fn fixed_env(
     env
 }
 
-/// What a claim's answer means, given the transition id we sent.
-pub fn interpret_claim(resp: &SetStateResponse, transition_id: &str) -> Claim {
-    let reason = resp.reason().unwrap_or_default();
-    match resp.status.as_str() {
-        "ACCEPT" => Claim::Claimed,
-        // Our own earlier attempt already moved the run (a lost response, retried).
-        "REJECT" | "ABORT" if resp.current_transition_id() == Some(transition_id) => Claim::Claimed,
-        "ABORT" => Claim::Taken(reason),
-        "REJECT" if resp.current_kind() == Some(StateKind::Scheduled) => Claim::Delayed(reason),
-        "REJECT" => Claim::Taken(reason),
-        "WAIT" => Claim::Delayed(format!("the server asked to wait: {reason}")),
-        other => Claim::Delayed(format!("unexpected orchestration answer {other}: {reason}")),
-    }
-}
-
-/// The claim round: the PENDING states after the run was last SCHEDULED. `None` when the
-/// newest state before them is not SCHEDULED (a claim that landed on a running or
-/// finished run, which Prefect accepts because it allows re-runs).
-fn current_claims(history: &[ApiState]) -> Option<&[ApiState]> {
-    let last_other = history
-        .iter()
-        .rposition(|s| StateKind::parse(&s.kind) != StateKind::Pending)?;
-    (StateKind::parse(&history[last_other].kind) == StateKind::Scheduled)
-        .then(|| &history[last_other + 1..])
-}
-
-/// A claim holds only when it is the one PENDING state since the run was last SCHEDULED.
-pub fn verify_claim(history: &[ApiState], transition_id: &str) -> bool {
-    match current_claims(history) {
-        Some([only]) => {
-            only.state_details
-                .get("transition_id")
-                .and_then(Value::as_str)
-                == Some(transition_id)
-        }
-        _ => false,
-    }
-}
-
-/// Who owns a claim round that nobody launched: its first claim, as every agent sees it.
-pub fn claimant_of_record(history: &[ApiState]) -> Option<&ApiState> {
-    current_claims(history)?.first()
-}
-
-/// The claimant of record of the latest claim round, looking past the CANCELLING or
-/// CANCELLED states a cancellation put after it.
-pub fn latest_claimant(history: &[ApiState]) -> Option<&ApiState> {
-    let end = history.iter().rposition(|s| {
-        !matches!(
-            StateKind::parse(&s.kind),
-            StateKind::Cancelling | StateKind::Cancelled
-        )
-    })?;
-    claimant_of_record(&history[..=end])
-}
-
-/// The state our claim displaced, when it was not SCHEDULED: it must be put back.
-pub fn displaced_by<'a>(history: &'a [ApiState], transition_id: &str) -> Option<&'a ApiState> {
-    let ours = history.iter().rposition(|s| {
-        s.state_details.get("transition_id").and_then(Value::as_str) == Some(transition_id)
-    })?;
-    let before = history[..ours]
-        .iter()
-        .rev()
-        .find(|s| StateKind::parse(&s.kind) != StateKind::Pending)?;
-    (StateKind::parse(&before.kind) != StateKind::Scheduled).then_some(before)
-}
-
-/// The body of `POST /flow_runs/{id}/set_state`.
-#[derive(Clone, Debug, Deserialize)]
-pub struct SetStateResponse {
-    pub status: String,
-    #[serde(default)]
-    pub state: Option<ApiState>,
-    #[serde(default)]
-    pub details: Value,
-}
-
-impl SetStateResponse {
-    fn reason(&self) -> Option<String> {
-        self.details
-            .get("reason")
-            .and_then(Value::as_str)
-            .map(str::to_string)
-    }
-
-    fn current_transition_id(&self) -> Option<&str> {
-        self.state
-            .as_ref()?
-            .state_details
-            .get("transition_id")?
-            .as_str()
-    }
-
-    fn current_kind(&self) -> Option<StateKind> {
-        self.state.as_ref().map(|s| StateKind::parse(&s.kind))
-    }
-}
-
-#[derive(Clone, Debug, Deserialize)]
-pub struct ApiState {
-    #[serde(rename = "type")]
-    pub kind: String,
-    #[serde(default)]
-    pub message: Option<String>,
-    #[serde(default)]
-    pub timestamp: Option<DateTime<Utc>>,
-    #[serde(default)]
-    pub state_details: Value,
-    #[serde(default)]
-    pub name: Option<String>,
-    #[serde(default)]
-    pub data: Value,
-}
-
 /// Objects by id through a filter call (`{<kind>: {id: {any_: [..]}}}`), one answer per
 /// id asked, in order: `None` where the server has no such object.
 async fn read_by_id<T: DeserializeOwned + HasId + Clone>(
@@ -424,60 +314,6 @@ impl HasId for Value {
     fn id(&self) -> Option<String> {
         self["id"].as_str().map(str::to_string)
     }
-}
-
-/// A flow run as the Prefect 3 API returns it (decoded leniently: missing fields default).
-#[derive(Clone, Debug, Deserialize)]
-pub struct ApiFlowRun {
-    id: String,
-    #[serde(default)]
-    name: String,
-    #[serde(default)]
-    flow_id: Option<String>,
-    #[serde(default)]
-    deployment_id: Option<String>,
-    #[serde(default)]
-    state: Option<ApiState>,
-    #[serde(default)]
-    next_scheduled_start_time: Option<DateTime<Utc>>,
-    #[serde(default)]
-    expected_start_time: Option<DateTime<Utc>>,
-    #[serde(default)]
-    job_variables: Option<Map<String, Value>>,
-    #[serde(default)]
-    infrastructure_pid: Option<String>,
-}
-
-impl From<ApiFlowRun> for FlowRun {
-    fn from(r: ApiFlowRun) -> Self {
-        let state = r.state.as_ref();
-        FlowRun {
-            id: r.id,
-            name: r.name,
-            flow_id: r.flow_id,
-            deployment_id: r.deployment_id,
-            state: state
-                .map(|s| StateKind::parse(&s.kind))
-                .unwrap_or(StateKind::Unknown),
-            state_since: state.and_then(|s| s.timestamp),
-            state_message: state.and_then(|s| s.message.clone()),
-            scheduled_start: r.next_scheduled_start_time.or(r.expected_start_time),
-            job_variables: r.job_variables.unwrap_or_default(),
-            infrastructure_pid: r.infrastructure_pid,
-        }
-    }
-}
-
-#[derive(Debug, Deserialize)]
-struct ScheduledRun {
-    flow_run: ApiFlowRun,
-}
-
-#[derive(Debug, Deserialize)]
-struct Worker {
-    #[serde(default)]
-    id: Option<String>,
-    name: String,
 }
 
 impl Backend for Prefect3 {
@@ -540,10 +376,9 @@ impl Backend for Prefect3 {
     }
 
     async fn poll(&self) -> Result<Vec<FlowRun>, BackendError> {
-        let before = Utc::now()
-            + chrono::Duration::from_std(self.cfg.prefetch).unwrap_or(chrono::Duration::zero());
+        let before = poll_horizon(Utc::now(), self.cfg.prefetch);
         let mut body = json!({
-            "scheduled_before": before.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            "scheduled_before": timestamp(before),
             "limit": self.cfg.poll_limit,
         });
         if !self.cfg.queues.is_empty() {
@@ -742,15 +577,11 @@ impl Backend for Prefect3 {
     }
 
     async fn log(&self, run_id: &str, level: LogLevel, message: &str) -> Result<(), BackendError> {
-        let level = match level {
-            LogLevel::Info => 20,
-            LogLevel::Error => 40,
-        };
         let line = json!({
             "name": crate::APP_NAME,
-            "level": level,
+            "level": level.number(),
             "message": message,
-            "timestamp": Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            "timestamp": timestamp(Utc::now()),
             "flow_run_id": run_id,
         });
         self.logs.call(line).await?;
@@ -772,122 +603,6 @@ impl Backend for Prefect3 {
 mod tests {
     use super::*;
     use crate::secret::SecretString;
-
-    fn resp(body: Value) -> SetStateResponse {
-        serde_json::from_value(body).unwrap()
-    }
-
-    #[test]
-    fn claim_answers() {
-        let t = "t-1";
-        assert_eq!(
-            interpret_claim(
-                &resp(json!({"status": "ACCEPT", "details": {"type": "accept_details"}})),
-                t
-            ),
-            Claim::Claimed
-        );
-        // A retried claim whose first attempt went through.
-        let again = json!({"status": "REJECT",
-            "state": {"type": "PENDING", "state_details": {"transition_id": t}},
-            "details": {"reason": "This run has already made this state transition."}});
-        assert_eq!(interpret_claim(&resp(again), t), Claim::Claimed);
-        let other = json!({"status": "ABORT",
-            "state": {"type": "PENDING", "state_details": {"transition_id": "someone-else"}},
-            "details": {"reason": "This run is in a PENDING state and cannot transition to a PENDING state."}});
-        assert!(
-            matches!(interpret_claim(&resp(other), t), Claim::Taken(r) if r.contains("PENDING state"))
-        );
-        let limit = json!({"status": "REJECT",
-            "state": {"type": "SCHEDULED", "name": "AwaitingConcurrencySlot", "state_details": {}},
-            "details": {"reason": "Deployment concurrency limit reached."}});
-        assert!(
-            matches!(interpret_claim(&resp(limit), t), Claim::Delayed(r) if r.contains("concurrency"))
-        );
-        let wait = json!({"status": "WAIT", "details": {"delay_seconds": 5, "reason": "busy"}});
-        assert!(matches!(interpret_claim(&resp(wait), t), Claim::Delayed(_)));
-    }
-
-    fn state(kind: &str, ts: &str, message: Option<&str>, transition: Option<&str>) -> ApiState {
-        serde_json::from_value(json!({"type": kind, "timestamp": ts, "message": message,
-            "state_details": {"transition_id": transition}}))
-        .unwrap()
-    }
-
-    #[test]
-    fn a_claim_holds_only_alone_in_its_round() {
-        let sched = state("SCHEDULED", "2026-01-01T00:00:00Z", None, None);
-        let b = state(
-            "PENDING",
-            "2026-01-01T00:00:01Z",
-            Some("Claimed by agent b"),
-            Some("tb"),
-        );
-        let a = state(
-            "PENDING",
-            "2026-01-01T00:00:02Z",
-            Some("Claimed by agent a"),
-            Some("ta"),
-        );
-        assert!(verify_claim(&[sched.clone(), b.clone()], "tb"));
-        assert!(!verify_claim(&[sched.clone(), b.clone()], "ta"));
-        // Two accepted claims: neither launches now; the first one adopts it later.
-        let both = [sched.clone(), b.clone(), a.clone()];
-        assert!(!verify_claim(&both, "ta"));
-        assert!(!verify_claim(&both, "tb"));
-        assert_eq!(
-            claimant_of_record(&both).unwrap().message.as_deref(),
-            Some("Claimed by agent b")
-        );
-        // An earlier round (crashed, then rescheduled) does not count.
-        let crashed = state("CRASHED", "2026-01-01T00:00:03Z", None, None);
-        let again = state("SCHEDULED", "2026-01-01T00:00:04Z", None, None);
-        let c = state(
-            "PENDING",
-            "2026-01-01T00:00:05Z",
-            Some("Claimed by agent a"),
-            Some("tc"),
-        );
-        assert!(verify_claim(
-            &[sched, b, a, crashed, again.clone(), c.clone()],
-            "tc"
-        ));
-        assert!(claimant_of_record(std::slice::from_ref(&again)).is_none());
-        let running = state("RUNNING", "2026-01-01T00:00:06Z", None, None);
-        assert!(!verify_claim(
-            &[again.clone(), c.clone(), running.clone()],
-            "tc"
-        ));
-        // A late claim on a finished run (Prefect accepts it as a re-run) does not hold
-        // and names the state to put back.
-        let done = state("COMPLETED", "2026-01-01T00:00:07Z", None, None);
-        let late = state(
-            "PENDING",
-            "2026-01-01T00:00:08Z",
-            Some("Claimed by agent b"),
-            Some("tl"),
-        );
-        let h = [again, c, running, done, late];
-        assert!(!verify_claim(&h, "tl"));
-        assert!(claimant_of_record(&h).is_none());
-        assert_eq!(
-            displaced_by(&h, "tl").map(|s| s.kind.as_str()),
-            Some("COMPLETED")
-        );
-        assert!(displaced_by(&h, "tc").is_none(), "tc followed SCHEDULED");
-        // A run cancelled before anyone launched it still names its claimant.
-        let cancelling = state("CANCELLING", "2026-01-01T00:00:09Z", Some("by user"), None);
-        let claimed_then_cancelled = [h[0].clone(), h[1].clone(), cancelling.clone()];
-        assert_eq!(
-            latest_claimant(&claimed_then_cancelled).and_then(|s| s.message.as_deref()),
-            Some("Claimed by agent a")
-        );
-        let ran_then_cancelled = [h[0].clone(), h[1].clone(), h[2].clone(), cancelling];
-        assert!(
-            latest_claimant(&ran_then_cancelled).is_none(),
-            "it ran: not a bare claim"
-        );
-    }
 
     #[test]
     fn fixed_env_carries_credentials_as_secrets() {
