@@ -143,7 +143,11 @@ fn resolve(
         }
         _ => return None,
     };
-    abs.extend(path.iter().skip_while(|s| *s == "super" || *s == "crate").cloned());
+    abs.extend(
+        path.iter()
+            .skip_while(|s| *s == "super" || *s == "crate")
+            .cloned(),
+    );
     (0..=abs.len())
         .rev()
         .map(|n| abs[..n].to_vec())
