@@ -4,6 +4,8 @@ mod any;
 pub mod backoff;
 pub mod env;
 pub mod health;
+mod launch;
+mod maintenance;
 pub mod stats;
 
 pub use any::AnyAgent;
@@ -13,13 +15,13 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{Notify, Semaphore, oneshot};
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::backend::{Backend, BackendError, Claim, FlowRun, LogLevel, StateKind};
-use crate::deploy::{DeployError, Deployer, Exit, Launch, Stopped};
+use crate::backend::{Backend, BackendError, Claim, FlowRun};
+use crate::deploy::Deployer;
 use backoff::Backoff;
 use stats::AgentStats;
 
@@ -95,17 +97,6 @@ pub enum AgentError {
     Register(#[source] BackendError),
     #[error("cannot serve the agent API on {addr}: {cause}")]
     AgentAddress { addr: SocketAddr, cause: String },
-}
-
-/// Why one run could not be started.
-#[derive(Debug, thiserror::Error)]
-enum LaunchError {
-    #[error(transparent)]
-    Backend(#[from] BackendError),
-    #[error(transparent)]
-    Env(#[from] env::EnvError),
-    #[error(transparent)]
-    Deploy(#[from] DeployError),
 }
 
 /// An agent: one backend, one deployer, one poll loop.
@@ -366,151 +357,6 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
         }
     }
 
-    async fn launch(self: &Arc<Self>, run: FlowRun) {
-        let run_id = run.id.clone();
-        let scheduled = run.scheduled_start;
-        match self.try_launch(run).await {
-            Ok((infra_id, description, exit)) => {
-                if let Err(e) = self.backend.launched(&run_id, &infra_id).await {
-                    self.trouble();
-                    tracing::warn!(error = %e, "could not record the infrastructure id");
-                }
-                self.stats.submitted();
-                if let Some(at) = scheduled {
-                    // Early (prefetched) launches count as zero.
-                    let late = (chrono::Utc::now() - at).to_std().unwrap_or_default();
-                    crate::metrics::observe(&self.stats.submission_latency, late);
-                }
-                tracing::info!(%infra_id, "submitted for execution");
-                self.run_log(
-                    &run_id,
-                    LogLevel::Info,
-                    &format!("Submitted for execution: {description}"),
-                )
-                .await;
-                if let Some(exit) = exit {
-                    let this = self.clone();
-                    tokio::spawn(
-                        async move { this.watch_exit(run_id, exit).await }.in_current_span(),
-                    );
-                }
-            }
-            Err(LaunchError::Backend(e)) if e.is_transient() => {
-                self.trouble();
-                // Still claimed by us: the maintenance loop adopts it once Prefect answers again.
-                tracing::warn!(error = %e, "could not prepare the launch; will retry");
-                self.stats.error(e.to_string());
-            }
-            Err(LaunchError::Deploy(e)) if e.is_transient() => {
-                self.trouble();
-                // The same: adopted once the platform answers again (the Job name is the
-                // run's, so a launch that did happen after all is found, not repeated).
-                tracing::warn!(error = %e, "could not launch; will retry");
-                self.stats.error(e.to_string());
-            }
-            Err(e) => {
-                self.stats.failed();
-                let message = format!("Flow run could not be started: {e}");
-                tracing::error!(%message);
-                self.stats.error(message.clone());
-                self.run_log(&run_id, LogLevel::Error, &message).await;
-                if let Err(e) = self.backend.crash(&run_id, &message).await {
-                    tracing::error!(error = %e, "could not mark the run crashed");
-                }
-            }
-        }
-    }
-
-    async fn try_launch(
-        &self,
-        run: FlowRun,
-    ) -> Result<(String, String, Option<oneshot::Receiver<Exit>>), LaunchError> {
-        let ctx = self.backend.context(&run, self.cfg.no_cloud_logs).await?;
-        let env = env::run_environment(
-            &ctx.default_env,
-            &self.cfg.env_vars,
-            &ctx.job_variables,
-            &ctx.fixed_env,
-        )?;
-        let launched = self
-            .deployer
-            .deploy(Launch {
-                run,
-                job_variables: ctx.job_variables,
-                explicit_job_variables: ctx.explicit_job_variables,
-                env,
-                base_job_template: ctx.base_job_template,
-                references: ctx.references,
-            })
-            .await?;
-        Ok((launched.infra_id, launched.description, launched.exit))
-    }
-
-    /// When a run's infrastructure ends before the run did, the run is crashed with the cause.
-    async fn watch_exit(&self, run_id: String, exit: oneshot::Receiver<Exit>) {
-        let Ok(exit) = exit.await else { return };
-        self.report_exit(run_id, exit).await;
-    }
-
-    /// Ends of infrastructure launched before this process (e.g. Jobs that failed while
-    /// the operator was down) get the same treatment as the ones it watched itself.
-    async fn report_unwatched(
-        self: Arc<Self>,
-        mut exits: tokio::sync::mpsc::UnboundedReceiver<(String, Exit)>,
-        stop: CancellationToken,
-    ) {
-        loop {
-            let (run_id, exit) = tokio::select! {
-                next = exits.recv() => match next {
-                    Some(item) => item,
-                    None => return,
-                },
-                _ = stop.cancelled() => return,
-            };
-            let span = tracing::info_span!("flow_run", flow_run = %run_id);
-            self.report_exit(run_id, exit).instrument(span).await;
-        }
-    }
-
-    async fn report_exit(&self, run_id: String, exit: Exit) {
-        // One fewer active run, whatever follows.
-        self.stats.touch();
-        let state = match self.backend.settled_state(&run_id).await {
-            Ok(state) => state,
-            Err(e) => {
-                tracing::warn!(error = %e, exit = %exit.description, "could not read the run after its infrastructure ended");
-                return;
-            }
-        };
-        if state.is_final() {
-            tracing::info!(?state, exit = %exit.description, "flow run finished");
-            return;
-        }
-        if state == StateKind::Cancelling {
-            // The cancellation pass reports this one.
-            return;
-        }
-        let message = format!(
-            "Flow run infrastructure exited while the run was {state:?}: {}",
-            exit.description
-        );
-        tracing::warn!(%message);
-        self.stats.failed();
-        self.run_log(&run_id, LogLevel::Error, &message).await;
-        if let Err(e) = self.backend.crash(&run_id, &message).await {
-            tracing::error!(error = %e, "could not mark the run crashed");
-        }
-    }
-
-    async fn run_log(&self, run_id: &str, level: LogLevel, message: &str) {
-        if self.cfg.no_cloud_logs {
-            return;
-        }
-        if let Err(e) = self.backend.log(run_id, level, message).await {
-            tracing::debug!(error = %e, "could not ship a run log line");
-        }
-    }
-
     async fn heartbeat_loop(self: Arc<Self>, stop: CancellationToken) {
         loop {
             tokio::select! {
@@ -520,148 +366,6 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
             if let Err(e) = self.backend.heartbeat().await {
                 tracing::warn!(error = %e, "heartbeat failed");
             }
-        }
-    }
-
-    /// A claim may have been left unlaunched just now: scan for orphans again.
-    fn trouble(&self) {
-        if let Ok(mut t) = self.trouble.lock() {
-            t.since = std::time::Instant::now();
-            t.cleared = false;
-        }
-    }
-
-    /// Cancellations and re-adoption of unlaunched claims, on their own clock. With the
-    /// event stream waking it for cancellations, the cancellation scan is only the safety
-    /// net and runs every `EVENT_SAFETY_NET_TICKS` rounds.
-    async fn maintenance_loop(self: Arc<Self>, stop: CancellationToken, events: bool) {
-        const EVENT_SAFETY_NET_TICKS: u32 = 6;
-        let mut tick: u32 = 0;
-        let mut woken = false;
-        loop {
-            // Boxed: a launch inside is a large future, and inline it would make every
-            // idle agent's sleeping loop that large (a thousand agents, a thousand copies).
-            Box::pin(self.adopt_orphans(&stop)).await;
-            if woken || !events || tick.is_multiple_of(EVENT_SAFETY_NET_TICKS) {
-                Box::pin(self.carry_out_cancellations(&stop)).await;
-            }
-            tick = tick.wrapping_add(1);
-            tokio::select! {
-                _ = tokio::time::sleep(self.cfg.maintenance_interval) => woken = false,
-                _ = self.cancel_poke.notified() => {
-                    tracing::debug!("woken by a cancellation");
-                    woken = true;
-                }
-                _ = stop.cancelled() => return,
-            }
-        }
-    }
-
-    async fn adopt_orphans(self: &Arc<Self>, stop: &CancellationToken) {
-        let started = std::time::Instant::now();
-        let due = match self.trouble.lock() {
-            Ok(t) => !t.cleared,
-            Err(_) => true,
-        };
-        if !due {
-            return;
-        }
-        let orphans = match self.backend.orphans(self.cfg.adopt_after).await {
-            Ok(runs) => runs,
-            Err(e) => {
-                tracing::warn!(error = %e, "could not look for unlaunched claims");
-                return;
-            }
-        };
-        if orphans.is_empty()
-            && let Ok(mut t) = self.trouble.lock()
-            && started >= t.since + self.cfg.adopt_after
-        {
-            // Whatever was left unlaunched before `since` would have shown by now.
-            t.cleared = true;
-        }
-        for run in orphans {
-            if stop.is_cancelled() {
-                return;
-            }
-            let Some(_guard) = self.mark_busy(&run.id) else {
-                continue;
-            };
-            let span = tracing::info_span!("flow_run", flow_run = %run.id, name = %run.name);
-            async {
-                match self.backend.still_unlaunched(&run).await {
-                    Ok(true) => {}
-                    Ok(false) => return,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "could not re-check an unlaunched claim");
-                        return;
-                    }
-                }
-                if let Some(infra_id) = self.deployer.find(&run).await {
-                    tracing::info!(%infra_id, "claimed run already has infrastructure; recording it");
-                    if let Err(e) = self.backend.launched(&run.id, &infra_id).await {
-                        tracing::warn!(error = %e, "could not record the infrastructure id");
-                    }
-                    return;
-                }
-                tracing::info!(claimed_at = ?run.state_since, "launching a run claimed earlier but never launched");
-                AgentStats::inc(&self.stats.runs_adopted);
-                self.launch(run.clone()).await;
-            }
-            .instrument(span)
-            .await;
-        }
-    }
-
-    async fn carry_out_cancellations(&self, stop: &CancellationToken) {
-        let runs = match self.backend.cancelling().await {
-            Ok(runs) => runs,
-            Err(e) => {
-                tracing::warn!(error = %e, "could not look for cancellations");
-                return;
-            }
-        };
-        for run in runs {
-            if stop.is_cancelled() {
-                return;
-            }
-            let span = tracing::info_span!("flow_run", flow_run = %run.id, name = %run.name);
-            async {
-                let Some(_guard) = self.mark_busy(&run.id) else {
-                    return;
-                };
-                match self.deployer.stop(&run).await {
-                    Ok(Stopped::Stopped) => tracing::info!("stopped the run's infrastructure"),
-                    // Ours but already gone.
-                    Ok(Stopped::NotFound) if run.infrastructure_pid.is_some() => {}
-                    // Claimed by us and never launched: nobody else will finish it.
-                    Ok(Stopped::NotFound) => match self.backend.claimed_by_me(&run).await {
-                        Ok(true) => tracing::info!("cancelled before it was launched"),
-                        Ok(false) => {
-                            tracing::debug!("cancelling run claimed by another agent; left to it");
-                            return;
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "could not read who claimed the run");
-                            return;
-                        }
-                    },
-                    Ok(Stopped::NotMine) => return,
-                    Err(e) => {
-                        tracing::error!(error = %e, "could not stop the run");
-                        return;
-                    }
-                }
-                match self.backend.cancelled(&run.id).await {
-                    Ok(()) => {
-                        AgentStats::inc(&self.stats.runs_cancelled);
-                        tracing::info!("flow run cancelled");
-                    }
-                    Err(e) => tracing::error!(error = %e, "could not mark the run cancelled"),
-                }
-            }
-            .instrument(span)
-            .await;
         }
     }
 }

@@ -1,0 +1,157 @@
+//! The agent's maintenance pass, on its own clock: runs this agent claimed but never
+//! launched (a crash between claim and launch) are adopted, and cancellations are carried
+//! out (the Job deleted, the run CANCELLED).
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::Inner;
+use super::stats::AgentStats;
+use crate::backend::Backend;
+use crate::deploy::{Deployer, Stopped};
+
+impl<B: Backend, D: Deployer> Inner<B, D> {
+    /// A claim may have been left unlaunched just now: scan for orphans again.
+    pub(super) fn trouble(&self) {
+        if let Ok(mut t) = self.trouble.lock() {
+            t.since = std::time::Instant::now();
+            t.cleared = false;
+        }
+    }
+
+    /// Cancellations and re-adoption of unlaunched claims, on their own clock. With the
+    /// event stream waking it for cancellations, the cancellation scan is only the safety
+    /// net and runs every `EVENT_SAFETY_NET_TICKS` rounds.
+    pub(super) async fn maintenance_loop(self: Arc<Self>, stop: CancellationToken, events: bool) {
+        const EVENT_SAFETY_NET_TICKS: u32 = 6;
+        let mut tick: u32 = 0;
+        let mut woken = false;
+        loop {
+            // Boxed: a launch inside is a large future, and inline it would make every
+            // idle agent's sleeping loop that large (a thousand agents, a thousand copies).
+            Box::pin(self.adopt_orphans(&stop)).await;
+            if woken || !events || tick.is_multiple_of(EVENT_SAFETY_NET_TICKS) {
+                Box::pin(self.carry_out_cancellations(&stop)).await;
+            }
+            tick = tick.wrapping_add(1);
+            tokio::select! {
+                _ = tokio::time::sleep(self.cfg.maintenance_interval) => woken = false,
+                _ = self.cancel_poke.notified() => {
+                    tracing::debug!("woken by a cancellation");
+                    woken = true;
+                }
+                _ = stop.cancelled() => return,
+            }
+        }
+    }
+
+    pub(super) async fn adopt_orphans(self: &Arc<Self>, stop: &CancellationToken) {
+        let started = std::time::Instant::now();
+        let due = match self.trouble.lock() {
+            Ok(t) => !t.cleared,
+            Err(_) => true,
+        };
+        if !due {
+            return;
+        }
+        let orphans = match self.backend.orphans(self.cfg.adopt_after).await {
+            Ok(runs) => runs,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not look for unlaunched claims");
+                return;
+            }
+        };
+        if orphans.is_empty()
+            && let Ok(mut t) = self.trouble.lock()
+            && started >= t.since + self.cfg.adopt_after
+        {
+            // Whatever was left unlaunched before `since` would have shown by now.
+            t.cleared = true;
+        }
+        for run in orphans {
+            if stop.is_cancelled() {
+                return;
+            }
+            let Some(_guard) = self.mark_busy(&run.id) else {
+                continue;
+            };
+            let span = tracing::info_span!("flow_run", flow_run = %run.id, name = %run.name);
+            async {
+                match self.backend.still_unlaunched(&run).await {
+                    Ok(true) => {}
+                    Ok(false) => return,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not re-check an unlaunched claim");
+                        return;
+                    }
+                }
+                if let Some(infra_id) = self.deployer.find(&run).await {
+                    tracing::info!(%infra_id, "claimed run already has infrastructure; recording it");
+                    if let Err(e) = self.backend.launched(&run.id, &infra_id).await {
+                        tracing::warn!(error = %e, "could not record the infrastructure id");
+                    }
+                    return;
+                }
+                tracing::info!(claimed_at = ?run.state_since, "launching a run claimed earlier but never launched");
+                AgentStats::inc(&self.stats.runs_adopted);
+                self.launch(run.clone()).await;
+            }
+            .instrument(span)
+            .await;
+        }
+    }
+
+    pub(super) async fn carry_out_cancellations(&self, stop: &CancellationToken) {
+        let runs = match self.backend.cancelling().await {
+            Ok(runs) => runs,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not look for cancellations");
+                return;
+            }
+        };
+        for run in runs {
+            if stop.is_cancelled() {
+                return;
+            }
+            let span = tracing::info_span!("flow_run", flow_run = %run.id, name = %run.name);
+            async {
+                let Some(_guard) = self.mark_busy(&run.id) else {
+                    return;
+                };
+                match self.deployer.stop(&run).await {
+                    Ok(Stopped::Stopped) => tracing::info!("stopped the run's infrastructure"),
+                    // Ours but already gone.
+                    Ok(Stopped::NotFound) if run.infrastructure_pid.is_some() => {}
+                    // Claimed by us and never launched: nobody else will finish it.
+                    Ok(Stopped::NotFound) => match self.backend.claimed_by_me(&run).await {
+                        Ok(true) => tracing::info!("cancelled before it was launched"),
+                        Ok(false) => {
+                            tracing::debug!("cancelling run claimed by another agent; left to it");
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not read who claimed the run");
+                            return;
+                        }
+                    },
+                    Ok(Stopped::NotMine) => return,
+                    Err(e) => {
+                        tracing::error!(error = %e, "could not stop the run");
+                        return;
+                    }
+                }
+                match self.backend.cancelled(&run.id).await {
+                    Ok(()) => {
+                        AgentStats::inc(&self.stats.runs_cancelled);
+                        tracing::info!("flow run cancelled");
+                    }
+                    Err(e) => tracing::error!(error = %e, "could not mark the run cancelled"),
+                }
+            }
+            .instrument(span)
+            .await;
+        }
+    }
+}
