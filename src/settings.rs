@@ -193,7 +193,6 @@ impl AgentSettings {
                 labels: agent.labels.clone(),
                 agent_config_id: args.agent_config_id.clone(),
                 prefetch: args.prefetch,
-                default_image: None,
                 log_level: env("PREFECT__LOGGING__LEVEL").unwrap_or_else(|| "INFO".into()),
                 retry: RetryPolicy::default(),
             })

@@ -3,6 +3,7 @@
 mod common;
 
 use std::collections::BTreeSet;
+use std::path::Path;
 use std::time::Duration;
 
 use common::prefect1::FakePrefect1;
@@ -382,13 +383,19 @@ async fn a_failing_launch_ends_failed_with_a_log_line() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_run_environment_follows_the_1_4_precedence() {
     let server = FakePrefect1::start().await;
-    let (_dir, record) = temp_record();
+    let (dir, record) = temp_record();
     let runner = fake_runner(&record, "env");
     let flow = server.create_flow(json!({"name": "etl"})).await;
+    // A LocalRun, as Prefect 1's LocalAgent runs it: its env and working directory.
     let run = server
         .create_run(json!({"flow_id": flow, "run_config": {
-            "type": "KubernetesRun", "__version__": "1.4.1",
+            "type": "LocalRun", "__version__": "1.4.1",
+            "working_dir": dir.path().display().to_string(),
             "env": {"SHARED": "run", "PREFECT__CLOUD__API": "http://wrong"}}}))
+        .await;
+    // A KubernetesRun is not for a process agent: Failed, saying so.
+    let k8s = server
+        .create_run(json!({"flow_id": flow, "run_config": {"type": "KubernetesRun"}}))
         .await;
     let mut args = agent_args(&server.url, "env-agent", &runner);
     args.extend([
@@ -407,6 +414,22 @@ async fn the_run_environment_follows_the_1_4_precedence() {
     )
     .unwrap();
     assert_eq!(env["SHARED"], "run", "run_config env beats the agent's");
+    assert_eq!(
+        Path::new(env["<cwd>"].as_str().unwrap())
+            .canonicalize()
+            .unwrap(),
+        dir.path().canonicalize().unwrap(),
+        "the LocalRun's working_dir"
+    );
+    let failed = server
+        .wait_state(&k8s, "Failed", Duration::from_secs(60))
+        .await;
+    assert!(
+        failed["state_message"].as_str().is_some_and(
+            |m| m.contains("run_config type `KubernetesRun` cannot run as a local process")
+        ),
+        "{failed}"
+    );
     assert_eq!(env["TEAM"], "data");
     assert_eq!(env["PREFECT__LOGGING__LEVEL"], "INFO");
     assert_eq!(

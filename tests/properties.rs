@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use prefect_agent_operator::backend::prefect1::graphql::error_of;
 use prefect_agent_operator::backend::prefect1::parse_flow_run_row;
-use prefect_agent_operator::backend::prefect1::run_config::{FlowInfo, run_spec};
+use prefect_agent_operator::backend::prefect1::run_config::FlowInfo;
 use prefect_agent_operator::backend::prefect3::{
     ApiFlowRun, ApiState, SetStateResponse, displaced_by, interpret_claim, latest_claimant,
     verify_claim,
@@ -15,6 +15,7 @@ use prefect_agent_operator::backend::{EnvValue, FlowRun, References, StateKind};
 use prefect_agent_operator::controller::agent_config;
 use prefect_agent_operator::crd::{PrefectAgentSpec, SecretKeyRef};
 use prefect_agent_operator::deploy::kubernetes::job::{JobInputs, build_job};
+use prefect_agent_operator::deploy::kubernetes::run_config::kubernetes_run;
 use prefect_agent_operator::work_pool::template::apply_values;
 use prefect_agent_operator::work_pool::{merge_job_variables, references_in};
 use proptest::prelude::*;
@@ -256,7 +257,7 @@ proptest! {
         }
         let _ = parse_flow_run_row(&row);
         let flow = FlowInfo { id: "f".into(), name: "n".into(), storage: run_config.get("storage").cloned().unwrap_or(Value::Null), core_version: None };
-        match run_spec(&run_config, &flow, &[], None) {
+        match kubernetes_run(&run_config, &flow, &[], None) {
             Ok(spec) => prop_assert!(spec.base_job_template.pointer("/job_configuration/job_manifest/spec/template/spec/containers/0").is_some()),
             Err(e) => prop_assert!(!e.to_string().is_empty()),
         }

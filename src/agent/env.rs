@@ -8,20 +8,20 @@
 
 use std::collections::BTreeMap;
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::backend::EnvValue;
 
-/// Why a run's `env` job variable could not be used.
+/// Why a run's `env` (job variable or run_config field) could not be used.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("job variable `env` is invalid: {0}")]
+#[error("the run's `env` is invalid: {0}")]
 pub struct EnvError(String);
 
 /// Computes the run's environment from the three layers.
 pub fn run_environment(
     defaults: &BTreeMap<String, String>,
     agent_env: &BTreeMap<String, String>,
-    job_variables: &Map<String, Value>,
+    run_env: Option<&Value>,
     fixed: &BTreeMap<String, EnvValue>,
 ) -> Result<BTreeMap<String, EnvValue>, EnvError> {
     let mut env: BTreeMap<String, EnvValue> = defaults
@@ -29,7 +29,7 @@ pub fn run_environment(
         .chain(agent_env)
         .map(|(k, v)| (k.clone(), EnvValue::Plain(v.clone())))
         .collect();
-    match job_variables.get("env") {
+    match run_env {
         None | Some(Value::Null) => {}
         Some(Value::Object(vars)) => {
             for (k, v) in vars {
@@ -91,7 +91,7 @@ mod tests {
             ("PREFECT__LOGGING__LEVEL".to_string(), "INFO".to_string()),
             ("TEAM".to_string(), "default".to_string()),
         ]);
-        let env = run_environment(&defaults, &agent, vars.as_object().unwrap(), &fixed).unwrap();
+        let env = run_environment(&defaults, &agent, vars.get("env"), &fixed).unwrap();
         assert_eq!(env["PREFECT__LOGGING__LEVEL"], plain("INFO"));
         assert_eq!(
             env["TEAM"],
@@ -112,7 +112,7 @@ mod tests {
         let err = run_environment(
             &BTreeMap::new(),
             &BTreeMap::new(),
-            json!({"env": ["A=1"]}).as_object().unwrap(),
+            Some(&json!(["A=1"])),
             &fixed,
         )
         .unwrap_err();
@@ -120,7 +120,7 @@ mod tests {
         let err = run_environment(
             &BTreeMap::new(),
             &BTreeMap::new(),
-            json!({"env": {"A": {"x": 1}}}).as_object().unwrap(),
+            Some(&json!({"A": {"x": 1}})),
             &fixed,
         )
         .unwrap_err();

@@ -87,18 +87,15 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
         let env = env::run_environment(
             &ctx.default_env,
             &self.cfg.env_vars,
-            &ctx.job_variables,
+            ctx.spec.env(),
             &ctx.fixed_env,
         )?;
         let launched = self
             .deployer
             .deploy(Launch {
                 run,
-                job_variables: ctx.job_variables,
-                explicit_job_variables: ctx.explicit_job_variables,
+                spec: ctx.spec,
                 env,
-                base_job_template: ctx.base_job_template,
-                references: ctx.references,
             })
             .await?;
         Ok((launched.infra_id, launched.description, launched.exit))

@@ -105,24 +105,52 @@ pub enum EnvValue {
     Secret(SecretString),
 }
 
+/// What a backend knows about how a run must be started, in its API's terms; each
+/// deployer translates it into its own infrastructure (a Job, a process).
+#[derive(Clone, Debug, PartialEq)]
+pub enum RunSpec {
+    /// A Prefect 3 work pool's run.
+    WorkPool {
+        /// Job variables merged: pool defaults < deployment < run.
+        job_variables: Map<String, Value>,
+        /// The job variables the deployment or the run set (the rest are pool defaults,
+        /// which the resource's `job` section may replace).
+        explicit_job_variables: BTreeSet<String>,
+        /// The pool's base job template, for deployers that render one; shared, not
+        /// copied, per launch.
+        base_job_template: Option<Arc<Value>>,
+        /// Prefect variables and blocks the template refers to (job variables come
+        /// resolved).
+        references: References,
+    },
+    /// A Prefect 1 run: its `run_config` as the server keeps it, and its flow.
+    Prefect1 {
+        run_config: Value,
+        flow: prefect1::run_config::FlowInfo,
+        /// The run's labels.
+        labels: Vec<String>,
+    },
+}
+
+impl RunSpec {
+    /// The environment the run asks for (`env` of its job variables or run_config).
+    pub fn env(&self) -> Option<&Value> {
+        match self {
+            Self::WorkPool { job_variables, .. } => job_variables.get("env"),
+            Self::Prefect1 { run_config, .. } => run_config.get("env"),
+        }
+    }
+}
+
 /// What a backend knows about how a run must be started.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RunContext {
-    /// Job variables merged: pool defaults < deployment < run.
-    pub job_variables: Map<String, Value>,
-    /// The job variables the deployment or the run set (the rest are pool defaults,
-    /// which the resource's `job` section may replace).
-    pub explicit_job_variables: BTreeSet<String>,
+    pub spec: RunSpec,
     /// Variables under everything else, even the agent's `env_vars` (Prefect 1's
     /// `PREFECT__LOGGING__LEVEL`).
     pub default_env: BTreeMap<String, String>,
     /// Variables the run needs to talk to Prefect; they win over everything else.
     pub fixed_env: BTreeMap<String, EnvValue>,
-    /// The pool's base job template (Prefect 3), for deployers that render one; shared,
-    /// not copied, per launch.
-    pub base_job_template: Option<Arc<Value>>,
-    /// Prefect variables and blocks the template refers to (job variables come resolved).
-    pub references: References,
 }
 
 /// What registering the agent returned.
@@ -182,8 +210,6 @@ pub enum BackendError {
     UnknownQueue { pool: String, queue: String },
     #[error(transparent)]
     Reference(#[from] crate::work_pool::ReferenceError),
-    #[error(transparent)]
-    RunConfig(#[from] prefect1::run_config::RunConfigError),
     #[error("unexpected answer from the Prefect API to {call}: {detail}")]
     Protocol { call: &'static str, detail: String },
 }

@@ -142,7 +142,6 @@ pub fn backend_config(
             labels: agent.labels.clone(),
             agent_config_id: agent.agent_config_id.clone(),
             prefetch: Duration::from_secs(10),
-            default_image: spec.job.image.clone(),
             log_level: "INFO".into(),
             retry,
         }),

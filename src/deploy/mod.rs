@@ -3,28 +3,22 @@
 pub mod kubernetes;
 pub mod process;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::future::Future;
 
-use serde_json::{Map, Value};
 use tokio::sync::oneshot;
 
-use crate::backend::{EnvValue, FlowRun};
+use crate::backend::{EnvValue, FlowRun, RunSpec};
 
 /// Everything a deployer needs to start one run.
 #[derive(Clone, Debug)]
 pub struct Launch {
     pub run: FlowRun,
-    /// Merged job variables (pool defaults < deployment < run).
-    pub job_variables: Map<String, Value>,
-    /// The job variables the deployment or the run set; the others are pool defaults.
-    pub explicit_job_variables: BTreeSet<String>,
+    /// What the backend knows about how the run must be started; the deployer
+    /// translates it into its infrastructure.
+    pub spec: RunSpec,
     /// The run's environment after precedence was applied (see `agent::env`).
     pub env: BTreeMap<String, EnvValue>,
-    /// The pool's base job template, where the backend has one.
-    pub base_job_template: Option<std::sync::Arc<Value>>,
-    /// Prefect variables and blocks the base job template refers to.
-    pub references: crate::backend::References,
 }
 
 /// How a run's infrastructure ended.
@@ -69,6 +63,9 @@ pub enum DeployError {
     Stop(String),
     #[error("could not build the Job: {0}")]
     Build(String),
+    /// The run asks for infrastructure this deployer does not start.
+    #[error("{0}")]
+    Unsupported(String),
     #[error("Kubernetes refused the Job: {0}")]
     Kubernetes(String),
     /// The platform did not answer or was overloaded; the same launch may work later.

@@ -13,7 +13,8 @@ use tokio::process::Command;
 use tokio::sync::oneshot;
 
 use super::{DeployError, Deployer, Exit, Launch, Launched, Stopped};
-use crate::backend::{EnvValue, FlowRun};
+use crate::backend::prefect1::run_config::run_config_type;
+use crate::backend::{EnvValue, FlowRun, RunSpec};
 
 /// The command the official workers run for a flow run.
 pub const DEFAULT_COMMAND: &str = "prefect flow-run execute";
@@ -124,19 +125,50 @@ fn processes_of_run(run_id: &str) -> Vec<i32> {
         .collect()
 }
 
-impl Deployer for ProcessDeployer {
-    async fn deploy(&self, launch: Launch) -> Result<Launched, DeployError> {
-        let argv = command_line(launch.job_variables.get("command"), &self.cfg.command)?;
-        let working_dir = match launch.job_variables.get("working_dir") {
+impl ProcessDeployer {
+    /// The command line and working directory a run asks for: its job variables' (a work
+    /// pool's run) or its run_config's (Prefect 1's `LocalRun`), else this deployer's.
+    fn what_to_run(&self, spec: &RunSpec) -> Result<(Vec<String>, Option<PathBuf>), DeployError> {
+        let (command, dir, dir_name) = match spec {
+            RunSpec::WorkPool { job_variables, .. } => (
+                job_variables.get("command"),
+                job_variables.get("working_dir"),
+                "working_dir",
+            ),
+            RunSpec::Prefect1 { run_config, .. } => {
+                match run_config_type(run_config) {
+                    None | Some("LocalRun") | Some("UniversalRun") => {}
+                    Some(other) => {
+                        return Err(DeployError::Unsupported(format!(
+                            "run_config type `{other}` cannot run as a local process; this agent runs LocalRun (and UniversalRun) flow runs"
+                        )));
+                    }
+                }
+                (
+                    None,
+                    run_config.get("working_dir"),
+                    "run_config.working_dir",
+                )
+            }
+        };
+        let argv = command_line(command, &self.cfg.command)?;
+        let working_dir = match dir {
             Some(Value::String(s)) if !s.is_empty() => Some(PathBuf::from(s)),
             None | Some(Value::Null) | Some(Value::String(_)) => self.cfg.working_dir.clone(),
             Some(other) => {
                 return Err(DeployError::InvalidJobVariable {
-                    name: "working_dir",
+                    name: dir_name,
                     reason: format!("expected a path, got {other}"),
                 });
             }
         };
+        Ok((argv, working_dir))
+    }
+}
+
+impl Deployer for ProcessDeployer {
+    async fn deploy(&self, launch: Launch) -> Result<Launched, DeployError> {
+        let (argv, working_dir) = self.what_to_run(&launch.spec)?;
         let mut cmd = Command::new(&argv[0]);
         cmd.args(&argv[1..]);
         for (k, v) in &launch.env {
@@ -248,6 +280,63 @@ impl Deployer for ProcessDeployer {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    fn prefect1(run_config: Value) -> RunSpec {
+        RunSpec::Prefect1 {
+            run_config,
+            flow: Default::default(),
+            labels: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn what_runs_follows_the_job_variables_or_the_run_config() {
+        let d = ProcessDeployer::new(ProcessConfig {
+            working_dir: Some("/srv".into()),
+            ..ProcessConfig::default()
+        });
+        let pool = RunSpec::WorkPool {
+            job_variables: json!({"command": "python x.py", "working_dir": "/w"})
+                .as_object()
+                .cloned()
+                .unwrap(),
+            explicit_job_variables: Default::default(),
+            base_job_template: None,
+            references: Default::default(),
+        };
+        let (argv, dir) = d.what_to_run(&pool).unwrap();
+        assert_eq!(
+            (argv, dir),
+            (vec!["python".into(), "x.py".into()], Some("/w".into()))
+        );
+        // Prefect 1: a LocalRun's working_dir, else the deployer's; its own command.
+        let (argv, dir) = d
+            .what_to_run(&prefect1(
+                json!({"type": "LocalRun", "working_dir": "/flows"}),
+            ))
+            .unwrap();
+        assert_eq!(argv, ["prefect", "flow-run", "execute"]);
+        assert_eq!(dir, Some("/flows".into()));
+        let (_, dir) = d.what_to_run(&prefect1(json!(null))).unwrap();
+        assert_eq!(dir, Some("/srv".into()));
+        assert!(
+            d.what_to_run(&prefect1(json!({"type": "UniversalRun"})))
+                .is_ok()
+        );
+        let err = d
+            .what_to_run(&prefect1(json!({"type": "KubernetesRun"})))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`KubernetesRun` cannot run as a local process"),
+            "{err}"
+        );
+        let err = d
+            .what_to_run(&prefect1(json!({"type": "LocalRun", "working_dir": 3})))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("run_config.working_dir"), "{err}");
+    }
 
     #[test]
     fn command_line_prefers_the_job_variable() {

@@ -18,11 +18,11 @@ use chrono::{DateTime, Utc};
 use serde_json::{Map, Value, json};
 
 use self::graphql::{CORE_VERSION, GraphqlClient, GraphqlError, literal};
-use self::run_config::{FlowInfo, RunIdentity, fixed_env, run_spec};
+use self::run_config::{FlowInfo, RunIdentity, fixed_env};
 use super::http::{ApiClient, Auth, RetryPolicy};
 use super::{
-    Backend, BackendError, Claim, FlowRun, LogLevel, References, Registration, RunContext,
-    StateKind, poll_horizon, timestamp,
+    Backend, BackendError, Claim, FlowRun, LogLevel, Registration, RunContext, RunSpec, StateKind,
+    poll_horizon, timestamp,
 };
 use crate::secret::SecretString;
 
@@ -41,8 +41,6 @@ pub struct Prefect1Config {
     pub agent_config_id: Option<String>,
     /// Runs due this far ahead are fetched already (the seed: 10 s).
     pub prefetch: Duration,
-    /// The resource's `job.image`, before the `prefecthq/prefect:<core>` fallback.
-    pub default_image: Option<String>,
     /// `PREFECT__LOGGING__LEVEL` of the runs.
     pub log_level: String,
     /// `PREFECT__BACKEND` of the runs: `server` or `cloud`.
@@ -497,12 +495,6 @@ impl Backend for Prefect1 {
                     })?
             }
         };
-        let spec = run_spec(
-            &meta.run_config,
-            &meta.flow,
-            &meta.labels,
-            self.cfg.default_image.as_deref(),
-        )?;
         let tenant = self.gql.tenant_id();
         let fixed = fixed_env(&RunIdentity {
             api_url: &self.cfg.api_url,
@@ -512,20 +504,20 @@ impl Backend for Prefect1 {
             agent_labels: &self.cfg.labels,
             run_id: &run.id,
             flow_id: &meta.flow.id,
-            image: &spec.image,
             no_cloud_logs,
         });
         self.forget(&run.id);
         Ok(RunContext {
-            explicit_job_variables: spec.job_variables.keys().cloned().collect(),
-            job_variables: spec.job_variables,
+            spec: RunSpec::Prefect1 {
+                run_config: meta.run_config,
+                flow: meta.flow,
+                labels: meta.labels,
+            },
             default_env: BTreeMap::from([(
                 "PREFECT__LOGGING__LEVEL".to_string(),
                 self.cfg.log_level.clone(),
             )]),
             fixed_env: fixed,
-            base_job_template: Some(std::sync::Arc::new(spec.base_job_template)),
-            references: References::default(),
         })
     }
 

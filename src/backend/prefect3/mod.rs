@@ -23,8 +23,8 @@ use wire::{ScheduledRun, Worker};
 use super::coalesce::Coalescer;
 use super::http::{ApiClient, Auth, HttpError, RetryPolicy};
 use super::{
-    Backend, BackendError, Claim, EnvValue, FlowRun, LogLevel, Registration, RunContext, StateKind,
-    poll_horizon, timestamp,
+    Backend, BackendError, Claim, EnvValue, FlowRun, LogLevel, Registration, RunContext, RunSpec,
+    StateKind, poll_horizon, timestamp,
 };
 use crate::work_pool::{
     Reference, References, merge_job_variables, references_in, shared_template, standard_template,
@@ -484,12 +484,14 @@ impl Backend for Prefect3 {
             .map(|key| key.split('.').next().unwrap_or(key).to_string())
             .collect();
         Ok(RunContext {
-            job_variables,
-            explicit_job_variables,
+            spec: RunSpec::WorkPool {
+                job_variables,
+                explicit_job_variables,
+                base_job_template: (!template.is_null()).then_some(template),
+                references,
+            },
             default_env: BTreeMap::new(),
             fixed_env: fixed_env(&self.cfg.api_url, &self.cfg.auth, &run.id, no_cloud_logs),
-            base_job_template: (!template.is_null()).then_some(template),
-            references,
         })
     }
 

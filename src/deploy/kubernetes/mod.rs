@@ -2,6 +2,7 @@
 
 pub mod job;
 pub mod observe;
+pub mod run_config;
 
 use std::sync::Arc;
 
@@ -10,10 +11,15 @@ use kube::api::PostParams;
 use kube::{Api, Client, ResourceExt};
 
 use super::{DeployError, Deployer, Launch, Launched, Stopped};
-use crate::backend::FlowRun;
+use std::collections::BTreeSet;
+
+use serde_json::Map;
+
+use crate::backend::{EnvValue, FlowRun, References, RunSpec};
 use crate::crd::{JobSpec, SecretKeyRef};
 use job::{JobInputs, agent_label, build_job, in_background, job_name};
 use observe::JobObserver;
+use run_config::kubernetes_run;
 
 /// Starts flow runs as Jobs for one `PrefectAgent`.
 #[derive(Clone)]
@@ -46,6 +52,64 @@ impl KubernetesDeployer {
     }
 }
 
+impl KubernetesDeployer {
+    /// The run's Job: a work pool's template rendered, or a Prefect 1 run_config's Job.
+    fn job(&self, launch: &Launch) -> Result<Job, DeployError> {
+        let build = |inputs: JobInputs<'_>| {
+            build_job(&inputs).map_err(|e| DeployError::Build(e.to_string()))
+        };
+        let inputs =
+            |env, job_variables, explicit_job_variables, base_job_template, references| JobInputs {
+                run: &launch.run,
+                agent_namespace: &self.agent_namespace,
+                agent_name: &self.agent_name,
+                job_variables,
+                explicit_job_variables,
+                env,
+                base_job_template,
+                defaults: &self.defaults,
+                secret: self.secret.as_ref(),
+                references,
+            };
+        match &launch.spec {
+            RunSpec::WorkPool {
+                job_variables,
+                explicit_job_variables,
+                base_job_template,
+                references,
+            } => build(inputs(
+                &launch.env,
+                job_variables,
+                explicit_job_variables,
+                base_job_template.as_deref(),
+                references,
+            )),
+            RunSpec::Prefect1 {
+                run_config,
+                flow,
+                labels,
+            } => {
+                let from_run_config =
+                    kubernetes_run(run_config, flow, labels, self.defaults.image.as_deref())
+                        .map_err(|e| DeployError::Build(e.to_string()))?;
+                // The 1.4 agent tells the flow which image it runs in.
+                let mut env = launch.env.clone();
+                env.insert(
+                    "PREFECT__CONTEXT__IMAGE".into(),
+                    EnvValue::Plain(from_run_config.image),
+                );
+                build(inputs(
+                    &env,
+                    &Map::new(),
+                    &BTreeSet::new(),
+                    Some(&from_run_config.base_job_template),
+                    &References::default(),
+                ))
+            }
+        }
+    }
+}
+
 impl Deployer for KubernetesDeployer {
     fn unwatched_exits(
         &self,
@@ -57,19 +121,7 @@ impl Deployer for KubernetesDeployer {
     }
 
     async fn deploy(&self, launch: Launch) -> Result<Launched, DeployError> {
-        let job = build_job(&JobInputs {
-            run: &launch.run,
-            agent_namespace: &self.agent_namespace,
-            agent_name: &self.agent_name,
-            job_variables: &launch.job_variables,
-            explicit_job_variables: &launch.explicit_job_variables,
-            env: &launch.env,
-            base_job_template: launch.base_job_template.as_deref(),
-            defaults: &self.defaults,
-            secret: self.secret.as_ref(),
-            references: &launch.references,
-        })
-        .map_err(|e| DeployError::Build(e.to_string()))?;
+        let job = self.job(&launch)?;
         let name = job_name(&launch.run.id);
         let exit = self.observer.wait_for(&self.namespace(), &name);
         // Counted from now on, not from when the watch sees it: the limit holds under bursts.
