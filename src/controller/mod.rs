@@ -70,7 +70,8 @@ pub struct Context {
     changed: Mutex<Option<mpsc::UnboundedReceiver<ObjectRef<PrefectAgent>>>>,
 }
 
-async fn reconcile(agent: Arc<PrefectAgent>, ctx: Arc<Context>) -> Result<Action, Error> {
+/// One reconcile of one resource, behind its finalizer (public for in-process tests).
+pub async fn reconcile(agent: Arc<PrefectAgent>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
     let api: Api<PrefectAgent> =
         Api::namespaced(ctx.client.clone(), &agent.namespace().unwrap_or_default());
