@@ -8,6 +8,8 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY crds ./crds
+# A workspace member (the tests' harness): Cargo reads its manifest to resolve the build.
+COPY testkit ./testkit
 RUN cargo build --release --locked --target x86_64-unknown-linux-musl \
     && cp target/x86_64-unknown-linux-musl/release/prefect-agent-operator /prefect-agent-operator
 

@@ -1,6 +1,6 @@
 //! Bad input to the `agent` command: one clear line naming the problem, a non-zero exit, no panic.
 
-mod common;
+use pao_testkit as common;
 
 use std::time::Duration;
 

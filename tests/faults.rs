@@ -15,7 +15,7 @@
 //! (default 2) disruptions per scenario; `scripts/fault-suite.sh` runs them at 500 × 5
 //! and prints the table.
 
-mod common;
+use pao_testkit as common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -142,15 +142,6 @@ fn operator(kubeconfig: &std::path::Path, ns: &str, port: u16, extra: &[&str]) -
         .args(extra)
         .env("PAO_HEALTH_ADDRESS", format!("127.0.0.1:{port}"));
     AgentProcess::start_with(cmd)
-}
-
-/// GET on an operator's probe port: (status, body).
-async fn probe(port: u16, path: &str) -> Option<(u16, String)> {
-    let resp = reqwest::get(format!("http://127.0.0.1:{port}{path}"))
-        .await
-        .ok()?;
-    let status = resp.status().as_u16();
-    Some((status, resp.text().await.ok()?))
 }
 
 /// Sum of a counter over all agents in an operator's /metrics.

@@ -1,6 +1,6 @@
 //! On a real kube-apiserver: the PrefectAgent CRD installed, served and rejecting nonsense; built Jobs accepted.
 
-mod common;
+use pao_testkit as common;
 
 use common::cluster::{KubeApiServer, install_crd, namespace};
 use kube::Client;

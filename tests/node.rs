@@ -3,7 +3,7 @@
 //! that requires a credential, and the flows' code pulled by Prefect's `git_clone` step.
 //! Nothing here plays the kubelet: pods start, fail and end for real.
 
-mod common;
+use pao_testkit as common;
 
 use std::time::Duration;
 

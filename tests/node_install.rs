@@ -7,7 +7,7 @@
 //! One test, in its own binary: an operator installed cluster-wide manages every
 //! namespace's PrefectAgents, so nothing else may run beside it.
 
-mod common;
+use pao_testkit as common;
 
 use std::process::Stdio;
 use std::time::Duration;

@@ -1,7 +1,7 @@
 //! The Helm chart, the plain manifests and the Argo CD health check, with the real tools:
 //! Helm v4's engine (helm-python-sdk), the real API server, a real Lua 5.1.
 
-mod common;
+use pao_testkit as common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -603,11 +603,7 @@ async fn the_chart_s_rbac_is_enough_to_run_the_operator() {
         .unwrap();
     kube_server.wait_ready(&ns, "rbac-agent", &operator).await;
 
-    let dep = prefect
-        .api
-        .create_deployment(&prefect.pool, json!({}))
-        .await;
-    let run = prefect.api.create_run(&dep).await;
+    let run = prefect.new_run().await;
     let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
     let name = format!("prefect-run-{run}");
     wait_for("the Job", Duration::from_secs(60), || async {

@@ -1,6 +1,6 @@
 //! `agent --flavor prefect1` against the fake Prefect 1 GraphQL server.
 
-mod common;
+use pao_testkit as common;
 
 use std::collections::BTreeSet;
 use std::path::Path;

@@ -1,6 +1,6 @@
 //! The agent, as a binary, against a real `prefect server`: each test has its own pool.
 
-mod common;
+use pao_testkit as common;
 
 use std::collections::{BTreeSet, HashSet};
 use std::time::Duration;

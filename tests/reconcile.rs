@@ -2,7 +2,7 @@
 //! (the test API server) and a real Prefect server; `reconcile` called directly, then
 //! the resource, the supervisor and the returned `Action` looked at. No operator binary.
 
-mod common;
+use pao_testkit as common;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,12 +1,6 @@
-//! Test harness: a real Prefect server, the agent binary as a child process, and waiting with deadlines.
-#![allow(dead_code)]
+//! A real `prefect server` (shared, with an auth string, or restartable) and the calls
+//! tests make on its API.
 
-pub mod cluster;
-pub mod node;
-pub mod prefect1;
-
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -16,58 +10,9 @@ use prefect_agent_operator::backend::http::{ApiClient, Auth, HttpError, RetryPol
 use reqwest::Method;
 use serde_json::{Value, json};
 
-/// The Prefect venv: `PAO_PREFECT_VENV`, else the cache `scripts/setup-prefect.sh` fills.
-pub fn prefect_venv() -> PathBuf {
-    if let Ok(v) = std::env::var("PAO_PREFECT_VENV") {
-        return PathBuf::from(v);
-    }
-    let out = Command::new("bash")
-        .arg(repo().join("scripts/setup-prefect.sh"))
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("run scripts/setup-prefect.sh");
-    assert!(out.status.success(), "scripts/setup-prefect.sh failed");
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-}
-
-pub fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// A free loopback port, never the same one twice in this test process.
-pub fn free_port() -> u16 {
-    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    loop {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("a free port");
-        let mut given = GIVEN.lock().expect("ports");
-        if !given.contains(&port) {
-            given.push(port);
-            return port;
-        }
-    }
-}
-
-/// Polls `cond` until it returns `Some`, or panics with `what` at the deadline.
-pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut cond: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = cond().await {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
+use crate::{
+    free_port, http_get_ok_at, prefect_venv, repo, spawn_tied_to_test_process, unique, wait_for,
+};
 
 /// A `prefect server` on a free loopback port with a private SQLite database.
 pub struct PrefectServer {
@@ -218,51 +163,6 @@ impl Drop for RestartablePrefect {
     fn drop(&mut self) {
         self.kill();
     }
-}
-
-/// Starts `cmd` from a thread that never ends, with a parent-death signal, so the
-/// child goes away with the test process even though statics are never dropped.
-pub fn spawn_tied_to_test_process(mut cmd: Command) {
-    use std::os::unix::process::CommandExt;
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        unsafe {
-            cmd.pre_exec(|| {
-                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
-                    .map_err(std::io::Error::from)
-            });
-        }
-        let child = cmd.spawn();
-        let failed = child.is_err();
-        let _ = tx.send(child.map(|_| ()).map_err(|e| e.to_string()));
-        if !failed {
-            loop {
-                std::thread::park();
-            }
-        }
-    });
-    rx.recv()
-        .expect("spawner thread")
-        .expect("spawn prefect server");
-}
-
-/// A plain HTTP/1.0 GET, answering whether the status was 2xx (no runtime needed).
-pub(crate) fn http_get_ok(port: u16, path: &str) -> bool {
-    http_get_ok_at("127.0.0.1", port, path)
-}
-
-/// The same against `host`.
-pub(crate) fn http_get_ok_at(host: &str, port: u16, path: &str) -> bool {
-    let Ok(mut s) = TcpStream::connect((host, port)) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    if write!(s, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").is_err() {
-        return false;
-    }
-    let mut buf = String::new();
-    let _ = s.read_to_string(&mut buf);
-    buf.starts_with("HTTP/1.1 2") || buf.starts_with("HTTP/1.0 2")
 }
 
 /// Calls a test makes on the Prefect API (with the crate's own retrying client).
@@ -517,135 +417,10 @@ impl Setup {
             _dir: dir,
         }
     }
-}
 
-/// A unique name for a test's pool.
-pub fn unique(prefix: &str) -> String {
-    format!(
-        "{prefix}-{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..8]
-    )
-}
-
-/// The agent binary running as a child process; killed when dropped.
-pub struct AgentProcess {
-    pub child: Child,
-    pub log: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-/// The binary with a clean environment (no PREFECT_* or PAO_* from the caller).
-fn clean_command() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_prefect-agent-operator"));
-    for (k, _) in std::env::vars() {
-        if k.starts_with("PREFECT") || k.starts_with("PAO_") {
-            cmd.env_remove(k);
-        }
+    /// A new run of a new deployment of the pool (no job variables).
+    pub async fn new_run(&self) -> String {
+        let deployment = self.api.create_deployment(&self.pool, json!({})).await;
+        self.api.create_run(&deployment).await
     }
-    cmd.stdin(Stdio::null());
-    cmd
-}
-
-/// `agent` with these flags.
-pub fn agent_command(args: &[&str]) -> Command {
-    let mut cmd = clean_command();
-    cmd.arg("agent").args(args);
-    cmd
-}
-
-/// A subcommand against the API server behind `kubeconfig`.
-pub fn clean_cluster_command(kubeconfig: &Path, subcommand: &str) -> Command {
-    cluster_command(kubeconfig, subcommand)
-}
-
-fn cluster_command(kubeconfig: &Path, subcommand: &str) -> Command {
-    let mut cmd = clean_command();
-    cmd.arg(subcommand)
-        .env("KUBECONFIG", kubeconfig)
-        // Stuck pods are given up after 1 s, not a minute.
-        .env("PAO_POD_GRACE", "1s");
-    cmd
-}
-
-/// The operator against the API server behind `kubeconfig`, its probes on a free port.
-pub fn operator_command(kubeconfig: &Path) -> Command {
-    let mut cmd = cluster_command(kubeconfig, "operator");
-    cmd.env("PAO_HEALTH_ADDRESS", format!("127.0.0.1:{}", free_port()));
-    cmd
-}
-
-/// The dev job runner against the API server behind `kubeconfig`, for one namespace.
-pub fn dev_runner(kubeconfig: &Path, namespace: &str) -> AgentProcess {
-    let mut cmd = cluster_command(kubeconfig, "dev-runner");
-    cmd.args(["--namespace", namespace]);
-    AgentProcess::start_with(cmd)
-}
-
-impl AgentProcess {
-    pub fn start(args: &[&str]) -> Self {
-        Self::start_with(agent_command(args))
-    }
-
-    pub fn start_with(mut cmd: Command) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let log = dir.path().join("agent.log");
-        let file = std::fs::File::create(&log).expect("log file");
-        cmd.stdout(file.try_clone().expect("log")).stderr(file);
-        let child = cmd.spawn().expect("start the agent binary");
-        Self {
-            child,
-            log,
-            _dir: dir,
-        }
-    }
-
-    pub fn output(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    pub fn signal(&self, sig: nix::sys::signal::Signal) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig);
-    }
-
-    /// Waits for the agent to exit and returns its status.
-    pub async fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "agent did not exit within {timeout:?}; output:\n{}",
-                self.output()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The command line of the fake flow runner, recording into `record`.
-pub fn fake_runner(record: &Path, mode: &str) -> String {
-    format!(
-        "{} {} {} {mode}",
-        prefect_venv().join("bin/python").display(),
-        repo().join("tests/fixtures/fake_flow_run.py").display(),
-        record.display()
-    )
-}
-
-/// Lines of a record file written by the fake runner.
-pub fn recorded(record: &Path) -> Vec<String> {
-    std::fs::read_to_string(record)
-        .unwrap_or_default()
-        .lines()
-        .map(str::to_string)
-        .collect()
 }

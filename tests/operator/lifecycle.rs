@@ -1,0 +1,391 @@
+//! The resource's life: an agent per resource, its conditions and status, spec changes, suspension, bad specs and an unreachable Prefect.
+
+use super::*;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_resource_launches_one_job_per_run_and_reports_back() {
+    let (client, ns, prefect, operator) = setup("op").await;
+    let agents: Api<PrefectAgent> = Api::namespaced(client.clone(), &ns);
+    // A key the no-auth test server ignores, so it can be traced everywhere it must not be.
+    let canary = format!("pnu_canary_{}", uuid::Uuid::new_v4().simple());
+    create_secret(&client, &ns, "prefect-api", &canary).await;
+    let mut resource = agent_resource("etl", &prefect.server.url, &prefect.pool);
+    resource.spec.api.key_secret_ref = Some(prefect_agent_operator::crd::SecretKeyRef {
+        name: "prefect-api".into(),
+        key: "key".into(),
+    });
+    let created = agents
+        .create(&PostParams::default(), &resource)
+        .await
+        .expect("create the PrefectAgent");
+
+    // What a user runs: kubectl waits on the Ready condition of the current generation.
+    let kube_server = KubeApiServer::shared();
+    kube_server.wait_ready(&ns, "etl", &operator).await;
+    let ready = agents.get("etl").await.unwrap();
+    let (_, _, generation) = condition(&ready, "Ready").unwrap();
+    assert_eq!(generation, created.metadata.generation);
+    assert!(
+        ready.finalizers().iter().any(|f| f == "prefect.io/agent"),
+        "finalizer added"
+    );
+
+    let dep = prefect
+        .api
+        .create_deployment(
+            &prefect.pool,
+            json!({"image": "repo/etl:2", "cpu_request": "100m"}),
+        )
+        .await;
+    let run = prefect.api.create_run(&dep).await;
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
+    let job_name = format!("prefect-run-{run}");
+    let job = job_named(&jobs, &job_name).await;
+    let pod = job.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    let c = &pod.containers[0];
+    assert_eq!(c.image.as_deref(), Some("repo/etl:2"));
+    let requests = c.resources.as_ref().unwrap().requests.as_ref().unwrap();
+    assert_eq!(requests["cpu"].0, "100m");
+    let env: Vec<(String, Option<String>)> = c
+        .env
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|e| (e.name.clone(), e.value.clone()))
+        .collect();
+    assert!(
+        env.contains(&("PREFECT__FLOW_RUN_ID".into(), Some(run.clone()))),
+        "{env:?}"
+    );
+    assert!(
+        env.contains(&("TEAM".into(), Some("data".into()))),
+        "{env:?}"
+    );
+    assert_eq!(
+        job.spec.as_ref().unwrap().ttl_seconds_after_finished,
+        Some(120)
+    );
+    assert_eq!(job.labels()["prefect.io/flow-run-id"], run);
+    // Recorded just after the create.
+    infra_recorded(&prefect, &ns, &run).await;
+
+    // The flow runs to completion, then its Job completes: nothing to report.
+    prefect.api.set_state(&run, "RUNNING", false).await;
+    prefect.api.set_state(&run, "COMPLETED", false).await;
+    finish_job(&jobs, &job_name, "Complete", "", "").await;
+
+    // A second run whose Job fails while the run is not final ends CRASHED with the reason.
+    let run2 = prefect.api.create_run(&dep).await;
+    let job2 = format!("prefect-run-{run2}");
+    job_named(&jobs, &job2).await;
+    finish_job(
+        &jobs,
+        &job2,
+        "Failed",
+        "DeadlineExceeded",
+        "Job was active longer than specified deadline",
+    )
+    .await;
+    let crashed = prefect
+        .api
+        .wait_state(&run2, "CRASHED", Duration::from_secs(60))
+        .await;
+    let message = crashed["state"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("DeadlineExceeded"), "{message}");
+    assert_eq!(prefect.api.state(&run).await, "COMPLETED");
+
+    wait_for("status counters", Duration::from_secs(30), || async {
+        let s = agents.get("etl").await.ok()?.status?;
+        (s.runs_submitted == 2 && s.runs_failed == 1 && s.polls > 0).then_some(())
+    })
+    .await;
+    // The printer columns show them.
+    let (ok, table) = kube_server.kubectl(&["get", "pfa", "-n", &ns]).await;
+    assert!(ok, "{table}");
+    let mut lines = table.lines();
+    let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    let row: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    let column = |name: &str| row[header.iter().position(|h| *h == name).unwrap()];
+    assert_eq!(column("NAME"), "etl");
+    assert_eq!(column("READY"), "True");
+    assert_eq!(column("SUBMITTED"), "2", "{table}");
+    assert_eq!(column("FAILED"), "1", "{table}");
+
+    // The key reached the Job only as a reference, and nowhere else.
+    let key_env = c
+        .env
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|e| e.name == "PREFECT_API_KEY")
+        .unwrap();
+    let key_ref = key_env
+        .value_from
+        .as_ref()
+        .unwrap()
+        .secret_key_ref
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        (key_ref.name.as_str(), key_ref.key.as_str()),
+        ("prefect-api", "key")
+    );
+    for job in jobs.list(&Default::default()).await.unwrap() {
+        assert!(
+            !serde_json::to_string(&job).unwrap().contains(&canary),
+            "key in a Job"
+        );
+    }
+    let status = serde_json::to_string(&agents.get("etl").await.unwrap()).unwrap();
+    assert!(!status.contains(&canary), "key in the resource");
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), &ns);
+    for event in events.list(&Default::default()).await.unwrap() {
+        assert!(
+            !serde_json::to_string(&event).unwrap().contains(&canary),
+            "key in an Event"
+        );
+    }
+    assert!(
+        !operator.output().contains(&canary),
+        "key in the operator's log"
+    );
+
+    agents
+        .delete("etl", &DeleteParams::default())
+        .await
+        .expect("delete");
+    wait_for(
+        "the finalizer to let the resource go",
+        Duration::from_secs(30),
+        || async { agents.get_opt("etl").await.ok()?.is_none().then_some(()) },
+    )
+    .await;
+    drop(operator);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_secret_is_named_in_a_degraded_condition() {
+    let (client, ns, prefect, operator) = setup("nosecret").await;
+    let agents: Api<PrefectAgent> = Api::namespaced(client.clone(), &ns);
+    let mut resource = agent_resource("keyless", &prefect.server.url, &prefect.pool);
+    resource.spec.api.key_secret_ref = Some(prefect_agent_operator::crd::SecretKeyRef {
+        name: "prefect-api".into(),
+        key: "key".into(),
+    });
+    agents
+        .create(&PostParams::default(), &resource)
+        .await
+        .expect("create");
+    let (status, message, _) = wait_for("Degraded=True", Duration::from_secs(60), || async {
+        let a = agents.get("keyless").await.ok()?;
+        condition(&a, "Degraded").filter(|(s, _, _)| s == "True")
+    })
+    .await;
+    assert_eq!(status, "True");
+    assert_eq!(message, format!("secret {ns}/prefect-api not found"));
+    let a = agents.get("keyless").await.unwrap();
+    assert_eq!(condition(&a, "Ready").unwrap().0, "False");
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), &ns);
+    let event = wait_for(
+        "a Warning Event naming the Secret",
+        Duration::from_secs(30),
+        || async {
+            events
+                .list(&Default::default())
+                .await
+                .ok()?
+                .items
+                .into_iter()
+                .find(|e| {
+                    e.reason.as_deref() == Some("SecretNotFound")
+                        && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("keyless")
+                })
+        },
+    )
+    .await;
+    assert_eq!(event.type_.as_deref(), Some("Warning"));
+    assert_eq!(
+        event.note.as_deref(),
+        Some(format!("secret {ns}/prefect-api not found").as_str())
+    );
+    drop(operator);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn jobs_in_a_namespace_the_operator_does_not_allow_are_refused() {
+    let (client, ns, prefect, operator) = setup("jobns").await;
+    let agents: Api<PrefectAgent> = Api::namespaced(client.clone(), &ns);
+    let mut resource = agent_resource("elsewhere", &prefect.server.url, &prefect.pool);
+    resource.spec.job.namespace = Some("kube-system".into());
+    agents
+        .create(&PostParams::default(), &resource)
+        .await
+        .expect("create");
+    let (_, message, _) = wait_for("Degraded=True", Duration::from_secs(60), || async {
+        let a = agents.get("elsewhere").await.ok()?;
+        condition(&a, "Degraded").filter(|(s, _, _)| s == "True")
+    })
+    .await;
+    assert_eq!(
+        message,
+        format!(
+            "spec.job.namespace `kube-system`: this operator watches namespace `{ns}` only \
+             and could not follow Jobs elsewhere"
+        )
+    );
+    let a = agents.get("elsewhere").await.unwrap();
+    let ready = a
+        .status
+        .as_ref()
+        .unwrap()
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready");
+    assert_eq!(
+        ready.map(|c| c.reason.as_str()),
+        Some("JobNamespaceNotAllowed")
+    );
+    // No agent runs for it: a run of its pool gets no Job anywhere.
+    assert!(a.status.as_ref().unwrap().agent_id.is_none());
+    drop(operator);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_spec_change_restarts_the_agent_and_suspend_stops_it() {
+    let (client, ns, prefect, operator) = setup("edit").await;
+    let agents: Api<PrefectAgent> = Api::namespaced(client.clone(), &ns);
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
+    agents
+        .create(
+            &PostParams::default(),
+            &agent_resource("edited", &prefect.server.url, &prefect.pool),
+        )
+        .await
+        .expect("create");
+    let ready_at = |generation: i64| {
+        let agents = agents.clone();
+        async move {
+            wait_for(
+                &format!("Ready=True for generation {generation}"),
+                Duration::from_secs(60),
+                || async {
+                    let a = agents.get("edited").await.ok()?;
+                    let (status, _, observed) = condition(&a, "Ready")?;
+                    (status == "True" && observed == Some(generation)).then_some(())
+                },
+            )
+            .await
+        }
+    };
+    ready_at(1).await;
+
+    let patch = json!({"spec": {"envVars": {"TEAM": "ml"}}});
+    agents
+        .patch("edited", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    ready_at(2).await;
+    let dep = prefect
+        .api
+        .create_deployment(&prefect.pool, json!({}))
+        .await;
+    let run = prefect.api.create_run(&dep).await;
+    let job = job_named(&jobs, &format!("prefect-run-{run}")).await;
+    let env = job.spec.unwrap().template.spec.unwrap().containers[0]
+        .env
+        .clone()
+        .unwrap();
+    assert!(
+        env.iter()
+            .any(|e| e.name == "TEAM" && e.value.as_deref() == Some("ml")),
+        "the new envVars are used: {env:?}"
+    );
+
+    let suspend = json!({"spec": {"suspend": true}});
+    agents
+        .patch("edited", &PatchParams::default(), &Patch::Merge(&suspend))
+        .await
+        .unwrap();
+    wait_for(
+        "Ready=False, Suspended",
+        Duration::from_secs(30),
+        || async {
+            let a = agents.get("edited").await.ok()?;
+            let c = a
+                .status?
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == "Ready")?;
+            (c.reason == "Suspended" && c.observed_generation == Some(3)).then_some(())
+        },
+    )
+    .await;
+    let idle_run = prefect.api.create_run(&dep).await;
+    // Absence over a window: a running agent (1 s polls) would have claimed it by then.
+    let window = std::time::Instant::now() + Duration::from_secs(4);
+    while std::time::Instant::now() < window {
+        assert_eq!(
+            prefect.api.state(&idle_run).await,
+            "SCHEDULED",
+            "a suspended agent claims nothing"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let resume = json!({"spec": {"suspend": false}});
+    agents
+        .patch("edited", &PatchParams::default(), &Patch::Merge(&resume))
+        .await
+        .unwrap();
+    job_named(&jobs, &format!("prefect-run-{idle_run}")).await;
+    drop(operator);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreachable_prefect_api_is_degraded_with_the_cause() {
+    let (client, ns, prefect, operator) = setup("unreach").await;
+    let agents: Api<PrefectAgent> = Api::namespaced(client.clone(), &ns);
+    let url = format!("http://127.0.0.1:{}/api", free_port()); // nothing listens there
+    agents
+        .create(
+            &PostParams::default(),
+            &agent_resource("lost", &url, &prefect.pool),
+        )
+        .await
+        .expect("create");
+    let (_, message, _) = wait_for("Degraded=True", Duration::from_secs(60), || async {
+        let a = agents.get("lost").await.ok()?;
+        condition(&a, "Degraded").filter(|(s, _, _)| s == "True")
+    })
+    .await;
+    assert_eq!(
+        message,
+        format!("cannot reach the Prefect API at {url}: Connection refused (os error 111)")
+    );
+    let a = agents.get("lost").await.unwrap();
+    let ready = a
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "AgentFailed")
+    );
+    // The supervisor restarts it after 10 s; failing again doubles the wait.
+    let (_, restarting, _) = wait_for(
+        "a second failure with a doubled delay",
+        Duration::from_secs(60),
+        || async {
+            let a = agents.get("lost").await.ok()?;
+            condition(&a, "Progressing").filter(|(_, m, _)| m.contains("restarted in 20s"))
+        },
+    )
+    .await;
+    assert!(
+        restarting.ends_with("Connection refused (os error 111)"),
+        "{restarting}"
+    );
+    drop(operator);
+}
