@@ -221,11 +221,33 @@ impl BackendError {
     }
 }
 
+/// This agent's claims as Prefect records them, for adopting the ones a crash left
+/// unlaunched; when to look and what to do with them is the agent's (`agent::maintenance`).
+pub trait ClaimLedger {
+    /// Runs this agent claimed at least `min_age` ago but never recorded as launched.
+    fn orphans(
+        &self,
+        min_age: Duration,
+    ) -> impl Future<Output = Result<Vec<FlowRun>, BackendError>> + Send;
+    /// Re-checks, once the run is held busy, that an [`ClaimLedger::orphans`] answer still
+    /// stands: the scan may have read the run just before its launch was recorded.
+    fn still_unlaunched(
+        &self,
+        run: &FlowRun,
+    ) -> impl Future<Output = Result<bool, BackendError>> + Send;
+    /// True when this agent holds the run's latest claim (as every agent reads it), even
+    /// if the run has moved on since (e.g. to CANCELLING before it was launched).
+    fn claimed_by_me(
+        &self,
+        run: &FlowRun,
+    ) -> impl Future<Output = Result<bool, BackendError>> + Send;
+}
+
 /// How to talk to Prefect. One implementation per API flavour; the agent loop is written once.
 ///
 /// Every call is retried by the implementation where that is safe; an error
 /// returned here has already survived the retry policy.
-pub trait Backend: Send + Sync + 'static {
+pub trait Backend: ClaimLedger + Send + Sync + 'static {
     /// Announces the agent (Prefect 3: checks the pool and queues, first heartbeat).
     fn register(&self) -> impl Future<Output = Result<Registration, BackendError>> + Send;
     /// Tells Prefect the agent is alive.
@@ -256,23 +278,6 @@ pub trait Backend: Send + Sync + 'static {
     fn cancelled(&self, run_id: &str) -> impl Future<Output = Result<(), BackendError>> + Send;
     /// Runs the user asked to cancel, in this agent's pool.
     fn cancelling(&self) -> impl Future<Output = Result<Vec<FlowRun>, BackendError>> + Send;
-    /// Runs this agent claimed at least `min_age` ago but never recorded as launched.
-    fn orphans(
-        &self,
-        min_age: Duration,
-    ) -> impl Future<Output = Result<Vec<FlowRun>, BackendError>> + Send;
-    /// Re-checks, once the run is held busy, that an [`Backend::orphans`] answer still
-    /// stands: the scan may have read the run just before its launch was recorded.
-    fn still_unlaunched(
-        &self,
-        run: &FlowRun,
-    ) -> impl Future<Output = Result<bool, BackendError>> + Send;
-    /// True when this agent holds the run's latest claim (as every agent reads it), even
-    /// if the run has moved on since (e.g. to CANCELLING before it was launched).
-    fn claimed_by_me(
-        &self,
-        run: &FlowRun,
-    ) -> impl Future<Output = Result<bool, BackendError>> + Send;
     /// The run's state now. Where the server's current state lags its own history (a
     /// stale write on SQLite), a final state in the history wins.
     fn settled_state(

@@ -6,7 +6,7 @@
 //! - [`status`]: what the status says, decided without I/O;
 //! - [`config`]: spec (and Secrets) → agent and backend settings, or why not.
 
-mod config;
+pub mod config;
 mod reconcile;
 pub mod status;
 pub mod supervisor;

@@ -21,8 +21,8 @@ use self::graphql::{CORE_VERSION, GraphqlClient, GraphqlError, literal};
 use self::run_config::{FlowInfo, RunIdentity, fixed_env};
 use super::http::{ApiClient, Auth, RetryPolicy};
 use super::{
-    Backend, BackendError, Claim, FlowRun, LogLevel, Registration, RunContext, RunSpec, StateKind,
-    poll_horizon, timestamp,
+    Backend, BackendError, Claim, ClaimLedger, FlowRun, LogLevel, Registration, RunContext,
+    RunSpec, StateKind, poll_horizon, timestamp,
 };
 use crate::secret::SecretString;
 
@@ -551,42 +551,6 @@ impl Backend for Prefect1 {
         Ok(Vec::new())
     }
 
-    async fn orphans(&self, min_age: Duration) -> Result<Vec<FlowRun>, BackendError> {
-        let marker = claim_marker(&self.cfg.agent_name);
-        let rows = self
-            .runs_where(&json!({"state": {"_eq": "Submitted"}, "state_message": {"_eq": marker}}))
-            .await?;
-        let now = Utc::now();
-        let runs = self.remember(&rows);
-        let submitted: HashSet<&str> = runs.iter().map(|r| r.id.as_str()).collect();
-        let launched = match self.launched.lock() {
-            Ok(mut launched) => {
-                // Runs that moved on need no protection any more.
-                launched.retain(|id| submitted.contains(id.as_str()));
-                launched.clone()
-            }
-            Err(_) => HashSet::new(),
-        };
-        let (old, rest): (Vec<_>, Vec<_>) = runs
-            .into_iter()
-            .partition(|r| r.state_age(now) >= min_age && !launched.contains(&r.id));
-        for r in rest {
-            self.forget(&r.id);
-        }
-        Ok(old)
-    }
-
-    async fn still_unlaunched(&self, run: &FlowRun) -> Result<bool, BackendError> {
-        if self.launched.lock().is_ok_and(|l| l.contains(&run.id)) {
-            return Ok(false);
-        }
-        Ok(self.settled_state(&run.id).await? == StateKind::Pending)
-    }
-
-    async fn claimed_by_me(&self, run: &FlowRun) -> Result<bool, BackendError> {
-        Ok(run.state_message.as_deref() == Some(claim_marker(&self.cfg.agent_name).as_str()))
-    }
-
     async fn settled_state(&self, run_id: &str) -> Result<StateKind, BackendError> {
         let rows = self.runs_where(&json!({"id": {"_eq": run_id}})).await?;
         let state = rows
@@ -615,6 +579,42 @@ impl Backend for Prefect1 {
             )
             .await?;
         Ok(())
+    }
+}
+
+impl ClaimLedger for Prefect1 {
+    async fn orphans(&self, min_age: Duration) -> Result<Vec<FlowRun>, BackendError> {
+        let marker = claim_marker(&self.cfg.agent_name);
+        let rows = self
+            .runs_where(&json!({"state": {"_eq": "Submitted"}, "state_message": {"_eq": marker}}))
+            .await?;
+        let now = Utc::now();
+        let runs = self.remember(&rows);
+        let submitted: HashSet<&str> = runs.iter().map(|r| r.id.as_str()).collect();
+        let launched = match self.launched.lock() {
+            Ok(mut launched) => {
+                // Runs that moved on need no protection any more.
+                launched.retain(|id| submitted.contains(id.as_str()));
+                launched.clone()
+            }
+            Err(_) => HashSet::new(),
+        };
+        let (old, rest): (Vec<_>, Vec<_>) = runs
+            .into_iter()
+            .partition(|r| r.state_age(now) >= min_age && !launched.contains(&r.id));
+        for r in rest {
+            self.forget(&r.id);
+        }
+        Ok(old)
+    }
+    async fn still_unlaunched(&self, run: &FlowRun) -> Result<bool, BackendError> {
+        if self.launched.lock().is_ok_and(|l| l.contains(&run.id)) {
+            return Ok(false);
+        }
+        Ok(self.settled_state(&run.id).await? == StateKind::Pending)
+    }
+    async fn claimed_by_me(&self, run: &FlowRun) -> Result<bool, BackendError> {
+        Ok(run.state_message.as_deref() == Some(claim_marker(&self.cfg.agent_name).as_str()))
     }
 }
 

@@ -23,8 +23,8 @@ use wire::{ScheduledRun, Worker};
 use super::coalesce::Coalescer;
 use super::http::{ApiClient, Auth, HttpError, RetryPolicy};
 use super::{
-    Backend, BackendError, Claim, EnvValue, FlowRun, LogLevel, Registration, RunContext, RunSpec,
-    StateKind, poll_horizon, timestamp,
+    Backend, BackendError, Claim, ClaimLedger, EnvValue, FlowRun, LogLevel, Registration,
+    RunContext, RunSpec, StateKind, poll_horizon, timestamp,
 };
 use crate::work_pool::{
     Reference, References, merge_job_variables, references_in, shared_template, standard_template,
@@ -529,34 +529,6 @@ impl Backend for Prefect3 {
         self.filter_runs("CANCELLING").await
     }
 
-    async fn orphans(&self, min_age: Duration) -> Result<Vec<FlowRun>, BackendError> {
-        let marker = claim_marker(&self.cfg.agent_name);
-        let now = Utc::now();
-        let mut orphans = Vec::new();
-        for run in self.filter_runs("PENDING").await? {
-            // Fresh claims are being launched right now: no history read for them.
-            if run.infrastructure_pid.is_some() || run.state_age(now) < min_age {
-                continue;
-            }
-            let history = self.history(&run.id).await?;
-            if claimant_of_record(&history).and_then(|s| s.message.as_deref()) == Some(&marker) {
-                orphans.push(run);
-            }
-        }
-        Ok(orphans)
-    }
-
-    async fn still_unlaunched(&self, run: &FlowRun) -> Result<bool, BackendError> {
-        let now = self.read(&run.id).await?;
-        Ok(now.state == StateKind::Pending && now.infrastructure_pid.is_none())
-    }
-
-    async fn claimed_by_me(&self, run: &FlowRun) -> Result<bool, BackendError> {
-        let history = self.history(&run.id).await?;
-        let marker = claim_marker(&self.cfg.agent_name);
-        Ok(latest_claimant(&history).and_then(|s| s.message.as_deref()) == Some(&marker))
-    }
-
     async fn settled_state(&self, run_id: &str) -> Result<StateKind, BackendError> {
         let run = self.read(run_id).await?;
         if run.state.is_final() {
@@ -598,6 +570,34 @@ impl Backend for Prefect3 {
                 &self.cfg.pool,
                 wakers,
             )
+    }
+}
+
+impl ClaimLedger for Prefect3 {
+    async fn orphans(&self, min_age: Duration) -> Result<Vec<FlowRun>, BackendError> {
+        let marker = claim_marker(&self.cfg.agent_name);
+        let now = Utc::now();
+        let mut orphans = Vec::new();
+        for run in self.filter_runs("PENDING").await? {
+            // Fresh claims are being launched right now: no history read for them.
+            if run.infrastructure_pid.is_some() || run.state_age(now) < min_age {
+                continue;
+            }
+            let history = self.history(&run.id).await?;
+            if claimant_of_record(&history).and_then(|s| s.message.as_deref()) == Some(&marker) {
+                orphans.push(run);
+            }
+        }
+        Ok(orphans)
+    }
+    async fn still_unlaunched(&self, run: &FlowRun) -> Result<bool, BackendError> {
+        let now = self.read(&run.id).await?;
+        Ok(now.state == StateKind::Pending && now.infrastructure_pid.is_none())
+    }
+    async fn claimed_by_me(&self, run: &FlowRun) -> Result<bool, BackendError> {
+        let history = self.history(&run.id).await?;
+        let marker = claim_marker(&self.cfg.agent_name);
+        Ok(latest_claimant(&history).and_then(|s| s.message.as_deref()) == Some(&marker))
     }
 }
 
