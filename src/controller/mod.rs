@@ -42,6 +42,8 @@ pub const FIELD_MANAGER: &str = crate::APP_NAME;
 /// How often a running agent's status is refreshed when nothing else changed (its poll
 /// count and time); everything else is written when the agent says it changed.
 const STATUS_INTERVAL: Duration = Duration::from_secs(30);
+/// The least time between two status writes an agent's changes cause.
+const STATUS_WRITE_GAP: Duration = Duration::from_secs(1);
 
 /// Errors of one reconcile, each with a message a user can act on.
 #[derive(Debug, thiserror::Error)]

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::config::{Credentials, SpecError, agent_config, backend_config, check_spec};
 use super::status::{desired_status, status_changed, transition_event};
 use super::supervisor::{AgentPhase, RESTART_FIRST};
-use super::{Context, Error, FIELD_MANAGER, STATUS_INTERVAL};
+use super::{Context, Error, FIELD_MANAGER, STATUS_INTERVAL, STATUS_WRITE_GAP};
 use crate::agent::AnyAgent;
 use crate::crd::{JobSpec, PrefectAgent};
 use crate::deploy::kubernetes::KubernetesDeployer;
@@ -116,17 +116,22 @@ impl PrefectAgent {
             },
             span,
         ));
-        // What the agent says changed is written into the status at once.
+        // What the agent says changed is written into the status at once, at most once
+        // per `STATUS_WRITE_GAP`: a burst of launches makes one write a second, not one per
+        // run. A change during the gap leaves a permit, so the last one is written too.
         let (changes, watched, stop) = (ctx.changes.clone(), stats.clone(), token.clone());
         let resource = ObjectRef::from_obj(self);
         tokio::spawn(async move {
             loop {
                 tokio::select! {
-                    _ = watched.changed() => {
-                        if changes.send(resource.clone()).is_err() {
-                            return;
-                        }
-                    }
+                    _ = watched.changed() => {}
+                    _ = stop.cancelled() => return,
+                }
+                if changes.send(resource.clone()).is_err() {
+                    return;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(STATUS_WRITE_GAP) => {}
                     _ = stop.cancelled() => return,
                 }
             }
