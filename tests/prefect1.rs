@@ -378,6 +378,10 @@ async fn a_failing_launch_ends_failed_with_a_log_line() {
         .collect();
     assert_eq!(errors.len(), 1, "{failed}");
     assert_eq!(errors[0]["message"], message);
+    assert_eq!(
+        errors[0]["name"], "broken",
+        "1.4 names the line after the agent"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -40,7 +40,12 @@ pub fn run_environment(
                     Value::String(s) => {
                         env.insert(k.clone(), EnvValue::Plain(s.clone()));
                     }
-                    Value::Bool(_) | Value::Number(_) => {
+                    // As Prefect's `str()`: `True`, not `true`.
+                    Value::Bool(b) => {
+                        let text = if *b { "True" } else { "False" };
+                        env.insert(k.clone(), EnvValue::Plain(text.into()));
+                    }
+                    Value::Number(_) => {
                         env.insert(k.clone(), EnvValue::Plain(v.to_string()));
                     }
                     other => {
@@ -100,7 +105,7 @@ mod tests {
         );
         assert_eq!(env["SHARED"], plain("run"));
         assert_eq!(env["N"], plain("3"));
-        assert_eq!(env["B"], plain("true"));
+        assert_eq!(env["B"], plain("True"), "Python's str() of a boolean");
         assert!(!env.contains_key("DROP"));
         assert_eq!(env["PREFECT_API_URL"], plain("http://right/api"));
         assert!(matches!(env["PREFECT_API_KEY"], EnvValue::Secret(_)));

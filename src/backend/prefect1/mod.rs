@@ -567,7 +567,8 @@ impl Backend for Prefect1 {
         let level = level.name();
         let input = json!({"input": {"logs": [{
             "flow_run_id": run_id,
-            "name": "agent",
+            // 1.4 names the agent's run log lines after the agent.
+            "name": self.cfg.agent_name,
             "message": message,
             "level": level,
             "timestamp": timestamp(Utc::now()),

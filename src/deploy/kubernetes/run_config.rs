@@ -4,8 +4,8 @@
 //!
 //! Job: the run_config's `job_template`, else a bare `batch/v1` Job with one container
 //! `flow`; on the flow container (the one named `flow`, else the first): image = the
-//! run_config's, else the flow's Docker storage image, else the template's, else the
-//! resource's `job.image`, else `prefecthq/prefect:<core version>`; `args` =
+//! flow's Docker storage image, else the run_config's, else the template's, else the
+//! resource's `job.image`, else `prefecthq/prefect:<core version without +local>`; `args` =
 //! `prefect execute flow-run`; pull policy and the four cpu/memory fields from the
 //! run_config; service account and pull secrets from the run_config, else the
 //! template's, else (filled later) the resource's; the run's Prefect labels as the
@@ -128,15 +128,17 @@ pub fn kubernetes_run(
         .and_then(Value::as_str)
         .filter(|s| !s.is_empty())
         .map(str::to_string);
-    let image = str_field(rc, "image")?
-        .or_else(|| storage_image(&flow.storage))
+    // 1.4's `get_flow_image`: Docker storage, then the run_config's, then the default.
+    let run_config_image = str_field(rc, "image")?;
+    let image = storage_image(&flow.storage)
+        .or(run_config_image)
         .or(template_image)
         .or_else(|| default_image.map(str::to_string))
         .unwrap_or_else(|| {
-            format!(
-                "prefecthq/prefect:{}",
-                flow.core_version.as_deref().unwrap_or("1.4.1")
-            )
+            // A local version (`1.4.1+5.gabcdef`) is no image tag: 1.4 drops the suffix.
+            let version = flow.core_version.as_deref().unwrap_or("1.4.1");
+            let version = version.split('+').next().unwrap_or(version);
+            format!("prefecthq/prefect:{version}")
         });
     container.insert("image".into(), json!(image));
     let command = flow_run_command(flow.core_version.as_deref());
@@ -260,6 +262,18 @@ mod tests {
             ..flow()
         };
         assert_eq!(image(&template, &docker, Some("res")), "reg.io/etl:7");
+        // Docker storage wins over the run_config's image too, as in 1.4.
+        let with_image = json!({"type": "KubernetesRun", "image": "from-run-config:2"});
+        assert_eq!(image(&with_image, &docker, Some("res")), "reg.io/etl:7");
+        assert_eq!(
+            image(&with_image, &flow(), Some("res")),
+            "from-run-config:2"
+        );
+        let local = FlowInfo {
+            core_version: Some("1.4.1+5.gabcdef".into()),
+            ..flow()
+        };
+        assert_eq!(image(&Value::Null, &local, None), "prefecthq/prefect:1.4.1");
         assert_eq!(image(&template, &flow(), Some("res")), "from-template:1");
         assert_eq!(image(&json!({}), &flow(), Some("res")), "res");
         assert_eq!(
