@@ -451,6 +451,32 @@ async fn the_run_environment_follows_the_1_4_precedence() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_run_may_turn_log_shipping_off_but_not_on() {
+    let server = FakePrefect1::start().await;
+    let (_dir, record) = temp_record();
+    let runner = fake_runner(&record, "env");
+    let flow = server.create_flow(json!({"name": "quiet"})).await;
+    // The agent ships logs; this run's run_config says not to (1.4 lets it).
+    let run = server
+        .create_run(json!({"flow_id": flow, "run_config": {
+            "type": "LocalRun", "env": {"PREFECT__CLOUD__SEND_FLOW_RUN_LOGS": "false"}}}))
+        .await;
+    let _agent = AgentProcess::start(&agent_args(&server.url, "shipper", &runner));
+    server
+        .wait_state(&run, "Success", Duration::from_secs(60))
+        .await;
+    let env: Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{}.env.json", record.display())).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(env["PREFECT__CLOUD__SEND_FLOW_RUN_LOGS"], "false");
+    assert_eq!(
+        env["PREFECT__LOGGING__LOG_TO_CLOUD"], "true",
+        "the agent's own"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_submitted_run_without_infrastructure_is_launched_after_a_restart() {
     let server = FakePrefect1::start().await;
     let (_dir, record) = temp_record();

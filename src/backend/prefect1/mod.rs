@@ -10,7 +10,7 @@ pub mod graphql;
 pub mod labels;
 pub mod run_config;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -18,7 +18,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{Map, Value, json};
 
 use self::graphql::{CORE_VERSION, GraphqlClient, GraphqlError, literal};
-use self::run_config::{FlowInfo, RunIdentity, fixed_env};
+use self::run_config::{FlowInfo, RunIdentity, default_env, fixed_env};
 use super::http::{ApiClient, Auth, RetryPolicy};
 use super::{
     Backend, BackendError, Claim, ClaimLedger, FlowRun, LogLevel, Registration, RunContext,
@@ -513,10 +513,7 @@ impl Backend for Prefect1 {
                 flow: meta.flow,
                 labels: meta.labels,
             },
-            default_env: BTreeMap::from([(
-                "PREFECT__LOGGING__LEVEL".to_string(),
-                self.cfg.log_level.clone(),
-            )]),
+            default_env: default_env(&self.cfg.log_level, no_cloud_logs),
             fixed_env: fixed,
         })
     }

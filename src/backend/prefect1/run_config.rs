@@ -65,6 +65,19 @@ fn python_list(items: &[String]) -> String {
     format!("[{}]", quoted.join(", "))
 }
 
+/// The variables under everything else (even the agent's `env_vars`), as 1.4 starts a
+/// run's environment: the log level, and log shipping on unless the agent ships none.
+pub fn default_env(log_level: &str, no_cloud_logs: bool) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::from([("PREFECT__LOGGING__LEVEL".to_string(), log_level.to_string())]);
+    if !no_cloud_logs {
+        env.insert(
+            "PREFECT__CLOUD__SEND_FLOW_RUN_LOGS".to_string(),
+            "true".to_string(),
+        );
+    }
+    env
+}
+
 /// The variables the 1.4 agent sets over everything else.
 pub fn fixed_env(id: &RunIdentity<'_>) -> BTreeMap<String, EnvValue> {
     let plain = |s: &str| EnvValue::Plain(s.to_string());
@@ -90,11 +103,15 @@ pub fn fixed_env(id: &RunIdentity<'_>) -> BTreeMap<String, EnvValue> {
             plain("prefect.engine.cloud.CloudFlowRunner"),
         ),
         ("PREFECT__LOGGING__LOG_TO_CLOUD".to_string(), plain(logs)),
-        (
-            "PREFECT__CLOUD__SEND_FLOW_RUN_LOGS".to_string(),
-            plain(logs),
-        ),
     ]);
+    // "Allow logs to be disabled by flow run settings but not enabled" (1.4): fixed only
+    // when the agent ships none; otherwise a default the run may turn off.
+    if id.no_cloud_logs {
+        env.insert(
+            "PREFECT__CLOUD__SEND_FLOW_RUN_LOGS".to_string(),
+            plain("false"),
+        );
+    }
     if let Some(key) = id.key {
         env.insert(
             "PREFECT__CLOUD__API_KEY".into(),
@@ -128,16 +145,18 @@ mod tests {
     #[test]
     fn the_fixed_environment_follows_the_1_4_agent() {
         let key = SecretString::new("pnu_x");
-        let env = fixed_env(&RunIdentity {
+        let labels = ["a".to_string(), "b".to_string()];
+        let id = RunIdentity {
             api_url: "http://p1:4200/graphql",
             key: Some(&key),
             tenant_id: Some("t-1"),
             backend: "cloud",
-            agent_labels: &["a".into(), "b".into()],
+            agent_labels: &labels,
             run_id: "r-1",
             flow_id: "f-1",
             no_cloud_logs: true,
-        });
+        };
+        let env = fixed_env(&id);
         let plain = |k: &str| match &env[k] {
             EnvValue::Plain(v) => v.clone(),
             EnvValue::Secret(_) => "<secret>".into(),
@@ -149,5 +168,17 @@ mod tests {
         assert_eq!(plain("PREFECT__CLOUD__API_KEY"), "<secret>");
         assert_eq!(plain("PREFECT__CLOUD__AUTH_TOKEN"), "<secret>");
         assert_eq!(plain("PREFECT__CLOUD__TENANT_ID"), "t-1");
+        // Shipping logs: the fixed layer leaves SEND_FLOW_RUN_LOGS to the run, over a
+        // default of true, so a run_config env can turn it off (not on).
+        let shipping = fixed_env(&RunIdentity {
+            no_cloud_logs: false,
+            ..id.clone()
+        });
+        assert!(!shipping.contains_key("PREFECT__CLOUD__SEND_FLOW_RUN_LOGS"));
+        assert_eq!(
+            default_env("INFO", false)["PREFECT__CLOUD__SEND_FLOW_RUN_LOGS"],
+            "true"
+        );
+        assert!(!default_env("INFO", true).contains_key("PREFECT__CLOUD__SEND_FLOW_RUN_LOGS"));
     }
 }
