@@ -3,7 +3,7 @@
 //! `KubernetesAgent`.
 //!
 //! Job: the run_config's `job_template`, else a bare `batch/v1` Job with one container
-//! `flow`; on the flow container (the one named `flow`, else the first): image = the
+//! `flow`; on the first container, which runs the flow as in 1.4: image = the
 //! flow's Docker storage image, else the run_config's, else the template's, else the
 //! resource's `job.image`, else `prefecthq/prefect:<core version without +local>`; `args` =
 //! `prefect execute flow-run`; pull policy and the four cpu/memory fields from the
@@ -115,11 +115,9 @@ pub fn kubernetes_run(
         .ok_or_else(|| {
             RunConfigError::BadTemplate("spec.template.spec.containers is missing or empty".into())
         })?;
-    let index = containers
-        .iter()
-        .position(|c| c.get("name").and_then(Value::as_str) == Some("flow"))
-        .unwrap_or(0);
-    let container = containers[index]
+    // As 1.4: the first container runs the flow (image, args, resources; the env goes
+    // there too when the Job is built), whatever its name.
+    let container = containers[0]
         .as_object_mut()
         .ok_or_else(|| RunConfigError::BadTemplate("a container is not an object".into()))?;
 
@@ -274,21 +272,30 @@ mod tests {
             ..flow()
         };
         assert_eq!(image(&Value::Null, &local, None), "prefecthq/prefect:1.4.1");
-        assert_eq!(image(&template, &flow(), Some("res")), "from-template:1");
+        assert_eq!(
+            image(&template, &flow(), Some("res")),
+            "envoy",
+            "the first container's"
+        );
         assert_eq!(image(&json!({}), &flow(), Some("res")), "res");
         assert_eq!(
             image(&Value::Null, &flow(), None),
             "prefecthq/prefect:1.4.1"
         );
-        let spec = kubernetes_run(&template, &flow(), &[], None).unwrap();
+        // 1.4 runs the flow in the first container, whatever its name: image, args and
+        // (when the Job is built) env all go there; the others are left alone.
+        let with_image = json!({"type": "KubernetesRun", "image": "flow:9",
+            "job_template": template["job_template"].clone()});
+        let spec = kubernetes_run(&with_image, &flow(), &[], None).unwrap();
         let containers = &manifest(&spec)["spec"]["template"]["spec"]["containers"];
+        assert_eq!(containers[0]["image"], "flow:9");
         assert_eq!(
-            containers[0]["image"], "envoy",
-            "only the flow container changes"
+            containers[0]["args"],
+            json!(["prefect", "execute", "flow-run"])
         );
         assert_eq!(
-            containers[1]["args"],
-            json!(["prefect", "execute", "flow-run"])
+            containers[1],
+            json!({"name": "flow", "image": "from-template:1"})
         );
     }
 
