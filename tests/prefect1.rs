@@ -191,7 +191,11 @@ async fn polls_follow_the_seed_s_backoff_and_max_polls() {
         .iter()
         .map(|r| r["operations"][0].as_str().unwrap_or_default())
         .collect();
-    assert_eq!(ops[..2], ["register_agent", "hello"], "{ops:?}");
+    assert_eq!(
+        ops[..3],
+        ["tenant", "register_agent", "hello"],
+        "a keyless Server's tenant first, as 1.4: {ops:?}"
+    );
     let polls: Vec<f64> = requests
         .iter()
         .filter(|r| r["operations"][0] == "get_runs_in_queue")
@@ -212,7 +216,8 @@ async fn polls_follow_the_seed_s_backoff_and_max_polls() {
         assert_eq!(r["headers"]["x-prefect-core-version"], "1.4.1");
     }
     let agent_id = server.agents().await[0]["id"].clone();
-    for r in &requests[1..] {
+    // After the tenant lookup and the registration, every request says who asks.
+    for r in &requests[2..] {
         assert_eq!(r["headers"]["x-prefect-agent-id"], agent_id, "{r}");
     }
     let poll: Value = serde_json::from_str(
@@ -551,6 +556,47 @@ async fn registration_sends_the_seed_s_fields_and_reports_agent_config_settings(
     ]);
     assert!(!bad.wait_exit(Duration::from_secs(60)).await.success());
     assert!(bad.output().contains("not found"), "{}", bad.output());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_without_a_key_is_polled_for_its_first_tenant() {
+    // The fake enforces Server's `tenant_id: UUID!` in get_runs_in_queue_input.
+    let server = FakePrefect1::start().await;
+    let mut agent = AgentProcess::start(&[
+        "--flavor",
+        "prefect1",
+        "--api-url",
+        &server.url,
+        "--max-polls",
+        "1",
+    ]);
+    assert!(
+        agent.wait_exit(Duration::from_secs(60)).await.success(),
+        "{}",
+        agent.output()
+    );
+    let requests = server.requests().await;
+    let ops: Vec<&str> = requests
+        .iter()
+        .map(|r| r["operations"][0].as_str().unwrap_or_default())
+        .collect();
+    assert!(ops.contains(&"tenant"), "as 1.4: {ops:?}");
+    let poll = requests
+        .iter()
+        .find(|r| r["operations"][0] == "get_runs_in_queue")
+        .expect("a poll");
+    let variables: Value = match &poll["variables"] {
+        Value::String(s) => serde_json::from_str(s).unwrap(),
+        v => v.clone(),
+    };
+    assert_eq!(
+        variables["input"]["tenant_id"],
+        "00000000-0000-0000-0000-00000000aaaa"
+    );
+    assert!(
+        poll["headers"].get("x-prefect-tenant-id").is_none(),
+        "the tenant header goes with a key only"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -206,6 +206,10 @@ pub enum BackendError {
         "work pool `{pool}` does not exist at {url}; create it in Prefect (`prefect work-pool create '{pool}' --type <type>`)"
     )]
     UnknownPool { pool: String, url: String },
+    #[error(
+        "the Prefect Server at {url} has no tenant; create one (`prefect server create-tenant --name default`)"
+    )]
+    NoTenant { url: String },
     #[error("work queue `{queue}` does not exist in work pool `{pool}`")]
     UnknownQueue { pool: String, queue: String },
     #[error(transparent)]

@@ -335,16 +335,40 @@ impl Prefect1 {
     }
 }
 
-impl Backend for Prefect1 {
-    async fn register(&self) -> Result<Registration, BackendError> {
-        if self.cfg.key.is_some() && self.gql.tenant_id().is_none() {
+impl Prefect1 {
+    /// The tenant as 1.4's client finds it: the key's (`auth_info`) on Cloud, the first
+    /// of the server's (`tenant`) on a Server without a key.
+    async fn look_up_tenant(&self) -> Result<(), BackendError> {
+        let tenant = if self.cfg.key.is_some() {
             let data = self
                 .gql
                 .request("query { auth_info { tenant_id } }", None)
                 .await?;
-            if let Some(t) = data.pointer("/auth_info/tenant_id").and_then(Value::as_str) {
-                self.gql.set_tenant_id(t.to_string());
-            }
+            data.pointer("/auth_info/tenant_id")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        } else {
+            let data = self.gql.request("query { tenant { id } }", None).await?;
+            let first = data.pointer("/tenant/0/id").and_then(Value::as_str);
+            Some(
+                first
+                    .map(str::to_string)
+                    .ok_or_else(|| BackendError::NoTenant {
+                        url: self.cfg.api_url.clone(),
+                    })?,
+            )
+        };
+        if let Some(t) = tenant {
+            self.gql.set_tenant_id(t);
+        }
+        Ok(())
+    }
+}
+
+impl Backend for Prefect1 {
+    async fn register(&self) -> Result<Registration, BackendError> {
+        if self.gql.tenant_id().is_none() {
+            self.look_up_tenant().await?;
         }
         let input = json!({"input": {
             "type": self.cfg.agent_type,
