@@ -64,6 +64,14 @@ fn poll_sleeps(requests: &[Value]) -> Vec<f64> {
         .collect()
 }
 
+/// The first GraphQL operation of each recorded request, in order.
+fn operations(requests: &[Value]) -> Vec<&str> {
+    requests
+        .iter()
+        .map(|r| r["operations"][0].as_str().unwrap_or_default())
+        .collect()
+}
+
 fn temp_record() -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let record = dir.path().join("runs.txt");
@@ -187,10 +195,7 @@ async fn polls_follow_the_seed_s_backoff_and_max_polls() {
     let status = agent.wait_exit(Duration::from_secs(60)).await;
     assert!(status.success(), "{}", agent.output());
     let requests = server.requests().await;
-    let ops: Vec<&str> = requests
-        .iter()
-        .map(|r| r["operations"][0].as_str().unwrap_or_default())
-        .collect();
+    let ops = operations(&requests);
     assert_eq!(
         ops[..3],
         ["tenant", "register_agent", "hello"],
@@ -576,10 +581,7 @@ async fn a_server_without_a_key_is_polled_for_its_first_tenant() {
         agent.output()
     );
     let requests = server.requests().await;
-    let ops: Vec<&str> = requests
-        .iter()
-        .map(|r| r["operations"][0].as_str().unwrap_or_default())
-        .collect();
+    let ops = operations(&requests);
     assert!(ops.contains(&"tenant"), "as 1.4: {ops:?}");
     let poll = requests
         .iter()
@@ -634,10 +636,7 @@ async fn credentials_are_checked_and_never_printed() {
     });
     assert!(right.wait_exit(Duration::from_secs(60)).await.success());
     let requests = server.requests().await;
-    let ops: Vec<&str> = requests
-        .iter()
-        .map(|r| r["operations"][0].as_str().unwrap_or_default())
-        .collect();
+    let ops = operations(&requests);
     assert!(
         ops.contains(&"auth_info"),
         "the tenant is looked up: {ops:?}"
