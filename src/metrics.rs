@@ -13,6 +13,12 @@ pub const BUCKETS: [f64; 12] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0,
 ];
 
+/// Name and help of each agent's submission latency (`AgentStats`, `/metrics`).
+pub const SUBMISSION_LATENCY: (&str, &str) = (
+    "prefect_agent_submission_latency_seconds",
+    "From a run's scheduled time to its infrastructure created.",
+);
+
 fn opts(name: &str, help: &str) -> HistogramOpts {
     HistogramOpts::new(name, help).buckets(BUCKETS.to_vec())
 }

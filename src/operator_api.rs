@@ -22,7 +22,7 @@ use prometheus::core::{Collector, Desc, Metric as _};
 use prometheus::proto::{self, LabelPair, Metric, MetricFamily, MetricType};
 use prometheus::{IntCounter, Registry, TextEncoder};
 
-use crate::metrics::{API_LATENCY, latency_histogram};
+use crate::metrics::{API_LATENCY, SUBMISSION_LATENCY, latency_histogram};
 
 /// What the probes report; set by the operator's main loop.
 #[derive(Debug, Default)]
@@ -174,11 +174,6 @@ const AGENT_SERIES: [(&str, &str, MetricType, Field); 10] = [
         |a| if a.stats.agent_id.is_some() { 1.0 } else { 0.0 },
     ),
 ];
-
-const SUBMISSION_LATENCY: (&str, &str) = (
-    "prefect_agent_submission_latency_seconds",
-    "From a run's scheduled time to its infrastructure created.",
-);
 
 /// The agents' figures, read from their counters when scraped, labelled `agent`.
 struct AgentsCollector {

@@ -1,16 +1,14 @@
 //! What an agent has done so far: counters for status, health and metrics.
 
 use std::sync::Mutex;
-
 use std::sync::atomic::{AtomicU64, Ordering};
-use tokio::sync::Notify;
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
-
 use prometheus::Histogram;
+use serde::Serialize;
+use tokio::sync::Notify;
 
-use crate::metrics::latency_histogram;
+use crate::metrics::{SUBMISSION_LATENCY, latency_histogram};
 
 /// Live counters, updated by the loop and read by the health API.
 #[derive(Debug)]
@@ -71,10 +69,7 @@ impl Default for AgentStats {
             runs_adopted: AtomicU64::default(),
             runs_claimed: AtomicU64::default(),
             claim_conflicts: AtomicU64::default(),
-            submission_latency: latency_histogram(
-                "prefect_agent_submission_latency_seconds",
-                "From a run's scheduled time to its infrastructure created.",
-            ),
+            submission_latency: latency_histogram(SUBMISSION_LATENCY.0, SUBMISSION_LATENCY.1),
             last: Mutex::default(),
             changed: Notify::new(),
         }

@@ -190,8 +190,9 @@ pub struct ApiClient {
     retry: RetryPolicy,
     /// Retry every 500 too (Prefect 1's client does), not only "database is locked".
     retry_server_errors: bool,
-    /// Which backend's latency histogram the requests count in.
-    backend: &'static str,
+    /// The backend's latency histogram the requests count in (looked up once, here,
+    /// not per request).
+    latency: prometheus::Histogram,
 }
 
 impl ApiClient {
@@ -222,13 +223,13 @@ impl ApiClient {
             auth,
             retry,
             retry_server_errors: false,
-            backend: "prefect3",
+            latency: crate::metrics::api_latency("prefect3"),
         })
     }
 
     /// Counts this client's requests under `backend` in the latency metrics.
     pub fn for_backend(mut self, backend: &'static str) -> Self {
-        self.backend = backend;
+        self.latency = crate::metrics::api_latency(backend);
         self
     }
 
@@ -321,10 +322,7 @@ impl ApiClient {
         let path = url.strip_prefix(&self.base).unwrap_or(url).to_string();
         let started = std::time::Instant::now();
         let sent = req.send().await;
-        crate::metrics::observe(
-            &crate::metrics::api_latency(self.backend),
-            started.elapsed(),
-        );
+        crate::metrics::observe(&self.latency, started.elapsed());
         let resp = match sent {
             Ok(resp) => resp,
             Err(e) => {
