@@ -4,17 +4,16 @@ pub mod job;
 pub mod observe;
 pub mod run_config;
 
+use std::borrow::Cow;
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use k8s_openapi::api::batch::v1::Job;
 use kube::api::PostParams;
 use kube::{Api, Client, ResourceExt};
-
-use super::{DeployError, Deployer, Launch, Launched, Stopped};
-use std::collections::BTreeSet;
-
 use serde_json::Map;
 
+use super::{DeployError, Deployer, Launch, Launched, Stopped};
 use crate::backend::{EnvValue, FlowRun, References, RunSpec};
 use crate::crd::{JobSpec, SecretKeyRef};
 use job::{JobInputs, agent_label, build_job, in_background, job_name};
@@ -50,63 +49,61 @@ impl KubernetesDeployer {
     fn infra_id(&self, run_id: &str) -> String {
         format!("{}:{}", self.namespace(), job_name(run_id))
     }
-}
 
-impl KubernetesDeployer {
-    /// The run's Job: a work pool's template rendered, or a Prefect 1 run_config's Job.
+    /// The run's Job: a work pool's template rendered, or a Prefect 1 run_config's Job
+    /// (a template without variables).
     fn job(&self, launch: &Launch) -> Result<Job, DeployError> {
-        let build = |inputs: JobInputs<'_>| {
-            build_job(&inputs).map_err(|e| DeployError::Build(e.to_string()))
-        };
-        let inputs =
-            |env, job_variables, explicit_job_variables, base_job_template, references| JobInputs {
-                run: &launch.run,
-                agent_namespace: &self.agent_namespace,
-                agent_name: &self.agent_name,
-                job_variables,
-                explicit_job_variables,
-                env,
-                base_job_template,
-                defaults: &self.defaults,
-                secret: self.secret.as_ref(),
-                references,
+        let (no_variables, nothing_explicit, no_references) =
+            (Map::new(), BTreeSet::new(), References::default());
+        let from_run_config;
+        let mut env = Cow::Borrowed(&launch.env);
+        let (job_variables, explicit_job_variables, base_job_template, references) =
+            match &launch.spec {
+                RunSpec::WorkPool {
+                    job_variables,
+                    explicit_job_variables,
+                    base_job_template,
+                    references,
+                } => (
+                    job_variables,
+                    explicit_job_variables,
+                    base_job_template.as_deref(),
+                    references,
+                ),
+                RunSpec::Prefect1 {
+                    run_config,
+                    flow,
+                    labels,
+                } => {
+                    from_run_config =
+                        kubernetes_run(run_config, flow, labels, self.defaults.image.as_deref())
+                            .map_err(|e| DeployError::Build(e.to_string()))?;
+                    // The 1.4 agent tells the flow which image it runs in.
+                    env.to_mut().insert(
+                        "PREFECT__CONTEXT__IMAGE".into(),
+                        EnvValue::Plain(from_run_config.image.clone()),
+                    );
+                    (
+                        &no_variables,
+                        &nothing_explicit,
+                        Some(&from_run_config.base_job_template),
+                        &no_references,
+                    )
+                }
             };
-        match &launch.spec {
-            RunSpec::WorkPool {
-                job_variables,
-                explicit_job_variables,
-                base_job_template,
-                references,
-            } => build(inputs(
-                &launch.env,
-                job_variables,
-                explicit_job_variables,
-                base_job_template.as_deref(),
-                references,
-            )),
-            RunSpec::Prefect1 {
-                run_config,
-                flow,
-                labels,
-            } => {
-                let from_run_config =
-                    kubernetes_run(run_config, flow, labels, self.defaults.image.as_deref())
-                        .map_err(|e| DeployError::Build(e.to_string()))?;
-                // The 1.4 agent tells the flow which image it runs in.
-                let mut env = launch.env.clone();
-                env.insert(
-                    "PREFECT__CONTEXT__IMAGE".into(),
-                    EnvValue::Plain(from_run_config.image),
-                );
-                build(inputs(
-                    &env,
-                    &Map::new(),
-                    &BTreeSet::new(),
-                    Some(&from_run_config.base_job_template),
-                    &References::default(),
-                ))
-            }
-        }
+        build_job(&JobInputs {
+            run: &launch.run,
+            agent_namespace: &self.agent_namespace,
+            agent_name: &self.agent_name,
+            job_variables,
+            explicit_job_variables,
+            env: &env,
+            base_job_template,
+            defaults: &self.defaults,
+            secret: self.secret.as_ref(),
+            references,
+        })
+        .map_err(|e| DeployError::Build(e.to_string()))
     }
 }
 
