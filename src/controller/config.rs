@@ -50,17 +50,12 @@ impl Credentials {
         namespace: &str,
         spec: &PrefectAgentSpec,
     ) -> Result<Self, SpecError> {
-        let read = |r: &Option<SecretKeyRef>| {
-            let r = r.clone();
-            async move {
-                match r {
-                    Some(r) => read_secret(client, namespace, &r)
-                        .await
-                        .map(Some)
-                        .map_err(SpecError::SecretNotFound),
-                    None => Ok(None),
-                }
-            }
+        let read = async |r: &Option<SecretKeyRef>| match r {
+            Some(r) => read_secret(client, namespace, r)
+                .await
+                .map(Some)
+                .map_err(SpecError::SecretNotFound),
+            None => Ok(None),
         };
         Ok(Self {
             key: read(&spec.api.key_secret_ref).await?,

@@ -333,9 +333,7 @@ impl Prefect1 {
         let data = self.gql.request(&query, None).await?;
         Ok(data.get("flow_run").cloned().unwrap_or(Value::Null))
     }
-}
 
-impl Prefect1 {
     /// The tenant as 1.4's client finds it: the key's (`auth_info`) on Cloud, the first
     /// of the server's (`tenant`) on a Server without a key.
     async fn look_up_tenant(&self) -> Result<(), BackendError> {
@@ -350,13 +348,10 @@ impl Prefect1 {
         } else {
             let data = self.gql.request("query { tenant { id } }", None).await?;
             let first = data.pointer("/tenant/0/id").and_then(Value::as_str);
-            Some(
-                first
-                    .map(str::to_string)
-                    .ok_or_else(|| BackendError::NoTenant {
-                        url: self.cfg.api_url.clone(),
-                    })?,
-            )
+            let first = first.ok_or_else(|| BackendError::NoTenant {
+                url: self.cfg.api_url.clone(),
+            })?;
+            Some(first.to_string())
         };
         if let Some(t) = tenant {
             self.gql.set_tenant_id(t);
@@ -585,13 +580,12 @@ impl Backend for Prefect1 {
     }
 
     async fn log(&self, run_id: &str, level: LogLevel, message: &str) -> Result<(), BackendError> {
-        let level = level.name();
         let input = json!({"input": {"logs": [{
             "flow_run_id": run_id,
             // 1.4 names the agent's run log lines after the agent.
             "name": self.cfg.agent_name,
             "message": message,
-            "level": level,
+            "level": level.name(),
             "timestamp": timestamp(Utc::now()),
         }]}});
         self.gql
@@ -629,12 +623,14 @@ impl ClaimLedger for Prefect1 {
         }
         Ok(old)
     }
+
     async fn still_unlaunched(&self, run: &FlowRun) -> Result<bool, BackendError> {
         if self.launched.lock().is_ok_and(|l| l.contains(&run.id)) {
             return Ok(false);
         }
         Ok(self.settled_state(&run.id).await? == StateKind::Pending)
     }
+
     async fn claimed_by_me(&self, run: &FlowRun) -> Result<bool, BackendError> {
         Ok(run.state_message.as_deref() == Some(claim_marker(&self.cfg.agent_name).as_str()))
     }

@@ -590,10 +590,12 @@ impl ClaimLedger for Prefect3 {
         }
         Ok(orphans)
     }
+
     async fn still_unlaunched(&self, run: &FlowRun) -> Result<bool, BackendError> {
         let now = self.read(&run.id).await?;
         Ok(now.state == StateKind::Pending && now.infrastructure_pid.is_none())
     }
+
     async fn claimed_by_me(&self, run: &FlowRun) -> Result<bool, BackendError> {
         let history = self.history(&run.id).await?;
         let marker = claim_marker(&self.cfg.agent_name);
