@@ -167,14 +167,17 @@ pub struct JobSpec {
     pub labels: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
-    /// Pod retries of one Job (default 0: Prefect retries runs, not pods).
+    /// Pod retries of one Job, where the pool's template leaves `backoffLimit` to its
+    /// default or unset (Prefect's standard template: 0, Prefect retries runs, not pods).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 100))]
     pub backoff_limit: Option<i32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub active_deadline_seconds: Option<i64>,
-    /// Finished Jobs are deleted this long after they end (default 3600).
+    /// Finished Jobs are deleted this long after they end, where the pool's template
+    /// leaves `ttlSecondsAfterFinished` to its default or unset (Prefect's standard
+    /// template keeps finished Jobs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub ttl_seconds_after_finished: Option<i32>,

@@ -61,22 +61,43 @@ impl Scope {
         let Some(wanted) = requested.filter(|ns| *ns != resource_ns) else {
             return Ok(resource_ns.to_string());
         };
+        match self.refusal(resource_ns, wanted) {
+            Some(why) => Err(format!("spec.job.namespace `{wanted}`: {why}")),
+            None => Ok(wanted.to_string()),
+        }
+    }
+
+    /// Whether a run's Job may go to `wanted`, a namespace its job variables or its pool's
+    /// template name; the refusal names the namespace and the flag that allows it.
+    pub fn run_namespace(&self, resource_ns: &str, wanted: &str) -> Result<(), String> {
+        match self.refusal(resource_ns, wanted) {
+            Some(why) => Err(format!(
+                "the run's Job would go to namespace `{wanted}` (its `namespace` job variable \
+                 or the pool's job template), but {why}"
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Why a resource in `resource_ns` may not run Jobs in `wanted`, if it may not.
+    fn refusal(&self, resource_ns: &str, wanted: &str) -> Option<String> {
+        if wanted == resource_ns {
+            return None;
+        }
         if let Some(watched) = &self.watch_namespace
             && wanted != watched
         {
-            return Err(format!(
-                "spec.job.namespace `{wanted}`: this operator watches namespace `{watched}` only \
-                 and could not follow Jobs elsewhere"
+            return Some(format!(
+                "this operator watches namespace `{watched}` only and could not follow Jobs \
+                 elsewhere"
             ));
         }
-        if !self.job_namespaces.allows(wanted) {
-            return Err(format!(
-                "spec.job.namespace `{wanted}`: Jobs run in the PrefectAgent's own namespace \
-                 `{resource_ns}` unless the operator allows others (--job-namespaces, Helm \
-                 value jobNamespaces)"
-            ));
-        }
-        Ok(wanted.to_string())
+        (!self.job_namespaces.allows(wanted)).then(|| {
+            format!(
+                "Jobs run in the PrefectAgent's own namespace `{resource_ns}` unless the \
+                 operator allows others (--job-namespaces, Helm value jobNamespaces)"
+            )
+        })
     }
 }
 
@@ -103,6 +124,13 @@ mod tests {
     #[test]
     fn another_namespace_needs_the_operator_to_allow_it() {
         let refused = scope(&[], None).job_namespace("a", Some("b")).unwrap_err();
+        let run = scope(&["b"], None).run_namespace("a", "c").unwrap_err();
+        assert!(
+            run.contains("`c`") && run.contains("--job-namespaces"),
+            "{run}"
+        );
+        assert_eq!(scope(&["b"], None).run_namespace("a", "b"), Ok(()));
+        assert_eq!(scope(&[], None).run_namespace("a", "a"), Ok(()));
         assert!(
             refused.contains("`b`") && refused.contains("--job-namespaces"),
             "{refused}"

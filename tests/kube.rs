@@ -137,10 +137,11 @@ async fn the_api_server_rejects_nonsense_with_422() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_built_job_is_accepted_and_a_second_create_is_already_exists() {
     use k8s_openapi::api::batch::v1::Job;
-    use prefect_agent_operator::backend::{EnvValue, FlowRun, StateKind};
+    use prefect_agent_operator::backend::{Env, EnvValue, FlowRun, StateKind};
     use prefect_agent_operator::crd::{JobSpec, SecretKeyRef};
     use prefect_agent_operator::deploy::kubernetes::job::{JobInputs, build_job};
     use prefect_agent_operator::secret::SecretString;
+    use prefect_agent_operator::work_pool::{JobConfiguration, standard_base_job_template};
 
     let (client, ns) = setup().await;
     let run = FlowRun {
@@ -155,17 +156,30 @@ async fn a_built_job_is_accepted_and_a_second_create_is_already_exists() {
         job_variables: Default::default(),
         infrastructure_pid: None,
     };
-    let env = std::collections::BTreeMap::from([
+    let env: Env = [
         (
-            "PREFECT_API_URL".to_string(),
+            "PREFECT_API_URL",
             EnvValue::Plain("http://prefect/api".into()),
         ),
         (
-            "PREFECT_API_KEY".to_string(),
+            "PREFECT_API_KEY",
             EnvValue::Secret(SecretString::new("pnu_do_not_leak")),
         ),
-    ]);
-    let vars = json!({"image": "repo/etl:2", "cpu_request": "500m", "memory_limit": "1Gi"});
+        (
+            "TOKEN",
+            EnvValue::From(json!({"secretKeyRef": {"name": "s", "key": "k"}})),
+        ),
+    ]
+    .into_iter()
+    .collect();
+    // Names Kubernetes would refuse as they are: Prefect's worker slugifies them.
+    let vars = json!({"image": "repo/etl:2", "cpu_request": "500m", "memory_limit": "1Gi",
+                      "labels": {"Team Name": "Data Team"}, "annotations": {"My Key": "a b"}});
+    let configuration = JobConfiguration::new(
+        Some(standard_base_job_template()),
+        vars.as_object().unwrap(),
+    )
+    .unwrap();
     let secret = SecretKeyRef {
         name: "prefect-api".into(),
         key: "key".into(),
@@ -174,13 +188,13 @@ async fn a_built_job_is_accepted_and_a_second_create_is_already_exists() {
         run: &run,
         agent_namespace: &ns,
         agent_name: "etl",
-        job_variables: vars.as_object().unwrap(),
-        explicit_job_variables: &vars.as_object().unwrap().keys().cloned().collect(),
+        configuration: &configuration,
+        about: None,
         env: &env,
-        base_job_template: None,
         defaults: &JobSpec::default(),
         secret: Some(&secret),
         references: &Default::default(),
+        scope: &Default::default(),
     })
     .expect("built");
     let jobs: Api<Job> = Api::namespaced(client, &ns);
@@ -194,6 +208,10 @@ async fn a_built_job_is_accepted_and_a_second_create_is_already_exists() {
         "no literal key in the stored Job"
     );
     assert!(stored.contains("secretKeyRef"));
+    assert_eq!(
+        created.metadata.labels.as_ref().unwrap()["Team-Name"],
+        "Data-Team"
+    );
     match jobs.create(&PostParams::default(), &job).await {
         Err(kube::Error::Api(e)) => assert_eq!(e.reason, "AlreadyExists", "{e:?}"),
         other => panic!("a second create must be AlreadyExists, got {other:?}"),

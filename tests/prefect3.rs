@@ -693,11 +693,15 @@ async fn a_run_environment_follows_the_documented_precedence() {
         record,
         _dir,
     } = Setup::with_template("env", template).await;
+    // The deployment points its runs at the same server by another address, as one sets
+    // an in-cluster URL for Prefect's worker.
+    let in_cluster = server.url.replace("127.0.0.1", "localhost");
+    assert_ne!(in_cluster, server.url);
     let dep = api
         .create_deployment(
             &pool,
             json!({"command": fake_runner(&record, "env"),
-                   "env": {"SHARED": "deployment", "DEP_ONLY": "1", "PREFECT__FLOW_RUN_ID": "nope"}}),
+                   "env": {"SHARED": "deployment", "DEP_ONLY": "1", "PREFECT_API_URL": in_cluster}}),
         )
         .await;
     let run = api
@@ -724,14 +728,15 @@ async fn a_run_environment_follows_the_documented_precedence() {
         "run job variables beat deployment and agent"
     );
     assert_eq!(
-        env["PREFECT_API_URL"],
-        server.url.as_str(),
-        "fixed variables win"
+        env["PREFECT_API_URL"], in_cluster,
+        "the deployment's API URL wins over the agent's, as with Prefect's worker"
     );
-    assert_eq!(
-        env["PREFECT__FLOW_RUN_ID"],
-        run.as_str(),
-        "fixed variables win"
+    assert_eq!(env["PREFECT__FLOW_RUN_ID"], run.as_str());
+    assert_eq!(env["PREFECT__WORKER_NAME"], "env-agent", "attribution");
+    assert_eq!(env["PREFECT__DEPLOYMENT_ID"], dep.as_str(), "attribution");
+    assert!(
+        env.contains_key("PREFECT__FLOW_NAME"),
+        "attribution: {env:?}"
     );
     assert!(
         !env.contains_key("PREFECT_LOGGING_TO_API_ENABLED"),

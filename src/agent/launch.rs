@@ -84,12 +84,7 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
         run: FlowRun,
     ) -> Result<(String, String, Option<oneshot::Receiver<Exit>>), LaunchError> {
         let ctx = self.backend.context(&run, self.cfg.no_cloud_logs).await?;
-        let env = env::run_environment(
-            &ctx.default_env,
-            &self.cfg.env_vars,
-            ctx.spec.env(),
-            &ctx.fixed_env,
-        )?;
+        let env = env::run_environment(&ctx, &self.cfg.env_vars)?;
         let launched = self
             .deployer
             .deploy(Launch {

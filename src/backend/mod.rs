@@ -7,9 +7,8 @@ pub mod http;
 pub mod prefect1;
 pub mod prefect3;
 
-pub use crate::work_pool::References;
+pub use crate::work_pool::{JobConfiguration, References};
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -103,6 +102,95 @@ pub enum Claim {
 pub enum EnvValue {
     Plain(String),
     Secret(SecretString),
+    /// A Kubernetes `valueFrom` source given in a list-style `env` job variable; only a
+    /// Kubernetes Job can resolve it.
+    From(Value),
+}
+
+/// A run's environment in order: Prefect's worker puts its own variables first and the
+/// user's after them in the order given, so `$(VAR)` references can expand.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Env(Vec<(String, EnvValue)>);
+
+impl Env {
+    /// Sets a variable: in its place when it is there (as a Python dict does), else last.
+    pub fn set(&mut self, name: impl Into<String>, value: EnvValue) {
+        let name = name.into();
+        match self.0.iter_mut().find(|(n, _)| *n == name) {
+            Some(slot) => slot.1 = value,
+            None => self.0.push((name, value)),
+        }
+    }
+
+    /// A plain variable, set as [`Env::set`] does.
+    pub fn set_plain(&mut self, name: impl Into<String>, value: impl Into<String>) {
+        self.set(name, EnvValue::Plain(value.into()));
+    }
+
+    /// Moves a variable (or adds it) to the end.
+    pub fn push(&mut self, name: impl Into<String>, value: EnvValue) {
+        let name = name.into();
+        self.remove(&name);
+        self.0.push((name, value));
+    }
+
+    pub fn remove(&mut self, name: &str) {
+        self.0.retain(|(n, _)| n != name);
+    }
+
+    pub fn get(&self, name: &str) -> Option<&EnvValue> {
+        self.0.iter().find(|(n, _)| n == name).map(|(_, v)| v)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.get(name).is_some()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &EnvValue)> {
+        self.0.iter().map(|(n, v)| (n.as_str(), v))
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(|(n, _)| n.as_str())
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl<N: Into<String>> FromIterator<(N, EnvValue)> for Env {
+    fn from_iter<I: IntoIterator<Item = (N, EnvValue)>>(iter: I) -> Self {
+        let mut env = Env::default();
+        for (name, value) in iter {
+            env.set(name, value);
+        }
+        env
+    }
+}
+
+impl<N: Into<String>> Extend<(N, EnvValue)> for Env {
+    fn extend<I: IntoIterator<Item = (N, EnvValue)>>(&mut self, iter: I) {
+        for (name, value) in iter {
+            self.set(name, value);
+        }
+    }
+}
+
+impl std::ops::Index<&str> for Env {
+    type Output = EnvValue;
+
+    /// Panics when the variable is missing, like a map's index.
+    fn index(&self, name: &str) -> &EnvValue {
+        match self.get(name) {
+            Some(v) => v,
+            None => panic!("no variable {name} in the environment"),
+        }
+    }
 }
 
 /// What a backend knows about how a run must be started, in its API's terms; each
@@ -111,17 +199,16 @@ pub enum EnvValue {
 pub enum RunSpec {
     /// A Prefect 3 work pool's run.
     WorkPool {
-        /// Job variables merged: pool defaults < deployment < run.
-        job_variables: Map<String, Value>,
-        /// The job variables the deployment or the run set (the rest are pool defaults,
-        /// which the resource's `job` section may replace).
-        explicit_job_variables: BTreeSet<String>,
-        /// The pool's base job template, for deployers that render one; shared, not
-        /// copied, per launch.
+        /// The pool's job configuration with the deployment's and the run's job
+        /// variables (Prefect references in them resolved).
+        configuration: JobConfiguration,
+        /// The pool's base job template as Prefect keeps it (none or `{}` for a pool
+        /// without one); shared, not copied, per launch.
         base_job_template: Option<Arc<Value>>,
-        /// Prefect variables and blocks the template refers to (job variables come
-        /// resolved).
+        /// Prefect variables and blocks the template refers to.
         references: References,
+        /// What the run belongs to, for the labels Prefect's worker gives its Jobs.
+        about: RunAbout,
     },
     /// A Prefect 1 run: its `run_config` as the server keeps it, and its flow.
     Prefect1 {
@@ -133,13 +220,28 @@ pub enum RunSpec {
 }
 
 impl RunSpec {
-    /// The environment the run asks for (`env` of its job variables or run_config).
-    pub fn env(&self) -> Option<&Value> {
+    /// The environment the run asks for (the `env` of its job configuration or run_config).
+    pub fn env(&self) -> Option<Value> {
         match self {
-            Self::WorkPool { job_variables, .. } => job_variables.get("env"),
-            Self::Prefect1 { run_config, .. } => run_config.get("env"),
+            Self::WorkPool { configuration, .. } => configuration.env(),
+            Self::Prefect1 { run_config, .. } => run_config.get("env").cloned(),
         }
     }
+}
+
+/// The names around a Prefect 3 run, as Prefect's worker labels its Jobs with them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RunAbout {
+    pub flow_name: Option<String>,
+    pub deployment_name: Option<String>,
+    /// When the deployment was last updated (RFC 3339, UTC).
+    pub deployment_updated: Option<String>,
+    pub work_pool_name: String,
+    pub work_pool_id: Option<String>,
+    /// The agent's name in Prefect (the worker name).
+    pub worker_name: String,
+    /// The Prefect server's version.
+    pub prefect_version: Option<String>,
 }
 
 /// What a backend knows about how a run must be started.
@@ -148,9 +250,14 @@ pub struct RunContext {
     pub spec: RunSpec,
     /// Variables under everything else, even the agent's `env_vars` (Prefect 1's
     /// `PREFECT__LOGGING__LEVEL`).
-    pub default_env: BTreeMap<String, String>,
-    /// Variables the run needs to talk to Prefect; they win over everything else.
-    pub fixed_env: BTreeMap<String, EnvValue>,
+    pub default_env: Env,
+    /// Prefect 3's worker variables (API URL, credential, run and attribution ids): the
+    /// agent's `env_vars` do not replace them, the run's own `env` may, as with Prefect's
+    /// worker.
+    pub worker_env: Env,
+    /// Variables that win over everything else (Prefect 1's identity of the run;
+    /// `no_cloud_logs`).
+    pub fixed_env: Env,
 }
 
 /// What registering the agent returned.
@@ -214,6 +321,8 @@ pub enum BackendError {
     UnknownQueue { pool: String, queue: String },
     #[error(transparent)]
     Reference(#[from] crate::work_pool::ReferenceError),
+    #[error(transparent)]
+    Variables(#[from] crate::work_pool::VariableError),
     #[error("unexpected answer from the Prefect API to {call}: {detail}")]
     Protocol { call: &'static str, detail: String },
 }

@@ -88,6 +88,7 @@ impl PrefectAgent {
             },
             secret: (spec.api.key_secret_ref.clone()).or(spec.api.auth_string_secret_ref.clone()),
             concurrency_limit: spec.concurrency_limit,
+            scope: ctx.scope.clone(),
         };
         let backend = backend_config(spec, &cfg, credentials, ctx.retry)?;
         let agent =

@@ -3,12 +3,11 @@
 pub mod kubernetes;
 pub mod process;
 
-use std::collections::BTreeMap;
 use std::future::Future;
 
 use tokio::sync::oneshot;
 
-use crate::backend::{EnvValue, FlowRun, RunSpec};
+use crate::backend::{Env, FlowRun, RunSpec};
 
 /// Everything a deployer needs to start one run.
 #[derive(Clone, Debug)]
@@ -18,7 +17,7 @@ pub struct Launch {
     /// translates it into its infrastructure.
     pub spec: RunSpec,
     /// The run's environment after precedence was applied (see `agent::env`).
-    pub env: BTreeMap<String, EnvValue>,
+    pub env: Env,
 }
 
 /// How a run's infrastructure ended.

@@ -130,9 +130,9 @@ impl ProcessDeployer {
     /// pool's run) or its run_config's (Prefect 1's `LocalRun`), else this deployer's.
     fn what_to_run(&self, spec: &RunSpec) -> Result<(Vec<String>, Option<PathBuf>), DeployError> {
         let (command, dir, dir_name) = match spec {
-            RunSpec::WorkPool { job_variables, .. } => (
-                job_variables.get("command"),
-                job_variables.get("working_dir"),
+            RunSpec::WorkPool { configuration, .. } => (
+                configuration.variables.get("command"),
+                configuration.variables.get("working_dir"),
                 "working_dir",
             ),
             RunSpec::Prefect1 { run_config, .. } => {
@@ -171,10 +171,15 @@ impl Deployer for ProcessDeployer {
         let (argv, working_dir) = self.what_to_run(&launch.spec)?;
         let mut cmd = Command::new(&argv[0]);
         cmd.args(&argv[1..]);
-        for (k, v) in &launch.env {
+        for (k, v) in launch.env.iter() {
             match v {
                 EnvValue::Plain(s) => cmd.env(k, s),
                 EnvValue::Secret(s) => cmd.env(k, s.expose()),
+                EnvValue::From(_) => {
+                    return Err(DeployError::Unsupported(format!(
+                        "env `{k}` takes its value from Kubernetes (valueFrom), which a local process cannot"
+                    )));
+                }
             };
         }
         if let Some(dir) = &working_dir {
@@ -295,14 +300,16 @@ mod tests {
             working_dir: Some("/srv".into()),
             ..ProcessConfig::default()
         });
+        let values = json!({"command": "python x.py", "working_dir": "/w"});
         let pool = RunSpec::WorkPool {
-            job_variables: json!({"command": "python x.py", "working_dir": "/w"})
-                .as_object()
-                .cloned()
-                .unwrap(),
-            explicit_job_variables: Default::default(),
+            configuration: crate::work_pool::JobConfiguration::new(
+                None,
+                values.as_object().unwrap(),
+            )
+            .unwrap(),
             base_job_template: None,
             references: Default::default(),
+            about: Default::default(),
         };
         let (argv, dir) = d.what_to_run(&pool).unwrap();
         assert_eq!(

@@ -4,6 +4,7 @@
 //! to. Pure: it depends on neither backends nor deployers.
 
 pub mod references;
+pub mod slug;
 pub mod template;
 pub mod variables;
 
@@ -12,7 +13,7 @@ use std::sync::{Arc, Mutex, Weak};
 use serde_json::{Value, json};
 
 pub use references::{Reference, ReferenceError, References, references_in};
-pub use variables::{merge_job_variables, template_defaults};
+pub use variables::{JobConfiguration, VariableError, run_values, template_defaults};
 
 /// Prefect's standard Kubernetes base job template (prefect-kubernetes 0.8.0), used when
 /// the pool has none; `--create-pool` sends it too.

@@ -188,7 +188,7 @@ mod tests {
         let v = json!({"id": {"_in": ["a", "b\"c"]}, "n": 3, "ok": true, "none": null});
         assert_eq!(
             literal(&v),
-            r#"{id: {_in: ["a", "b\"c"]}, n: 3, none: null, ok: true}"#
+            r#"{id: {_in: ["a", "b\"c"]}, n: 3, ok: true, none: null}"#
         );
     }
 

@@ -533,6 +533,7 @@ impl Backend for Prefect1 {
                 labels: meta.labels,
             },
             default_env: default_env(&self.cfg.log_level, no_cloud_logs),
+            worker_env: Default::default(),
             fixed_env: fixed,
         })
     }
@@ -657,7 +658,7 @@ mod tests {
             .unwrap()
             .with_timezone(&Utc);
         let q = metadata_query(&["r1".into(), "r2".into()], now);
-        assert!(q.starts_with(r#"query { flow_run(where: {_or: [{state: {_eq: "Scheduled"}}, {state: {_eq: "Running"}, task_runs: {state_start_time: {_lte: "2026-01-01T00:00:07.000000Z"}}}], id: {_in: ["r1", "r2"]}})"#), "{q}");
+        assert!(q.starts_with(r#"query { flow_run(where: {id: {_in: ["r1", "r2"]}, _or: [{state: {_eq: "Scheduled"}}, {state: {_eq: "Running"}, task_runs: {state_start_time: {_lte: "2026-01-01T00:00:07.000000Z"}}}]})"#), "{q}");
         assert!(q.contains("task_runs(where: {state_start_time: {_lte: \"2026-01-01T00:00:07.000000Z\"}}) { id version task_id serialized_state }"));
     }
 

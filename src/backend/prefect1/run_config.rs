@@ -7,11 +7,9 @@
 //! run_config's `env` < the fixed variables (API, credentials as Secret references,
 //! tenant, flow-run and flow ids, log shipping; the Kubernetes deployer adds the image).
 
-use std::collections::BTreeMap;
-
 use serde_json::Value;
 
-use crate::backend::EnvValue;
+use crate::backend::{Env, EnvValue};
 use crate::secret::SecretString;
 
 /// The flow of a run, as the metadata query returns it.
@@ -67,22 +65,20 @@ fn python_list(items: &[String]) -> String {
 
 /// The variables under everything else (even the agent's `env_vars`), as 1.4 starts a
 /// run's environment: the log level, and log shipping on unless the agent ships none.
-pub fn default_env(log_level: &str, no_cloud_logs: bool) -> BTreeMap<String, String> {
-    let mut env = BTreeMap::from([("PREFECT__LOGGING__LEVEL".to_string(), log_level.to_string())]);
+pub fn default_env(log_level: &str, no_cloud_logs: bool) -> Env {
+    let mut env = Env::default();
+    env.set_plain("PREFECT__LOGGING__LEVEL", log_level);
     if !no_cloud_logs {
-        env.insert(
-            "PREFECT__CLOUD__SEND_FLOW_RUN_LOGS".to_string(),
-            "true".to_string(),
-        );
+        env.set_plain("PREFECT__CLOUD__SEND_FLOW_RUN_LOGS", "true");
     }
     env
 }
 
 /// The variables the 1.4 agent sets over everything else.
-pub fn fixed_env(id: &RunIdentity<'_>) -> BTreeMap<String, EnvValue> {
+pub fn fixed_env(id: &RunIdentity<'_>) -> Env {
     let plain = |s: &str| EnvValue::Plain(s.to_string());
     let logs = if id.no_cloud_logs { "false" } else { "true" };
-    let mut env = BTreeMap::from([
+    let mut env: Env = [
         ("PREFECT__BACKEND".to_string(), plain(id.backend)),
         (
             "PREFECT__CLOUD__AGENT__LABELS".to_string(),
@@ -103,27 +99,20 @@ pub fn fixed_env(id: &RunIdentity<'_>) -> BTreeMap<String, EnvValue> {
             plain("prefect.engine.cloud.CloudFlowRunner"),
         ),
         ("PREFECT__LOGGING__LOG_TO_CLOUD".to_string(), plain(logs)),
-    ]);
+    ]
+    .into_iter()
+    .collect();
     // "Allow logs to be disabled by flow run settings but not enabled" (1.4): fixed only
     // when the agent ships none; otherwise a default the run may turn off.
     if id.no_cloud_logs {
-        env.insert(
-            "PREFECT__CLOUD__SEND_FLOW_RUN_LOGS".to_string(),
-            plain("false"),
-        );
+        env.set_plain("PREFECT__CLOUD__SEND_FLOW_RUN_LOGS", "false");
     }
     if let Some(key) = id.key {
-        env.insert(
-            "PREFECT__CLOUD__API_KEY".into(),
-            EnvValue::Secret(key.clone()),
-        );
-        env.insert(
-            "PREFECT__CLOUD__AUTH_TOKEN".into(),
-            EnvValue::Secret(key.clone()),
-        );
+        env.set("PREFECT__CLOUD__API_KEY", EnvValue::Secret(key.clone()));
+        env.set("PREFECT__CLOUD__AUTH_TOKEN", EnvValue::Secret(key.clone()));
     }
     if let Some(tenant) = id.tenant_id {
-        env.insert("PREFECT__CLOUD__TENANT_ID".into(), plain(tenant));
+        env.set("PREFECT__CLOUD__TENANT_ID", plain(tenant));
     }
     env
 }
@@ -159,7 +148,7 @@ mod tests {
         let env = fixed_env(&id);
         let plain = |k: &str| match &env[k] {
             EnvValue::Plain(v) => v.clone(),
-            EnvValue::Secret(_) => "<secret>".into(),
+            EnvValue::Secret(_) | EnvValue::From(_) => "<secret>".into(),
         };
         assert_eq!(plain("PREFECT__CLOUD__AGENT__LABELS"), "['a', 'b']");
         assert_eq!(plain("PREFECT__CONTEXT__FLOW_RUN_ID"), "r-1");
@@ -174,11 +163,11 @@ mod tests {
             no_cloud_logs: false,
             ..id.clone()
         });
-        assert!(!shipping.contains_key("PREFECT__CLOUD__SEND_FLOW_RUN_LOGS"));
+        assert!(!shipping.contains("PREFECT__CLOUD__SEND_FLOW_RUN_LOGS"));
         assert_eq!(
             default_env("INFO", false)["PREFECT__CLOUD__SEND_FLOW_RUN_LOGS"],
-            "true"
+            EnvValue::Plain("true".into())
         );
-        assert!(!default_env("INFO", true).contains_key("PREFECT__CLOUD__SEND_FLOW_RUN_LOGS"));
+        assert!(!default_env("INFO", true).contains("PREFECT__CLOUD__SEND_FLOW_RUN_LOGS"));
     }
 }

@@ -1,6 +1,6 @@
 //! The Prefect 3 work-pool backend: poll a pool, claim runs with a transition id, report back.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,12 +23,12 @@ use wire::{ScheduledRun, Worker};
 use super::coalesce::Coalescer;
 use super::http::{ApiClient, Auth, HttpError, RetryPolicy};
 use super::{
-    Backend, BackendError, Claim, ClaimLedger, EnvValue, FlowRun, LogLevel, Registration,
-    RunContext, RunSpec, StateKind, poll_horizon, timestamp,
+    Backend, BackendError, Claim, ClaimLedger, Env, EnvValue, FlowRun, LogLevel, Registration,
+    RunAbout, RunContext, RunSpec, StateKind, poll_horizon, timestamp,
 };
 use crate::work_pool::{
-    Reference, References, merge_job_variables, references_in, shared_template, standard_template,
-    template_defaults,
+    JobConfiguration, Reference, References, references_in, run_values, shared_template,
+    standard_template,
 };
 
 /// Where and how this backend polls.
@@ -59,10 +59,21 @@ pub struct Prefect3 {
     cfg: Prefect3Config,
     /// The pool's base job template, read at registration.
     pool_template: RwLock<Arc<Value>>,
+    /// What registration learnt: the pool's id, this worker's id, the server's version.
+    known: RwLock<Known>,
     /// Concurrent submissions share their reads and log lines (see `coalesce`).
     runs: Coalescer<String, Option<ApiFlowRun>>,
     deployments: Coalescer<String, Option<Value>>,
+    flows: Coalescer<String, Option<Value>>,
     logs: Coalescer<Value, ()>,
+}
+
+/// What registration learnt about the pool, the worker and the server.
+#[derive(Clone, Debug, Default)]
+struct Known {
+    pool_id: Option<String>,
+    worker_id: Option<String>,
+    server_version: Option<String>,
 }
 
 /// How many items one coalesced request carries at most (Prefect's filters answer 200).
@@ -71,7 +82,7 @@ const BATCH: usize = 100;
 impl Prefect3 {
     pub fn new(cfg: Prefect3Config) -> Result<Self, BackendError> {
         let api = ApiClient::new(&cfg.api_url, cfg.auth.clone(), cfg.retry)?;
-        let (a, b, c) = (api.clone(), api.clone(), api.clone());
+        let (a, b, c, d) = (api.clone(), api.clone(), api.clone(), api.clone());
         Ok(Self {
             runs: Coalescer::new("flow run reads", BATCH, move |ids| {
                 let api = a.clone();
@@ -80,6 +91,10 @@ impl Prefect3 {
             deployments: Coalescer::new("deployment reads", BATCH, move |ids| {
                 let api = b.clone();
                 async move { read_by_id(&api, "/deployments/filter", "deployments", ids).await }
+            }),
+            flows: Coalescer::new("flow reads", BATCH, move |ids| {
+                let api = d.clone();
+                async move { read_by_id(&api, "/flows/filter", "flows", ids).await }
             }),
             logs: Coalescer::new("run logs", BATCH, move |lines: Vec<Value>| {
                 let api = c.clone();
@@ -93,6 +108,7 @@ impl Prefect3 {
             api,
             cfg,
             pool_template: RwLock::new(Arc::new(Value::Null)),
+            known: RwLock::new(Known::default()),
         })
     }
 
@@ -236,38 +252,62 @@ fn urlencode(s: &str) -> String {
     out
 }
 
-/// The variables a run needs to reach Prefect; they override anything else.
-pub fn fixed_env(
+/// The variables Prefect's worker gives every run, in its order: its own settings (API
+/// URL and credential), the run's id and the attribution variables. The run's `env` may
+/// override them, as with Prefect's worker.
+pub fn worker_env(
     api_url: &str,
     auth: &Auth,
-    run_id: &str,
-    no_cloud_logs: bool,
-) -> BTreeMap<String, EnvValue> {
-    let mut env = BTreeMap::new();
-    env.insert("PREFECT_API_URL".into(), EnvValue::Plain(api_url.into()));
+    run: &FlowRun,
+    about: &RunAbout,
+    worker_id: Option<&str>,
+) -> Env {
+    let mut env = Env::default();
+    env.set_plain("PREFECT_API_URL", api_url);
     match auth {
         Auth::None => {}
-        Auth::Bearer(key) => {
-            env.insert("PREFECT_API_KEY".into(), EnvValue::Secret(key.clone()));
-        }
-        Auth::Basic(s) => {
-            env.insert(
-                "PREFECT_API_AUTH_STRING".into(),
-                EnvValue::Secret(s.clone()),
-            );
-        }
+        Auth::Bearer(key) => env.set("PREFECT_API_KEY", EnvValue::Secret(key.clone())),
+        Auth::Basic(s) => env.set("PREFECT_API_AUTH_STRING", EnvValue::Secret(s.clone())),
     }
-    env.insert(
-        "PREFECT__FLOW_RUN_ID".into(),
-        EnvValue::Plain(run_id.into()),
-    );
-    if no_cloud_logs {
-        env.insert(
-            "PREFECT_LOGGING_TO_API_ENABLED".into(),
-            EnvValue::Plain("false".into()),
-        );
+    env.set_plain("PREFECT__FLOW_RUN_ID", &run.id);
+    let attribution = [
+        ("PREFECT__WORKER_ID", worker_id),
+        ("PREFECT__WORKER_NAME", Some(about.worker_name.as_str())),
+        ("PREFECT__FLOW_ID", run.flow_id.as_deref()),
+        ("PREFECT__FLOW_NAME", about.flow_name.as_deref()),
+        ("PREFECT__DEPLOYMENT_ID", run.deployment_id.as_deref()),
+        ("PREFECT__DEPLOYMENT_NAME", about.deployment_name.as_deref()),
+    ];
+    for (name, value) in attribution {
+        if let Some(value) = value.filter(|v| !v.is_empty()) {
+            env.set_plain(name, value);
+        }
     }
     env
+}
+
+/// What the agent's own settings impose on every run (`no_cloud_logs`).
+pub fn fixed_env(no_cloud_logs: bool) -> Env {
+    let mut env = Env::default();
+    if no_cloud_logs {
+        env.set_plain("PREFECT_LOGGING_TO_API_ENABLED", "false");
+    }
+    env
+}
+
+/// A timestamp as Python's `datetime.isoformat()` writes it in UTC, which Prefect's
+/// worker puts in the `prefect.io/deployment-updated` label.
+fn python_isoformat(rfc3339: &str) -> Option<String> {
+    let t = chrono::DateTime::parse_from_rfc3339(rfc3339)
+        .ok()?
+        .with_timezone(&Utc);
+    let micros = t.timestamp_subsec_micros();
+    let base = t.format("%Y-%m-%dT%H:%M:%S");
+    Some(if micros == 0 {
+        format!("{base}+00:00")
+    } else {
+        format!("{base}.{micros:06}+00:00")
+    })
 }
 
 /// Objects by id through a filter call (`{<kind>: {id: {any_: [..]}}}`), one answer per
@@ -352,11 +392,23 @@ impl Backend for Prefect3 {
             )
             .await
             .unwrap_or_default();
-        let agent_id = workers
+        let worker_id = workers
             .into_iter()
             .find(|w| w.name == self.cfg.agent_name)
-            .and_then(|w| w.id)
-            .unwrap_or_else(|| format!("{}/{}", self.cfg.pool, self.cfg.agent_name));
+            .and_then(|w| w.id);
+        // For the `prefect.io/version` label; an old server without the route is no error.
+        let server_version: Option<String> = self
+            .api
+            .call(Method::GET, "/admin/version", None)
+            .await
+            .ok();
+        *self.known.write().await = Known {
+            pool_id: pool.get("id").and_then(Value::as_str).map(str::to_string),
+            worker_id: worker_id.clone(),
+            server_version,
+        };
+        let agent_id =
+            worker_id.unwrap_or_else(|| format!("{}/{}", self.cfg.pool, self.cfg.agent_name));
         Ok(Registration { agent_id, kind })
     }
 
@@ -448,50 +500,82 @@ impl Backend for Prefect3 {
         run: &FlowRun,
         no_cloud_logs: bool,
     ) -> Result<RunContext, BackendError> {
-        let deployment_vars = match &run.deployment_id {
-            Some(id) => {
-                let dep = self
-                    .deployments
+        let deployment = match &run.deployment_id {
+            Some(id) => Some(
+                self.deployments
                     .call(id.clone())
                     .await?
-                    .ok_or_else(|| not_found("deployment", id))?;
-                dep.get("job_variables")
-                    .and_then(Value::as_object)
-                    .cloned()
-                    .unwrap_or_default()
-            }
-            None => Map::new(),
+                    .ok_or_else(|| not_found("deployment", id))?,
+            ),
+            None => None,
         };
+        // Only for names in labels and variables: a flow the server cannot find is no reason
+        // to fail the run.
+        let flow = match &run.flow_id {
+            Some(id) => self.flows.call(id.clone()).await.ok().flatten(),
+            None => None,
+        };
+        let deployment_vars = deployment
+            .as_ref()
+            .and_then(|d| d.get("job_variables"))
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_default();
+        let values = Value::Object(run_values(&deployment_vars, &run.job_variables));
         let template = self.pool_template.read().await.clone();
-        let job_variables = Value::Object(merge_job_variables(
-            &template_defaults(&template),
-            &deployment_vars,
-            &run.job_variables,
-        ));
         let mut wanted = references_in(&template);
-        wanted.extend(references_in(&job_variables));
+        wanted.extend(references_in(&values));
         let references = self.fetch_references(wanted).await?;
-        // Job variables are resolved here so every deployer (and the env) sees values;
-        // the template's own references are resolved by the deployer after rendering.
-        let job_variables = match references.resolve(&job_variables) {
-            Ok(Value::Object(vars)) => vars,
-            Ok(_) => Map::new(),
-            Err(e) => return Err(BackendError::Reference(e)),
+        // Resolved here so every deployer (and the env) sees values; the job manifest's
+        // own references are resolved by the deployer after rendering.
+        let values = match references.resolve(&values)? {
+            Value::Object(vars) => vars,
+            _ => Map::new(),
         };
-        let explicit_job_variables = [&deployment_vars, &run.job_variables]
-            .into_iter()
-            .flat_map(|layer| layer.keys())
-            .map(|key| key.split('.').next().unwrap_or(key).to_string())
-            .collect();
+        let has_template = template.get("job_configuration").is_some();
+        let mut configuration = JobConfiguration::new(has_template.then_some(&*template), &values)?;
+        configuration.variables =
+            match references.resolve(&Value::Object(configuration.variables))? {
+                Value::Object(vars) => vars,
+                _ => Map::new(),
+            };
+        if let Some(env) = configuration.template.get("env") {
+            let env = references.resolve(env)?;
+            configuration.template.insert("env".into(), env);
+        }
+        let known = self.known.read().await.clone();
+        let text = |v: Option<&Value>, key: &str| {
+            v.and_then(|v| v.get(key))
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        };
+        let about = RunAbout {
+            flow_name: text(flow.as_ref(), "name"),
+            deployment_name: text(deployment.as_ref(), "name"),
+            deployment_updated: text(deployment.as_ref(), "updated")
+                .and_then(|t| python_isoformat(&t)),
+            work_pool_name: self.cfg.pool.clone(),
+            work_pool_id: known.pool_id,
+            worker_name: self.cfg.agent_name.clone(),
+            prefect_version: known.server_version,
+        };
+        let worker_env = worker_env(
+            &self.cfg.api_url,
+            &self.cfg.auth,
+            run,
+            &about,
+            known.worker_id.as_deref(),
+        );
         Ok(RunContext {
             spec: RunSpec::WorkPool {
-                job_variables,
-                explicit_job_variables,
+                configuration,
                 base_job_template: (!template.is_null()).then_some(template),
                 references,
+                about,
             },
-            default_env: BTreeMap::new(),
-            fixed_env: fixed_env(&self.cfg.api_url, &self.cfg.auth, &run.id, no_cloud_logs),
+            default_env: Env::default(),
+            worker_env,
+            fixed_env: fixed_env(no_cloud_logs),
         })
     }
 
@@ -609,30 +693,75 @@ mod tests {
     use crate::secret::SecretString;
 
     #[test]
-    fn fixed_env_carries_credentials_as_secrets() {
-        let env = fixed_env(
+    fn the_worker_s_variables_in_prefect_s_order_with_credentials_as_secrets() {
+        let run = FlowRun {
+            id: "run-1".into(),
+            name: "otter".into(),
+            flow_id: Some("f-1".into()),
+            deployment_id: None,
+            state: StateKind::Pending,
+            state_since: None,
+            state_message: None,
+            scheduled_start: None,
+            job_variables: Map::new(),
+            infrastructure_pid: None,
+        };
+        let about = RunAbout {
+            flow_name: Some("etl".into()),
+            worker_name: "w".into(),
+            ..RunAbout::default()
+        };
+        let env = worker_env(
             "http://x/api",
             &Auth::Bearer(SecretString::new("k")),
-            "run-1",
-            true,
+            &run,
+            &about,
+            Some("w-1"),
         );
         assert_eq!(
             env["PREFECT_API_KEY"],
             EnvValue::Secret(SecretString::new("k"))
         );
-        assert_eq!(env["PREFECT__FLOW_RUN_ID"], EnvValue::Plain("run-1".into()));
+        let names: Vec<&str> = env.names().collect();
         assert_eq!(
-            env["PREFECT_LOGGING_TO_API_ENABLED"],
-            EnvValue::Plain("false".into())
+            names,
+            [
+                "PREFECT_API_URL",
+                "PREFECT_API_KEY",
+                "PREFECT__FLOW_RUN_ID",
+                "PREFECT__WORKER_ID",
+                "PREFECT__WORKER_NAME",
+                "PREFECT__FLOW_ID",
+                "PREFECT__FLOW_NAME"
+            ]
         );
-        let env = fixed_env(
+        let env = worker_env(
             "http://x/api",
             &Auth::Basic(SecretString::new("u:p")),
-            "r",
-            false,
+            &run,
+            &about,
+            None,
         );
-        assert!(env.contains_key("PREFECT_API_AUTH_STRING"));
-        assert!(!env.contains_key("PREFECT_LOGGING_TO_API_ENABLED"));
+        assert!(env.contains("PREFECT_API_AUTH_STRING"));
+        assert!(!env.contains("PREFECT__WORKER_ID"));
+        assert_eq!(
+            fixed_env(true)["PREFECT_LOGGING_TO_API_ENABLED"],
+            EnvValue::Plain("false".into())
+        );
+        assert!(fixed_env(false).is_empty());
+    }
+
+    #[test]
+    fn deployment_timestamps_as_python_writes_them() {
+        assert_eq!(
+            python_isoformat("2026-11-01T10:00:00Z").as_deref(),
+            Some("2026-11-01T10:00:00+00:00")
+        );
+        assert_eq!(
+            python_isoformat("2026-11-01T12:00:00.120000+02:00").as_deref(),
+            Some("2026-11-01T10:00:00.120000+00:00")
+        );
+        assert_eq!(python_isoformat("yesterday"), None);
     }
 
     #[test]

@@ -1,23 +1,28 @@
-//! Where a Job is built: a pure function from the pool's template, the run, its
+//! Where a Job is built: a pure function from the pool's job configuration, the run, its
 //! environment and the resource's Job section to one `batch/v1` Job.
 //!
-//! Order, later wins: (1) the pool's base job template rendered with the merged job
-//! variables, as Prefect's worker renders it; (2) the resource's `job` section fills what
-//! that left unset; (3) what the operator fixes: the Job's name (from the flow-run id),
-//! namespace (the resource's `job.namespace`, else its own), identifying labels, the run's
-//! environment with credentials as `secretKeyRef`, `restartPolicy: Never`; (4) the
-//! resource's `job.podTemplate`, merged over the pod template last.
+//! As Prefect's Kubernetes worker (`KubernetesWorkerJobConfiguration.prepare_for_flow_run`)
+//! builds it, checked against its own output (tests/parity.rs): (1) the job configuration
+//! rendered with the merged job variables, where the resource's `job` settings replace the
+//! pool's defaults but not what the deployment or the run set; (2) Prefect's labels
+//! (slugified), annotations, environment (the worker's variables first, the user's in
+//! their order, `PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR` by `backoffLimit`); (3) the
+//! resource's `job` section fills what that left unset; (4) what the operator fixes:
+//! the Job's name (from the flow-run id), identifying labels, credentials as
+//! `secretKeyRef`, `restartPolicy: Never`; (5) the resource's `job.podTemplate`, last.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::borrow::Cow;
+use std::collections::BTreeMap;
 
 use k8s_openapi::api::batch::v1::Job;
 use kube::api::{DeleteParams, PropagationPolicy};
 use serde_json::{Map, Value, json};
 
-use crate::backend::{EnvValue, FlowRun};
+use crate::backend::{Env, EnvValue, FlowRun, RunAbout};
 use crate::crd::{JobSpec, PullPolicy, SecretKeyRef, SecurityProfile};
-use crate::work_pool::template::apply_values;
-use crate::work_pool::{ReferenceError, References, standard_base_job_template, template_defaults};
+use crate::scope::Scope;
+use crate::work_pool::slug::{label_key, label_value as slug_value};
+use crate::work_pool::{JobConfiguration, ReferenceError, References, standard_base_job_template};
 
 /// Image when neither Prefect nor the resource names one.
 pub const DEFAULT_IMAGE: &str = "prefecthq/prefect:3-latest";
@@ -38,20 +43,21 @@ pub struct JobInputs<'a> {
     /// The owning `PrefectAgent`'s namespace and name.
     pub agent_namespace: &'a str,
     pub agent_name: &'a str,
-    /// Merged job variables (pool defaults < deployment < run).
-    pub job_variables: &'a Map<String, Value>,
-    /// The job variables the deployment or the run set; the others are pool defaults.
-    pub explicit_job_variables: &'a BTreeSet<String>,
-    /// The run's environment after precedence (see `agent::env`).
-    pub env: &'a BTreeMap<String, EnvValue>,
-    /// The pool's `base_job_template`; empty or missing → Prefect's standard one.
-    pub base_job_template: Option<&'a Value>,
+    /// The pool's job configuration with the run's job variables (see
+    /// [`configuration_for`] for a pool without a Kubernetes template).
+    pub configuration: &'a JobConfiguration,
+    /// What the run belongs to, for Prefect's labels (none for Prefect 1 runs).
+    pub about: Option<&'a RunAbout>,
+    /// The run's environment after precedence (see `agent::env`), in order.
+    pub env: &'a Env,
     /// The resource's `job` section.
     pub defaults: &'a JobSpec,
     /// Where the credential in `env` comes from.
     pub secret: Option<&'a SecretKeyRef>,
     /// Prefect variables and blocks the template refers to.
     pub references: &'a References,
+    /// Where the operator may put Jobs (`--job-namespaces`).
+    pub scope: &'a Scope,
 }
 
 /// Why no Job could be built: worded for the run's CRASHED message.
@@ -65,6 +71,8 @@ pub enum JobBuildError {
     Invalid(String),
     #[error("the run's environment holds a credential but the resource names no Secret for it")]
     NoSecret,
+    #[error("{0}")]
+    Namespace(String),
 }
 
 /// The Job's name: one per flow run, so a second create is `AlreadyExists`.
@@ -80,45 +88,82 @@ pub fn in_background() -> DeleteParams {
     }
 }
 
+/// The configuration a Job is rendered from: the pool's, or for a pool without a
+/// template (`{}`, or none) Prefect's standard Kubernetes one with the run's values.
+pub fn configuration_for<'a>(
+    configuration: &'a JobConfiguration,
+    base_job_template: Option<&Value>,
+) -> Result<Cow<'a, JobConfiguration>, JobBuildError> {
+    if configuration.template.contains_key("job_manifest") {
+        return Ok(Cow::Borrowed(configuration));
+    }
+    let none = base_job_template.is_none_or(|t| t.as_object().is_none_or(Map::is_empty));
+    if !none {
+        return Err(JobBuildError::NoManifest);
+    }
+    // Without a template the configuration's variables are the run's values.
+    JobConfiguration::new(Some(standard_base_job_template()), &configuration.variables)
+        .map(Cow::Owned)
+        .map_err(|e| JobBuildError::Invalid(e.to_string()))
+}
+
 /// Builds the Job for one flow run.
 pub fn build_job(input: &JobInputs<'_>) -> Result<Job, JobBuildError> {
-    // The backend merged the pool's own defaults into the job variables; only the
-    // standard template, used when the pool has none, brings defaults of its own.
-    let (template, mut values) = match input.base_job_template {
-        Some(t) if t.pointer("/job_configuration/job_manifest").is_some() => {
-            (t, input.job_variables.clone())
-        }
-        Some(t) if t.as_object().is_some_and(|o| !o.is_empty()) => {
-            return Err(JobBuildError::NoManifest);
-        }
-        _ => {
-            let standard = standard_base_job_template();
-            let mut values = template_defaults(standard);
-            values.extend(input.job_variables.clone());
-            (standard, values)
-        }
-    };
-    let manifest = template
-        .pointer("/job_configuration/job_manifest")
-        .filter(|m| m.is_object())
-        .ok_or(JobBuildError::NoManifest)?;
-
+    let configuration = input.configuration;
     // The resource's settings beat the pool's defaults, not the deployment's or the run's.
-    for (name, value) in resource_variables(input.defaults) {
-        if !input.explicit_job_variables.contains(name) {
-            values.insert(name.to_string(), value);
+    let mut rendering = configuration.clone();
+    for (name, value) in resource_variables(input.defaults, input.agent_namespace) {
+        if !configuration.explicit.contains(name) {
+            rendering.variables.insert(name.to_string(), value);
         }
     }
-    // The environment is set whole in step 3; rendering only needs it out of the way.
-    values.remove("env");
-    let job = apply_values(manifest, &values, &|name| std::env::var(name).ok())
-        .unwrap_or_else(|| json!({}));
+    let rendered = rendering.render(&|name| std::env::var(name).ok());
     // Prefect resolves blocks and variables after rendering.
-    let mut job = input.references.resolve(&job)?;
-    split_string_commands(&mut job);
+    let rendered = match input.references.resolve(&Value::Object(rendered))? {
+        Value::Object(map) => map,
+        _ => Map::new(),
+    };
+    let mut manifest = rendered
+        .get("job_manifest")
+        .filter(|m| m.is_object())
+        .cloned()
+        .ok_or(JobBuildError::NoManifest)?;
+    // As Prefect's: the configuration's namespace when the manifest names none; without
+    // one either, the resource's (where Prefect would use `default`).
+    if manifest.pointer("/metadata/namespace").is_none() {
+        let namespace = rendered.get("namespace").cloned().unwrap_or_else(|| {
+            json!(
+                input
+                    .defaults
+                    .namespace
+                    .as_deref()
+                    .unwrap_or(input.agent_namespace)
+            )
+        });
+        manifest["metadata"]["namespace"] = namespace;
+    }
+    // `{{ env }}` renders an object; the environment is set whole below.
+    if let Some(c) = manifest.pointer_mut("/spec/template/spec/containers/0")
+        && c.get("env").is_some_and(|e| !e.is_array())
+        && let Some(c) = c.as_object_mut()
+    {
+        c.shift_remove("env");
+    }
+    split_string_commands(&mut manifest);
     let mut job: Job =
-        serde_json::from_value(job).map_err(|e| JobBuildError::Invalid(e.to_string()))?;
+        serde_json::from_value(manifest).map_err(|e| JobBuildError::Invalid(e.to_string()))?;
 
+    let prefect_labels = prefect_labels(input.run, input.about, rendered.get("labels"));
+    let annotations = rendered
+        .get("annotations")
+        .and_then(Value::as_object)
+        .map(|a| {
+            a.iter()
+                .map(|(k, v)| (k.clone(), text(v)))
+                .collect::<BTreeMap<_, _>>()
+        })
+        .unwrap_or_default();
+    label_like_prefect(&mut job, &prefect_labels, &annotations);
     fill_from_resource(&mut job, input.defaults);
     fix_identity(&mut job, input)?;
     if input.defaults.security_profile == Some(SecurityProfile::Restricted) {
@@ -134,6 +179,112 @@ pub fn build_job(input: &JobInputs<'_>) -> Result<Job, JobBuildError> {
     }
     serde_json::from_value(value)
         .map_err(|e| JobBuildError::Invalid(format!("after podTemplate: {e}")))
+}
+
+/// A label or annotation value as Python's `str()` gives it.
+fn text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Bool(true) => "True".into(),
+        Value::Bool(false) => "False".into(),
+        Value::Null => "None".into(),
+        other => other.to_string(),
+    }
+}
+
+/// The labels Prefect's worker gives a run's Job, before slugifying: its own about the
+/// run, pool, worker, flow and deployment, then the configuration's `labels`.
+fn prefect_labels(
+    run: &FlowRun,
+    about: Option<&RunAbout>,
+    configured: Option<&Value>,
+) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    let mut set = |k: &str, v: &str| match out.iter_mut().find(|(key, _)| key == k) {
+        Some(slot) => slot.1 = v.to_string(),
+        None => out.push((k.to_string(), v.to_string())),
+    };
+    if let Some(about) = about {
+        let version = about.prefect_version.as_deref().unwrap_or_default();
+        let version = version.split('+').next().unwrap_or_default();
+        set(labels::FLOW_RUN_ID, &run.id);
+        set("prefect.io/flow-run-name", &run.name);
+        if !version.is_empty() {
+            set("prefect.io/version", version);
+        }
+        set(labels::MANAGED_BY, "prefect");
+        set("app.kubernetes.io/part-of", "prefect");
+        if !version.is_empty() {
+            set("app.kubernetes.io/version", version);
+        }
+        set("prefect.io/work-pool-name", &about.work_pool_name);
+        if let Some(id) = &about.work_pool_id {
+            set("prefect.io/work-pool-id", id);
+        }
+        set("prefect.io/worker-name", &about.worker_name);
+        if let (Some(id), Some(name)) = (&run.flow_id, &about.flow_name) {
+            set(labels::FLOW_ID, id);
+            set("prefect.io/flow-name", name);
+            set("app.kubernetes.io/name", name);
+        }
+        if let (Some(id), Some(name)) = (&run.deployment_id, &about.deployment_name) {
+            set(labels::DEPLOYMENT_ID, id);
+            set("prefect.io/deployment-name", name);
+            if let Some(updated) = &about.deployment_updated {
+                set("prefect.io/deployment-updated", updated);
+            }
+            set("app.kubernetes.io/name", name);
+        }
+    }
+    if let Some(configured) = configured.and_then(Value::as_object) {
+        for (k, v) in configured {
+            set(k, &text(v));
+        }
+    }
+    out
+}
+
+/// Prefect's `_slugify_labels`, `_slugify_annotations` and their propagation to the pod:
+/// the Job gets its template's labels with Prefect's over them, the pod its own with
+/// Prefect's over them; annotation keys are slugified, values kept.
+fn label_like_prefect(
+    job: &mut Job,
+    prefect: &[(String, String)],
+    annotations: &BTreeMap<String, String>,
+) {
+    let slug = |k: &str, v: &str| (label_key(k), slug_value(v));
+    let meta = &mut job.metadata;
+    let mut job_labels: Vec<(String, String)> =
+        meta.labels.take().unwrap_or_default().into_iter().collect();
+    job_labels.extend(prefect.iter().cloned());
+    meta.labels = Some(job_labels.iter().map(|(k, v)| slug(k, v)).collect());
+    let mut merged: BTreeMap<String, String> = BTreeMap::new();
+    for (k, v) in meta
+        .annotations
+        .take()
+        .unwrap_or_default()
+        .into_iter()
+        .chain(annotations.clone())
+    {
+        merged.insert(label_key(&k), v);
+    }
+    meta.annotations = (!merged.is_empty()).then(|| merged.clone());
+    let spec = job.spec.get_or_insert_with(Default::default);
+    let pod_meta = spec.template.metadata.get_or_insert_with(Default::default);
+    let mut pod_labels: Vec<(String, String)> = pod_meta
+        .labels
+        .take()
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    pod_labels.extend(prefect.iter().cloned());
+    pod_meta.labels = Some(pod_labels.iter().map(|(k, v)| slug(k, v)).collect());
+    if !merged.is_empty() {
+        pod_meta
+            .annotations
+            .get_or_insert_with(Default::default)
+            .extend(merged);
+    }
 }
 
 /// The user pods of the `restricted` profile run as when the template does not say.
@@ -234,9 +385,11 @@ fn split_string_commands(job: &mut Value) {
     }
 }
 
-/// The resource's `job` settings under the standard template's variable names.
-fn resource_variables(d: &JobSpec) -> Vec<(&'static str, Value)> {
-    let mut out = Vec::new();
+/// The resource's `job` settings under the standard template's variable names; the
+/// namespace is always the resource's (its `job.namespace` or its own).
+fn resource_variables(d: &JobSpec, agent_namespace: &str) -> Vec<(&'static str, Value)> {
+    let namespace = d.namespace.as_deref().unwrap_or(agent_namespace);
+    let mut out = vec![("namespace", json!(namespace))];
     if let Some(image) = &d.image {
         out.push(("image", json!(image)));
     }
@@ -265,14 +418,15 @@ fn pull_policy(p: PullPolicy) -> &'static str {
 
 fn fill_from_resource(job: &mut Job, d: &JobSpec) {
     let spec = job.spec.get_or_insert_with(Default::default);
+    // Unset stays unset, as with Prefect's worker (Kubernetes' backoffLimit is then 6).
     if spec.backoff_limit.is_none() {
-        spec.backoff_limit = Some(d.backoff_limit.unwrap_or(0));
+        spec.backoff_limit = d.backoff_limit;
     }
     if spec.active_deadline_seconds.is_none() {
         spec.active_deadline_seconds = d.active_deadline_seconds;
     }
     if spec.ttl_seconds_after_finished.is_none() {
-        spec.ttl_seconds_after_finished = Some(d.ttl_seconds_after_finished.unwrap_or(3600));
+        spec.ttl_seconds_after_finished = d.ttl_seconds_after_finished;
     }
     let pod = spec.template.spec.get_or_insert_with(Default::default);
     if pod.service_account_name.is_none() {
@@ -320,18 +474,21 @@ fn fill_from_resource(job: &mut Job, d: &JobSpec) {
                 .to_vec(),
         );
     }
-    let meta = &mut job.metadata;
-    for (k, v) in &d.labels {
-        meta.labels
-            .get_or_insert_with(Default::default)
-            .entry(k.clone())
-            .or_insert(v.clone());
-    }
-    for (k, v) in &d.annotations {
-        meta.annotations
-            .get_or_insert_with(Default::default)
-            .entry(k.clone())
-            .or_insert(v.clone());
+    // The resource's labels and annotations go on the Job and its pod.
+    let pod_meta = spec.template.metadata.get_or_insert_with(Default::default);
+    for meta in [&mut job.metadata, pod_meta] {
+        for (k, v) in &d.labels {
+            meta.labels
+                .get_or_insert_with(Default::default)
+                .entry(k.clone())
+                .or_insert(v.clone());
+        }
+        for (k, v) in &d.annotations {
+            meta.annotations
+                .get_or_insert_with(Default::default)
+                .entry(k.clone())
+                .or_insert(v.clone());
+        }
     }
 }
 
@@ -360,11 +517,22 @@ pub fn label_value(raw: &str) -> String {
 
 fn fix_identity(job: &mut Job, input: &JobInputs<'_>) -> Result<(), JobBuildError> {
     let run = input.run;
-    let namespace = input
+    let default_namespace = input
         .defaults
         .namespace
+        .as_deref()
+        .unwrap_or(input.agent_namespace);
+    let namespace = job
+        .metadata
+        .namespace
         .clone()
-        .unwrap_or_else(|| input.agent_namespace.to_string());
+        .unwrap_or_else(|| default_namespace.to_string());
+    if namespace != default_namespace {
+        input
+            .scope
+            .run_namespace(input.agent_namespace, &namespace)
+            .map_err(JobBuildError::Namespace)?;
+    }
     let mut ours = BTreeMap::from([
         (labels::FLOW_RUN_ID.to_string(), label_value(&run.id)),
         (
@@ -383,25 +551,19 @@ fn fix_identity(job: &mut Job, input: &JobInputs<'_>) -> Result<(), JobBuildErro
     meta.name = Some(job_name(&run.id));
     meta.generate_name = None;
     meta.namespace = Some(namespace);
-    let job_labels = meta.labels.get_or_insert_with(Default::default);
-    job_labels.extend(ours.clone());
-    let all_labels = job_labels.clone();
-    let annotations = meta.annotations.clone();
+    meta.labels
+        .get_or_insert_with(Default::default)
+        .extend(ours.clone());
     let spec = job.spec.get_or_insert_with(Default::default);
-    let template_meta = spec.template.metadata.get_or_insert_with(Default::default);
-    template_meta
+    spec.template
+        .metadata
+        .get_or_insert_with(Default::default)
         .labels
         .get_or_insert_with(Default::default)
-        .extend(all_labels);
-    if let Some(a) = annotations {
-        template_meta
-            .annotations
-            .get_or_insert_with(Default::default)
-            .extend(a);
-    }
+        .extend(ours);
+    let backoff = spec.backoff_limit;
     let pod = spec.template.spec.get_or_insert_with(Default::default);
     pod.restart_policy = Some("Never".into());
-    let backoff = spec.backoff_limit.unwrap_or(0);
     let container = &mut pod.containers[0];
     container.env = Some(env_list(
         input.env,
@@ -412,27 +574,53 @@ fn fix_identity(job: &mut Job, input: &JobInputs<'_>) -> Result<(), JobBuildErro
     Ok(())
 }
 
-/// The container's env: the run's environment first (credentials by `secretKeyRef`),
+/// Prefect's eviction handling: with no pod retries (`backoffLimit: 0`) the run is
+/// rescheduled on SIGTERM unless the user chose otherwise; else Kubernetes owns retries
+/// and the run is relinquished.
+fn eviction_handling(env: &Env, backoff_limit: Option<i32>) -> Cow<'_, Env> {
+    const SIGTERM: &str = "PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR";
+    let mut env = Cow::Borrowed(env);
+    if backoff_limit == Some(0) {
+        let chosen = matches!(env.get(SIGTERM), Some(EnvValue::Plain(v)) if !v.is_empty())
+            || matches!(
+                env.get(SIGTERM),
+                Some(EnvValue::Secret(_) | EnvValue::From(_))
+            );
+        if !chosen {
+            env.to_mut().set_plain(SIGTERM, "reschedule");
+        }
+    } else if env.iter().any(|(_, v)| matches!(v, EnvValue::From(_))) {
+        // A list-style env (Prefect keeps it a list when it holds `valueFrom`): moved last.
+        env.to_mut()
+            .push(SIGTERM, EnvValue::Plain("relinquish".into()));
+    } else {
+        env.to_mut().set_plain(SIGTERM, "relinquish");
+    }
+    env
+}
+
+/// The container's env: the run's environment in order (credentials by `secretKeyRef`),
 /// then template entries with other names, as Prefect's worker orders them.
 fn env_list(
-    env: &BTreeMap<String, EnvValue>,
+    env: &Env,
     template: Vec<k8s_openapi::api::core::v1::EnvVar>,
     secret: Option<&SecretKeyRef>,
-    backoff_limit: i32,
+    backoff_limit: Option<i32>,
 ) -> Result<Vec<k8s_openapi::api::core::v1::EnvVar>, JobBuildError> {
     use k8s_openapi::api::core::v1::{EnvVar, EnvVarSource, SecretKeySelector};
-    let mut out = Vec::with_capacity(env.len() + template.len() + 1);
-    for (name, value) in env {
+    let env = eviction_handling(env, backoff_limit);
+    let mut out = Vec::with_capacity(env.len() + template.len());
+    for (name, value) in env.iter() {
         out.push(match value {
             EnvValue::Plain(v) => EnvVar {
-                name: name.clone(),
+                name: name.to_string(),
                 value: Some(v.clone()),
                 value_from: None,
             },
             EnvValue::Secret(_) => {
                 let secret = secret.ok_or(JobBuildError::NoSecret)?;
                 EnvVar {
-                    name: name.clone(),
+                    name: name.to_string(),
                     value: None,
                     value_from: Some(EnvVarSource {
                         secret_key_ref: Some(SecretKeySelector {
@@ -444,22 +632,13 @@ fn env_list(
                     }),
                 }
             }
-        });
-    }
-    // Evicted pods: with no pod retries Prefect reschedules the run, else Kubernetes owns retries.
-    const SIGTERM: &str = "PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR";
-    if backoff_limit != 0 {
-        out.retain(|e| e.name != SIGTERM);
-        out.push(EnvVar {
-            name: SIGTERM.into(),
-            value: Some("relinquish".into()),
-            value_from: None,
-        });
-    } else if !env.contains_key(SIGTERM) {
-        out.push(EnvVar {
-            name: SIGTERM.into(),
-            value: Some("reschedule".into()),
-            value_from: None,
+            EnvValue::From(source) => EnvVar {
+                name: name.to_string(),
+                value: None,
+                value_from: Some(serde_json::from_value(source.clone()).map_err(|e| {
+                    JobBuildError::Invalid(format!("env `{name}`: valueFrom: {e}"))
+                })?),
+            },
         });
     }
     for e in template {
@@ -528,18 +707,20 @@ mod tests {
         }
     }
 
-    fn env() -> BTreeMap<String, EnvValue> {
-        BTreeMap::from([
+    fn env() -> Env {
+        [
             (
-                "PREFECT_API_URL".into(),
+                "PREFECT_API_URL",
                 EnvValue::Plain("http://prefect/api".into()),
             ),
             (
-                "PREFECT_API_KEY".into(),
+                "PREFECT_API_KEY",
                 EnvValue::Secret(SecretString::new("pnu_secret")),
             ),
-            ("A".into(), EnvValue::Plain("1".into())),
-        ])
+            ("A", EnvValue::Plain("1".into())),
+        ]
+        .into_iter()
+        .collect()
     }
 
     fn secret() -> SecretKeyRef {
@@ -549,32 +730,54 @@ mod tests {
         }
     }
 
-    fn build(
-        vars: Value,
+    /// Builds the Job of `values` (the deployment's and run's job variables) in a pool
+    /// with `template` (none: the standard one).
+    fn build_in(
+        values: Value,
         defaults: JobSpec,
         template: Option<&Value>,
+        references: &References,
+        scope: &Scope,
     ) -> Result<Job, JobBuildError> {
         let run = run();
         let env = env();
         let secret = secret();
+        let with_config = template.filter(|t| t.get("job_configuration").is_some());
+        let configuration =
+            JobConfiguration::new(with_config, values.as_object().unwrap()).unwrap();
+        let configuration = configuration_for(&configuration, template)?;
         build_job(&JobInputs {
             run: &run,
             agent_namespace: "data",
             agent_name: "etl",
-            job_variables: vars.as_object().unwrap(),
-            explicit_job_variables: &vars.as_object().unwrap().keys().cloned().collect(),
+            configuration: &configuration,
+            about: None,
             env: &env,
-            base_job_template: template,
             defaults: &defaults,
             secret: Some(&secret),
-            references: &Default::default(),
+            references,
+            scope,
         })
+    }
+
+    fn build(
+        values: Value,
+        defaults: JobSpec,
+        template: Option<&Value>,
+    ) -> Result<Job, JobBuildError> {
+        build_in(
+            values,
+            defaults,
+            template,
+            &References::default(),
+            &Scope::default(),
+        )
     }
 
     #[test]
     fn the_reference_example_with_the_standard_template() {
-        let vars = json!({"image": "repo/etl:2", "cpu_request": "500m", "namespace": "elsewhere",
-                          "backoff_limit": 2, "env": {"A": "1", "B": "2"}});
+        let vars = json!({"image": "repo/etl:2", "cpu_request": "500m",
+                          "backoff_limit": 2, "env": {"B": "2", "A": "1"}});
         let job = build(vars, JobSpec::default(), None).unwrap();
         let v = serde_json::to_value(&job).unwrap();
         assert_eq!(
@@ -584,12 +787,12 @@ mod tests {
         assert!(v["metadata"].get("generateName").is_none());
         assert_eq!(
             v["metadata"]["namespace"], "data",
-            "Jobs stay in the resource's namespace"
+            "the resource's namespace replaces the pool's default"
         );
         assert_eq!(v["spec"]["backoffLimit"], 2);
-        assert_eq!(
-            v["spec"]["ttlSecondsAfterFinished"], 3600,
-            "unset by Prefect → the resource's default"
+        assert!(
+            v["spec"].get("ttlSecondsAfterFinished").is_none(),
+            "unset by Prefect and the resource: unset"
         );
         let c = &v["spec"]["template"]["spec"]["containers"][0];
         assert_eq!(c["name"], "prefect-job");
@@ -610,11 +813,12 @@ mod tests {
         assert_eq!(
             names,
             [
-                "A",
-                "PREFECT_API_KEY",
                 "PREFECT_API_URL",
+                "PREFECT_API_KEY",
+                "A",
                 "PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR"
-            ]
+            ],
+            "the environment in its order, not sorted"
         );
         let sigterm = &c["env"][3]["value"];
         assert_eq!(
@@ -632,6 +836,48 @@ mod tests {
             v["metadata"]["labels"], *labels,
             "Job and pod carry the same labels"
         );
+    }
+
+    /// The `namespace` job variable is followed where the operator allows it, and refused
+    /// by name elsewhere.
+    #[test]
+    fn a_run_s_namespace_needs_the_operator_s_leave() {
+        let vars = json!({"namespace": "elsewhere"});
+        let err = build(vars.clone(), JobSpec::default(), None).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("`elsewhere`") && text.contains("--job-namespaces"),
+            "{text}"
+        );
+        let scope = Scope {
+            job_namespaces: crate::scope::JobNamespaces::from_list(&["elsewhere".into()]),
+            ..Scope::default()
+        };
+        let job = build_in(
+            vars,
+            JobSpec::default(),
+            None,
+            &References::default(),
+            &scope,
+        )
+        .unwrap();
+        assert_eq!(job.metadata.namespace.as_deref(), Some("elsewhere"));
+        // The pool's default namespace (`default`) is not the run's choice: the resource's wins.
+        let job = build(json!({}), JobSpec::default(), None).unwrap();
+        assert_eq!(job.metadata.namespace.as_deref(), Some("data"));
+    }
+
+    /// As prefect-kubernetes' `_slugify_labels`: names Kubernetes would refuse are made valid.
+    #[test]
+    fn labels_and_annotation_keys_are_slugified() {
+        let vars = json!({"labels": {"Team Name": "Data Team"},
+                          "annotations": {"My Key": "any value: kept!"}});
+        let v = serde_json::to_value(build(vars, JobSpec::default(), None).unwrap()).unwrap();
+        assert_eq!(v["metadata"]["labels"]["Team-Name"], "Data-Team");
+        assert_eq!(v["metadata"]["annotations"]["My-Key"], "any value: kept!");
+        let pod = &v["spec"]["template"]["metadata"];
+        assert_eq!(pod["labels"]["Team-Name"], "Data-Team");
+        assert_eq!(pod["annotations"]["My-Key"], "any value: kept!");
     }
 
     #[test]
@@ -653,17 +899,19 @@ mod tests {
         );
         let run = run();
         let env = env();
+        let configuration = JobConfiguration::new(None, &Map::new()).unwrap();
+        let configuration = configuration_for(&configuration, None).unwrap();
         let err = build_job(&JobInputs {
             run: &run,
             agent_namespace: "data",
             agent_name: "etl",
-            job_variables: &Map::new(),
-            explicit_job_variables: &BTreeSet::new(),
+            configuration: &configuration,
+            about: None,
             env: &env,
-            base_job_template: None,
             defaults: &JobSpec::default(),
             secret: None,
             references: &Default::default(),
+            scope: &Scope::default(),
         })
         .unwrap_err();
         assert_eq!(err, JobBuildError::NoSecret);
@@ -800,26 +1048,8 @@ mod tests {
         ] {
             pool["variables"]["properties"][var]["default"] = default;
         }
-        let pool_defaults = template_defaults(&pool);
         let picked = |explicit: Map<String, Value>| {
-            let mut vars = pool_defaults.clone();
-            vars.extend(explicit.clone());
-            let run = run();
-            let env = env();
-            let secret = secret();
-            let job = build_job(&JobInputs {
-                run: &run,
-                agent_namespace: "data",
-                agent_name: "etl",
-                job_variables: &vars,
-                explicit_job_variables: &explicit.keys().cloned().collect(),
-                env: &env,
-                base_job_template: Some(&pool),
-                defaults: &defaults,
-                secret: Some(&secret),
-                references: &Default::default(),
-            })
-            .unwrap();
+            let job = build(Value::Object(explicit), defaults.clone(), Some(&pool)).unwrap();
             let v = serde_json::to_value(&job).unwrap();
             let pod = &v["spec"]["template"]["spec"];
             json!([
@@ -869,9 +1099,6 @@ mod tests {
 
     #[test]
     fn prefect_variables_and_blocks_resolve_after_rendering() {
-        let run = run();
-        let env = env();
-        let secret = secret();
         let vars = json!({"image": "{{ prefect.variables.etl_image }}"});
         let mut template = standard_base_job_template().clone();
         template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["nodeSelector"] =
@@ -890,18 +1117,13 @@ mod tests {
             )]
             .into(),
         };
-        let job = build_job(&JobInputs {
-            run: &run,
-            agent_namespace: "data",
-            agent_name: "etl",
-            job_variables: vars.as_object().unwrap(),
-            explicit_job_variables: &BTreeSet::from(["image".to_string()]),
-            env: &env,
-            base_job_template: Some(&template),
-            defaults: &JobSpec::default(),
-            secret: Some(&secret),
-            references: &references,
-        })
+        let job = build_in(
+            vars,
+            JobSpec::default(),
+            Some(&template),
+            &references,
+            &Scope::default(),
+        )
         .unwrap();
         let pod = job.spec.unwrap().template.spec.unwrap();
         assert_eq!(pod.containers[0].image.as_deref(), Some("repo/etl:7"));

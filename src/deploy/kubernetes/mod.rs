@@ -5,7 +5,6 @@ pub mod observe;
 pub mod run_config;
 
 use std::borrow::Cow;
-use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use k8s_openapi::api::batch::v1::Job;
@@ -14,9 +13,11 @@ use kube::{Api, Client, ResourceExt};
 use serde_json::Map;
 
 use super::{DeployError, Deployer, Launch, Launched, Stopped};
-use crate::backend::{EnvValue, FlowRun, References, RunSpec};
+use crate::backend::{FlowRun, References, RunSpec};
 use crate::crd::{JobSpec, SecretKeyRef};
-use job::{JobInputs, agent_label, build_job, in_background, job_name};
+use crate::scope::Scope;
+use crate::work_pool::JobConfiguration;
+use job::{JobInputs, agent_label, build_job, configuration_for, in_background, job_name};
 use observe::JobObserver;
 use run_config::kubernetes_run;
 
@@ -31,9 +32,13 @@ pub struct KubernetesDeployer {
     pub secret: Option<SecretKeyRef>,
     /// Most unfinished Jobs at once (`spec.concurrencyLimit`).
     pub concurrency_limit: Option<u32>,
+    /// Where the operator may put Jobs: a run's `namespace` job variable is followed
+    /// only there.
+    pub scope: Scope,
 }
 
 impl KubernetesDeployer {
+    /// Where this resource's Jobs go unless a run's job variables say otherwise.
     fn namespace(&self) -> String {
         self.defaults
             .namespace
@@ -41,69 +46,65 @@ impl KubernetesDeployer {
             .unwrap_or_else(|| self.agent_namespace.clone())
     }
 
-    fn jobs(&self) -> Api<Job> {
-        Api::namespaced(self.client.clone(), &self.namespace())
+    fn jobs(&self, namespace: &str) -> Api<Job> {
+        Api::namespaced(self.client.clone(), namespace)
     }
 
-    /// What Prefect stores as `infrastructure_pid`.
-    fn infra_id(&self, run_id: &str) -> String {
-        format!("{}:{}", self.namespace(), job_name(run_id))
+    /// The namespace of a run's Job by what Prefect recorded (`namespace:name`), if it is
+    /// one this resource may use.
+    fn recorded_namespace(&self, run: &FlowRun) -> Option<String> {
+        let (ns, name) = run.infrastructure_pid.as_deref()?.split_once(':')?;
+        let allowed =
+            ns == self.namespace() || self.scope.run_namespace(&self.agent_namespace, ns).is_ok();
+        (name == job_name(&run.id) && allowed).then(|| ns.to_string())
     }
 
-    /// The run's Job: a work pool's template rendered, or a Prefect 1 run_config's Job
-    /// (a template without variables).
+    /// The run's Job: a work pool's configuration rendered, or a Prefect 1 run_config's
+    /// Job (a template without variables).
     fn job(&self, launch: &Launch) -> Result<Job, DeployError> {
-        let (no_variables, nothing_explicit, no_references) =
-            (Map::new(), BTreeSet::new(), References::default());
-        let from_run_config;
+        let build = |e: job::JobBuildError| DeployError::Build(e.to_string());
+        let no_references = References::default();
         let mut env = Cow::Borrowed(&launch.env);
-        let (job_variables, explicit_job_variables, base_job_template, references) =
-            match &launch.spec {
-                RunSpec::WorkPool {
-                    job_variables,
-                    explicit_job_variables,
-                    base_job_template,
-                    references,
-                } => (
-                    job_variables,
-                    explicit_job_variables,
-                    base_job_template.as_deref(),
-                    references,
-                ),
-                RunSpec::Prefect1 {
-                    run_config,
-                    flow,
-                    labels,
-                } => {
-                    from_run_config =
-                        kubernetes_run(run_config, flow, labels, self.defaults.image.as_deref())
-                            .map_err(|e| DeployError::Build(e.to_string()))?;
-                    // The 1.4 agent tells the flow which image it runs in.
-                    env.to_mut().insert(
-                        "PREFECT__CONTEXT__IMAGE".into(),
-                        EnvValue::Plain(from_run_config.image.clone()),
-                    );
-                    (
-                        &no_variables,
-                        &nothing_explicit,
-                        Some(&from_run_config.base_job_template),
-                        &no_references,
-                    )
-                }
-            };
+        let (configuration, about, references) = match &launch.spec {
+            RunSpec::WorkPool {
+                configuration,
+                base_job_template,
+                references,
+                about,
+            } => (
+                configuration_for(configuration, base_job_template.as_deref()).map_err(build)?,
+                Some(about),
+                references,
+            ),
+            RunSpec::Prefect1 {
+                run_config,
+                flow,
+                labels,
+            } => {
+                let job = kubernetes_run(run_config, flow, labels, self.defaults.image.as_deref())
+                    .map_err(|e| DeployError::Build(e.to_string()))?;
+                // The 1.4 agent tells the flow which image it runs in.
+                env.to_mut()
+                    .set_plain("PREFECT__CONTEXT__IMAGE", job.image.clone());
+                let configuration =
+                    JobConfiguration::new(Some(&job.base_job_template), &Map::new())
+                        .map_err(|e| DeployError::Build(e.to_string()))?;
+                (Cow::Owned(configuration), None, &no_references)
+            }
+        };
         build_job(&JobInputs {
             run: &launch.run,
             agent_namespace: &self.agent_namespace,
             agent_name: &self.agent_name,
-            job_variables,
-            explicit_job_variables,
+            configuration: &configuration,
+            about,
             env: &env,
-            base_job_template,
             defaults: &self.defaults,
             secret: self.secret.as_ref(),
             references,
+            scope: &self.scope,
         })
-        .map_err(|e| DeployError::Build(e.to_string()))
+        .map_err(build)
     }
 }
 
@@ -120,25 +121,30 @@ impl Deployer for KubernetesDeployer {
     async fn deploy(&self, launch: Launch) -> Result<Launched, DeployError> {
         let job = self.job(&launch)?;
         let name = job_name(&launch.run.id);
-        let exit = self.observer.wait_for(&self.namespace(), &name);
+        let namespace = job.namespace().unwrap_or_else(|| self.namespace());
+        let exit = self.observer.wait_for(&namespace, &name);
         // Counted from now on, not from when the watch sees it: the limit holds under bursts.
         let agent = agent_label(&self.agent_namespace, &self.agent_name);
         self.observer
-            .launched(&agent, &format!("{}/{name}", self.namespace()));
-        match self.jobs().create(&PostParams::default(), &job).await {
+            .launched(&agent, &format!("{namespace}/{name}"));
+        match self
+            .jobs(&namespace)
+            .create(&PostParams::default(), &job)
+            .await
+        {
             Ok(_) => {}
             // The name is the run's: this run was launched before (a retry, a restart).
             Err(kube::Error::Api(e)) if e.code == 409 => {
                 tracing::info!(job = %name, "Job already exists; adopting it");
             }
             Err(e) => {
-                self.observer.not_launched(&agent, &self.namespace(), &name);
+                self.observer.not_launched(&agent, &namespace, &name);
                 return Err(create_error(e));
             }
         }
         Ok(Launched {
-            infra_id: self.infra_id(&launch.run.id),
-            description: format!("Job {}/{name}", self.namespace()),
+            infra_id: format!("{namespace}:{name}"),
+            description: format!("Job {namespace}/{name}"),
             exit: Some(exit),
         })
     }
@@ -152,18 +158,23 @@ impl Deployer for KubernetesDeployer {
     }
 
     async fn find(&self, run: &FlowRun) -> Option<String> {
-        let found = self.jobs().get_opt(&job_name(&run.id)).await.ok()??;
-        found.metadata.name.map(|_| self.infra_id(&run.id))
+        // A Job in another namespace is found by the create's AlreadyExists instead.
+        let namespace = self.namespace();
+        let name = job_name(&run.id);
+        let found = self.jobs(&namespace).get_opt(&name).await.ok()??;
+        found.metadata.name.map(|_| format!("{namespace}:{name}"))
     }
 
     async fn stop(&self, run: &FlowRun) -> Result<Stopped, DeployError> {
-        if let Some(pid) = &run.infrastructure_pid
-            && *pid != self.infra_id(&run.id)
-        {
-            return Ok(Stopped::NotMine);
-        }
+        let namespace = match &run.infrastructure_pid {
+            None => self.namespace(),
+            Some(_) => match self.recorded_namespace(run) {
+                Some(ns) => ns,
+                None => return Ok(Stopped::NotMine),
+            },
+        };
         match self
-            .jobs()
+            .jobs(&namespace)
             .delete(&job_name(&run.id), &in_background())
             .await
         {

@@ -188,6 +188,10 @@ pub fn kubernetes_run(
     if !run_labels.is_empty() {
         job["metadata"]["annotations"]["prefect.io/run-labels"] = json!(run_labels.join(","));
     }
+    // 1.4 creates the Job in the agent's namespace, whatever the template says.
+    if let Some(meta) = job.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.shift_remove("namespace");
+    }
 
     Ok(RunConfigJob {
         base_job_template: json!({
