@@ -159,8 +159,13 @@ async fn run_operator(args: OperatorArgs) -> Result<(), CliError> {
     let run_token = shutdown.child_token();
     let mut renewer = None;
     if args.leader_elect {
-        let identity = std::env::var("POD_NAME")
-            .unwrap_or_else(|_| format!("{}-{}", hostname(), std::process::id()));
+        let identity = std::env::var("POD_NAME").unwrap_or_else(|_| {
+            format!(
+                "{}-{}",
+                crate::deploy::process::host_name(),
+                std::process::id()
+            )
+        });
         let cfg = LeaderConfig::new(
             args.leader_election_namespace.clone(),
             args.leader_election_id.clone(),
@@ -221,12 +226,6 @@ async fn watch_api(client: kube::Client, readiness: Arc<Readiness>, stop: Cancel
             tracing::warn!(reachable = ok, "Kubernetes API reachability changed");
         }
     }
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "operator".into())
 }
 
 async fn run_dev_runner(args: DevRunnerArgs) -> Result<(), CliError> {

@@ -155,6 +155,15 @@ pub struct AgentArgs {
     /// Falls back to PREFECT__CLOUD__AGENT__NAME, then "agent".
     #[arg(long, short = 'n', help_heading = "Agent (the seed's arguments)")]
     pub name: Option<String>,
+    /// Who this agent is in its claims: restarted with the same id it adopts the runs it
+    /// claimed but never launched; an agent of the same name with another id never takes
+    /// them. Default: this machine's host name.
+    #[arg(
+        long,
+        env = "PAO_AGENT_ID",
+        help_heading = "Agent (the seed's arguments)"
+    )]
+    pub agent_id: Option<String>,
     /// Label (repeatable). Falls back to PREFECT__CLOUD__AGENT__LABELS (`['a', 'b']`).
     #[arg(
         long = "label",

@@ -58,6 +58,8 @@ pub enum SettingsError {
     AgentConfigIdOnPrefect3,
     #[error("--{flag} must be greater than zero")]
     Zero { flag: &'static str },
+    #[error("--{flag} must not be empty")]
+    Empty { flag: &'static str },
 }
 
 impl AgentSettings {
@@ -114,6 +116,13 @@ impl AgentSettings {
             .clone()
             .or_else(|| env("PREFECT__CLOUD__AGENT__NAME"))
             .unwrap_or_else(|| "agent".to_string());
+        let identity = match &args.agent_id {
+            Some(id) if id.trim().is_empty() => {
+                return Err(SettingsError::Empty { flag: "agent-id" });
+            }
+            Some(id) => id.trim().to_string(),
+            None => crate::deploy::process::host_name(),
+        };
         let labels = if args.labels.is_empty() {
             match env("PREFECT__CLOUD__AGENT__LABELS") {
                 Some(raw) => parse_label_list(&raw)?,
@@ -189,6 +198,7 @@ impl AgentSettings {
                     .or_else(|| env("PREFECT__CLOUD__TENANT_ID"))
                     .filter(|t| !t.is_empty()),
                 agent_name: name,
+                identity: identity.clone(),
                 agent_type: "LocalAgent".into(),
                 labels: agent.labels.clone(),
                 agent_config_id: args.agent_config_id.clone(),
@@ -208,6 +218,7 @@ impl AgentSettings {
                     .cloned()
                     .collect(),
                 agent_name: name,
+                identity,
                 prefetch: args.prefetch,
                 heartbeat_interval: args.heartbeat_interval,
                 create_pool: args.create_pool.clone(),
@@ -391,6 +402,24 @@ mod tests {
             crate::backend::http::Auth::None
         ));
         assert_eq!(s.agent.poll_interval.as_secs(), 10);
+        assert_eq!(
+            prefect3(&s).identity,
+            crate::deploy::process::host_name(),
+            "claims are this machine's unless --agent-id says otherwise"
+        );
+    }
+
+    #[test]
+    fn the_agent_id_marks_claims() {
+        let mut argv = BASE.to_vec();
+        argv.extend(["--agent-id", "worker-7"]);
+        assert_eq!(prefect3(&resolve(&argv, &[]).unwrap()).identity, "worker-7");
+        let mut argv = BASE.to_vec();
+        argv.extend(["--agent-id", " "]);
+        assert_eq!(
+            resolve(&argv, &[]).unwrap_err().to_string(),
+            "--agent-id must not be empty"
+        );
     }
 
     #[test]

@@ -29,14 +29,26 @@ fn agent_args<'a>(url: &'a str, name: &'a str, command: &'a str) -> Vec<&'a str>
     ]
 }
 
-/// Which agent's Submitted states a run went through.
-fn submitted_by(run: &Value) -> Vec<String> {
+/// The messages of the Submitted states a run went through.
+fn submissions(run: &Value) -> Vec<String> {
     run["history"]
         .as_array()
         .unwrap()
         .iter()
         .filter(|h| h["type"] == "Submitted")
         .map(|h| h["message"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// Which agents (by name) a run's Submitted states came from: "Submitted for execution
+/// by agent NAME (IDENTITY)".
+fn submitted_by(run: &Value) -> Vec<String> {
+    submissions(run)
+        .iter()
+        .map(|m| {
+            let name = m.trim_start_matches("Submitted for execution by agent ");
+            name.rsplit_once(" (").map_or(name, |(n, _)| n).to_string()
+        })
         .collect()
 }
 
@@ -98,14 +110,8 @@ async fn labeled_and_unlabeled_runs_reach_the_right_agents_only() {
     let done_gpu = server
         .wait_state(&gpu, "Success", Duration::from_secs(60))
         .await;
-    assert_eq!(
-        submitted_by(&done_unlabeled),
-        ["Submitted for execution by agent plain"]
-    );
-    assert_eq!(
-        submitted_by(&done_gpu),
-        ["Submitted for execution by agent gpu-agent"]
-    );
+    assert_eq!(submitted_by(&done_unlabeled), ["plain"]);
+    assert_eq!(submitted_by(&done_gpu), ["gpu-agent"]);
     // Several more polls of both: the run needing `eu` too is left alone.
     let polls_now = server.requests().await.len();
     wait_for("more polls", Duration::from_secs(30), || async {
@@ -120,10 +126,7 @@ async fn labeled_and_unlabeled_runs_reach_the_right_agents_only() {
     let done = server
         .wait_state(&gpu_eu, "Success", Duration::from_secs(60))
         .await;
-    assert_eq!(
-        submitted_by(&done),
-        ["Submitted for execution by agent gpu-eu-agent"]
-    );
+    assert_eq!(submitted_by(&done), ["gpu-eu-agent"]);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -351,9 +354,10 @@ async fn a_running_run_with_a_due_task_run_is_submitted_again() {
         1,
         "a finished task run is left alone"
     );
-    assert_eq!(
-        task["serialized_state"]["message"],
-        "Submitted for execution by agent retrier"
+    let message = task["serialized_state"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("Submitted for execution by agent retrier ("),
+        "{message}"
     );
     assert!(
         submitted_by(&done).is_empty(),
@@ -651,4 +655,103 @@ async fn credentials_are_checked_and_never_printed() {
         "00000000-0000-0000-0000-00000000aaaa"
     );
     assert!(!right.output().contains(&key), "the key in the agent's log");
+}
+
+/// Two agents of one name (the default name is `agent`): a claim carries the agent's
+/// identity, so only the claimant itself, restarted, adopts what it left unlaunched.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_namesake_never_adopts_another_agent_s_claim() {
+    use prefect_agent_operator::backend::prefect1::{Prefect1, Prefect1Config};
+    use prefect_agent_operator::backend::{Backend, Claim, ClaimLedger};
+
+    let server = FakePrefect1::start().await;
+    let run = server.create_run(json!({})).await;
+    let backend = |identity: &str| {
+        Prefect1::new(Prefect1Config {
+            api_url: server.url.clone(),
+            key: None,
+            tenant_id: None,
+            agent_name: "agent".into(),
+            identity: identity.into(),
+            agent_type: "LocalAgent".into(),
+            labels: Vec::new(),
+            agent_config_id: None,
+            prefetch: Duration::from_secs(10),
+            log_level: "INFO".into(),
+            backend: "server".into(),
+            retry: Default::default(),
+        })
+        .unwrap()
+    };
+    let first = backend("one");
+    first.register().await.unwrap();
+    let runs = first.poll().await.unwrap();
+    let offered = runs
+        .iter()
+        .find(|r| r.id == run)
+        .expect("the run is offered");
+    assert_eq!(first.claim(offered).await.unwrap(), Claim::Claimed);
+
+    let namesake = backend("two");
+    namesake.register().await.unwrap();
+    assert!(
+        namesake.orphans(Duration::ZERO).await.unwrap().is_empty(),
+        "a namesake's claim is not this agent's to adopt"
+    );
+    let restarted = backend("one");
+    restarted.register().await.unwrap();
+    let orphans = restarted.orphans(Duration::ZERO).await.unwrap();
+    assert_eq!(
+        orphans.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+        [run.as_str()],
+        "the claimant, restarted, finds its own"
+    );
+}
+
+/// The same end to end: one agent claims and dies before launching; a namesake with
+/// another `--agent-id` and the claimant restarted both run; the run is launched once,
+/// by the claimant.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_agents_of_one_name_launch_a_stranded_claim_once() {
+    let server = FakePrefect1::start().await;
+    let (_dir, record) = temp_record();
+    let runner = fake_runner(&record, "complete");
+    let run = server.create_run(json!({})).await;
+    let with_id = |id: &'static str| {
+        let mut args = agent_args(&server.url, "agent", &runner);
+        args.extend(["--agent-id", id]);
+        args
+    };
+    let mut args = with_id("one");
+    args.push("--fault-abort-after-claim");
+    let mut first = AgentProcess::start(&args);
+    assert!(!first.wait_exit(Duration::from_secs(60)).await.success());
+    assert_eq!(server.run(&run).await["state"], "Submitted");
+
+    let namesake = AgentProcess::start(&with_id("two"));
+    let again = AgentProcess::start(&with_id("one"));
+    server
+        .wait_state(&run, "Success", Duration::from_secs(60))
+        .await;
+    assert_eq!(
+        recorded(&record),
+        std::slice::from_ref(&run),
+        "launched once"
+    );
+    assert!(
+        again.output().contains("launching a run claimed earlier"),
+        "{}",
+        again.output()
+    );
+    assert!(
+        !namesake
+            .output()
+            .contains("launching a run claimed earlier"),
+        "{}",
+        namesake.output()
+    );
+    assert_eq!(
+        submissions(&server.run(&run).await),
+        ["Submitted for execution by agent agent (one)"]
+    );
 }

@@ -837,3 +837,57 @@ async fn queues_split_a_pool_s_work() {
         .await;
     drop(agent);
 }
+
+/// Two agents of one name: a claim carries the agent's identity, so only the claimant
+/// itself, restarted, adopts what it left unlaunched; a namesake never does.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_namesake_never_adopts_another_agent_s_claim() {
+    use prefect_agent_operator::backend::prefect3::{Prefect3, Prefect3Config};
+    use prefect_agent_operator::backend::{Backend, Claim, ClaimLedger};
+
+    let Setup {
+        server, api, pool, ..
+    } = Setup::new("namesake").await;
+    let dep = api.create_deployment(&pool, json!({})).await;
+    let run = api.create_run(&dep).await;
+    let backend = |identity: &str| {
+        Prefect3::new(Prefect3Config {
+            api_url: server.url.clone(),
+            auth: prefect_agent_operator::backend::http::Auth::None,
+            pool: pool.clone(),
+            queues: Vec::new(),
+            agent_name: "agent".into(),
+            identity: identity.into(),
+            prefetch: Duration::from_secs(10),
+            heartbeat_interval: Duration::from_secs(30),
+            create_pool: None,
+            poll_limit: 200,
+            retry: Default::default(),
+            events: false,
+        })
+        .unwrap()
+    };
+    let first = backend("one");
+    first.register().await.unwrap();
+    let runs = first.poll().await.unwrap();
+    let offered = runs
+        .iter()
+        .find(|r| r.id == run)
+        .expect("the run is offered");
+    assert_eq!(first.claim(offered).await.unwrap(), Claim::Claimed);
+
+    let namesake = backend("two");
+    namesake.register().await.unwrap();
+    assert!(
+        namesake.orphans(Duration::ZERO).await.unwrap().is_empty(),
+        "a namesake's claim is not this agent's to adopt"
+    );
+    let restarted = backend("one");
+    restarted.register().await.unwrap();
+    let orphans = restarted.orphans(Duration::ZERO).await.unwrap();
+    assert_eq!(
+        orphans.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+        [run.as_str()],
+        "the claimant, restarted, finds its own"
+    );
+}

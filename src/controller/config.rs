@@ -112,12 +112,14 @@ pub fn check_spec(spec: &PrefectAgentSpec) -> Result<(), SpecError> {
     }
 }
 
-/// The backend a spec asks for, with the credentials its Secrets hold.
+/// The backend a spec asks for, with the credentials its Secrets hold; `identity` (the
+/// resource's UID) marks its claims.
 pub fn backend_config(
     spec: &PrefectAgentSpec,
     agent: &AgentConfig,
     credentials: Credentials,
     retry: RetryPolicy,
+    identity: &str,
 ) -> Result<BackendConfig, SpecError> {
     check_spec(spec)?;
     let api_url = spec.api.url.trim_end_matches('/').to_string();
@@ -133,6 +135,7 @@ pub fn backend_config(
             key: credentials.key,
             tenant_id: spec.api.tenant_id.clone(),
             agent_name: agent.name.clone(),
+            identity: identity.to_string(),
             agent_type: "KubernetesAgent".into(),
             labels: agent.labels.clone(),
             agent_config_id: agent.agent_config_id.clone(),
@@ -146,6 +149,7 @@ pub fn backend_config(
             pool: spec.api.work_pool.clone().unwrap_or_default(),
             queues: spec.api.work_queues.clone(),
             agent_name: agent.name.clone(),
+            identity: identity.to_string(),
             prefetch: Duration::from_secs(10),
             heartbeat_interval: agent.heartbeat_interval,
             create_pool: None,

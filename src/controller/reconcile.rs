@@ -90,7 +90,9 @@ impl PrefectAgent {
             concurrency_limit: spec.concurrency_limit,
             scope: ctx.scope.clone(),
         };
-        let backend = backend_config(spec, &cfg, credentials, ctx.retry)?;
+        // The UID, not the name: a namesake elsewhere must never adopt this one's claims.
+        let identity = self.uid().unwrap_or_else(|| self.key());
+        let backend = backend_config(spec, &cfg, credentials, ctx.retry, &identity)?;
         let agent =
             AnyAgent::new(cfg, backend, deployer).map_err(|e| SpecError::Invalid(e.to_string()))?;
         self.run_agent(ctx, agent);

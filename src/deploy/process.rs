@@ -49,15 +49,20 @@ pub struct ProcessDeployer {
     running: Arc<Mutex<HashMap<String, i32>>>,
 }
 
+/// This machine's host name (where processes run; the standalone agent's default identity).
+pub fn host_name() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
 impl ProcessDeployer {
     pub fn new(cfg: ProcessConfig) -> Self {
-        let host = nix::unistd::gethostname()
-            .ok()
-            .and_then(|h| h.into_string().ok())
-            .unwrap_or_else(|| "localhost".into());
         Self {
             cfg,
-            host,
+            host: host_name(),
             running: Arc::default(),
         }
     }

@@ -35,6 +35,9 @@ pub struct Prefect1Config {
     /// Looked up with `auth_info` when a key is set and no tenant is given.
     pub tenant_id: Option<String>,
     pub agent_name: String,
+    /// Who this agent is in its claims (a PrefectAgent's UID, the standalone agent's
+    /// `--agent-id`): it adopts only its own unlaunched claims, never a namesake's.
+    pub identity: String,
     /// `KubernetesAgent` (operator) or `LocalAgent` (process deployer).
     pub agent_type: String,
     pub labels: Vec<String>,
@@ -101,8 +104,8 @@ pub fn serialized_state(kind: &str, message: &str) -> Value {
 }
 
 /// The message of this agent's Submitted states: how a restarted agent knows its claims.
-pub fn claim_marker(agent_name: &str) -> String {
-    format!("Submitted for execution by agent {agent_name}")
+pub fn claim_marker(agent_name: &str, identity: &str) -> String {
+    format!("Submitted for execution by agent {agent_name} ({identity})")
 }
 
 const RUN_FIELDS: &str = "id version state state_message state_timestamp serialized_state \
@@ -235,6 +238,11 @@ pub struct Prefect1 {
 }
 
 impl Prefect1 {
+    /// This agent's claim marker: its name and its identity.
+    fn marker(&self) -> String {
+        claim_marker(&self.cfg.agent_name, &self.cfg.identity)
+    }
+
     pub fn new(cfg: Prefect1Config) -> Result<Self, BackendError> {
         let auth = cfg.key.clone().map_or(Auth::None, Auth::Bearer);
         let api = ApiClient::new(&cfg.api_url, auth, cfg.retry)?;
@@ -300,7 +308,7 @@ impl Prefect1 {
     }
 
     async fn claim_task_runs(&self, meta: &RunMeta) -> Result<Claim, BackendError> {
-        let marker = claim_marker(&self.cfg.agent_name);
+        let marker = self.marker();
         let states: Vec<Value> = meta
             .task_runs
             .iter()
@@ -473,7 +481,7 @@ impl Backend for Prefect1 {
         let claim = if meta.state == "Running" {
             self.claim_task_runs(&meta).await?
         } else {
-            let marker = claim_marker(&self.cfg.agent_name);
+            let marker = self.marker();
             match self
                 .set_flow_run_state(
                     &run.id,
@@ -601,7 +609,7 @@ impl Backend for Prefect1 {
 
 impl ClaimLedger for Prefect1 {
     async fn orphans(&self, min_age: Duration) -> Result<Vec<FlowRun>, BackendError> {
-        let marker = claim_marker(&self.cfg.agent_name);
+        let marker = self.marker();
         let rows = self
             .runs_where(&json!({"state": {"_eq": "Submitted"}, "state_message": {"_eq": marker}}))
             .await?;
@@ -633,7 +641,7 @@ impl ClaimLedger for Prefect1 {
     }
 
     async fn claimed_by_me(&self, run: &FlowRun) -> Result<bool, BackendError> {
-        Ok(run.state_message.as_deref() == Some(claim_marker(&self.cfg.agent_name).as_str()))
+        Ok(run.state_message.as_deref() == Some(self.marker().as_str()))
     }
 }
 

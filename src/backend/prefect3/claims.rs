@@ -11,8 +11,8 @@ use super::wire::{ApiState, SetStateResponse};
 use crate::backend::{Claim, StateKind};
 
 /// The `state.message` a claim carries, so a restarted agent recognises its own claims.
-pub fn claim_marker(agent_name: &str) -> String {
-    format!("Claimed by agent {agent_name}")
+pub fn claim_marker(agent_name: &str, identity: &str) -> String {
+    format!("Claimed by agent {agent_name} ({identity})")
 }
 
 /// What a claim's answer means, given the transition id we sent.

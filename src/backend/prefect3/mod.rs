@@ -41,6 +41,9 @@ pub struct Prefect3Config {
     pub queues: Vec<String>,
     /// The worker name Prefect shows; also marks this agent's claims.
     pub agent_name: String,
+    /// Who this agent is in its claims (a PrefectAgent's UID, the standalone agent's
+    /// `--agent-id`): it adopts only its own unlaunched claims, never a namesake's.
+    pub identity: String,
     /// How far ahead of their start time runs are picked up.
     pub prefetch: Duration,
     pub heartbeat_interval: Duration,
@@ -80,6 +83,11 @@ struct Known {
 const BATCH: usize = 100;
 
 impl Prefect3 {
+    /// This agent's claim marker: its name and its identity.
+    fn marker(&self) -> String {
+        claim_marker(&self.cfg.agent_name, &self.cfg.identity)
+    }
+
     pub fn new(cfg: Prefect3Config) -> Result<Self, BackendError> {
         let api = ApiClient::new(&cfg.api_url, cfg.auth.clone(), cfg.retry)?;
         let (a, b, c, d) = (api.clone(), api.clone(), api.clone(), api.clone());
@@ -472,7 +480,7 @@ impl Backend for Prefect3 {
             "state": {
                 "type": "PENDING",
                 "name": "Pending",
-                "message": claim_marker(&self.cfg.agent_name),
+                "message": self.marker(),
                 "state_details": {"transition_id": transition_id},
             }
         });
@@ -659,7 +667,7 @@ impl Backend for Prefect3 {
 
 impl ClaimLedger for Prefect3 {
     async fn orphans(&self, min_age: Duration) -> Result<Vec<FlowRun>, BackendError> {
-        let marker = claim_marker(&self.cfg.agent_name);
+        let marker = self.marker();
         let now = Utc::now();
         let mut orphans = Vec::new();
         for run in self.filter_runs("PENDING").await? {
@@ -682,7 +690,7 @@ impl ClaimLedger for Prefect3 {
 
     async fn claimed_by_me(&self, run: &FlowRun) -> Result<bool, BackendError> {
         let history = self.history(&run.id).await?;
-        let marker = claim_marker(&self.cfg.agent_name);
+        let marker = self.marker();
         Ok(latest_claimant(&history).and_then(|s| s.message.as_deref()) == Some(&marker))
     }
 }
