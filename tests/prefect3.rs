@@ -462,6 +462,33 @@ async fn a_process_that_exits_early_crashes_its_run_with_the_exit_code() {
     drop(agent);
 }
 
+/// As Prefect's worker: infrastructure that ends successfully leaves the run to the flow.
+/// An evicted pod's runner puts its run back to SCHEDULED and exits 0; the run is picked
+/// up again, not crashed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_its_flow_rescheduled_is_run_again_not_crashed() {
+    let Setup {
+        server,
+        api,
+        pool,
+        record,
+        _dir,
+    } = Setup::new("resched").await;
+    let dep = api
+        .create_deployment(
+            &pool,
+            json!({"command": fake_runner(&record, "reschedule")}),
+        )
+        .await;
+    let run = api.create_run(&dep).await;
+    let agent = AgentProcess::start(&agent_args(&server.url, &pool, "resched"));
+    api.wait_state(&run, "COMPLETED", Duration::from_secs(60))
+        .await;
+    assert_eq!(recorded(&record), [run.clone(), run.clone()], "run twice");
+    assert_eq!(api.times_in_state(&run, "CRASHED").await, 0);
+    drop(agent);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn cancelling_a_running_run_stops_its_process_and_ends_cancelled() {
     cancel_a_running_run("cancel", "1s", &["--no-events"]).await;

@@ -140,6 +140,20 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
             // The cancellation pass reports this one.
             return;
         }
+        if exit.success {
+            // As Prefect's worker: a run whose infrastructure succeeded is the flow's to
+            // report. An evicted pod's run is SCHEDULED again by then (the runner's
+            // `reschedule`, exit 0) and must not be crashed.
+            tracing::info!(?state, exit = %exit.description, "infrastructure ended successfully; the run's state is left to the flow");
+            if state != StateKind::Scheduled {
+                let message = format!(
+                    "Flow run infrastructure exited successfully while the run was {state:?}: {}; its state is left to the flow",
+                    exit.description
+                );
+                self.run_log(&run_id, LogLevel::Warning, &message).await;
+            }
+            return;
+        }
         let message = format!(
             "Flow run infrastructure exited while the run was {state:?}: {}",
             exit.description

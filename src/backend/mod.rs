@@ -272,6 +272,7 @@ pub struct Registration {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LogLevel {
     Info,
+    Warning,
     Error,
 }
 
@@ -280,6 +281,7 @@ impl LogLevel {
     pub fn name(self) -> &'static str {
         match self {
             Self::Info => "INFO",
+            Self::Warning => "WARNING",
             Self::Error => "ERROR",
         }
     }
@@ -288,6 +290,7 @@ impl LogLevel {
     pub fn number(self) -> u8 {
         match self {
             Self::Info => 20,
+            Self::Warning => 30,
             Self::Error => 40,
         }
     }
