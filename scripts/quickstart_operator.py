@@ -38,6 +38,8 @@ spec:
   pollInterval: 2s
   envVars:
     GREETING_SOURCE: operator
+  job:
+    ttlSecondsAfterFinished: 3600   # Prefect's standard template keeps finished Jobs
 """
 
 

@@ -46,7 +46,8 @@ pub struct JobInputs<'a> {
     /// The pool's job configuration with the run's job variables (see
     /// [`configuration_for`] for a pool without a Kubernetes template).
     pub configuration: &'a JobConfiguration,
-    /// What the run belongs to, for Prefect's labels (none for Prefect 1 runs).
+    /// What a work pool's run belongs to, for Prefect's labels; with it come Prefect 3's
+    /// eviction handling. None for Prefect 1 runs, whose Jobs are as 1.4 makes them.
     pub about: Option<&'a RunAbout>,
     /// The run's environment after precedence (see `agent::env`), in order.
     pub env: &'a Env,
@@ -561,15 +562,18 @@ fn fix_identity(job: &mut Job, input: &JobInputs<'_>) -> Result<(), JobBuildErro
         .labels
         .get_or_insert_with(Default::default)
         .extend(ours);
-    let backoff = spec.backoff_limit;
+    // Prefect 3's runner reads the SIGTERM behaviour; a Prefect 1 run's Job is left as 1.4 makes it.
+    let env = match input.about {
+        Some(_) => eviction_handling(input.env, spec.backoff_limit),
+        None => Cow::Borrowed(input.env),
+    };
     let pod = spec.template.spec.get_or_insert_with(Default::default);
     pod.restart_policy = Some("Never".into());
     let container = &mut pod.containers[0];
     container.env = Some(env_list(
-        input.env,
+        &env,
         container.env.take().unwrap_or_default(),
         input.secret,
-        backoff,
     )?);
     Ok(())
 }
@@ -605,10 +609,8 @@ fn env_list(
     env: &Env,
     template: Vec<k8s_openapi::api::core::v1::EnvVar>,
     secret: Option<&SecretKeyRef>,
-    backoff_limit: Option<i32>,
 ) -> Result<Vec<k8s_openapi::api::core::v1::EnvVar>, JobBuildError> {
     use k8s_openapi::api::core::v1::{EnvVar, EnvVarSource, SecretKeySelector};
-    let env = eviction_handling(env, backoff_limit);
     let mut out = Vec::with_capacity(env.len() + template.len());
     for (name, value) in env.iter() {
         out.push(match value {
@@ -746,12 +748,17 @@ mod tests {
         let configuration =
             JobConfiguration::new(with_config, values.as_object().unwrap()).unwrap();
         let configuration = configuration_for(&configuration, template)?;
+        let about = RunAbout {
+            work_pool_name: "k8s".into(),
+            worker_name: "etl".into(),
+            ..RunAbout::default()
+        };
         build_job(&JobInputs {
             run: &run,
             agent_namespace: "data",
             agent_name: "etl",
             configuration: &configuration,
-            about: None,
+            about: Some(&about),
             env: &env,
             defaults: &defaults,
             secret: Some(&secret),
@@ -836,6 +843,31 @@ mod tests {
             v["metadata"]["labels"], *labels,
             "Job and pod carry the same labels"
         );
+    }
+
+    /// A Prefect 1 run's Job (no work pool) is left as 1.4 makes it: no SIGTERM behaviour
+    /// for Prefect 3's runner.
+    #[test]
+    fn a_prefect1_job_gets_no_prefect3_runner_settings() {
+        let run = run();
+        let env = env();
+        let configuration = JobConfiguration::new(None, &Map::new()).unwrap();
+        let configuration = configuration_for(&configuration, None).unwrap();
+        let job = build_job(&JobInputs {
+            run: &run,
+            agent_namespace: "data",
+            agent_name: "etl",
+            configuration: &configuration,
+            about: None,
+            env: &env,
+            defaults: &JobSpec::default(),
+            secret: Some(&secret()),
+            references: &Default::default(),
+            scope: &Scope::default(),
+        })
+        .unwrap();
+        let text = serde_json::to_string(&job).unwrap();
+        assert!(!text.contains("SIGTERM_BEHAVIOR"), "{text}");
     }
 
     /// The `namespace` job variable is followed where the operator allows it, and refused
