@@ -88,8 +88,8 @@ impl Scope {
             && wanted != watched
         {
             return Some(format!(
-                "this operator watches namespace `{watched}` only and could not follow Jobs \
-                 elsewhere"
+                "this operator watches namespace `{watched}` only (--namespace) and could not \
+                 follow Jobs elsewhere"
             ));
         }
         (!self.job_namespaces.allows(wanted)).then(|| {

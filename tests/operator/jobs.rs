@@ -29,6 +29,34 @@ async fn a_run_completes_through_the_dev_runner() {
     );
     let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
     let job = jobs.get(&format!("prefect-run-{run}")).await.unwrap();
+    // The labels and variables Prefect's own worker gives its Jobs, from what the real
+    // server says about the run's flow, deployment, pool and version.
+    let labels = job.metadata.labels.clone().unwrap_or_default();
+    let version = prefect
+        .api
+        .call(reqwest::Method::GET, "/admin/version", None)
+        .await;
+    assert_eq!(labels["prefect.io/version"], version.as_str().unwrap());
+    assert_eq!(labels["prefect.io/work-pool-name"], prefect.pool);
+    assert_eq!(labels["prefect.io/worker-name"], "runner");
+    assert_eq!(labels["prefect.io/deployment-id"], dep);
+    for key in [
+        "prefect.io/work-pool-id",
+        "prefect.io/flow-name",
+        "prefect.io/deployment-name",
+        "prefect.io/deployment-updated",
+    ] {
+        assert!(labels.contains_key(key), "{key} in {labels:?}");
+    }
+    let env = job.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0]
+        .env
+        .clone()
+        .unwrap_or_default();
+    let names: Vec<&str> = env.iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(names[0], "PREFECT_API_URL", "the worker's variables first: {names:?}");
+    for name in ["PREFECT__WORKER_NAME", "PREFECT__FLOW_NAME", "PREFECT__DEPLOYMENT_NAME"] {
+        assert!(names.contains(&name), "{name} in {names:?}");
+    }
     assert_eq!(job.status.unwrap().succeeded, Some(1));
     wait_for("runsSubmitted = 1", Duration::from_secs(30), || async {
         let s = agents.get("runner").await.ok()?.status?;
@@ -36,6 +64,37 @@ async fn a_run_completes_through_the_dev_runner() {
     })
     .await;
     drop((operator, runner));
+}
+
+/// A run's `namespace` job variable the operator does not allow: the run ends CRASHED
+/// naming the namespace and the flag, and no Job is made anywhere.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_namespace_the_operator_does_not_allow_crashes_the_run_by_name() {
+    let (client, ns, prefect, operator) = setup("nsvar").await;
+    let _agents = create_agent(&client, &ns, "nsvar", &prefect).await;
+    let dep = prefect
+        .api
+        .create_deployment(
+            &prefect.pool,
+            json!({"command": fake_runner(&prefect.record, "complete"), "namespace": "kube-system"}),
+        )
+        .await;
+    let run = prefect.api.create_run(&dep).await;
+    let crashed = prefect
+        .api
+        .wait_state(&run, "CRASHED", Duration::from_secs(60))
+        .await;
+    let message = crashed["state"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("`kube-system`") && message.contains("--namespace"),
+        "{message}"
+    );
+    let elsewhere: Api<Job> = Api::namespaced(client.clone(), "kube-system");
+    assert!(elsewhere.get_opt(&format!("prefect-run-{run}")).await.unwrap().is_none());
+    let here: Api<Job> = Api::namespaced(client.clone(), &ns);
+    assert!(here.get_opt(&format!("prefect-run-{run}")).await.unwrap().is_none());
+    assert!(recorded(&prefect.record).is_empty());
+    drop(operator);
 }
 
 #[tokio::test(flavor = "multi_thread")]
