@@ -48,13 +48,28 @@ async fn a_run_completes_through_the_dev_runner() {
     ] {
         assert!(labels.contains_key(key), "{key} in {labels:?}");
     }
-    let env = job.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0]
+    let env = job
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0]
         .env
         .clone()
         .unwrap_or_default();
     let names: Vec<&str> = env.iter().map(|e| e.name.as_str()).collect();
-    assert_eq!(names[0], "PREFECT_API_URL", "the worker's variables first: {names:?}");
-    for name in ["PREFECT__WORKER_NAME", "PREFECT__FLOW_NAME", "PREFECT__DEPLOYMENT_NAME"] {
+    assert_eq!(
+        names[0], "PREFECT_API_URL",
+        "the worker's variables first: {names:?}"
+    );
+    for name in [
+        "PREFECT__WORKER_NAME",
+        "PREFECT__FLOW_NAME",
+        "PREFECT__DEPLOYMENT_NAME",
+    ] {
         assert!(names.contains(&name), "{name} in {names:?}");
     }
     assert_eq!(job.status.unwrap().succeeded, Some(1));
@@ -90,9 +105,20 @@ async fn a_namespace_the_operator_does_not_allow_crashes_the_run_by_name() {
         "{message}"
     );
     let elsewhere: Api<Job> = Api::namespaced(client.clone(), "kube-system");
-    assert!(elsewhere.get_opt(&format!("prefect-run-{run}")).await.unwrap().is_none());
+    assert!(
+        elsewhere
+            .get_opt(&format!("prefect-run-{run}"))
+            .await
+            .unwrap()
+            .is_none()
+    );
     let here: Api<Job> = Api::namespaced(client.clone(), &ns);
-    assert!(here.get_opt(&format!("prefect-run-{run}")).await.unwrap().is_none());
+    assert!(
+        here.get_opt(&format!("prefect-run-{run}"))
+            .await
+            .unwrap()
+            .is_none()
+    );
     assert!(recorded(&prefect.record).is_empty());
     drop(operator);
 }
