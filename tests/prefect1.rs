@@ -662,7 +662,6 @@ async fn credentials_are_checked_and_never_printed() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_namesake_never_adopts_another_agent_s_claim() {
     use prefect_agent_operator::backend::prefect1::{Prefect1, Prefect1Config};
-    use prefect_agent_operator::backend::{Backend, Claim, ClaimLedger};
 
     let server = FakePrefect1::start().await;
     let run = server.create_run(json!({})).await;
@@ -683,29 +682,7 @@ async fn a_namesake_never_adopts_another_agent_s_claim() {
         })
         .unwrap()
     };
-    let first = backend("one");
-    first.register().await.unwrap();
-    let runs = first.poll().await.unwrap();
-    let offered = runs
-        .iter()
-        .find(|r| r.id == run)
-        .expect("the run is offered");
-    assert_eq!(first.claim(offered).await.unwrap(), Claim::Claimed);
-
-    let namesake = backend("two");
-    namesake.register().await.unwrap();
-    assert!(
-        namesake.orphans(Duration::ZERO).await.unwrap().is_empty(),
-        "a namesake's claim is not this agent's to adopt"
-    );
-    let restarted = backend("one");
-    restarted.register().await.unwrap();
-    let orphans = restarted.orphans(Duration::ZERO).await.unwrap();
-    assert_eq!(
-        orphans.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
-        [run.as_str()],
-        "the claimant, restarted, finds its own"
-    );
+    a_namesake_never_adopts(backend, &run).await;
 }
 
 /// The same end to end: one agent claims and dies before launching; a namesake with

@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use serde_json::Value;
 
 use crate::backend::{Env, EnvValue, RunContext};
+use crate::work_pool::template::as_text;
 
 /// Why a run's `env` (job variable or run_config field) could not be used.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -72,22 +73,16 @@ pub fn run_environment(
 
 /// One variable of the run's `env`: as Prefect's `str()` makes it, or removed by `null`.
 fn set(env: &mut Env, name: &str, value: &Value) -> Result<(), EnvError> {
-    let text = match value {
-        Value::Null => {
-            env.remove(name);
-            return Ok(());
-        }
-        Value::String(s) => s.clone(),
+    match value {
+        Value::Null => env.remove(name),
         // As Prefect's `str()`: `True`, not `true`.
-        Value::Bool(b) => (if *b { "True" } else { "False" }).to_string(),
-        Value::Number(n) => n.to_string(),
+        Value::String(_) | Value::Bool(_) | Value::Number(_) => env.set_plain(name, as_text(value)),
         other => {
             return Err(EnvError(format!(
                 "`{name}` must be a string, number, boolean or null, got {other}"
             )));
         }
-    };
-    env.set_plain(name, text);
+    }
     Ok(())
 }
 

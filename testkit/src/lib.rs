@@ -135,3 +135,41 @@ pub fn unique(prefix: &str) -> String {
         &uuid::Uuid::new_v4().simple().to_string()[..8]
     )
 }
+
+/// Claims by identity, for either backend: `backend(identity)` makes an agent of one
+/// fixed name. The first claims `run`; a namesake with another identity must find no
+/// orphan; the first's identity, in a new backend (a restart), must find exactly `run`.
+pub async fn a_namesake_never_adopts<B, F>(backend: F, run: &str)
+where
+    B: prefect_agent_operator::backend::Backend + prefect_agent_operator::backend::ClaimLedger,
+    F: Fn(&str) -> B,
+{
+    use prefect_agent_operator::backend::Claim;
+    let first = backend("one");
+    first.register().await.expect("register");
+    let runs = first.poll().await.expect("poll");
+    let offered = runs
+        .iter()
+        .find(|r| r.id == run)
+        .expect("the run is offered");
+    assert_eq!(first.claim(offered).await.expect("claim"), Claim::Claimed);
+
+    let namesake = backend("two");
+    namesake.register().await.expect("register");
+    assert!(
+        namesake
+            .orphans(Duration::ZERO)
+            .await
+            .expect("orphans")
+            .is_empty(),
+        "a namesake's claim is not this agent's to adopt"
+    );
+    let restarted = backend("one");
+    restarted.register().await.expect("register");
+    let orphans = restarted.orphans(Duration::ZERO).await.expect("orphans");
+    assert_eq!(
+        orphans.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+        [run],
+        "the claimant, restarted, finds its own"
+    );
+}

@@ -22,6 +22,7 @@ use crate::backend::{Env, EnvValue, FlowRun, RunAbout};
 use crate::crd::{JobSpec, PullPolicy, SecretKeyRef, SecurityProfile};
 use crate::scope::Scope;
 use crate::work_pool::slug::{label_key, label_value as slug_value};
+use crate::work_pool::template::as_text;
 use crate::work_pool::{JobConfiguration, ReferenceError, References, standard_base_job_template};
 
 /// Image when neither Prefect nor the resource names one.
@@ -160,7 +161,7 @@ pub fn build_job(input: &JobInputs<'_>) -> Result<Job, JobBuildError> {
         .and_then(Value::as_object)
         .map(|a| {
             a.iter()
-                .map(|(k, v)| (k.clone(), text(v)))
+                .map(|(k, v)| (k.clone(), as_text(v)))
                 .collect::<BTreeMap<_, _>>()
         })
         .unwrap_or_default();
@@ -180,17 +181,6 @@ pub fn build_job(input: &JobInputs<'_>) -> Result<Job, JobBuildError> {
     }
     serde_json::from_value(value)
         .map_err(|e| JobBuildError::Invalid(format!("after podTemplate: {e}")))
-}
-
-/// A label or annotation value as Python's `str()` gives it.
-fn text(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Bool(true) => "True".into(),
-        Value::Bool(false) => "False".into(),
-        Value::Null => "None".into(),
-        other => other.to_string(),
-    }
 }
 
 /// The labels Prefect's worker gives a run's Job, before slugifying: its own about the
@@ -239,7 +229,7 @@ fn prefect_labels(
     }
     if let Some(configured) = configured.and_then(Value::as_object) {
         for (k, v) in configured {
-            set(k, &text(v));
+            set(k, &as_text(v));
         }
     }
     out
@@ -767,6 +757,25 @@ mod tests {
         })
     }
 
+    /// A Job without a work pool's names (as for a Prefect 1 run), with `secret`.
+    fn build_without_pool(secret: Option<&SecretKeyRef>) -> Result<Job, JobBuildError> {
+        let (run, env) = (run(), env());
+        let configuration = JobConfiguration::new(None, &Map::new()).unwrap();
+        let configuration = configuration_for(&configuration, None).unwrap();
+        build_job(&JobInputs {
+            run: &run,
+            agent_namespace: "data",
+            agent_name: "etl",
+            configuration: &configuration,
+            about: None,
+            env: &env,
+            defaults: &JobSpec::default(),
+            secret,
+            references: &Default::default(),
+            scope: &Scope::default(),
+        })
+    }
+
     fn build(
         values: Value,
         defaults: JobSpec,
@@ -849,23 +858,7 @@ mod tests {
     /// for Prefect 3's runner.
     #[test]
     fn a_prefect1_job_gets_no_prefect3_runner_settings() {
-        let run = run();
-        let env = env();
-        let configuration = JobConfiguration::new(None, &Map::new()).unwrap();
-        let configuration = configuration_for(&configuration, None).unwrap();
-        let job = build_job(&JobInputs {
-            run: &run,
-            agent_namespace: "data",
-            agent_name: "etl",
-            configuration: &configuration,
-            about: None,
-            env: &env,
-            defaults: &JobSpec::default(),
-            secret: Some(&secret()),
-            references: &Default::default(),
-            scope: &Scope::default(),
-        })
-        .unwrap();
+        let job = build_without_pool(Some(&secret())).unwrap();
         let text = serde_json::to_string(&job).unwrap();
         assert!(!text.contains("SIGTERM_BEHAVIOR"), "{text}");
     }
@@ -929,23 +922,7 @@ mod tests {
             key["valueFrom"]["secretKeyRef"],
             json!({"name": "prefect-api", "key": "key", "optional": false})
         );
-        let run = run();
-        let env = env();
-        let configuration = JobConfiguration::new(None, &Map::new()).unwrap();
-        let configuration = configuration_for(&configuration, None).unwrap();
-        let err = build_job(&JobInputs {
-            run: &run,
-            agent_namespace: "data",
-            agent_name: "etl",
-            configuration: &configuration,
-            about: None,
-            env: &env,
-            defaults: &JobSpec::default(),
-            secret: None,
-            references: &Default::default(),
-            scope: &Scope::default(),
-        })
-        .unwrap_err();
+        let err = build_without_pool(None).unwrap_err();
         assert_eq!(err, JobBuildError::NoSecret);
     }
 
