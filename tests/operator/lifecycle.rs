@@ -230,7 +230,7 @@ async fn jobs_in_a_namespace_the_operator_does_not_allow_are_refused() {
         message,
         format!(
             "spec.job.namespace `kube-system`: this operator watches namespace `{ns}` only \
-             and could not follow Jobs elsewhere"
+             (--namespace) and could not follow Jobs elsewhere"
         )
     );
     let a = agents.get("elsewhere").await.unwrap();
