@@ -254,9 +254,61 @@ pub fn crd() -> CustomResourceDefinition {
             .and_then(|s| s.open_api_v3_schema.as_mut())
         {
             drop_null_enum_members(schema);
+            if let Some(spec) = schema.properties.as_mut().and_then(|p| p.get_mut("spec")) {
+                bound(spec, false);
+            }
         }
     }
     crd
+}
+
+/// Longest string in the spec the API server accepts unless a field says otherwise.
+pub const MAX_STRING: i64 = 1024;
+/// Longest value of a map (`envVars`, `labels`, `annotations`, `nodeSelector`).
+pub const MAX_MAP_VALUE: i64 = 4096;
+/// Most items of a list, and most entries of a map.
+pub const MAX_ITEMS: i64 = 64;
+
+/// Bounds the API server enforces on every field of the spec: `format: uint32` alone is
+/// not checked, and one PrefectAgent the operator cannot decode must not be storable;
+/// sizes keep a resource (and the status that quotes it) far below etcd's limits.
+fn bound(schema: &mut JSONSchemaProps, map_value: bool) {
+    match schema.type_.as_deref() {
+        Some("integer") => {
+            // 64-bit fields stop at 2^53 - 1: the bound is a float to the API server, and
+            // 2^63 - 1 rounds up and overflows there (seen on 1.20).
+            const SAFE: f64 = 9_007_199_254_740_991.0;
+            let (min, max) = match schema.format.as_deref() {
+                Some("int32") => (i32::MIN as f64, i32::MAX as f64),
+                Some("uint32") => (0.0, u32::MAX as f64),
+                Some("uint64") => (0.0, SAFE),
+                _ => (-SAFE, SAFE),
+            };
+            schema.minimum.get_or_insert(min);
+            schema.maximum.get_or_insert(max);
+        }
+        Some("string") if schema.enum_.is_none() => {
+            schema
+                .max_length
+                .get_or_insert(if map_value { MAX_MAP_VALUE } else { MAX_STRING });
+        }
+        Some("array") => {
+            schema.max_items.get_or_insert(MAX_ITEMS);
+        }
+        Some("object") if schema.additional_properties.is_some() => {
+            schema.max_properties.get_or_insert(MAX_ITEMS);
+        }
+        _ => {}
+    }
+    for child in schema.properties.iter_mut().flat_map(|p| p.values_mut()) {
+        bound(child, false);
+    }
+    if let Some(JSONSchemaPropsOrArray::Schema(item)) = schema.items.as_mut() {
+        bound(item, false);
+    }
+    if let Some(JSONSchemaPropsOrBool::Schema(value)) = schema.additional_properties.as_mut() {
+        bound(value, true);
+    }
 }
 
 fn drop_null_enum_members(schema: &mut JSONSchemaProps) {
@@ -343,5 +395,52 @@ mod tests {
             serde_json::json!(["Always", "IfNotPresent", "Never"])
         );
         assert_eq!(job["imagePullPolicy"]["nullable"], true);
+    }
+
+    /// Every field of the spec has a bound the API server enforces: what is stored can be
+    /// decoded (`u32`, `i32`) and stays small.
+    #[test]
+    fn every_spec_field_is_bounded() {
+        fn check(path: &str, s: &serde_json::Value, unbounded: &mut Vec<String>) {
+            if !s.is_object() {
+                return;
+            }
+            let has = |k: &str| s.get(k).is_some();
+            match s["type"].as_str() {
+                Some("integer") if !(has("minimum") && has("maximum")) => {
+                    unbounded.push(path.into())
+                }
+                Some("string") if !has("maxLength") && !has("enum") => unbounded.push(path.into()),
+                Some("array") if !has("maxItems") => unbounded.push(path.into()),
+                Some("object") if has("additionalProperties") && !has("maxProperties") => {
+                    unbounded.push(path.into())
+                }
+                _ => {}
+            }
+            if let Some(props) = s["properties"].as_object() {
+                for (k, v) in props {
+                    check(&format!("{path}.{k}"), v, unbounded);
+                }
+            }
+            check(&format!("{path}[]"), &s["items"], unbounded);
+            check(
+                &format!("{path}{{}}"),
+                &s["additionalProperties"],
+                unbounded,
+            );
+        }
+        let crd = serde_json::to_value(crd()).unwrap();
+        let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+        let mut unbounded = Vec::new();
+        check("spec", spec, &mut unbounded);
+        assert!(unbounded.is_empty(), "unbounded: {unbounded:?}");
+        assert_eq!(
+            spec["properties"]["concurrencyLimit"]["maximum"].as_f64(),
+            Some(u32::MAX as f64)
+        );
+        assert_eq!(
+            spec["properties"]["job"]["properties"]["ttlSecondsAfterFinished"]["maximum"].as_f64(),
+            Some(i32::MAX as f64)
+        );
     }
 }

@@ -111,6 +111,32 @@ async fn the_api_server_rejects_nonsense_with_422() {
             json!({"api": {"url": url}, "job": {"backoffLimit": -1}}),
             "spec.job.backoffLimit",
         ),
+        // Stored, these would stop the operator decoding any PrefectAgent.
+        (
+            "huge-limit",
+            json!({"api": {"url": url}, "concurrencyLimit": 4294967296u64}),
+            "spec.concurrencyLimit",
+        ),
+        (
+            "huge-ttl",
+            json!({"api": {"url": url}, "job": {"ttlSecondsAfterFinished": 2147483648u64}}),
+            "spec.job.ttlSecondsAfterFinished",
+        ),
+        (
+            "long-image",
+            json!({"api": {"url": url}, "job": {"image": "x".repeat(2000)}}),
+            "spec.job.image",
+        ),
+        (
+            "many-labels",
+            json!({"api": {"url": url}, "labels": vec!["l"; 65]}),
+            "spec.labels",
+        ),
+        (
+            "many-env",
+            json!({"api": {"url": url}, "envVars": (0..65).map(|i| (format!("V{i}"), "x")).collect::<std::collections::BTreeMap<_, _>>()}),
+            "spec.envVars",
+        ),
     ];
     for (name, spec, field) in cases {
         let err = agents
