@@ -183,7 +183,8 @@ async fn run_operator(args: OperatorArgs) -> Result<(), CliError> {
         renewer = Some(handle);
     }
     readiness.leading.store(true, Ordering::Relaxed);
-    let agents: kube::Api<crate::crd::PrefectAgent> = match &args.namespace {
+    // Guarded: one resource that does not decode must not keep the operator unready.
+    let agents: kube::Api<crate::controller::Guarded> = match &args.namespace {
         Some(ns) => kube::Api::namespaced(client.clone(), ns),
         None => kube::Api::all(client.clone()),
     };
@@ -203,7 +204,7 @@ async fn run_operator(args: OperatorArgs) -> Result<(), CliError> {
         }
     }
     readiness.synced.store(true, Ordering::Relaxed);
-    crate::controller::run(ctx, args.namespace, run_token).await;
+    crate::controller::run(ctx, args.namespace, run_token, readiness.clone()).await;
     readiness.leading.store(false, Ordering::Relaxed);
     if let Some(handle) = renewer {
         shutdown.cancel();

@@ -52,7 +52,7 @@ impl Readiness {
         } else if !self.api_reachable.load(Ordering::Relaxed) {
             "the Kubernetes API is unreachable"
         } else if !self.synced.load(Ordering::Relaxed) {
-            "not synced with Kubernetes yet"
+            "not synced with Kubernetes (the PrefectAgent list or watch fails)"
         } else {
             "ready"
         }
@@ -435,7 +435,10 @@ mod tests {
         assert_eq!(r.reason(), "standby: another replica leads");
         r.leading.store(true, Ordering::Relaxed);
         r.api_reachable.store(true, Ordering::Relaxed);
-        assert_eq!(r.reason(), "not synced with Kubernetes yet");
+        assert_eq!(
+            r.reason(),
+            "not synced with Kubernetes (the PrefectAgent list or watch fails)"
+        );
         r.synced.store(true, Ordering::Relaxed);
         assert!(r.is_ready());
     }

@@ -23,6 +23,10 @@ pub enum SpecError {
     SecretNotFound(String),
     #[error("{0}")]
     JobNamespaceNotAllowed(String),
+    #[error(
+        "the operator cannot read this PrefectAgent ({0}); fix that field: the CRD of this operator version refuses such values"
+    )]
+    Undecodable(String),
 }
 
 impl SpecError {
@@ -32,6 +36,7 @@ impl SpecError {
             Self::Invalid(_) => "InvalidSpec",
             Self::SecretNotFound(_) => "SecretNotFound",
             Self::JobNamespaceNotAllowed(_) => "JobNamespaceNotAllowed",
+            Self::Undecodable(_) => "UndecodableSpec",
         }
     }
 }

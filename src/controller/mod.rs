@@ -14,10 +14,12 @@ pub mod supervisor;
 pub use config::{SpecError, agent_config, backend_config};
 pub use supervisor::{AgentPhase, Supervisor};
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
@@ -31,7 +33,7 @@ use crate::backend::http::RetryPolicy;
 use crate::crd::PrefectAgent;
 use crate::deploy::kubernetes::job::agent_label;
 use crate::deploy::kubernetes::observe::JobObserver;
-use crate::operator_api::{AgentMetrics, ControllerMetrics, MetricsSource};
+use crate::operator_api::{AgentMetrics, ControllerMetrics, MetricsSource, Readiness};
 use crate::scope::Scope;
 use prometheus::Registry;
 
@@ -68,8 +70,21 @@ pub struct Context {
     /// Where resources may put their Jobs.
     pub scope: Scope,
     /// Resources whose agent changed something their status shows: reconciled at once.
-    changes: mpsc::UnboundedSender<ObjectRef<PrefectAgent>>,
-    changed: Mutex<Option<mpsc::UnboundedReceiver<ObjectRef<PrefectAgent>>>>,
+    changes: mpsc::UnboundedSender<ObjectRef<Guarded>>,
+    changed: Mutex<Option<mpsc::UnboundedReceiver<ObjectRef<Guarded>>>>,
+}
+
+/// A PrefectAgent as watched: decoded, or the reason it could not be (one bad object
+/// must not stop the watch, and with it every other agent).
+pub type Guarded = DeserializeGuard<PrefectAgent>;
+
+/// The controller's reconcile: a decodable resource is reconciled, an undecodable one
+/// reported on.
+async fn reconcile_guarded(guard: Arc<Guarded>, ctx: Arc<Context>) -> Result<Action, Error> {
+    match &guard.0 {
+        Ok(agent) => reconcile(Arc::new(agent.clone()), ctx).await,
+        Err(invalid) => reconcile::undecodable(&guard, invalid, &ctx).await,
+    }
 }
 
 /// One reconcile of one resource, behind its finalizer (public for in-process tests).
@@ -93,7 +108,7 @@ pub async fn reconcile(agent: Arc<PrefectAgent>, ctx: Arc<Context>) -> Result<Ac
     result
 }
 
-fn error_policy(agent: Arc<PrefectAgent>, error: &Error, _ctx: Arc<Context>) -> Action {
+fn error_policy(agent: Arc<Guarded>, error: &Error, _ctx: Arc<Context>) -> Action {
     tracing::warn!(agent = %agent.name_any(), %error, "reconcile failed");
     Action::requeue(Duration::from_secs(5))
 }
@@ -142,15 +157,21 @@ impl MetricsSource for Context {
     }
 }
 
-/// Runs the controller (and the Job observer) until `shutdown`.
-pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: CancellationToken) {
+/// Runs the controller (and the Job observer) until `shutdown`; `readiness.synced`
+/// follows the PrefectAgent watch (a watch that keeps failing makes `/readyz` say so).
+pub async fn run(
+    ctx: Arc<Context>,
+    namespace: Option<String>,
+    shutdown: CancellationToken,
+    readiness: Arc<Readiness>,
+) {
     let client = ctx.client.clone();
     tokio::spawn(
         ctx.observer
             .clone()
             .run(client.clone(), namespace.clone(), shutdown.clone()),
     );
-    let agents: Api<PrefectAgent> = match &namespace {
+    let agents: Api<Guarded> = match &namespace {
         Some(ns) => Api::namespaced(client, ns),
         None => Api::all(client),
     };
@@ -163,10 +184,20 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: Cancell
     let (reader, writer) = reflector::store();
     let resources = reflector(
         writer,
-        watcher(agents, watcher::Config::default()).modify(|agent| {
-            agent.managed_fields_mut().clear();
-        }),
+        watcher(agents, watcher::Config::default())
+            .default_backoff()
+            .modify(|agent| {
+                agent.managed_fields_mut().clear();
+            }),
     )
+    .inspect(move |event| match event {
+        Ok(_) => readiness.synced.store(true, Ordering::Relaxed),
+        Err(e) => {
+            if readiness.synced.swap(false, Ordering::Relaxed) {
+                tracing::warn!(error = %e, "the PrefectAgent watch fails; retrying with backoff");
+            }
+        }
+    })
     .applied_objects();
     let changed = ctx
         .changed
@@ -182,7 +213,7 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: Cancell
     }
     controller
         .graceful_shutdown_on(async move { stop.cancelled().await })
-        .run(reconcile, error_policy, ctx.clone())
+        .run(reconcile_guarded, error_policy, ctx.clone())
         .for_each(|result| async move {
             if let Err(e) = result {
                 tracing::debug!(error = %e, "reconcile error");

@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use kube::api::{Patch, PatchParams};
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::api::{ApiResource, DynamicObject, Patch, PatchParams};
+use kube::core::error_boundary::InvalidObject;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::ObjectRef;
@@ -14,9 +16,9 @@ use tokio_util::sync::CancellationToken;
 use super::config::{Credentials, SpecError, agent_config, backend_config, check_spec};
 use super::status::{desired_status, status_changed, transition_event};
 use super::supervisor::{AgentPhase, RESTART_FIRST};
-use super::{Context, Error, FIELD_MANAGER, STATUS_INTERVAL, STATUS_WRITE_GAP};
+use super::{Context, Error, FIELD_MANAGER, FINALIZER, Guarded, STATUS_INTERVAL, STATUS_WRITE_GAP};
 use crate::agent::AnyAgent;
-use crate::crd::{JobSpec, PrefectAgent};
+use crate::crd::{JobSpec, PrefectAgent, PrefectAgentStatus};
 use crate::deploy::kubernetes::KubernetesDeployer;
 use crate::deploy::kubernetes::job::agent_label;
 
@@ -123,7 +125,8 @@ impl PrefectAgent {
         // per `STATUS_WRITE_GAP`: a burst of launches makes one write a second, not one per
         // run. A change during the gap leaves a permit, so the last one is written too.
         let (changes, watched, stop) = (ctx.changes.clone(), stats.clone(), token.clone());
-        let resource = ObjectRef::from_obj(self);
+        let resource = ObjectRef::<Guarded>::new(&self.name_any())
+            .within(&self.namespace().unwrap_or_default());
         tokio::spawn(async move {
             loop {
                 tokio::select! {
@@ -145,46 +148,16 @@ impl PrefectAgent {
 
     async fn write_status(&self, ctx: &Context, phase: &AgentPhase) -> Result<(), Error> {
         let ns = self.namespace().unwrap_or_default();
-        let previous = self
-            .status
-            .as_ref()
-            .map(|s| s.conditions.clone())
-            .unwrap_or_default();
         let active_jobs = ctx.observer.active(&agent_label(&ns, &self.name_any())) as u64;
-        let status = desired_status(phase, self.metadata.generation, &previous, active_jobs);
-        if self
-            .status
-            .as_ref()
-            .is_some_and(|s| !status_changed(s, &status))
-        {
-            return Ok(());
-        }
-        if let Some((warning, reason, note)) = transition_event(&previous, &status.conditions) {
-            let event = Event {
-                type_: if warning {
-                    EventType::Warning
-                } else {
-                    EventType::Normal
-                },
-                reason,
-                note: Some(note),
-                action: "Reconcile".into(),
-                secondary: None,
-            };
-            if let Err(e) = ctx.recorder.publish(&event, &self.object_ref(&())).await {
-                tracing::warn!(error = %e, "could not publish an Event");
-            }
-        }
-        let api: Api<PrefectAgent> = Api::namespaced(ctx.client.clone(), &ns);
-        let patch =
-            json!({"apiVersion": "prefect.io/v1alpha1", "kind": "PrefectAgent", "status": status});
-        api.patch_status(
-            &self.name_any(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
+        write_status(
+            ctx,
+            &self.object_ref(&()),
+            self.status.as_ref(),
+            phase,
+            self.metadata.generation,
+            active_jobs,
         )
-        .await?;
-        Ok(())
+        .await
     }
 
     pub(super) async fn cleanup(&self, ctx: &Context) -> Result<Action, Error> {
@@ -204,5 +177,109 @@ impl PrefectAgent {
             }
         }
         Ok(Action::await_change())
+    }
+}
+
+/// Writes the status a phase calls for, when it differs from `current`, with an Event
+/// when a condition changed; for decodable and undecodable resources alike.
+async fn write_status(
+    ctx: &Context,
+    object: &ObjectReference,
+    current: Option<&PrefectAgentStatus>,
+    phase: &AgentPhase,
+    generation: Option<i64>,
+    active_jobs: u64,
+) -> Result<(), Error> {
+    let previous = current.map(|s| s.conditions.clone()).unwrap_or_default();
+    let status = desired_status(phase, generation, &previous, active_jobs);
+    if current.is_some_and(|s| !status_changed(s, &status)) {
+        return Ok(());
+    }
+    if let Some((warning, reason, note)) = transition_event(&previous, &status.conditions) {
+        let event = Event {
+            type_: if warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason,
+            note: Some(note),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&event, object).await {
+            tracing::warn!(error = %e, "could not publish an Event");
+        }
+    }
+    // Guarded: the write's answer is the resource, which may not decode.
+    let api: Api<Guarded> = Api::namespaced(
+        ctx.client.clone(),
+        object.namespace.as_deref().unwrap_or_default(),
+    );
+    let patch =
+        json!({"apiVersion": "prefect.io/v1alpha1", "kind": "PrefectAgent", "status": status});
+    api.patch_status(
+        object.name.as_deref().unwrap_or_default(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+/// A PrefectAgent the operator cannot decode (stored by an older CRD, or edited around
+/// the schema): its agent, if one ran, is stopped, and its status says which field is
+/// wrong; every other resource is reconciled as usual. Being deleted, it is let go.
+pub(super) async fn undecodable(
+    guard: &Guarded,
+    invalid: &InvalidObject,
+    ctx: &Context,
+) -> Result<Action, Error> {
+    let meta = &invalid.metadata;
+    let (ns, name) = (
+        meta.namespace.clone().unwrap_or_default(),
+        meta.name.clone().unwrap_or_default(),
+    );
+    ctx.supervisor.stop(&format!("{ns}/{name}"));
+    let api: Api<Guarded> = Api::namespaced(ctx.client.clone(), &ns);
+    if meta.deletion_timestamp.is_some() {
+        let finalizers = meta.finalizers.clone().unwrap_or_default();
+        if finalizers.iter().any(|f| f == FINALIZER) {
+            let rest: Vec<&String> = finalizers.iter().filter(|f| *f != FINALIZER).collect();
+            let patch = json!({"metadata": {"finalizers": rest,
+                "resourceVersion": meta.resource_version}});
+            api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await?;
+        }
+        return Ok(Action::await_change());
+    }
+    let cause = field_error(ctx, &ns, &name)
+        .await
+        .unwrap_or_else(|| invalid.error.clone());
+    tracing::warn!(resource = %format!("{ns}/{name}"), error = %cause, "cannot decode a PrefectAgent; its agent is not run");
+    let phase = AgentPhase::Invalid {
+        reason: SpecError::Undecodable(String::new()).reason(),
+        message: SpecError::Undecodable(cause).to_string(),
+    };
+    write_status(
+        ctx,
+        &guard.object_ref(&()),
+        None,
+        &phase,
+        meta.generation,
+        0,
+    )
+    .await?;
+    Ok(Action::await_change())
+}
+
+/// Which field of a stored PrefectAgent does not decode, as `spec.x.y: why`.
+async fn field_error(ctx: &Context, ns: &str, name: &str) -> Option<String> {
+    let resource = ApiResource::erase::<PrefectAgent>(&());
+    let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), ns, &resource);
+    let raw = serde_json::to_value(api.get(name).await.ok()?).ok()?;
+    match serde_path_to_error::deserialize::<_, PrefectAgent>(raw) {
+        Ok(_) => None,
+        Err(e) => Some(format!("{}: {}", e.path(), e.inner())),
     }
 }

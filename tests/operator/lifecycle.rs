@@ -389,3 +389,89 @@ async fn an_unreachable_prefect_api_is_degraded_with_the_cause() {
     );
     drop(operator);
 }
+
+/// A PrefectAgent stored under an older CRD that the operator cannot decode: it gets a
+/// Degraded condition naming the field, every other agent runs, /readyz is ready, and it
+/// can be deleted.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_undecodable_resource_is_named_and_stops_no_other_agent() {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::api::DynamicObject;
+    let (kube_server, client, ns) = dedicated_cluster("undecodable").await;
+    let prefect = Setup::new("undecodable").await;
+    // An older CRD: concurrencyLimit without its maximum.
+    let mut old = serde_json::to_value(prefect_agent_operator::crd::crd()).unwrap();
+    let limit = old
+        .pointer_mut(
+            "/spec/versions/0/schema/openAPIV3Schema/properties/spec/properties/concurrencyLimit",
+        )
+        .unwrap();
+    limit.as_object_mut().unwrap().remove("maximum");
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    crds.patch(
+        "prefectagents.prefect.io",
+        &PatchParams::apply("old-crd").force(),
+        &Patch::Apply(&old),
+    )
+    .await
+    .expect("the old CRD");
+    let resource = kube::api::ApiResource::erase::<PrefectAgent>(&());
+    let raw: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &resource);
+    let bad = json!({"apiVersion": "prefect.io/v1alpha1", "kind": "PrefectAgent",
+        "metadata": {"name": "bad"},
+        "spec": {"api": {"url": prefect.server.url, "workPool": prefect.pool},
+                 "concurrencyLimit": 4294967296u64}});
+    wait_for("the old CRD to take", Duration::from_secs(30), || async {
+        raw.create(
+            &PostParams::default(),
+            &serde_json::from_value(bad.clone()).unwrap(),
+        )
+        .await
+        .ok()
+    })
+    .await;
+    let agents: Api<PrefectAgent> = Api::namespaced(client.clone(), &ns);
+    agents
+        .create(
+            &PostParams::default(),
+            &agent_resource("good", &prefect.server.url, &prefect.pool),
+        )
+        .await
+        .expect("create the good one");
+
+    // The operator starts with its own CRD, as after an upgrade; the stored object stays.
+    let port = free_port();
+    let mut cmd = operator_command(&kube_server.kubeconfig);
+    cmd.args(["--namespace", &ns, "--install-crd"])
+        .env("PAO_HEALTH_ADDRESS", format!("127.0.0.1:{port}"));
+    let operator = AgentProcess::start_with(cmd);
+    kube_server.wait_ready(&ns, "good", &operator).await;
+    let status = wait_for(
+        "the bad one's Degraded condition",
+        Duration::from_secs(60),
+        || async {
+            let obj = raw.get("bad").await.ok()?;
+            let conditions = obj.data["status"]["conditions"].as_array()?.clone();
+            conditions
+                .into_iter()
+                .find(|c| c["type"] == "Degraded" && c["status"] == "True")
+        },
+    )
+    .await;
+    assert_eq!(status["reason"], "UndecodableSpec", "{status}");
+    let message = status["message"].as_str().unwrap();
+    assert!(message.contains("spec.concurrencyLimit"), "{message}");
+    let ready = reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
+        .await
+        .unwrap();
+    assert_eq!(ready.status().as_u16(), 200, "{}", operator.output());
+
+    raw.delete("bad", &Default::default())
+        .await
+        .expect("delete");
+    wait_for("the bad one to go", Duration::from_secs(30), || async {
+        raw.get_opt("bad").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    drop(operator);
+}

@@ -12,7 +12,7 @@ use pao_testkit as common;
 
 use std::time::Duration;
 
-use common::cluster::{KubeApiServer, cluster_with_namespace, create_secret};
+use common::cluster::{KubeApiServer, cluster_with_namespace, create_secret, dedicated_cluster};
 use common::*;
 use k8s_openapi::api::batch::v1::Job;
 use kube::ResourceExt;

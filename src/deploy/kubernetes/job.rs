@@ -179,8 +179,18 @@ pub fn build_job(input: &JobInputs<'_>) -> Result<Job, JobBuildError> {
     ) {
         strategic_merge(pod, overrides);
     }
-    serde_json::from_value(value)
-        .map_err(|e| JobBuildError::Invalid(format!("after podTemplate: {e}")))
+    let mut job: Job = serde_json::from_value(value)
+        .map_err(|e| JobBuildError::Invalid(format!("after podTemplate: {e}")))?;
+    // `podTemplate` may add labels, never replace the ones the operator knows pods by.
+    if let Some(spec) = job.spec.as_mut() {
+        spec.template
+            .metadata
+            .get_or_insert_with(Default::default)
+            .labels
+            .get_or_insert_with(Default::default)
+            .extend(identity_labels(input));
+    }
+    Ok(job)
 }
 
 /// The labels Prefect's worker gives a run's Job, before slugifying: its own about the
@@ -524,20 +534,7 @@ fn fix_identity(job: &mut Job, input: &JobInputs<'_>) -> Result<(), JobBuildErro
             .run_namespace(input.agent_namespace, &namespace)
             .map_err(JobBuildError::Namespace)?;
     }
-    let mut ours = BTreeMap::from([
-        (labels::FLOW_RUN_ID.to_string(), label_value(&run.id)),
-        (
-            labels::AGENT.to_string(),
-            agent_label(input.agent_namespace, input.agent_name),
-        ),
-        (labels::MANAGED_BY.to_string(), crate::APP_NAME.to_string()),
-    ]);
-    if let Some(flow) = &run.flow_id {
-        ours.insert(labels::FLOW_ID.into(), label_value(flow));
-    }
-    if let Some(dep) = &run.deployment_id {
-        ours.insert(labels::DEPLOYMENT_ID.into(), label_value(dep));
-    }
+    let ours = identity_labels(input);
     let meta = &mut job.metadata;
     meta.name = Some(job_name(&run.id));
     meta.generate_name = None;
@@ -566,6 +563,26 @@ fn fix_identity(job: &mut Job, input: &JobInputs<'_>) -> Result<(), JobBuildErro
         input.secret,
     )?);
     Ok(())
+}
+
+/// The labels by which the operator knows a Job and its pod as a run's.
+fn identity_labels(input: &JobInputs<'_>) -> BTreeMap<String, String> {
+    let run = input.run;
+    let mut ours = BTreeMap::from([
+        (labels::FLOW_RUN_ID.to_string(), label_value(&run.id)),
+        (
+            labels::AGENT.to_string(),
+            agent_label(input.agent_namespace, input.agent_name),
+        ),
+        (labels::MANAGED_BY.to_string(), crate::APP_NAME.to_string()),
+    ]);
+    if let Some(flow) = &run.flow_id {
+        ours.insert(labels::FLOW_ID.into(), label_value(flow));
+    }
+    if let Some(dep) = &run.deployment_id {
+        ours.insert(labels::DEPLOYMENT_ID.into(), label_value(dep));
+    }
+    ours
 }
 
 /// Prefect's eviction handling: with no pod retries (`backoffLimit: 0`) the run is
@@ -966,6 +983,22 @@ mod tests {
             .find(|e| e["name"] == "PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR")
             .unwrap();
         assert_eq!(sigterm["value"], "reschedule");
+    }
+
+    /// `podTemplate` labels cannot pass a pod off as another run's or agent's.
+    #[test]
+    fn pod_template_cannot_override_the_operator_s_labels() {
+        let defaults: JobSpec = serde_json::from_value(json!({"podTemplate": {"metadata": {"labels": {
+            "prefect.io/flow-run-id": "victim", "prefect.io/agent": "other.agent", "extra": "ok"}}}}))
+        .unwrap();
+        let job = build(json!({}), defaults, None).unwrap();
+        let labels = job.spec.unwrap().template.metadata.unwrap().labels.unwrap();
+        assert_eq!(
+            labels["prefect.io/flow-run-id"],
+            "0D3E5F2A-1111-2222-3333-444455556666"
+        );
+        assert_eq!(labels["prefect.io/agent"], "data.etl");
+        assert_eq!(labels["extra"], "ok");
     }
 
     /// The default adds nothing, as Prefect's worker: the image decides the user.

@@ -112,10 +112,17 @@ impl Deployer for KubernetesDeployer {
     fn unwatched_exits(
         &self,
     ) -> Option<tokio::sync::mpsc::UnboundedReceiver<(String, crate::deploy::Exit)>> {
-        Some(
-            self.observer
-                .subscribe(&agent_label(&self.agent_namespace, &self.agent_name)),
-        )
+        let (own, agent_ns, scope) = (
+            self.namespace(),
+            self.agent_namespace.clone(),
+            self.scope.clone(),
+        );
+        let accepts: observe::NamespaceFilter =
+            Arc::new(move |ns| ns == own || scope.run_namespace(&agent_ns, ns).is_ok());
+        Some(self.observer.subscribe(
+            &agent_label(&self.agent_namespace, &self.agent_name),
+            accepts,
+        ))
     }
 
     async fn deploy(&self, launch: Launch) -> Result<Launched, DeployError> {

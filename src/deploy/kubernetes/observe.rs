@@ -31,8 +31,11 @@ pub struct JobObserver {
     expiring: Mutex<HashMap<String, Timestamp>>,
     /// Ends of Jobs nobody waits for (launched before this process started), by agent
     /// label: `(flow run id, exit)` to the agent, or kept until it subscribes.
-    agents: Mutex<HashMap<String, mpsc::UnboundedSender<(String, Exit)>>>,
-    unclaimed: Mutex<HashMap<String, Vec<(String, Exit)>>>,
+    agents: Mutex<HashMap<String, Subscriber>>,
+    unclaimed: Mutex<HashMap<String, Vec<Unwatched>>>,
+    /// The UID of every Job seen (`namespace/name`): a pod counts only when such a Job
+    /// controls it.
+    job_uids: Mutex<HashMap<String, String>>,
     /// Jobs whose end was already routed that way (a finished Job is seen again on
     /// every later change).
     routed: Mutex<HashSet<String>>,
@@ -41,6 +44,29 @@ pub struct JobObserver {
 
 /// How many ends of unwatched Jobs are kept for an agent that has not subscribed yet.
 const UNCLAIMED_MAX: usize = 10_000;
+
+/// Which namespaces an agent's Jobs may be in: an end heard from anywhere else is not
+/// its (labels are anyone's to write).
+pub type NamespaceFilter = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
+struct Subscriber {
+    tx: mpsc::UnboundedSender<(String, Exit)>,
+    accepts: NamespaceFilter,
+}
+
+impl std::fmt::Debug for Subscriber {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Subscriber")
+    }
+}
+
+/// An end nobody waited for: the Job's namespace, the run, how it ended.
+#[derive(Debug)]
+struct Unwatched {
+    namespace: String,
+    run_id: String,
+    exit: Exit,
+}
 
 /// When a finished Job may be deleted: its end plus `ttlSecondsAfterFinished`.
 pub fn expiry(job: &Job) -> Option<Timestamp> {
@@ -197,14 +223,20 @@ impl JobObserver {
             expiring: Mutex::default(),
             agents: Mutex::default(),
             unclaimed: Mutex::default(),
+            job_uids: Mutex::default(),
             routed: Mutex::default(),
             grace,
         })
     }
 
     /// The ends of this agent's Jobs that no launch in this process waits for, e.g. Jobs
-    /// started before an operator restart; ends seen before the call come first.
-    pub fn subscribe(&self, agent: &str) -> mpsc::UnboundedReceiver<(String, Exit)> {
+    /// started before an operator restart; ends seen before the call come first. Only
+    /// Jobs in namespaces `accepts` admits count.
+    pub fn subscribe(
+        &self,
+        agent: &str,
+        accepts: NamespaceFilter,
+    ) -> mpsc::UnboundedReceiver<(String, Exit)> {
         let (tx, rx) = mpsc::unbounded_channel();
         let earlier = self
             .unclaimed
@@ -212,11 +244,11 @@ impl JobObserver {
             .ok()
             .and_then(|mut u| u.remove(agent))
             .unwrap_or_default();
-        for item in earlier {
-            let _ = tx.send(item);
+        for item in earlier.into_iter().filter(|i| accepts(&i.namespace)) {
+            let _ = tx.send((item.run_id, item.exit));
         }
         if let Ok(mut a) = self.agents.lock() {
-            a.insert(agent.to_string(), tx);
+            a.insert(agent.to_string(), Subscriber { tx, accepts });
         }
         rx
     }
@@ -229,13 +261,18 @@ impl JobObserver {
     }
 
     /// Sends the end of a Job nobody waits for to its agent, once per Job (`labels`: the
-    /// Job's or its pod's); true when it was sent now.
+    /// Job's or its pod's; `k`: the Job's `namespace/name`); true when it was sent now.
     fn route_unwatched(&self, labels: &BTreeMap<String, String>, k: &str, exit: Exit) -> bool {
         let (Some(agent), Some(run_id)) =
             (labels.get(labels::AGENT), labels.get(labels::FLOW_RUN_ID))
         else {
             return false;
         };
+        let namespace = k.split_once('/').map_or("", |(ns, _)| ns).to_string();
+        // Only the run's own Job name counts, whatever the labels say.
+        if k.split_once('/').map(|(_, name)| name) != Some(job_name(run_id).as_str()) {
+            return false;
+        }
         if !self
             .routed
             .lock()
@@ -243,13 +280,26 @@ impl JobObserver {
         {
             return false;
         }
-        let item = (run_id.clone(), exit);
-        let item = match self.agents.lock().ok().and_then(|a| a.get(agent).cloned()) {
-            Some(tx) => match tx.send(item) {
-                Ok(()) => return true,
-                Err(mpsc::error::SendError(item)) => item,
+        let item = Unwatched {
+            namespace,
+            run_id: run_id.clone(),
+            exit,
+        };
+        let item = match self.agents.lock() {
+            Ok(a) => match a.get(agent) {
+                // Not a namespace this agent uses: someone else's Job (or a forgery).
+                Some(s) if !(s.accepts)(&item.namespace) => return false,
+                Some(s) => match s.tx.send((item.run_id, item.exit)) {
+                    Ok(()) => return true,
+                    Err(mpsc::error::SendError((run_id, exit))) => Unwatched {
+                        namespace: item.namespace,
+                        run_id,
+                        exit,
+                    },
+                },
+                None => item,
             },
-            None => item,
+            Err(_) => item,
         };
         if let Ok(mut u) = self.unclaimed.lock() {
             let pending = u.entry(agent.clone()).or_default();
@@ -277,6 +327,9 @@ impl JobObserver {
     /// The same, with what the Job's pod said when it ended (see [`pod_termination`]).
     pub fn observe_with_cause(&self, job: &Job, cause: Option<String>) {
         let k = key(&job.namespace().unwrap_or_default(), &job.name_any());
+        if let (Some(uid), Ok(mut uids)) = (job.uid(), self.job_uids.lock()) {
+            uids.insert(k.clone(), uid);
+        }
         let outcome = job_outcome(job).map(|mut exit| {
             if let Some(cause) = cause.filter(|_| !exit.success) {
                 exit.description = format!("{}; {cause}", exit.description);
@@ -321,6 +374,9 @@ impl JobObserver {
     /// agent hears that it ended (and crashes the run unless it finished or is cancelling).
     pub fn gone(&self, job: &Job) {
         let k = key(&job.namespace().unwrap_or_default(), &job.name_any());
+        if let Ok(mut uids) = self.job_uids.lock() {
+            uids.remove(&k);
+        }
         if let Some(agent) = job.labels().get(labels::AGENT) {
             self.forget(agent, &k);
         }
@@ -395,6 +451,9 @@ impl JobObserver {
         let ns = pod.namespace().unwrap_or_default();
         let pod_key = key(&ns, &pod.name_any());
         let run_id = pod.labels().get(labels::FLOW_RUN_ID)?.clone();
+        if !self.owned_by_run_job(pod, &ns, &run_id) {
+            return None;
+        }
         let problem = match pod_problem(pod, now, self.grace) {
             Some(p) if p.fatal => p,
             other => {
@@ -431,6 +490,23 @@ impl JobObserver {
             None => return None,
         }
         Some((ns, job))
+    }
+
+    /// Whether the Job of `run_id`, as this observer saw it, controls the pod: labels alone
+    /// are anyone's to write.
+    fn owned_by_run_job(&self, pod: &Pod, ns: &str, run_id: &str) -> bool {
+        let name = job_name(run_id);
+        let Some(uid) = self
+            .job_uids
+            .lock()
+            .ok()
+            .and_then(|u| u.get(&key(ns, &name)).cloned())
+        else {
+            return false;
+        };
+        pod.owner_references().iter().any(|o| {
+            o.kind == "Job" && o.controller == Some(true) && o.name == name && o.uid == uid
+        })
     }
 
     /// For a failed Job whose end nobody heard yet: how its pod ended (one list call).
@@ -569,11 +645,22 @@ mod tests {
         );
     }
 
+    /// A pod of run `r1`'s Job (UID `job-uid`) in namespace `n`.
     fn pod(age_secs: i64, status: serde_json::Value) -> Pod {
         let created = Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_secs(age_secs);
         serde_json::from_value(json!({"metadata": {"name": "p", "namespace": "n",
             "creationTimestamp": created.to_string(),
-            "labels": {"prefect.io/flow-run-id": "r1"}}, "status": status}))
+            "labels": {"prefect.io/flow-run-id": "r1", "prefect.io/agent": "n.etl"},
+            "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "controller": true,
+                "name": job_name("r1"), "uid": "job-uid"}]}, "status": status}))
+        .unwrap()
+    }
+
+    /// Run `r1`'s Job in namespace `ns`, as the Job watch sees it.
+    fn run_job(ns: &str, uid: &str) -> Job {
+        serde_json::from_value(json!({"metadata": {"name": job_name("r1"), "namespace": ns,
+            "uid": uid, "labels": {"prefect.io/agent": "n.etl", "prefect.io/flow-run-id": "r1"}},
+            "status": {}}))
         .unwrap()
     }
 
@@ -670,6 +757,7 @@ mod tests {
     fn a_stuck_pod_ends_its_run_s_wait() {
         let o = JobObserver::new(Duration::from_secs(60));
         let mut rx = o.wait_for("n", &job_name("r1"));
+        o.observe(&run_job("n", "job-uid"));
         assert_eq!(
             o.observe_pod(&pod(5, waiting("ImagePullBackOff")), Timestamp::now()),
             None
@@ -736,9 +824,11 @@ mod tests {
     }
 
     fn labelled_job(conditions: serde_json::Value) -> Job {
-        serde_json::from_value(json!({"metadata": {"name": "j", "namespace": "n",
+        serde_json::from_value(
+            json!({"metadata": {"name": job_name("r1"), "namespace": "n",
             "labels": {"prefect.io/agent": "n.etl", "prefect.io/flow-run-id": "r1"}},
-            "status": {"conditions": conditions}}))
+            "status": {"conditions": conditions}}),
+        )
         .unwrap()
     }
 
@@ -749,7 +839,7 @@ mod tests {
         // Seen before the agent subscribed (an operator restart): kept for it.
         let o = JobObserver::new(Duration::from_secs(60));
         o.observe(&labelled_job(failed.clone()));
-        let mut rx = o.subscribe("n.etl");
+        let mut rx = o.subscribe("n.etl", only("n"));
         let (run, exit) = rx.try_recv().unwrap();
         assert_eq!(run, "r1");
         assert!(!exit.success && exit.description.contains("BackoffLimitExceeded"));
@@ -760,20 +850,65 @@ mod tests {
         );
         // A Job someone waits for is told to the waiter only, then never routed.
         let o = JobObserver::new(Duration::from_secs(60));
-        let mut rx = o.subscribe("n.etl");
-        let mut waiter = o.wait_for("n", "j");
+        let mut rx = o.subscribe("n.etl", only("n"));
+        let mut waiter = o.wait_for("n", &job_name("r1"));
         o.observe(&labelled_job(failed.clone()));
         assert!(!waiter.try_recv().unwrap().success);
         o.observe(&labelled_job(failed));
         assert!(rx.try_recv().is_err());
         // An unfinished Job of an earlier process deleted: its agent hears of it.
         let mut other = labelled_job(json!([]));
-        other.metadata.name = Some("k".into());
+        other.metadata.name = Some(job_name("r2"));
+        other
+            .labels_mut()
+            .insert("prefect.io/flow-run-id".into(), "r2".into());
         o.gone(&other);
         assert_eq!(
             rx.try_recv().unwrap().1.description,
-            "the Job n/k was deleted before it finished"
+            format!(
+                "the Job n/{} was deleted before it finished",
+                job_name("r2")
+            )
         );
+    }
+
+    fn only(ns: &'static str) -> NamespaceFilter {
+        Arc::new(move |n| n == ns)
+    }
+
+    /// Labels are anyone's to write: a Job in a namespace its agent does not use, a Job
+    /// not named after the run, a pod no such Job controls: none reaches the agent.
+    #[test]
+    fn forged_jobs_and_pods_reach_no_agent() {
+        let failed =
+            json!([{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]);
+        let o = JobObserver::new(Duration::from_secs(60));
+        let mut rx = o.subscribe("n.etl", only("n"));
+        let mut elsewhere = labelled_job(failed.clone());
+        elsewhere.metadata.namespace = Some("attacker".into());
+        o.observe(&elsewhere);
+        let mut misnamed = labelled_job(failed);
+        misnamed.metadata.name = Some("whatever".into());
+        o.observe(&misnamed);
+        assert!(rx.try_recv().is_err(), "no end from a forged Job");
+
+        // A pod labelled for the run, evicted, in the attacker's namespace, owned by nothing
+        // the watch saw; then one owned by a Job of the same name but another UID.
+        let evicted = json!({"phase": "Failed", "reason": "Evicted", "message": "forged"});
+        let mut forged = pod(1, evicted.clone());
+        forged.metadata.namespace = Some("attacker".into());
+        assert_eq!(o.observe_pod(&forged, Timestamp::now()), None);
+        o.observe(&run_job("attacker", "attacker-uid"));
+        assert_eq!(
+            o.observe_pod(&forged, Timestamp::now()),
+            None,
+            "UID differs"
+        );
+        assert!(rx.try_recv().is_err());
+        // The real pod of the real Job still counts.
+        o.observe(&run_job("n", "job-uid"));
+        assert!(o.observe_pod(&pod(1, evicted), Timestamp::now()).is_some());
+        assert_eq!(rx.try_recv().unwrap().0, "r1");
     }
 
     #[test]
