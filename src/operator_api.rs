@@ -377,6 +377,7 @@ mod tests {
             claim_conflicts: 4,
             last_poll_time: None,
             last_error: None,
+            ..StatsSnapshot::default()
         };
         let latency = latency_histogram(SUBMISSION_LATENCY.0, SUBMISSION_LATENCY.1);
         latency.observe(0.08);

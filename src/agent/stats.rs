@@ -37,6 +37,10 @@ struct Last {
     error: Option<String>,
     /// Whether the last poll failed.
     failing: bool,
+    /// Polls failed in a row.
+    consecutive_poll_errors: u64,
+    /// The agent made its `max_polls` and stopped.
+    finished: bool,
 }
 
 /// A copy of the counters at one moment.
@@ -56,6 +60,12 @@ pub struct StatsSnapshot {
     pub claim_conflicts: u64,
     pub last_poll_time: Option<DateTime<Utc>>,
     pub last_error: Option<String>,
+    /// Polls failed in a row (0 after a poll that worked).
+    #[serde(default)]
+    pub consecutive_poll_errors: u64,
+    /// The agent made its `max_polls` and stopped (not a failure).
+    #[serde(default)]
+    pub finished: bool,
 }
 
 impl Default for AgentStats {
@@ -112,10 +122,17 @@ impl AgentStats {
         last.poll_time = Some(Utc::now());
         let failing = error.is_some();
         let changed = failing != last.failing || (failing && error != last.error);
-        last.failing = failing;
         if failing {
+            last.consecutive_poll_errors += 1;
             last.error = error;
+        } else {
+            last.consecutive_poll_errors = 0;
+            // Polling works again: the error it showed is over.
+            if last.failing {
+                last.error = None;
+            }
         }
+        last.failing = failing;
         drop(last);
         if changed {
             self.touch();
@@ -128,6 +145,14 @@ impl AgentStats {
                 return;
             }
             last.error = Some(message);
+        }
+        self.touch();
+    }
+
+    /// The agent made its `max_polls` and stopped.
+    pub fn finish(&self) {
+        if let Ok(mut last) = self.last.lock() {
+            last.finished = true;
         }
         self.touch();
     }
@@ -158,6 +183,8 @@ impl AgentStats {
             claim_conflicts: self.claim_conflicts.load(Ordering::Relaxed),
             last_poll_time: last.poll_time,
             last_error: last.error,
+            consecutive_poll_errors: last.consecutive_poll_errors,
+            finished: last.finished,
         }
     }
 }
@@ -192,8 +219,12 @@ mod tests {
         assert!(!signalled(&stats));
         stats.polled(Some("refused".into()));
         assert!(signalled(&stats));
+        assert_eq!(stats.snapshot().consecutive_poll_errors, 3);
         stats.polled(None);
         assert!(signalled(&stats));
+        let after = stats.snapshot();
+        assert_eq!(after.consecutive_poll_errors, 0);
+        assert_eq!(after.last_error, None, "recovery clears the error");
         stats.submitted();
         assert!(signalled(&stats));
         stats.failed();

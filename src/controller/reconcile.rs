@@ -17,7 +17,7 @@ use super::config::{Credentials, SpecError, agent_config, backend_config, check_
 use super::status::{desired_status, status_changed, transition_event};
 use super::supervisor::{AgentPhase, RESTART_FIRST};
 use super::{Context, Error, FIELD_MANAGER, FINALIZER, Guarded, STATUS_INTERVAL, STATUS_WRITE_GAP};
-use crate::agent::AnyAgent;
+use crate::agent::{AnyAgent, StopReason};
 use crate::crd::{JobSpec, PrefectAgent, PrefectAgentStatus};
 use crate::deploy::kubernetes::KubernetesDeployer;
 use crate::deploy::kubernetes::job::agent_label;
@@ -63,7 +63,7 @@ impl PrefectAgent {
             // Fixed Secrets and namespaces are not watched: looked at again now and then.
             AgentPhase::Invalid { .. } => Action::requeue(Duration::from_secs(30)),
             AgentPhase::Failed { retry_in, .. } => Action::requeue(retry_in),
-            AgentPhase::Suspended => Action::await_change(),
+            AgentPhase::Suspended | AgentPhase::Finished { .. } => Action::await_change(),
             AgentPhase::Running { .. } => Action::requeue(STATUS_INTERVAL),
         })
     }
@@ -113,9 +113,13 @@ impl PrefectAgent {
         let handle = tokio::spawn(tracing::Instrument::instrument(
             async move {
                 // The error goes where the status reads it: the agent's counters.
-                if let Err(e) = agent.start(run_token).await {
-                    tracing::error!(error = %e, "agent stopped with an error");
-                    task_stats.error(e.to_string());
+                match agent.start(run_token).await {
+                    Ok(StopReason::MaxPolls) => task_stats.finish(),
+                    Ok(StopReason::Shutdown) => {}
+                    Err(e) => {
+                        tracing::error!(error = %e, "agent stopped with an error");
+                        task_stats.error(e.to_string());
+                    }
                 }
                 task_stats.touch();
             },
@@ -257,19 +261,37 @@ pub(super) async fn undecodable(
         .await
         .unwrap_or_else(|| invalid.error.clone());
     tracing::warn!(resource = %format!("{ns}/{name}"), error = %cause, "cannot decode a PrefectAgent; its agent is not run");
-    let phase = AgentPhase::Invalid {
-        reason: SpecError::Undecodable(String::new()).reason(),
-        message: SpecError::Undecodable(cause).to_string(),
+    let error = SpecError::Undecodable(cause);
+    let object = guard.object_ref(&());
+    // An Event always: the API server may refuse the status of an object that breaks
+    // the schema (it validates the whole object on a status write).
+    let event = Event {
+        type_: EventType::Warning,
+        reason: error.reason().into(),
+        note: Some(error.to_string()),
+        action: "Reconcile".into(),
+        secondary: None,
     };
-    write_status(
-        ctx,
-        &guard.object_ref(&()),
-        None,
-        &phase,
-        meta.generation,
-        0,
-    )
-    .await?;
+    if let Err(e) = ctx.recorder.publish(&event, &object).await {
+        tracing::warn!(error = %e, "could not publish an Event");
+    }
+    let phase = AgentPhase::Invalid {
+        reason: error.reason(),
+        message: error.to_string(),
+    };
+    let status = desired_status(&phase, meta.generation, &[], 0);
+    let patch =
+        json!({"apiVersion": "prefect.io/v1alpha1", "kind": "PrefectAgent", "status": status});
+    if let Err(e) = api
+        .patch_status(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+    {
+        tracing::warn!(resource = %format!("{ns}/{name}"), error = %e, "could not write the status of an undecodable PrefectAgent; its Event says why");
+    }
     Ok(Action::await_change())
 }
 

@@ -7,6 +7,9 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use super::supervisor::AgentPhase;
 use crate::crd::PrefectAgentStatus;
 
+/// Polls failed in a row that make a healthy agent Degraded.
+pub const DEGRADED_AFTER_POLL_ERRORS: u64 = 3;
+
 /// A condition's status, reason and message.
 type Cond<'a> = (&'a str, &'a str, String);
 
@@ -43,6 +46,17 @@ pub fn conditions(
             ),
             ("True", "AgentFailed", message.clone()),
         ),
+        AgentPhase::Finished { stats } => {
+            let m = format!(
+                "the agent made its {} polls (spec.maxPolls) and stopped; it runs again when the spec changes",
+                stats.polls
+            );
+            (
+                ("False", "Finished", m.clone()),
+                ("False", "Finished", m),
+                ("False", "Finished", "no problem seen".into()),
+            )
+        }
         AgentPhase::Running { stats } if stats.agent_id.is_none() => (
             (
                 "False",
@@ -57,8 +71,10 @@ pub fn conditions(
             ("False", "Registering", "no problem seen".into()),
         ),
         AgentPhase::Running { stats } => {
-            let polling_fails =
-                stats.polls > 0 && stats.last_error.is_some() && stats.poll_errors == stats.polls;
+            // Never polled successfully, or failing for a while after a healthy start.
+            let polling_fails = stats.last_error.is_some()
+                && ((stats.polls > 0 && stats.poll_errors == stats.polls)
+                    || stats.consecutive_poll_errors >= DEGRADED_AFTER_POLL_ERRORS);
             if polling_fails {
                 let m = stats.last_error.clone().unwrap_or_default();
                 (
@@ -116,7 +132,7 @@ pub fn desired_status(
     active_jobs: u64,
 ) -> PrefectAgentStatus {
     let stats = match phase {
-        AgentPhase::Running { stats } => Some(stats),
+        AgentPhase::Running { stats } | AgentPhase::Finished { stats } => Some(stats),
         _ => None,
     };
     let last_error = match phase {
@@ -242,6 +258,42 @@ mod tests {
 
     fn get<'a>(c: &'a [Condition], t: &str) -> &'a Condition {
         c.iter().find(|c| c.type_ == t).unwrap()
+    }
+
+    /// A healthy agent whose polls start failing is Degraded after a few, with the error,
+    /// and Ready again after the next poll that works.
+    #[test]
+    fn a_healthy_agent_degrades_when_polls_keep_failing() {
+        let after = |consecutive: u64| {
+            let s = StatsSnapshot {
+                consecutive_poll_errors: consecutive,
+                last_error: (consecutive > 0).then(|| "connection refused".to_string()),
+                ..stats(Some("w1"), 100, consecutive)
+            };
+            conditions(&AgentPhase::Running { stats: s }, Some(1), &[])
+        };
+        assert_eq!(get(&after(2), "Ready").status, "True", "a blip is no alarm");
+        let degraded = after(DEGRADED_AFTER_POLL_ERRORS);
+        assert_eq!(get(&degraded, "Degraded").status, "True");
+        assert_eq!(get(&degraded, "Degraded").message, "connection refused");
+        assert_eq!(get(&after(0), "Degraded").status, "False");
+    }
+
+    /// An agent that made its maxPolls is finished, not failed.
+    #[test]
+    fn a_finished_agent_is_neither_ready_nor_degraded() {
+        let finished = AgentPhase::Finished {
+            stats: StatsSnapshot {
+                finished: true,
+                ..stats(Some("w1"), 1, 0)
+            },
+        };
+        let c = conditions(&finished, Some(1), &[]);
+        assert_eq!(get(&c, "Ready").reason, "Finished");
+        assert_eq!(get(&c, "Ready").status, "False");
+        assert_eq!(get(&c, "Degraded").status, "False");
+        assert!(get(&c, "Ready").message.contains("maxPolls"));
+        assert_eq!(desired_status(&finished, Some(1), &[], 0).polls, 1);
     }
 
     #[test]

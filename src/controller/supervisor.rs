@@ -57,6 +57,8 @@ pub enum AgentPhase {
     Running { stats: StatsSnapshot },
     /// The agent task ended with this error and will be restarted after `retry_in`.
     Failed { message: String, retry_in: Duration },
+    /// The agent made its `maxPolls` and stopped; it runs again when the spec changes.
+    Finished { stats: StatsSnapshot },
 }
 
 impl Supervisor {
@@ -74,9 +76,11 @@ impl Supervisor {
             return None;
         }
         if r.handle.is_finished() {
-            let last = r
-                .stats
-                .snapshot()
+            let stats = r.stats.snapshot();
+            if stats.finished {
+                return Some(AgentPhase::Finished { stats });
+            }
+            let last = stats
                 .last_error
                 .unwrap_or_else(|| "the agent stopped".into());
             let ended = *r.ended.get_or_insert_with(Instant::now);
