@@ -58,6 +58,10 @@ pub enum SettingsError {
     AgentConfigIdOnPrefect3,
     #[error("--{flag} must be greater than zero")]
     Zero { flag: &'static str },
+    #[error("--api-url: {0}")]
+    CredentialsInUrl(String),
+    #[error("--key / --auth-string: {0}")]
+    BadCredential(String),
     #[error("--{flag} must not be empty")]
     Empty { flag: &'static str },
 }
@@ -83,6 +87,7 @@ impl AgentSettings {
         if !(api_url.starts_with("http://") || api_url.starts_with("https://")) {
             return Err(SettingsError::BadApiUrl(api_url));
         }
+        crate::backend::http::check_api_url(&api_url).map_err(SettingsError::CredentialsInUrl)?;
         let key = args
             .key
             .clone()
@@ -98,6 +103,9 @@ impl AgentSettings {
             .map(SecretString::new);
         if key.is_some() && auth_string.is_some() {
             return Err(SettingsError::TwoCredentials);
+        }
+        if let Err(e) = Auth::from_credentials(key.clone(), auth_string.clone()).check() {
+            return Err(SettingsError::BadCredential(e));
         }
         if prefect1 && auth_string.is_some() {
             return Err(SettingsError::AuthStringOnPrefect1);
@@ -407,6 +415,17 @@ mod tests {
             crate::deploy::process::host_name(),
             "claims are this machine's unless --agent-id says otherwise"
         );
+    }
+
+    #[test]
+    fn credentials_go_in_flags_not_in_the_url_and_must_fit_a_header() {
+        let err = resolve(&["--api-url", "http://u:PASS@h/api", "--pool", "p"], &[]).unwrap_err();
+        assert!(matches!(err, SettingsError::CredentialsInUrl(_)));
+        assert!(!err.to_string().contains("PASS"));
+        let mut argv = BASE.to_vec();
+        argv.extend(["--key", "pnu_a\nb"]);
+        let err = resolve(&argv, &[]).unwrap_err();
+        assert!(err.to_string().starts_with("--key"), "{err}");
     }
 
     #[test]

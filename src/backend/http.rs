@@ -45,6 +45,67 @@ impl Auth {
             }
         }
     }
+
+    /// Why these credentials cannot be sent as a header (a newline, a control character),
+    /// if they cannot: better refused by name than sent without (what a bad header does).
+    pub fn check(&self) -> Result<(), String> {
+        let bad = self.authorization().is_some_and(|value| {
+            reqwest::header::HeaderValue::from_str(value.expose()).is_err()
+        });
+        match (self, bad) {
+            (Auth::Bearer(_), true) => Err(
+                "the API key holds a newline or another character a header cannot carry; \
+                 store the key alone (e.g. `kubectl create secret generic … --from-literal`)"
+                    .into(),
+            ),
+            (Auth::Basic(_), true) => Err(
+                "the auth string holds a newline or another character a header cannot carry"
+                    .into(),
+            ),
+            _ => Ok(()),
+        }
+    }
+
+    /// `text` with every form of these credentials cut out: servers echo requests back,
+    /// and what they answer goes into conditions, Events and logs.
+    pub fn redact(&self, text: &str) -> String {
+        let secrets: Vec<String> = match self {
+            Auth::None => Vec::new(),
+            Auth::Bearer(key) => vec![key.expose().to_string()],
+            Auth::Basic(s) => {
+                let mut all = vec![s.expose().to_string()];
+                if let Some((_, pass)) = s.expose().split_once(':') {
+                    all.push(pass.to_string());
+                }
+                if let Some(header) = self.authorization() {
+                    all.push(header.expose().trim_start_matches("Basic ").to_string());
+                }
+                all
+            }
+        };
+        let mut out = text.to_string();
+        // Longest first, so that a part does not leave the rest of a whole behind.
+        let mut secrets: Vec<String> = secrets.into_iter().filter(|s| s.len() >= 4).collect();
+        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        for secret in secrets {
+            out = out.replace(&secret, "[redacted]");
+        }
+        out
+    }
+}
+
+/// Why an API URL cannot be used as it is: credentials in it (`https://user:pass@host`)
+/// would travel into every run's `PREFECT_API_URL`, logs and status.
+pub fn check_api_url(url: &str) -> Result<(), String> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| format!("`{url}` is not a URL: {e}"))?;
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err(
+            "the API URL holds credentials (user:password@host); put them in a Secret \
+             (an API key or an auth string) instead"
+                .into(),
+        );
+    }
+    Ok(())
 }
 
 /// When and how often to retry a request that failed for a passing reason.
@@ -109,6 +170,9 @@ pub enum HttpError {
         path: String,
         cause: String,
     },
+    /// Never sent: an id that would change the request's path.
+    #[error("refused to call the Prefect API with flow run id {id:?}: it is not a UUID")]
+    BadId { id: String },
 }
 
 impl HttpError {
@@ -196,6 +260,11 @@ pub struct ApiClient {
 }
 
 impl ApiClient {
+    /// `text` without this client's credentials in it.
+    pub fn redact(&self, text: &str) -> String {
+        self.auth.redact(text)
+    }
+
     /// A client on the process's shared connection pool.
     pub fn new(base: &str, auth: Auth, retry: RetryPolicy) -> Result<Self, HttpError> {
         Self::on(shared_http(), base, auth, retry)
@@ -310,9 +379,14 @@ impl ApiClient {
         for (name, value) in headers {
             req = req.header(*name, value);
         }
-        if let Some(value) = self.auth.authorization()
-            && let Ok(mut value) = reqwest::header::HeaderValue::from_str(value.expose())
-        {
+        if let Some(value) = self.auth.authorization() {
+            // Checked when the settings were made; never sent without it silently.
+            let Ok(mut value) = reqwest::header::HeaderValue::from_str(value.expose()) else {
+                return Err(Attempt::Final(HttpError::Unauthorized {
+                    url: self.base.clone(),
+                    status: 0,
+                }));
+            };
             value.set_sensitive(true);
             req = req.header(reqwest::header::AUTHORIZATION, value);
         }
@@ -366,13 +440,13 @@ impl ApiClient {
             404 => HttpError::NotFound {
                 method,
                 path,
-                detail: error_detail(&text),
+                detail: error_detail(&self.auth.redact(&text)),
             },
             _ => HttpError::Status {
                 method,
                 path,
                 status: code,
-                detail: error_detail(&text),
+                detail: error_detail(&self.auth.redact(&text)),
             },
         };
         if is_retryable_status(code, &text) || (self.retry_server_errors && code == 500) {
@@ -446,6 +520,41 @@ mod tests {
         assert!(!is_retryable_status(500, "boom"));
         assert!(!is_retryable_status(404, ""));
         assert!(!is_retryable_status(422, ""));
+    }
+
+    #[test]
+    fn credentials_are_cut_out_of_what_servers_answer() {
+        let key = Auth::Bearer(SecretString::new("pnu_canary_123"));
+        assert_eq!(
+            key.redact(r#"{"detail": "bad key pnu_canary_123 given"}"#),
+            r#"{"detail": "bad key [redacted] given"}"#
+        );
+        let basic = Auth::Basic(SecretString::new("admin:s3cret-pass"));
+        let header = basic.authorization().unwrap().expose().to_string();
+        let echoed = format!("got admin:s3cret-pass, s3cret-pass and {header}");
+        let redacted = basic.redact(&echoed);
+        assert!(!redacted.contains("s3cret"), "{redacted}");
+        assert!(!redacted.contains(header.trim_start_matches("Basic ")), "{redacted}");
+    }
+
+    #[test]
+    fn credentials_in_the_url_are_refused() {
+        assert!(check_api_url("http://127.0.0.1:4200/api").is_ok());
+        let err = check_api_url("http://user:PASS@host/api").unwrap_err();
+        assert!(err.contains("Secret") && !err.contains("PASS"), "{err}");
+        assert!(check_api_url("https://token@host/api").is_err());
+    }
+
+    #[test]
+    fn a_key_a_header_cannot_carry_is_refused_by_name() {
+        assert!(
+            Auth::Bearer(SecretString::new("pnu_abc\n"))
+                .check()
+                .unwrap_err()
+                .contains("newline")
+        );
+        assert!(Auth::Bearer(SecretString::new("pnu_abc")).check().is_ok());
+        assert!(Auth::None.check().is_ok());
     }
 
     #[test]

@@ -105,6 +105,8 @@ async fn read_secret(
 /// Checks what must hold before anything is read: the settings of one flavour are not
 /// given to the other.
 pub fn check_spec(spec: &PrefectAgentSpec) -> Result<(), SpecError> {
+    crate::backend::http::check_api_url(&spec.api.url)
+        .map_err(|e| SpecError::Invalid(format!("spec.api.url: {e}")))?;
     match spec.api.flavor {
         Flavor::Prefect3 if spec.api.work_pool.is_none() => Err(SpecError::Invalid(
             "spec.api.workPool is required for flavor prefect3".into(),
@@ -128,6 +130,17 @@ pub fn backend_config(
 ) -> Result<BackendConfig, SpecError> {
     check_spec(spec)?;
     let api_url = spec.api.url.trim_end_matches('/').to_string();
+    let auth = Auth::from_credentials(credentials.key.clone(), credentials.auth_string.clone());
+    auth.check().map_err(|e| {
+        let named = spec
+            .api
+            .key_secret_ref
+            .as_ref()
+            .or(spec.api.auth_string_secret_ref.as_ref())
+            .map(|r| format!("Secret {}, key {}: ", r.name, r.key))
+            .unwrap_or_default();
+        SpecError::Invalid(format!("{named}{e}"))
+    })?;
     Ok(match spec.api.flavor {
         Flavor::Prefect1 => BackendConfig::Prefect1(Prefect1Config {
             api_url,
@@ -150,7 +163,7 @@ pub fn backend_config(
         }),
         Flavor::Prefect3 => BackendConfig::Prefect3(Prefect3Config {
             api_url,
-            auth: Auth::from_credentials(credentials.key, credentials.auth_string),
+            auth,
             pool: spec.api.work_pool.clone().unwrap_or_default(),
             queues: spec.api.work_queues.clone(),
             agent_name: agent.name.clone(),

@@ -166,7 +166,10 @@ impl GraphqlClient {
             detail: format!("not JSON: {e}"),
         })?;
         if let Some(errors) = answer.get("errors").filter(|e| !e.is_null()) {
-            return Err(error_of(&operation, errors));
+            // What a server echoes back must not carry the key into logs and status.
+            let errors: Value = serde_json::from_str(&self.api.redact(&errors.to_string()))
+                .unwrap_or(Value::Null);
+            return Err(error_of(&operation, &errors));
         }
         answer
             .get("data")

@@ -128,7 +128,7 @@ impl Prefect3 {
         self.api
             .call(
                 Method::POST,
-                &format!("/flow_runs/{run_id}/set_state"),
+                &format!("{}/set_state", run_path(run_id)?),
                 Some(&state),
             )
             .await
@@ -216,7 +216,7 @@ impl Prefect3 {
             .api
             .call(
                 Method::GET,
-                &format!("/flow_run_states/?flow_run_id={run_id}"),
+                &format!("/flow_run_states/?flow_run_id={}", run_uuid(run_id)?),
                 None,
             )
             .await?;
@@ -245,6 +245,19 @@ impl Prefect3 {
             Err(e) => Err(e.into()),
         }
     }
+}
+
+/// A flow run id as it may go into a URL: a UUID, nothing that could change the path
+/// (`../admin`) or add a query (`a?b=c`); ids come from servers and from Job labels.
+fn run_uuid(run_id: &str) -> Result<uuid::Uuid, HttpError> {
+    uuid::Uuid::parse_str(run_id).map_err(|_| HttpError::BadId {
+        id: run_id.chars().take(64).collect(),
+    })
+}
+
+/// `/flow_runs/<uuid>`.
+fn run_path(run_id: &str) -> Result<String, HttpError> {
+    Ok(format!("/flow_runs/{}", run_uuid(run_id)?))
 }
 
 /// Percent-encodes a path segment (pool and queue names may hold spaces).
@@ -591,7 +604,7 @@ impl Backend for Prefect3 {
         self.api
             .send(
                 Method::PATCH,
-                &format!("/flow_runs/{run_id}"),
+                &run_path(run_id)?,
                 Some(&json!({"infrastructure_pid": infra_id})),
             )
             .await?;
@@ -770,6 +783,20 @@ mod tests {
             Some("2026-11-01T10:00:00.120000+00:00")
         );
         assert_eq!(python_isoformat("yesterday"), None);
+    }
+
+    #[test]
+    fn run_ids_cannot_change_a_path() {
+        for bad in ["../../../admin", "a b?c=d#e", "", "7f1c6f0e-5f3a-4a8e-9d2b-1c0de0f1a004/x"] {
+            assert!(
+                matches!(run_path(bad), Err(HttpError::BadId { .. })),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            run_path("7F1C6F0E-5F3A-4A8E-9D2B-1C0DE0F1A004").unwrap(),
+            "/flow_runs/7f1c6f0e-5f3a-4a8e-9d2b-1c0de0f1a004"
+        );
     }
 
     #[test]
