@@ -14,7 +14,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use super::config::{Credentials, SpecError, agent_config, backend_config, check_spec};
-use super::status::{desired_status, status_changed, transition_event};
+use super::status::{MAX_NOTE, clip, desired_status, status_changed, transition_event};
 use super::supervisor::{AgentPhase, RESTART_FIRST};
 use super::{Context, Error, FIELD_MANAGER, FINALIZER, Guarded, STATUS_INTERVAL, STATUS_WRITE_GAP};
 use crate::agent::{AnyAgent, StopReason};
@@ -268,7 +268,7 @@ pub(super) async fn undecodable(
     let event = Event {
         type_: EventType::Warning,
         reason: error.reason().into(),
-        note: Some(error.to_string()),
+        note: Some(clip(&error.to_string(), MAX_NOTE)),
         action: "Reconcile".into(),
         secondary: None,
     };

@@ -7,6 +7,25 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use super::supervisor::AgentPhase;
 use crate::crd::PrefectAgentStatus;
 
+/// Longest message a status keeps (conditions, `lastError`): a resource that quotes a
+/// megabyte must still be writable, or its error is visible nowhere.
+pub const MAX_MESSAGE: usize = 1024;
+/// Longest Event note Kubernetes accepts (events.k8s.io/v1: 1 KiB).
+pub const MAX_NOTE: usize = 1024;
+
+/// `text` cut to at most `max` bytes at a character boundary, marked when cut.
+pub fn clip(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    const MARK: &str = "…";
+    let mut cut = max.saturating_sub(MARK.len());
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}{MARK}", &text[..cut])
+}
+
 /// Polls failed in a row that make a healthy agent Degraded.
 pub const DEGRADED_AFTER_POLL_ERRORS: u64 = 3;
 
@@ -115,7 +134,7 @@ pub fn conditions(
             type_: kind.into(),
             status: status.into(),
             reason: reason.into(),
-            message,
+            message: clip(&message, MAX_MESSAGE),
             observed_generation: generation,
             last_transition_time: since,
         }
@@ -153,7 +172,7 @@ pub fn desired_status(
         runs_submitted: stats.map_or(0, |s| s.runs_submitted),
         runs_failed: stats.map_or(0, |s| s.runs_failed),
         active_jobs,
-        last_error,
+        last_error: last_error.map(|e| clip(&e, MAX_MESSAGE)),
         message: None,
     }
 }
@@ -172,7 +191,11 @@ pub fn transition_event(
             .is_some_and(|a| a.status == b.status && a.reason == b.reason)
     };
     if new_degraded.status == "True" && !same(&old_degraded, &new_degraded) {
-        return Some((true, new_degraded.reason, new_degraded.message));
+        return Some((
+            true,
+            new_degraded.reason,
+            clip(&new_degraded.message, MAX_NOTE),
+        ));
     }
     if !same(&old_ready, &new_ready)
         && (new_ready.status == "True" || new_ready.reason == "Suspended")
@@ -182,7 +205,7 @@ pub fn transition_event(
         } else {
             new_ready.reason
         };
-        return Some((false, reason, new_ready.message));
+        return Some((false, reason, clip(&new_ready.message, MAX_NOTE)));
     }
     None
 }
@@ -219,6 +242,22 @@ mod tests {
     use super::super::supervisor::{RESTART_MAX, restart_delay};
     use super::*;
     use crate::agent::stats::StatsSnapshot;
+
+    /// A megabyte in a message leaves a status (and an Event) Kubernetes accepts.
+    #[test]
+    fn huge_messages_are_cut_to_what_kubernetes_takes() {
+        let huge = "é".repeat(1_000_000);
+        let phase = AgentPhase::Invalid {
+            reason: "InvalidSpec",
+            message: huge.clone(),
+        };
+        let status = desired_status(&phase, Some(1), &[], 0);
+        assert!(status.conditions.iter().all(|c| c.message.len() <= MAX_MESSAGE));
+        assert!(status.last_error.unwrap().len() <= MAX_MESSAGE);
+        let (_, _, note) = transition_event(&[], &status.conditions).unwrap();
+        assert!(note.len() <= MAX_NOTE && note.ends_with('…'));
+        assert_eq!(clip("short", 10), "short");
+    }
 
     #[test]
     fn poll_figures_alone_are_written_every_30_seconds() {
