@@ -22,6 +22,7 @@ pub mod secret;
 pub mod settings;
 pub mod signals;
 pub mod telemetry;
+pub mod text;
 pub mod work_pool;
 
 /// The field manager, user agent and log target this program identifies itself with.

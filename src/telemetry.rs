@@ -62,7 +62,10 @@ mod tests {
     #[test]
     fn libraries_that_print_frames_stay_at_info() {
         let f = filter("trace").unwrap().to_string();
-        assert!(f.contains("tungstenite=info") && f.contains("hyper=info"), "{f}");
+        assert!(
+            f.contains("tungstenite=info") && f.contains("hyper=info"),
+            "{f}"
+        );
         assert!(filter("not a [filter").is_err());
     }
 }

@@ -49,9 +49,9 @@ impl Auth {
     /// Why these credentials cannot be sent as a header (a newline, a control character),
     /// if they cannot: better refused by name than sent without (what a bad header does).
     pub fn check(&self) -> Result<(), String> {
-        let bad = self.authorization().is_some_and(|value| {
-            reqwest::header::HeaderValue::from_str(value.expose()).is_err()
-        });
+        let bad = self
+            .authorization()
+            .is_some_and(|value| reqwest::header::HeaderValue::from_str(value.expose()).is_err());
         match (self, bad) {
             (Auth::Bearer(_), true) => Err(
                 "the API key holds a newline or another character a header cannot carry; \
@@ -59,8 +59,7 @@ impl Auth {
                     .into(),
             ),
             (Auth::Basic(_), true) => Err(
-                "the auth string holds a newline or another character a header cannot carry"
-                    .into(),
+                "the auth string holds a newline or another character a header cannot carry".into(),
             ),
             _ => Ok(()),
         }
@@ -169,6 +168,12 @@ pub enum HttpError {
         method: Method,
         path: String,
         cause: String,
+    },
+    #[error("{method} {path}: the answer is larger than {limit} bytes; not read")]
+    TooLarge {
+        method: Method,
+        path: String,
+        limit: usize,
     },
     /// Never sent: an id that would change the request's path.
     #[error("refused to call the Prefect API with flow run id {id:?}: it is not a UUID")]
@@ -347,6 +352,7 @@ impl ApiClient {
         headers: &[(&'static str, String)],
     ) -> Result<String, HttpError> {
         let url = format!("{}{}", self.base, path);
+        let started = std::time::Instant::now();
         let mut retry = 0;
         loop {
             let (err, after) = match self.send_once(method.clone(), &url, body, headers).await {
@@ -358,11 +364,17 @@ impl ApiClient {
                 HttpError::Unreachable { .. } => self.retry.unreachable_attempts,
                 _ => self.retry.attempts,
             };
-            if retry + 1 >= budget {
+            let delay = after.unwrap_or_else(|| self.retry.delay(retry));
+            // However many attempts are left, one call holds its caller this long at most.
+            if retry + 1 >= budget || started.elapsed() + delay >= CALL_DEADLINE {
                 return Err(err);
             }
-            let delay = after.unwrap_or_else(|| self.retry.delay(retry));
-            tracing::debug!(%method, path, retry, ?delay, error = %err, "retrying Prefect API call");
+            // The first retry of a call is worth a line; a long series, the first only.
+            if retry == 0 {
+                tracing::warn!(%method, path, ?delay, error = %err, "retrying a Prefect API call");
+            } else {
+                tracing::debug!(%method, path, retry, ?delay, error = %err, "retrying Prefect API call");
+            }
             tokio::time::sleep(delay).await;
             retry += 1;
         }
@@ -416,8 +428,15 @@ impl ApiClient {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok())
             .map(|s| Duration::from_secs(s.min(30)));
-        let text = match resp.text().await {
-            Ok(t) => t,
+        let text = match read_capped(resp, MAX_BODY).await {
+            Ok(Some(t)) => t,
+            Ok(None) => {
+                return Err(Attempt::Final(HttpError::TooLarge {
+                    method,
+                    path,
+                    limit: MAX_BODY,
+                }));
+            }
             Err(e) => {
                 return Err(Attempt::Retry {
                     err: HttpError::Unreachable {
@@ -458,6 +477,30 @@ impl ApiClient {
             Err(Attempt::Final(err))
         }
     }
+}
+
+/// The largest answer read: a run list of 200 runs with their job variables is far
+/// below; a hostile or broken server's endless body is cut here, not in memory.
+pub const MAX_BODY: usize = 16 * 1024 * 1024;
+/// The longest one call may take, retries included.
+pub const CALL_DEADLINE: Duration = Duration::from_secs(90);
+
+/// The body as text, or `None` when it is longer than `limit` bytes (not read further).
+async fn read_capped(
+    mut resp: reqwest::Response,
+    limit: usize,
+) -> Result<Option<String>, reqwest::Error> {
+    if resp.content_length().is_some_and(|n| n > limit as u64) {
+        return Ok(None);
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await? {
+        if body.len() + chunk.len() > limit {
+            return Ok(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Some(String::from_utf8_lossy(&body).into_owned()))
 }
 
 enum Attempt {
@@ -534,7 +577,45 @@ mod tests {
         let echoed = format!("got admin:s3cret-pass, s3cret-pass and {header}");
         let redacted = basic.redact(&echoed);
         assert!(!redacted.contains("s3cret"), "{redacted}");
-        assert!(!redacted.contains(header.trim_start_matches("Basic ")), "{redacted}");
+        assert!(
+            !redacted.contains(header.trim_start_matches("Basic ")),
+            "{redacted}"
+        );
+    }
+
+    /// A server that answers an endless body: the call ends at the cap, with an error that
+    /// says so, instead of reading it all into memory.
+    #[tokio::test]
+    async fn an_endless_answer_is_cut_at_the_cap() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf).await;
+            let _ = conn
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\r\n[")
+                .await;
+            let chunk = vec![b'1'; 64 * 1024];
+            // Far more than the cap, unless the client stops reading first.
+            for _ in 0..(2 * MAX_BODY / chunk.len()) {
+                if conn.write_all(&chunk).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let api = ApiClient::with_own_pool(
+            &format!("http://{addr}/api"),
+            Auth::None,
+            RetryPolicy::default(),
+        )
+        .unwrap();
+        let err = api
+            .call::<Value>(Method::GET, "/big", None)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, HttpError::TooLarge { .. }), "{err}");
     }
 
     #[test]

@@ -6,25 +6,13 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
 use super::supervisor::AgentPhase;
 use crate::crd::PrefectAgentStatus;
+pub use crate::text::clip;
 
 /// Longest message a status keeps (conditions, `lastError`): a resource that quotes a
 /// megabyte must still be writable, or its error is visible nowhere.
 pub const MAX_MESSAGE: usize = 1024;
 /// Longest Event note Kubernetes accepts (events.k8s.io/v1: 1 KiB).
 pub const MAX_NOTE: usize = 1024;
-
-/// `text` cut to at most `max` bytes at a character boundary, marked when cut.
-pub fn clip(text: &str, max: usize) -> String {
-    if text.len() <= max {
-        return text.to_string();
-    }
-    const MARK: &str = "…";
-    let mut cut = max.saturating_sub(MARK.len());
-    while !text.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    format!("{}{MARK}", &text[..cut])
-}
 
 /// Polls failed in a row that make a healthy agent Degraded.
 pub const DEGRADED_AFTER_POLL_ERRORS: u64 = 3;
@@ -252,7 +240,12 @@ mod tests {
             message: huge.clone(),
         };
         let status = desired_status(&phase, Some(1), &[], 0);
-        assert!(status.conditions.iter().all(|c| c.message.len() <= MAX_MESSAGE));
+        assert!(
+            status
+                .conditions
+                .iter()
+                .all(|c| c.message.len() <= MAX_MESSAGE)
+        );
         assert!(status.last_error.unwrap().len() <= MAX_MESSAGE);
         let (_, _, note) = transition_event(&[], &status.conditions).unwrap();
         assert!(note.len() <= MAX_NOTE && note.ends_with('…'));

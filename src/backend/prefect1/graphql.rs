@@ -167,8 +167,8 @@ impl GraphqlClient {
         })?;
         if let Some(errors) = answer.get("errors").filter(|e| !e.is_null()) {
             // What a server echoes back must not carry the key into logs and status.
-            let errors: Value = serde_json::from_str(&self.api.redact(&errors.to_string()))
-                .unwrap_or(Value::Null);
+            let errors: Value =
+                serde_json::from_str(&self.api.redact(&errors.to_string())).unwrap_or(Value::Null);
             return Err(error_of(&operation, &errors));
         }
         answer

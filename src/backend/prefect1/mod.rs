@@ -197,11 +197,11 @@ fn parse_run(row: &Value) -> Option<(FlowRun, RunMeta)> {
         .unwrap_or_default();
     let run = FlowRun {
         id: id.clone(),
-        name: row
-            .get("name")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .into(),
+        // Logged with every line about the run: a server's megabyte name is cut here.
+        name: crate::text::clip(
+            row.get("name").and_then(Value::as_str).unwrap_or_default(),
+            crate::text::MAX_RUN_NAME,
+        ),
         flow_id: Some(flow.id.clone()).filter(|f| !f.is_empty()),
         deployment_id: None,
         state: state_kind(&state),
@@ -209,7 +209,7 @@ fn parse_run(row: &Value) -> Option<(FlowRun, RunMeta)> {
         state_message: row
             .get("state_message")
             .and_then(Value::as_str)
-            .map(str::to_string),
+            .map(|m| crate::text::clip(m, crate::text::MAX_STATE_MESSAGE)),
         scheduled_start: time(serialized.get("start_time"))
             .or_else(|| time(row.get("scheduled_start_time"))),
         job_variables: run_config.as_object().cloned().unwrap_or_default(),

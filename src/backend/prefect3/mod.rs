@@ -787,7 +787,12 @@ mod tests {
 
     #[test]
     fn run_ids_cannot_change_a_path() {
-        for bad in ["../../../admin", "a b?c=d#e", "", "7f1c6f0e-5f3a-4a8e-9d2b-1c0de0f1a004/x"] {
+        for bad in [
+            "../../../admin",
+            "a b?c=d#e",
+            "",
+            "7f1c6f0e-5f3a-4a8e-9d2b-1c0de0f1a004/x",
+        ] {
             assert!(
                 matches!(run_path(bad), Err(HttpError::BadId { .. })),
                 "{bad}"

@@ -6,6 +6,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::backend::{FlowRun, StateKind};
+use crate::text::{MAX_RUN_NAME, MAX_STATE_MESSAGE, clip};
 
 /// The body of `POST /flow_runs/{id}/set_state`.
 #[derive(Clone, Debug, Deserialize)]
@@ -81,14 +82,16 @@ impl From<ApiFlowRun> for FlowRun {
         let state = r.state.as_ref();
         FlowRun {
             id: r.id,
-            name: r.name,
+            // Logged with every line about the run: a server's megabyte name is cut here.
+            name: clip(&r.name, MAX_RUN_NAME),
             flow_id: r.flow_id,
             deployment_id: r.deployment_id,
             state: state
                 .map(|s| StateKind::parse(&s.kind))
                 .unwrap_or(StateKind::Unknown),
             state_since: state.and_then(|s| s.timestamp),
-            state_message: state.and_then(|s| s.message.clone()),
+            state_message: state
+                .and_then(|s| s.message.as_deref().map(|m| clip(m, MAX_STATE_MESSAGE))),
             scheduled_start: r.next_scheduled_start_time.or(r.expected_start_time),
             job_variables: r.job_variables.unwrap_or_default(),
             infrastructure_pid: r.infrastructure_pid,
