@@ -211,14 +211,27 @@ pub async fn run(
     if let Some(changed) = changed {
         controller = controller.reconcile_on(changed);
     }
-    controller
+    let controller = controller
         .graceful_shutdown_on(async move { stop.cancelled().await })
         .run(reconcile_guarded, error_policy, ctx.clone())
         .for_each(|result| async move {
             if let Err(e) = result {
                 tracing::debug!(error = %e, "reconcile error");
             }
-        })
-        .await;
-    ctx.supervisor.stop_all();
+        });
+    // Graceful, but bounded: the controller has been seen to wait on after a shutdown
+    // while its watch was failing.
+    let deadline = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    tokio::select! {
+        _ = controller => {}
+        _ = deadline => tracing::warn!(grace = ?SHUTDOWN_GRACE, "the controller did not stop in time after the shutdown; stopping anyway"),
+    }
+    // Launches under way finish (their claims would otherwise wait for adoption).
+    ctx.supervisor.stop_all(SHUTDOWN_GRACE).await;
 }
+
+/// How long a shutdown waits for the controller and the agents' launches under way.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);

@@ -22,6 +22,9 @@ use crate::crd::{JobSpec, PrefectAgent, PrefectAgentStatus};
 use crate::deploy::kubernetes::KubernetesDeployer;
 use crate::deploy::kubernetes::job::agent_label;
 
+/// How long a deleted resource's agent may take to finish its launches under way.
+const STOP_GRACE: Duration = Duration::from_secs(20);
+
 impl PrefectAgent {
     /// `namespace/name`: the supervisor's key and the logs' `resource`.
     pub(super) fn key(&self) -> String {
@@ -166,7 +169,7 @@ impl PrefectAgent {
 
     pub(super) async fn cleanup(&self, ctx: &Context) -> Result<Action, Error> {
         let key = self.key();
-        ctx.supervisor.stop(&key);
+        ctx.supervisor.stop_and_wait(&key, STOP_GRACE).await;
         // Its finished Jobs go with it; a failure leaves them to their TTL.
         let own = self.namespace().unwrap_or_default();
         let namespace = self.spec.job.namespace.clone().unwrap_or(own.clone());

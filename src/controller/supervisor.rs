@@ -68,6 +68,22 @@ impl Supervisor {
         }
     }
 
+    /// Stops `key`'s agent and waits, at most `within`, for the launches it has under
+    /// way: a resource's finalizer is released only after them.
+    pub async fn stop_and_wait(&self, key: &str, within: Duration) {
+        let Some(r) = self.agents.lock().ok().and_then(|mut a| a.remove(key)) else {
+            return;
+        };
+        r.token.cancel();
+        if tokio::time::timeout(within, r.handle).await.is_err() {
+            tracing::warn!(
+                resource = key,
+                ?within,
+                "the agent did not stop in time; its claims are left to adoption"
+            );
+        }
+    }
+
     /// The running agent for `key` if it runs the given generation and has not failed.
     pub fn current(&self, key: &str, generation: Option<i64>) -> Option<AgentPhase> {
         let mut agents = self.agents.lock().ok()?;
@@ -150,12 +166,25 @@ impl Supervisor {
         out
     }
 
-    /// Stops every agent (operator shutdown).
-    pub fn stop_all(&self) {
-        if let Ok(mut agents) = self.agents.lock() {
-            for (_, r) in agents.drain() {
-                r.token.cancel();
-            }
+    /// Stops every agent (operator shutdown) and waits, at most `within`, for them to
+    /// finish what they were launching.
+    pub async fn stop_all(&self, within: Duration) {
+        let handles: Vec<JoinHandle<()>> = match self.agents.lock() {
+            Ok(mut agents) => agents
+                .drain()
+                .map(|(_, r)| {
+                    r.token.cancel();
+                    r.handle
+                })
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        let all = futures::future::join_all(handles);
+        if tokio::time::timeout(within, all).await.is_err() {
+            tracing::warn!(
+                ?within,
+                "agents still launching at shutdown; leaving them to adoption"
+            );
         }
     }
 }

@@ -567,3 +567,41 @@ async fn an_agent_degrades_while_prefect_is_down_and_recovers() {
     assert_eq!(a.status.unwrap().last_error, None, "the error is cleared");
     drop(operator);
 }
+
+/// An operator whose PrefectAgent list keeps failing (the CRD is gone) still stops at
+/// SIGTERM, promptly and cleanly.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_stops_an_operator_whose_list_keeps_failing() {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let (kube_server, client, ns) = dedicated_cluster("nolist").await;
+    let mut cmd = operator_command(&kube_server.kubeconfig);
+    cmd.args(["--namespace", &ns]);
+    let mut operator = AgentProcess::start_with(cmd);
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    crds.delete("prefectagents.prefect.io", &Default::default())
+        .await
+        .expect("delete the CRD");
+    wait_for("the list to fail", Duration::from_secs(60), || async {
+        let agents: Api<PrefectAgent> = Api::namespaced(client.clone(), &ns);
+        agents
+            .list(&Default::default())
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    // Let the operator meet the failure too: its log says so.
+    wait_for(
+        "the operator to see it",
+        Duration::from_secs(60),
+        || async {
+            let out = operator.output();
+            (out.contains("PrefectAgent watch fails") || out.contains("cannot list PrefectAgents"))
+                .then_some(())
+        },
+    )
+    .await;
+    operator.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = operator.wait_exit(Duration::from_secs(60)).await;
+    assert!(status.success(), "{status:?}: {}", operator.output());
+}
