@@ -140,6 +140,7 @@ async fn run_operator(args: OperatorArgs) -> Result<(), CliError> {
         args.health_address,
         readiness.clone(),
         ctx.registry.clone(),
+        ctx.clone(),
         shutdown.clone(),
     )
     .await

@@ -107,6 +107,7 @@ pub trait MetricsSource: Send + Sync + 'static {
 struct AppState {
     readiness: Arc<Readiness>,
     registry: Registry,
+    agents: Arc<dyn MetricsSource>,
 }
 
 type Field = fn(&AgentMetrics) -> f64;
@@ -325,11 +326,29 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     )
 }
 
+/// One agent's health, as the standalone agent serves it at `agent_address`: the
+/// operator serves every agent's on its own port instead of a listener per resource.
+async fn agent_health(
+    State(state): State<AppState>,
+    axum::extract::Path((namespace, name)): axum::extract::Path<(String, String)>,
+) -> axum::response::Response {
+    let key = format!("{namespace}/{name}");
+    match state.agents.agents().into_iter().find(|a| a.agent == key) {
+        Some(a) => axum::Json(serde_json::json!(a.stats)).into_response(),
+        None => (
+            axum::http::StatusCode::NOT_FOUND,
+            axum::Json(serde_json::json!({"error": format!("no agent runs for {key}")})),
+        )
+            .into_response(),
+    }
+}
+
 /// Binds the address (an error names it) and serves until `stop`.
 pub async fn serve(
     address: SocketAddr,
     readiness: Arc<Readiness>,
     registry: Registry,
+    agents: Arc<dyn MetricsSource>,
     stop: CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>, std::io::Error> {
     let listener = tokio::net::TcpListener::bind(address).await?;
@@ -337,9 +356,11 @@ pub async fn serve(
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/agents/{namespace}/{name}/health", get(agent_health))
         .with_state(AppState {
             readiness,
             registry,
+            agents,
         });
     Ok(tokio::spawn(async move {
         let served = axum::serve(listener, app)

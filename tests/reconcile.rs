@@ -80,7 +80,9 @@ async fn a_missing_secret_is_degraded_and_looked_at_again_later() {
         .map(|(k, _, _)| k)
         .collect();
     assert_eq!(running, [format!("{ns}/nokey")]);
-    ctx.supervisor.stop_all(std::time::Duration::from_secs(20)).await;
+    ctx.supervisor
+        .stop_all(std::time::Duration::from_secs(20))
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -178,6 +178,61 @@ pub fn backend_config(
     })
 }
 
+/// `spec.job.resources` quantities Kubernetes would refuse in every Job (`cpu: lots`):
+/// refused once, in the status, instead of crashing every run.
+fn check_quantities(
+    resources: &k8s_openapi::api::core::v1::ResourceRequirements,
+) -> Result<(), SpecError> {
+    for (section, map) in [
+        ("limits", &resources.limits),
+        ("requests", &resources.requests),
+    ] {
+        for (name, q) in map.iter().flatten() {
+            if !is_quantity(&q.0) {
+                return Err(SpecError::Invalid(format!(
+                    "spec.job.resources.{section}.{name} `{}` is not a Kubernetes quantity \
+                     (such as 500m, 2, 1Gi)",
+                    crate::text::clip(&q.0, 64)
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Kubernetes' quantity syntax: a signed decimal number and a suffix (binary `Ki`..`Ei`,
+/// decimal `n`,`u`,`m`,`k`,`M`..`E`, or an exponent `e3`).
+fn is_quantity(s: &str) -> bool {
+    let s = s.strip_prefix(['+', '-']).unwrap_or(s);
+    let digits = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (number, suffix) = s.split_at(digits);
+    let number_ok = !number.is_empty() && number != "." && number.matches('.').count() <= 1;
+    let suffix_ok = matches!(
+        suffix,
+        "" | "Ki"
+            | "Mi"
+            | "Gi"
+            | "Ti"
+            | "Pi"
+            | "Ei"
+            | "n"
+            | "u"
+            | "m"
+            | "k"
+            | "M"
+            | "G"
+            | "T"
+            | "P"
+            | "E"
+    ) || suffix
+        .strip_prefix(['e', 'E'])
+        .map(|e| e.strip_prefix(['+', '-']).unwrap_or(e))
+        .is_some_and(|e| !e.is_empty() && e.chars().all(|c| c.is_ascii_digit()));
+    number_ok && suffix_ok
+}
+
 /// The agent settings a spec asks for, or why it cannot be run.
 pub fn agent_config(name: &str, spec: &PrefectAgentSpec) -> Result<AgentConfig, SpecError> {
     let poll_interval = match &spec.poll_interval {
@@ -185,24 +240,22 @@ pub fn agent_config(name: &str, spec: &PrefectAgentSpec) -> Result<AgentConfig, 
             .map_err(|e| SpecError::Invalid(format!("spec.pollInterval `{s}`: {e}")))?,
         None => Duration::from_secs(10),
     };
-    let agent_address = spec
-        .agent_address
-        .as_deref()
-        .map(|a| {
-            crate::agent::health::parse_agent_address(a).ok_or_else(|| {
-                SpecError::Invalid(format!(
-                    "spec.agentAddress `{a}` is not an address such as 0.0.0.0:8080"
-                ))
-            })
-        })
-        .transpose()?;
+    // One process, many resources: none may open a listener in it.
+    if let Some(a) = &spec.agent_address {
+        return Err(SpecError::Invalid(format!(
+            "spec.agentAddress `{a}`: the operator opens no listener per resource; each agent's \
+             health is served on the operator's own port at /agents/<namespace>/<name>/health"
+        )));
+    }
+    if let Some(resources) = &spec.job.resources {
+        check_quantities(resources)?;
+    }
     Ok(AgentConfig {
         agent_config_id: spec.agent_config_id.clone(),
         name: spec.name.clone().unwrap_or_else(|| name.to_string()),
         labels: spec.labels.clone(),
         env_vars: spec.env_vars.clone(),
         max_polls: spec.max_polls,
-        agent_address,
         no_cloud_logs: spec.no_cloud_logs,
         poll_interval: poll_interval.max(Duration::from_millis(250)),
         ..AgentConfig::default()
@@ -212,6 +265,34 @@ pub fn agent_config(name: &str, spec: &PrefectAgentSpec) -> Result<AgentConfig, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_resource_opens_no_listener_and_names_a_bad_quantity() {
+        let spec: PrefectAgentSpec = serde_json::from_value(serde_json::json!({
+            "api": {"url": "http://p/api", "workPool": "k"}, "agentAddress": "0.0.0.0:22"}))
+        .unwrap();
+        let err = agent_config("a", &spec).unwrap_err().to_string();
+        assert!(err.contains("/agents/<namespace>/<name>/health"), "{err}");
+        let spec: PrefectAgentSpec = serde_json::from_value(serde_json::json!({
+            "api": {"url": "http://p/api", "workPool": "k"},
+            "job": {"resources": {"limits": {"cpu": "lots"}}}}))
+        .unwrap();
+        let err = agent_config("a", &spec).unwrap_err().to_string();
+        assert!(
+            err.contains("spec.job.resources.limits.cpu `lots`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn quantities_as_kubernetes_reads_them() {
+        for ok in ["500m", "2", "1Gi", "0.5", "1e3", "+1", ".5", "128974848"] {
+            assert!(is_quantity(ok), "{ok}");
+        }
+        for bad in ["lots", "", "1.2.3", "5 Gi", "1GB", "e3", "."] {
+            assert!(!is_quantity(bad), "{bad}");
+        }
+    }
     use serde_json::json;
 
     #[test]

@@ -463,6 +463,19 @@ async fn an_undecodable_resource_is_named_and_stops_no_other_agent() {
         .await
         .unwrap();
     assert_eq!(ready.status().as_u16(), 200, "{}", operator.output());
+    // Each agent's health, on the operator's own port.
+    let health: serde_json::Value =
+        reqwest::get(format!("http://127.0.0.1:{port}/agents/{ns}/good/health"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+    assert!(health["agentId"].is_string(), "{health}");
+    let none = reqwest::get(format!("http://127.0.0.1:{port}/agents/{ns}/bad/health"))
+        .await
+        .unwrap();
+    assert_eq!(none.status().as_u16(), 404);
 
     raw.delete("bad", &Default::default())
         .await
