@@ -29,11 +29,15 @@ async fn pod_report_crashes_the_run(
     )
     .await
     .expect("service account");
+    let uid = job.metadata.uid.clone().unwrap();
     let labels = job.spec.unwrap().template.metadata.unwrap().labels.unwrap();
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let pod_name = format!("{job_name}-abcde");
+    // As the Job controller makes it: controlled by the Job (labels alone count for nothing).
+    let owner = json!({"apiVersion": "batch/v1", "kind": "Job", "name": job_name,
+        "uid": uid, "controller": true, "blockOwnerDeletion": true});
     let pod: Pod = serde_json::from_value(json!({
-        "metadata": {"name": pod_name, "labels": labels},
+        "metadata": {"name": pod_name, "labels": labels, "ownerReferences": [owner]},
         "spec": {"automountServiceAccountToken": false, "restartPolicy": "Never",
                  "containers": [{"name": "prefect-job", "image": "repo/etl:2"}]}
     }))
