@@ -134,6 +134,7 @@ async fn run_operator(args: OperatorArgs) -> Result<(), CliError> {
     let scope = crate::scope::Scope {
         watch_namespace: args.namespace.clone(),
         job_namespaces: crate::scope::JobNamespaces::from_list(&args.job_namespaces),
+        pod_security: args.pod_security,
     };
     let ctx = crate::controller::Context::new(client.clone(), args.pod_grace, scope);
     crate::operator_api::serve(

@@ -63,6 +63,11 @@ pub struct OperatorArgs {
     /// `*` for any). Default: none, each PrefectAgent's Jobs stay in its namespace.
     #[arg(long, env = "PAO_JOB_NAMESPACES", value_delimiter = ',')]
     pub job_namespaces: Vec<String>,
+    /// The Pod Security Standard every flow-run pod is held to, whatever a PrefectAgent's
+    /// `job` section or a run's job variables ask for: `baseline` refuses host
+    /// namespaces, host paths, host ports, privileged containers and added capabilities.
+    #[arg(long, env = "PAO_POD_SECURITY", value_enum, default_value = "baseline")]
+    pub pod_security: crate::deploy::kubernetes::pod_security::PodSecurity,
     /// How long a flow run's pod may wait on its image or a node before its run is
     /// marked crashed and its Job deleted.
     #[arg(long, env = "PAO_POD_GRACE", default_value = "60s", value_parser = humantime::parse_duration)]

@@ -11,6 +11,8 @@ pub struct Scope {
     /// `--namespace`: PrefectAgents and Jobs are watched here only.
     pub watch_namespace: Option<String>,
     pub job_namespaces: JobNamespaces,
+    /// `--pod-security`: the Pod Security Standard every flow-run pod is held to.
+    pub pod_security: crate::deploy::kubernetes::pod_security::PodSecurity,
 }
 
 /// Namespaces besides its own where a PrefectAgent may run Jobs (`--job-namespaces`).
@@ -111,6 +113,7 @@ mod tests {
             job_namespaces: JobNamespaces::from_list(
                 &list.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
             ),
+            ..Scope::default()
         }
     }
 

@@ -107,18 +107,34 @@ fn default_values_render_a_restricted_least_privilege_operator() {
         kinds(&objects),
         [
             "ClusterRole",
+            "ClusterRole",
+            "ClusterRole",
             "ClusterRoleBinding",
             "Deployment",
             "Service",
             "ServiceAccount"
         ]
     );
+    // PrefectAgents run pods: only the roles that create pods (edit, admin) create them.
+    let edit = find(&objects, "ClusterRole", "prefect-agent-operator-edit").unwrap();
+    assert_eq!(
+        edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"],
+        "true"
+    );
+    assert!(
+        edit["metadata"]["labels"]
+            .get("rbac.authorization.k8s.io/aggregate-to-view")
+            .is_none()
+    );
+    let view = find(&objects, "ClusterRole", "prefect-agent-operator-view").unwrap();
+    assert_eq!(view["rules"][0]["verbs"], json!(["get", "list", "watch"]));
     let deployment = find(&objects, "Deployment", "prefect-agent-operator").unwrap();
     assert_eq!(deployment["metadata"]["namespace"], "pao-system");
     assert_eq!(deployment["spec"]["replicas"], 1);
     let args = args_of(deployment);
     assert_eq!(args[0], "operator");
     assert!(args.contains(&"--health-address=0.0.0.0:8080".to_string()));
+    assert!(args.contains(&"--pod-security=baseline".to_string()));
     assert!(
         !args.iter().any(|a| a.starts_with("--leader-elect")),
         "one replica"

@@ -22,6 +22,7 @@ fn context(client: kube::Client, ns: &str) -> Arc<Context> {
     let scope = Scope {
         watch_namespace: Some(ns.to_string()),
         job_namespaces: JobNamespaces::from_list(&[]),
+        ..Scope::default()
     };
     Context::new(client, Duration::from_secs(60), scope)
 }

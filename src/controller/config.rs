@@ -27,6 +27,8 @@ pub enum SpecError {
         "the operator cannot read this PrefectAgent ({0}); fix that field: the CRD of this operator version refuses such values"
     )]
     Undecodable(String),
+    #[error("spec.job: {0}")]
+    PodSecurity(String),
 }
 
 impl SpecError {
@@ -37,6 +39,7 @@ impl SpecError {
             Self::SecretNotFound(_) => "SecretNotFound",
             Self::JobNamespaceNotAllowed(_) => "JobNamespaceNotAllowed",
             Self::Undecodable(_) => "UndecodableSpec",
+            Self::PodSecurity(_) => "PodSecurity",
         }
     }
 }

@@ -20,7 +20,7 @@ use super::{Context, Error, FIELD_MANAGER, FINALIZER, Guarded, STATUS_INTERVAL, 
 use crate::agent::{AnyAgent, StopReason};
 use crate::crd::{JobSpec, PrefectAgent, PrefectAgentStatus};
 use crate::deploy::kubernetes::KubernetesDeployer;
-use crate::deploy::kubernetes::job::agent_label;
+use crate::deploy::kubernetes::job::{JobBuildError, agent_label, probe_resource};
 
 /// How long a deleted resource's agent may take to finish its launches under way.
 const STOP_GRACE: Duration = Duration::from_secs(20);
@@ -81,16 +81,25 @@ impl PrefectAgent {
             .scope
             .job_namespace(&ns, spec.job.namespace.as_deref())
             .map_err(SpecError::JobNamespaceNotAllowed)?;
+        let defaults = JobSpec {
+            namespace: Some(job_namespace),
+            ..spec.job.clone()
+        };
+        // What the resource alone asks of its pods is judged here, once, by field.
+        match probe_resource(&ns, &self.name_any(), &defaults, &ctx.scope) {
+            Err(e @ JobBuildError::PodSecurity { .. }) => {
+                return Err(SpecError::PodSecurity(e.to_string()));
+            }
+            Err(e) => return Err(SpecError::Invalid(format!("spec.job: {e}"))),
+            Ok(_) => {}
+        }
         let credentials = Credentials::read(&ctx.client, &ns, spec).await?;
         let deployer = KubernetesDeployer {
             client: ctx.client.clone(),
             observer: ctx.observer.clone(),
             agent_namespace: ns,
             agent_name: self.name_any(),
-            defaults: JobSpec {
-                namespace: Some(job_namespace),
-                ..spec.job.clone()
-            },
+            defaults,
             secret: (spec.api.key_secret_ref.clone()).or(spec.api.auth_string_secret_ref.clone()),
             concurrency_limit: spec.concurrency_limit,
             scope: ctx.scope.clone(),

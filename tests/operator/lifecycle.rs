@@ -618,3 +618,39 @@ async fn sigterm_stops_an_operator_whose_list_keeps_failing() {
     let status = operator.wait_exit(Duration::from_secs(60)).await;
     assert!(status.success(), "{status:?}: {}", operator.output());
 }
+
+/// What a user who may create PrefectAgents asks of its pods is held to the operator's pod
+/// policy (baseline by default): a host-network, host-path pod is refused by field.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pod_template_asking_for_the_host_is_refused_by_field() {
+    let (client, ns, prefect, operator) = setup("podsec").await;
+    let agents: Api<PrefectAgent> = Api::namespaced(client.clone(), &ns);
+    let mut resource = agent_resource("hostile", &prefect.server.url, &prefect.pool);
+    resource.spec.job.pod_template = Some(json!({"spec": {"hostNetwork": true,
+        "volumes": [{"name": "root", "hostPath": {"path": "/"}}]}}));
+    agents
+        .create(&PostParams::default(), &resource)
+        .await
+        .expect("create");
+    let message = wait_for(
+        "Degraded by the pod policy",
+        Duration::from_secs(60),
+        || async {
+            let a = agents.get("hostile").await.ok()?;
+            let c = a
+                .status?
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == "Degraded" && c.status == "True")?;
+            (c.reason == "PodSecurity").then_some(c.message)
+        },
+    )
+    .await;
+    assert!(
+        message.contains("hostNetwork")
+            && message.contains("hostPath")
+            && message.contains("--pod-security"),
+        "{message}"
+    );
+    drop(operator);
+}

@@ -18,6 +18,7 @@ use k8s_openapi::api::batch::v1::Job;
 use kube::api::{DeleteParams, PropagationPolicy};
 use serde_json::{Map, Value, json};
 
+use super::pod_security::violations;
 use crate::backend::{Env, EnvValue, FlowRun, RunAbout};
 use crate::crd::{JobSpec, PullPolicy, SecretKeyRef, SecurityProfile};
 use crate::scope::Scope;
@@ -75,6 +76,10 @@ pub enum JobBuildError {
     NoSecret,
     #[error("{0}")]
     Namespace(String),
+    #[error(
+        "the operator's pod policy ({level}, --pod-security) refuses spec.template.spec: {fields}"
+    )]
+    PodSecurity { level: &'static str, fields: String },
 }
 
 /// The Job's name: one per flow run, so a second create is `AlreadyExists`.
@@ -190,7 +195,54 @@ pub fn build_job(input: &JobInputs<'_>) -> Result<Job, JobBuildError> {
             .get_or_insert_with(Default::default)
             .extend(identity_labels(input));
     }
+    let level = input.scope.pod_security;
+    if let Some(pod) = job.spec.as_ref().and_then(|s| s.template.spec.as_ref()) {
+        let refused = violations(pod, level);
+        if !refused.is_empty() {
+            return Err(JobBuildError::PodSecurity {
+                level: level.name(),
+                fields: refused.join("; "),
+            });
+        }
+    }
     Ok(job)
+}
+
+/// Builds the Job the resource's `job` section alone makes (Prefect's standard template,
+/// no job variables), so that what it asks for is judged once, in its status, instead
+/// of at every run.
+pub fn probe_resource(
+    agent_namespace: &str,
+    agent_name: &str,
+    defaults: &JobSpec,
+    scope: &Scope,
+) -> Result<Job, JobBuildError> {
+    let run = FlowRun {
+        id: "00000000-0000-0000-0000-000000000000".into(),
+        name: "probe".into(),
+        flow_id: None,
+        deployment_id: None,
+        state: crate::backend::StateKind::Pending,
+        state_since: None,
+        state_message: None,
+        scheduled_start: None,
+        job_variables: Map::new(),
+        infrastructure_pid: None,
+    };
+    let configuration = JobConfiguration::new(Some(standard_base_job_template()), &Map::new())
+        .map_err(|e| JobBuildError::Invalid(e.to_string()))?;
+    build_job(&JobInputs {
+        run: &run,
+        agent_namespace,
+        agent_name,
+        configuration: &configuration,
+        about: None,
+        env: &Env::default(),
+        defaults,
+        secret: None,
+        references: &References::default(),
+        scope,
+    })
 }
 
 /// The labels Prefect's worker gives a run's Job, before slugifying: its own about the
@@ -869,6 +921,27 @@ mod tests {
             v["metadata"]["labels"], *labels,
             "Job and pod carry the same labels"
         );
+    }
+
+    /// The pod policy judges what the resource and the job variables produce, by field.
+    #[test]
+    fn the_pod_policy_refuses_host_access_by_field() {
+        let defaults: JobSpec = serde_json::from_value(json!({"podTemplate": {"spec": {
+            "hostNetwork": true, "volumes": [{"name": "root", "hostPath": {"path": "/"}}]}}}))
+        .unwrap();
+        let err = build(json!({}), defaults.clone(), None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("baseline") && err.contains("hostNetwork") && err.contains("hostPath"),
+            "{err}"
+        );
+        let scope = Scope {
+            pod_security: super::super::pod_security::PodSecurity::Privileged,
+            ..Scope::default()
+        };
+        assert!(build_in(json!({}), defaults, None, &References::default(), &scope).is_ok());
+        assert!(probe_resource("data", "etl", &JobSpec::default(), &Scope::default()).is_ok());
     }
 
     /// A Prefect 1 run's Job (no work pool) is left as 1.4 makes it: no SIGTERM behaviour

@@ -2,6 +2,7 @@
 
 pub mod job;
 pub mod observe;
+pub mod pod_security;
 pub mod run_config;
 
 use std::borrow::Cow;
