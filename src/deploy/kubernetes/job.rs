@@ -545,9 +545,21 @@ fn fill_from_resource(job: &mut Job, d: &JobSpec) {
     }
 }
 
-/// The `prefect.io/agent` label of a resource's Jobs.
+/// The `prefect.io/agent` label of a resource's Jobs: `namespace.name`, or when that is
+/// longer than a label value may be, its start and a hash of the whole, so that two long
+/// names never share a label (and their Jobs, counts and ends).
 pub fn agent_label(namespace: &str, name: &str) -> String {
-    label_value(&format!("{namespace}.{name}"))
+    let full = format!("{namespace}.{name}");
+    let cleaned = label_value(&full);
+    if full.len() <= 63 && cleaned == full {
+        return cleaned;
+    }
+    // FNV-1a: stable across builds and platforms, unlike std's hasher.
+    let hash = full.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    let head: String = label_value(&full).chars().take(46).collect();
+    format!("{}-{hash:016x}", head.trim_end_matches(|c: char| !c.is_ascii_alphanumeric()))
 }
 
 /// A label value: at most 63 of `[A-Za-z0-9._-]`, starting and ending alphanumeric.
@@ -1255,6 +1267,19 @@ mod tests {
             t.pointer("/job_configuration/job_manifest/spec/template/spec/containers")
                 .is_some()
         );
+    }
+
+    #[test]
+    fn long_agent_names_do_not_share_a_label() {
+        assert_eq!(agent_label("data", "etl"), "data.etl");
+        let long = "x".repeat(70);
+        let a = agent_label("ns", &format!("{long}-a"));
+        let b = agent_label("ns", &format!("{long}-b"));
+        assert_ne!(a, b);
+        for l in [&a, &b] {
+            assert!(l.len() <= 63 && label_value(l) == **l, "{l}");
+        }
+        assert_eq!(a, agent_label("ns", &format!("{long}-a")), "stable");
     }
 
     #[test]
