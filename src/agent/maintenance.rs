@@ -87,12 +87,21 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
                         return;
                     }
                 }
-                if let Some(infra_id) = self.deployer.find(&run).await {
-                    tracing::info!(%infra_id, "claimed run already has infrastructure; recording it");
-                    if let Err(e) = self.backend.launched(&run.id, &infra_id).await {
-                        tracing::warn!(error = %e, "could not record the infrastructure id");
+                match self.deployer.find(&run).await {
+                    Ok(Some(infra_id)) => {
+                        tracing::info!(%infra_id, "claimed run already has infrastructure; recording it");
+                        if let Err(e) = self.backend.launched(&run.id, &infra_id).await {
+                            tracing::warn!(error = %e, "could not record the infrastructure id");
+                        }
+                        return;
                     }
-                    return;
+                    Ok(None) => {}
+                    // Not knowing is not "none": looked at again on the next pass.
+                    Err(e) => {
+                        self.trouble();
+                        tracing::warn!(error = %e, "could not tell whether an unlaunched claim has infrastructure; will look again");
+                        return;
+                    }
                 }
                 tracing::info!(claimed_at = ?run.state_since, "launching a run claimed earlier but never launched");
                 AgentStats::inc(&self.stats.runs_adopted);

@@ -22,6 +22,8 @@ pub enum SpecError {
     #[error("{0}")]
     SecretNotFound(String),
     #[error("{0}")]
+    SecretUnreadable(String),
+    #[error("{0}")]
     JobNamespaceNotAllowed(String),
     #[error(
         "the operator cannot read this PrefectAgent ({0}); fix that field: the CRD of this operator version refuses such values"
@@ -37,6 +39,7 @@ impl SpecError {
         match self {
             Self::Invalid(_) => "InvalidSpec",
             Self::SecretNotFound(_) => "SecretNotFound",
+            Self::SecretUnreadable(_) => "SecretUnreadable",
             Self::JobNamespaceNotAllowed(_) => "JobNamespaceNotAllowed",
             Self::Undecodable(_) => "UndecodableSpec",
             Self::PodSecurity(_) => "PodSecurity",
@@ -59,10 +62,7 @@ impl Credentials {
         spec: &PrefectAgentSpec,
     ) -> Result<Self, SpecError> {
         let read = async |r: &Option<SecretKeyRef>| match r {
-            Some(r) => read_secret(client, namespace, r)
-                .await
-                .map(Some)
-                .map_err(SpecError::SecretNotFound),
+            Some(r) => read_secret(client, namespace, r).await.map(Some),
             None => Ok(None),
         };
         Ok(Self {
@@ -77,12 +77,23 @@ async fn read_secret(
     client: &Client,
     namespace: &str,
     r: &SecretKeyRef,
-) -> Result<SecretString, String> {
+) -> Result<SecretString, SpecError> {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
     let secret = match secrets.get_opt(&r.name).await {
         Ok(Some(s)) => s,
-        Ok(None) => return Err(format!("secret {namespace}/{} not found", r.name)),
-        Err(e) => return Err(format!("cannot read secret {namespace}/{}: {e}", r.name)),
+        Ok(None) => {
+            return Err(SpecError::SecretNotFound(format!(
+                "secret {namespace}/{} not found",
+                r.name
+            )));
+        }
+        // Not "not found": the API server did not answer, or refused.
+        Err(e) => {
+            return Err(SpecError::SecretUnreadable(format!(
+                "cannot read secret {namespace}/{}: {e}",
+                r.name
+            )));
+        }
     };
     let value = secret
         .data
@@ -98,10 +109,10 @@ async fn read_secret(
         });
     match value {
         Some(v) if !v.is_empty() => Ok(SecretString::new(v)),
-        _ => Err(format!(
+        _ => Err(SpecError::SecretNotFound(format!(
             "secret {namespace}/{} has no key `{}`",
             r.name, r.key
-        )),
+        ))),
     }
 }
 

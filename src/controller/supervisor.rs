@@ -62,8 +62,16 @@ pub enum AgentPhase {
 }
 
 impl Supervisor {
+    /// The agents, even after a panic elsewhere poisoned the lock: an agent must always
+    /// be stoppable.
+    fn agents(&self) -> std::sync::MutexGuard<'_, HashMap<String, Running>> {
+        self.agents
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     pub fn stop(&self, key: &str) {
-        if let Some(r) = self.agents.lock().ok().and_then(|mut a| a.remove(key)) {
+        if let Some(r) = self.agents().remove(key) {
             r.token.cancel();
         }
     }
@@ -71,7 +79,7 @@ impl Supervisor {
     /// Stops `key`'s agent and waits, at most `within`, for the launches it has under
     /// way: a resource's finalizer is released only after them.
     pub async fn stop_and_wait(&self, key: &str, within: Duration) {
-        let Some(r) = self.agents.lock().ok().and_then(|mut a| a.remove(key)) else {
+        let Some(r) = self.agents().remove(key) else {
             return;
         };
         r.token.cancel();
@@ -169,16 +177,14 @@ impl Supervisor {
     /// Stops every agent (operator shutdown) and waits, at most `within`, for them to
     /// finish what they were launching.
     pub async fn stop_all(&self, within: Duration) {
-        let handles: Vec<JoinHandle<()>> = match self.agents.lock() {
-            Ok(mut agents) => agents
-                .drain()
-                .map(|(_, r)| {
-                    r.token.cancel();
-                    r.handle
-                })
-                .collect(),
-            Err(_) => Vec::new(),
-        };
+        let handles: Vec<JoinHandle<()>> = self
+            .agents()
+            .drain()
+            .map(|(_, r)| {
+                r.token.cancel();
+                r.handle
+            })
+            .collect();
         let all = futures::future::join_all(handles);
         if tokio::time::timeout(within, all).await.is_err() {
             tracing::warn!(

@@ -83,8 +83,12 @@ impl DeployError {
 pub trait Deployer: Send + Sync + 'static {
     /// Starts the infrastructure for a claimed run.
     fn deploy(&self, launch: Launch) -> impl Future<Output = Result<Launched, DeployError>> + Send;
-    /// Infrastructure already running for this run, if any (its infra id): makes re-adoption safe.
-    fn find(&self, run: &FlowRun) -> impl Future<Output = Option<String>> + Send;
+    /// Infrastructure already running for this run, if any (its infra id): makes
+    /// re-adoption safe. An error is not "none": the caller looks again later.
+    fn find(
+        &self,
+        run: &FlowRun,
+    ) -> impl Future<Output = Result<Option<String>, DeployError>> + Send;
     /// Stops the run's infrastructure.
     fn stop(&self, run: &FlowRun) -> impl Future<Output = Result<Stopped, DeployError>> + Send;
     /// How many more runs may be started now (a concurrency limit); `None` = no limit.

@@ -235,15 +235,17 @@ impl Deployer for ProcessDeployer {
         })
     }
 
-    async fn find(&self, run: &FlowRun) -> Option<String> {
+    async fn find(&self, run: &FlowRun) -> Result<Option<String>, DeployError> {
         if let Some(pid) = self.tracked(&run.id) {
-            return Some(format!("{}:{pid}", self.host));
+            return Ok(Some(format!("{}:{pid}", self.host)));
         }
         let run_id = run.id.clone();
         let pids = tokio::task::spawn_blocking(move || processes_of_run(&run_id))
             .await
-            .unwrap_or_default();
-        pids.first().map(|pid| format!("{}:{pid}", self.host))
+            .map_err(|e| {
+                DeployError::Unavailable(format!("could not look for the run's process: {e}"))
+            })?;
+        Ok(pids.first().map(|pid| format!("{}:{pid}", self.host)))
     }
 
     async fn stop(&self, run: &FlowRun) -> Result<Stopped, DeployError> {

@@ -103,6 +103,14 @@ pub fn serialized_state(kind: &str, message: &str) -> Value {
     })
 }
 
+/// Says so when the server did not take a state the agent set (`status`, `message`):
+/// not silently, as if it had.
+fn refused(state: &str, run_id: &str, (status, message): (String, String)) {
+    if !matches!(status.as_str(), "SUCCESS" | "") {
+        tracing::warn!(run_id, state, %status, %message, "Prefect 1 did not take the state");
+    }
+}
+
 /// The message of this agent's Submitted states: how a restarted agent knows its claims.
 pub fn claim_marker(agent_name: &str, identity: &str) -> String {
     format!("Submitted for execution by agent {agent_name} ({identity})")
@@ -556,18 +564,22 @@ impl Backend for Prefect1 {
     }
 
     async fn crash(&self, run_id: &str, message: &str) -> Result<(), BackendError> {
-        self.set_flow_run_state(run_id, None, serialized_state("Failed", message))
+        let answer = self
+            .set_flow_run_state(run_id, None, serialized_state("Failed", message))
             .await?;
+        refused("Failed", run_id, answer);
         Ok(())
     }
 
     async fn cancelled(&self, run_id: &str) -> Result<(), BackendError> {
-        self.set_flow_run_state(
-            run_id,
-            None,
-            serialized_state("Cancelled", "Cancelled by the agent"),
-        )
-        .await?;
+        let answer = self
+            .set_flow_run_state(
+                run_id,
+                None,
+                serialized_state("Cancelled", "Cancelled by the agent"),
+            )
+            .await?;
+        refused("Cancelled", run_id, answer);
         Ok(())
     }
 

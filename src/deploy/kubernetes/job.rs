@@ -559,7 +559,10 @@ pub fn agent_label(namespace: &str, name: &str) -> String {
         (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
     });
     let head: String = label_value(&full).chars().take(46).collect();
-    format!("{}-{hash:016x}", head.trim_end_matches(|c: char| !c.is_ascii_alphanumeric()))
+    format!(
+        "{}-{hash:016x}",
+        head.trim_end_matches(|c: char| !c.is_ascii_alphanumeric())
+    )
 }
 
 /// A label value: at most 63 of `[A-Za-z0-9._-]`, starting and ending alphanumeric.

@@ -165,12 +165,14 @@ impl Deployer for KubernetesDeployer {
             .map(|limit| (limit as usize).saturating_sub(active))
     }
 
-    async fn find(&self, run: &FlowRun) -> Option<String> {
+    async fn find(&self, run: &FlowRun) -> Result<Option<String>, DeployError> {
         // A Job in another namespace is found by the create's AlreadyExists instead.
         let namespace = self.namespace();
         let name = job_name(&run.id);
-        let found = self.jobs(&namespace).get_opt(&name).await.ok()??;
-        found.metadata.name.map(|_| format!("{namespace}:{name}"))
+        let found = self.jobs(&namespace).get_opt(&name).await.map_err(|e| {
+            DeployError::Unavailable(format!("could not look for Job {namespace}/{name}: {e}"))
+        })?;
+        Ok(found.map(|_| format!("{namespace}:{name}")))
     }
 
     async fn stop(&self, run: &FlowRun) -> Result<Stopped, DeployError> {
