@@ -183,6 +183,7 @@ impl PrefectAgent {
         let own = self.namespace().unwrap_or_default();
         let namespace = self.spec.job.namespace.clone().unwrap_or(own.clone());
         let label = agent_label(&own, &self.name_any());
+        ctx.observer.forget_agent(&label);
         match crate::deploy::kubernetes::delete_finished_jobs(&ctx.client, &namespace, &label).await
         {
             Ok(n) => {

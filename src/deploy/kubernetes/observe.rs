@@ -253,6 +253,20 @@ impl JobObserver {
         rx
     }
 
+    /// Forgets everything kept for the agent with this label (its resource is gone): what
+    /// the observer holds per agent must not grow with every PrefectAgent ever made.
+    pub fn forget_agent(&self, agent: &str) {
+        if let Ok(mut a) = self.agents.lock() {
+            a.remove(agent);
+        }
+        if let Ok(mut u) = self.unclaimed.lock() {
+            u.remove(agent);
+        }
+        if let Ok(mut a) = self.active.lock() {
+            a.remove(agent);
+        }
+    }
+
     /// Notes that a Job's end has been told to someone: later sightings stay quiet.
     fn mark_routed(&self, k: &str) {
         if let Ok(mut r) = self.routed.lock() {
@@ -415,6 +429,9 @@ impl JobObserver {
             && let Some(jobs) = a.get_mut(agent)
         {
             jobs.remove(job_key);
+            if jobs.is_empty() {
+                a.remove(agent);
+            }
         }
     }
 
@@ -870,6 +887,20 @@ mod tests {
                 job_name("r2")
             )
         );
+    }
+
+    #[test]
+    fn a_gone_agent_leaves_nothing_behind() {
+        let o = JobObserver::new(Duration::from_secs(60));
+        let _rx = o.subscribe("n.etl", only("n"));
+        o.launched("n.etl", "n/j");
+        o.observe(&labelled_job(
+            json!([{"type": "Complete", "status": "True"}]),
+        ));
+        o.forget_agent("n.etl");
+        assert!(o.agents.lock().unwrap().is_empty());
+        assert!(o.active.lock().unwrap().is_empty());
+        assert!(o.unclaimed.lock().unwrap().is_empty());
     }
 
     fn only(ns: &'static str) -> NamespaceFilter {
