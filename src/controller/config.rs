@@ -55,6 +55,19 @@ pub struct Credentials {
 }
 
 impl Credentials {
+    /// A fingerprint of the values (FNV-1a), to notice a rotated key without keeping a
+    /// second copy of it.
+    pub fn fingerprint(&self) -> u64 {
+        let mut h = 0xcbf2_9ce4_8422_2325_u64;
+        for part in [&self.key, &self.auth_string] {
+            let text = part.as_ref().map(|s| s.expose()).unwrap_or("\0none");
+            for b in text.bytes().chain([0xff]) {
+                h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+            }
+        }
+        h
+    }
+
     /// Reads the Secrets the spec names, in the resource's namespace.
     pub async fn read(
         client: &Client,

@@ -38,6 +38,16 @@ impl PrefectAgent {
     pub(super) async fn reconcile(&self, ctx: &Context) -> Result<Action, Error> {
         let key = self.key();
         let generation = self.metadata.generation;
+        let current = ctx.supervisor.current(&key, generation);
+        // A key rotated in its Secret is picked up: the running agent is replaced.
+        if let Some(AgentPhase::Running { stats }) = &current
+            && self
+                .credentials_rotated(ctx, stats.consecutive_poll_errors > 0)
+                .await
+        {
+            tracing::info!(resource = %key, "the API credentials changed in their Secret; restarting the agent");
+            ctx.supervisor.stop(&key);
+        }
         let phase = if self.spec.suspend {
             ctx.supervisor.stop(&key);
             AgentPhase::Suspended
@@ -71,6 +81,19 @@ impl PrefectAgent {
         })
     }
 
+    /// Whether the Secrets now hold other credentials than the agent started with (read
+    /// again only when due; a Secret that cannot be read now changes nothing).
+    async fn credentials_rotated(&self, ctx: &Context, failing: bool) -> bool {
+        let Some(started_with) = ctx.supervisor.credentials_due(&self.key(), failing) else {
+            return false;
+        };
+        let ns = self.namespace().unwrap_or_default();
+        match Credentials::read(&ctx.client, &ns, &self.spec).await {
+            Ok(now) => now.fingerprint() != started_with,
+            Err(_) => false,
+        }
+    }
+
     /// Builds this generation's agent from the spec and runs it as a supervised task.
     async fn start_agent(&self, ctx: &Context) -> Result<(), SpecError> {
         let ns = self.namespace().unwrap_or_default();
@@ -94,6 +117,7 @@ impl PrefectAgent {
             Ok(_) => {}
         }
         let credentials = Credentials::read(&ctx.client, &ns, spec).await?;
+        let fingerprint = credentials.fingerprint();
         let deployer = KubernetesDeployer {
             client: ctx.client.clone(),
             observer: ctx.observer.clone(),
@@ -109,12 +133,12 @@ impl PrefectAgent {
         let backend = backend_config(spec, &cfg, credentials, ctx.retry, &identity)?;
         let agent =
             AnyAgent::new(cfg, backend, deployer).map_err(|e| SpecError::Invalid(e.to_string()))?;
-        self.run_agent(ctx, agent);
+        self.run_agent(ctx, agent, fingerprint);
         Ok(())
     }
 
     /// Runs the agent as a supervised task for this resource's generation.
-    fn run_agent(&self, ctx: &Context, agent: AnyAgent<KubernetesDeployer>) {
+    fn run_agent(&self, ctx: &Context, agent: AnyAgent<KubernetesDeployer>, credentials: u64) {
         let key = self.key();
         let stats = agent.stats();
         let token = CancellationToken::new();
@@ -158,8 +182,14 @@ impl PrefectAgent {
                 }
             }
         });
-        ctx.supervisor
-            .start(key, self.metadata.generation, token, stats, handle);
+        ctx.supervisor.start(
+            key,
+            self.metadata.generation,
+            token,
+            stats,
+            handle,
+            credentials,
+        );
     }
 
     async fn write_status(&self, ctx: &Context, phase: &AgentPhase) -> Result<(), Error> {

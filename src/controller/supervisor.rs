@@ -35,7 +35,16 @@ struct Running {
     failures: u32,
     /// When the supervisor first saw this task ended.
     ended: Option<Instant>,
+    /// A fingerprint of the credentials the agent started with, and when the Secrets
+    /// were last read again to compare.
+    credentials: u64,
+    checked: Instant,
 }
+
+/// How often a running agent's Secrets are read again for a rotated key; while its
+/// polls fail, at most this often instead.
+pub const CREDENTIALS_RECHECK: Duration = Duration::from_secs(300);
+pub const CREDENTIALS_RECHECK_FAILING: Duration = Duration::from_secs(10);
 
 /// Agent tasks by `namespace/name`.
 #[derive(Default)]
@@ -122,6 +131,23 @@ impl Supervisor {
         })
     }
 
+    /// The fingerprint `key`'s agent started with, when its Secrets are due to be read
+    /// again (`failing`: its polls fail, perhaps for a key rotated since).
+    pub fn credentials_due(&self, key: &str, failing: bool) -> Option<u64> {
+        let mut agents = self.agents();
+        let r = agents.get_mut(key)?;
+        let gap = if failing {
+            CREDENTIALS_RECHECK_FAILING
+        } else {
+            CREDENTIALS_RECHECK
+        };
+        (r.checked.elapsed() >= gap).then(|| {
+            r.checked = Instant::now();
+            r.credentials
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         &self,
         key: String,
@@ -129,6 +155,7 @@ impl Supervisor {
         token: CancellationToken,
         stats: Arc<AgentStats>,
         handle: JoinHandle<()>,
+        credentials: u64,
     ) {
         let Ok(mut agents) = self.agents.lock() else {
             return;
@@ -152,6 +179,8 @@ impl Supervisor {
             started: Instant::now(),
             failures,
             ended: None,
+            credentials,
+            checked: Instant::now(),
         };
         if let Some(old) = agents.insert(key, running) {
             old.token.cancel();

@@ -103,6 +103,17 @@ impl FakePrefect1 {
         all.as_array().unwrap().clone()
     }
 
+    /// Rotates the key the server takes: the old one is refused from now on.
+    pub async fn rotate_token(&self, token: &str) {
+        self.api
+            .call(
+                Method::POST,
+                "/_fake/token",
+                Some(serde_json::json!({"token": token})),
+            )
+            .await;
+    }
+
     /// Injects failures: `{"mode": "http500"|"graphql_error"|"slow", "count": n, "operation": "..."}`.
     pub async fn fault(&self, fault: Value) {
         self.api

@@ -134,3 +134,74 @@ async fn a_prefect1_agent_resource_runs_a_flow_through_its_job() {
     );
     drop(operator);
 }
+
+/// A key rotated in Prefect and then in its Secret is picked up without a spec change:
+/// the agent, failing on the revoked key, is restarted with the new one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_rotated_in_its_secret_is_picked_up() {
+    use k8s_openapi::api::core::v1::Secret;
+    let (kube_server, client, ns) = cluster_with_namespace("rotate").await;
+    let old = format!("pcsk_{}", uuid::Uuid::new_v4().simple());
+    let new = format!("pcsk_{}", uuid::Uuid::new_v4().simple());
+    let server = common::prefect1::FakePrefect1::start_with(&["--token", &old]).await;
+    let mut cmd = operator_command(&kube_server.kubeconfig);
+    cmd.args(["--namespace", &ns]);
+    let operator = AgentProcess::start_with(cmd);
+    create_secret(&client, &ns, "prefect1-api", &old).await;
+    let agents: Api<PrefectAgent> = Api::namespaced(client.clone(), &ns);
+    let resource: PrefectAgent = serde_json::from_value(json!({
+        "apiVersion": "prefect.io/v1alpha1", "kind": "PrefectAgent",
+        "metadata": {"name": "rotating"},
+        "spec": {"api": {"flavor": "prefect1", "url": server.url,
+                         "keySecretRef": {"name": "prefect1-api", "key": "key"}},
+                 "pollInterval": "1s"}
+    }))
+    .unwrap();
+    agents
+        .create(&PostParams::default(), &resource)
+        .await
+        .expect("create");
+    kube_server.wait_ready(&ns, "rotating", &operator).await;
+    let generation = agents.get("rotating").await.unwrap().metadata.generation;
+
+    server.rotate_token(&new).await;
+    let degraded = |want: &'static str| {
+        let agents = agents.clone();
+        async move {
+            let a = agents.get("rotating").await.ok()?;
+            (condition(&a, "Degraded")?.0 == want).then_some(a)
+        }
+    };
+    wait_for(
+        "Degraded on the revoked key",
+        Duration::from_secs(90),
+        || degraded("True"),
+    )
+    .await;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let patch = json!({"stringData": {"key": new}});
+    secrets
+        .patch(
+            "prefect1-api",
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+        .expect("rotate the Secret");
+    let a = wait_for(
+        "Ready again on the new key",
+        Duration::from_secs(120),
+        || async {
+            let a = degraded("False").await?;
+            (condition(&a, "Ready")?.0 == "True").then_some(a)
+        },
+    )
+    .await;
+    assert_eq!(a.metadata.generation, generation, "no spec change");
+    let out = operator.output();
+    assert!(
+        !out.contains(&old) && !out.contains(&new),
+        "no key in the logs"
+    );
+    drop(operator);
+}
