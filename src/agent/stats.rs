@@ -149,6 +149,14 @@ impl AgentStats {
         self.touch();
     }
 
+    /// Continues the counts a resource's status already shows (an operator restart, a new
+    /// spec): its figures go on from there instead of back to zero.
+    pub fn resume_from(&self, polls: u64, submitted: u64, failed: u64) {
+        self.polls.fetch_add(polls, Ordering::Relaxed);
+        self.runs_submitted.fetch_add(submitted, Ordering::Relaxed);
+        self.runs_failed.fetch_add(failed, Ordering::Relaxed);
+    }
+
     /// The agent made its `max_polls` and stopped.
     pub fn finish(&self) {
         if let Ok(mut last) = self.last.lock() {
@@ -200,6 +208,16 @@ mod tests {
         let waker = std::task::Waker::noop();
         let mut cx = std::task::Context::from_waker(waker);
         waiter.as_mut().poll(&mut cx).is_ready()
+    }
+
+    #[test]
+    fn counts_resume_from_a_status() {
+        let stats = AgentStats::default();
+        stats.resume_from(10, 3, 1);
+        stats.polled(None);
+        stats.submitted();
+        let s = stats.snapshot();
+        assert_eq!((s.polls, s.runs_submitted, s.runs_failed), (11, 4, 1));
     }
 
     #[test]

@@ -133,6 +133,11 @@ impl PrefectAgent {
         let backend = backend_config(spec, &cfg, credentials, ctx.retry, &identity)?;
         let agent =
             AnyAgent::new(cfg, backend, deployer).map_err(|e| SpecError::Invalid(e.to_string()))?;
+        if let Some(status) = &self.status {
+            agent
+                .stats()
+                .resume_from(status.polls, status.runs_submitted, status.runs_failed);
+        }
         self.run_agent(ctx, agent, fingerprint);
         Ok(())
     }

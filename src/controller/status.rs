@@ -53,11 +53,10 @@ pub fn conditions(
             ),
             ("True", "AgentFailed", message.clone()),
         ),
-        AgentPhase::Finished { stats } => {
-            let m = format!(
-                "the agent made its {} polls (spec.maxPolls) and stopped; it runs again when the spec changes",
-                stats.polls
-            );
+        AgentPhase::Finished { .. } => {
+            let m = "the agent made its spec.maxPolls polls and stopped; it runs again when the \
+                     spec changes"
+                .to_string();
             (
                 ("False", "Finished", m.clone()),
                 ("False", "Finished", m),
