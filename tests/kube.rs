@@ -163,7 +163,7 @@ async fn the_api_server_rejects_nonsense_with_422() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_built_job_is_accepted_and_a_second_create_is_already_exists() {
     use k8s_openapi::api::batch::v1::Job;
-    use prefect_agent_operator::backend::{Env, EnvValue, FlowRun, StateKind};
+    use prefect_agent_operator::backend::{Env, EnvValue, FlowRun};
     use prefect_agent_operator::crd::{JobSpec, SecretKeyRef};
     use prefect_agent_operator::deploy::kubernetes::job::{JobInputs, build_job};
     use prefect_agent_operator::secret::SecretString;
@@ -171,16 +171,8 @@ async fn a_built_job_is_accepted_and_a_second_create_is_already_exists() {
 
     let (client, ns) = setup().await;
     let run = FlowRun {
-        id: uuid::Uuid::new_v4().to_string(),
-        name: "brave-otter".into(),
         flow_id: Some("f".into()),
-        deployment_id: None,
-        state: StateKind::Pending,
-        state_since: None,
-        state_message: None,
-        scheduled_start: None,
-        job_variables: Default::default(),
-        infrastructure_pid: None,
+        ..FlowRun::pending(&uuid::Uuid::new_v4().to_string(), "brave-otter")
     };
     let env: Env = [
         (

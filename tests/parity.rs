@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use prefect_agent_operator::agent::env::run_environment;
 use prefect_agent_operator::backend::http::Auth;
 use prefect_agent_operator::backend::prefect3::{fixed_env, worker_env};
-use prefect_agent_operator::backend::{FlowRun, RunAbout, RunContext, RunSpec, StateKind};
+use prefect_agent_operator::backend::{FlowRun, RunAbout, RunContext, RunSpec};
 use prefect_agent_operator::crd::{JobSpec, SecretKeyRef};
 use prefect_agent_operator::deploy::kubernetes::job::{
     DEFAULT_IMAGE, JobInputs, build_job, configuration_for,
@@ -33,16 +33,10 @@ fn object(case: &Value, key: &str) -> Map<String, Value> {
 /// The operator's Job for one case, as JSON.
 fn ours(case: &Value) -> Value {
     let run = FlowRun {
-        id: text(case, "flow_run_id"),
-        name: text(case, "flow_run_name"),
         flow_id: Some(text(case, "flow_id")),
         deployment_id: Some(text(case, "deployment_id")),
-        state: StateKind::Pending,
-        state_since: None,
-        state_message: None,
-        scheduled_start: None,
         job_variables: object(case, "run_job_variables"),
-        infrastructure_pid: None,
+        ..FlowRun::pending(&text(case, "flow_run_id"), &text(case, "flow_run_name"))
     };
     let about = RunAbout {
         flow_name: Some(text(case, "flow_name")),

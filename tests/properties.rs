@@ -9,7 +9,7 @@ use prefect_agent_operator::backend::prefect3::{
     ApiFlowRun, ApiState, SetStateResponse, displaced_by, interpret_claim, latest_claimant,
     verify_claim,
 };
-use prefect_agent_operator::backend::{Env, EnvValue, FlowRun, References, StateKind};
+use prefect_agent_operator::backend::{Env, EnvValue, FlowRun, References};
 use prefect_agent_operator::controller::agent_config;
 use prefect_agent_operator::crd::{PrefectAgentSpec, SecretKeyRef};
 use prefect_agent_operator::deploy::kubernetes::job::{JobInputs, build_job, configuration_for};
@@ -18,7 +18,7 @@ use prefect_agent_operator::scope::Scope;
 use prefect_agent_operator::work_pool::template::apply_values;
 use prefect_agent_operator::work_pool::{JobConfiguration, references_in, run_values};
 use proptest::prelude::*;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 const CASES: u32 = 1000;
 
@@ -155,16 +155,9 @@ fn job_json() -> impl Strategy<Value = Value> {
 
 fn run() -> FlowRun {
     FlowRun {
-        id: "0b7e0c1e-0000-4000-8000-000000000001".into(),
-        name: "brave-fox".into(),
         flow_id: Some("f".into()),
         deployment_id: Some("d".into()),
-        state: StateKind::Pending,
-        state_since: None,
-        state_message: None,
-        scheduled_start: None,
-        job_variables: Map::new(),
-        infrastructure_pid: None,
+        ..FlowRun::pending("0b7e0c1e-0000-4000-8000-000000000001", "brave-fox")
     }
 }
 

@@ -78,6 +78,22 @@ pub struct FlowRun {
 }
 
 impl FlowRun {
+    /// A PENDING run known by id and name only (probes, tests).
+    pub fn pending(id: &str, name: &str) -> Self {
+        FlowRun {
+            id: id.into(),
+            name: name.into(),
+            flow_id: None,
+            deployment_id: None,
+            state: StateKind::Pending,
+            state_since: None,
+            state_message: None,
+            scheduled_start: None,
+            job_variables: Map::new(),
+            infrastructure_pid: None,
+        }
+    }
+
     /// How long the run has been in its current state (unknown start: as old as can be).
     pub fn state_age(&self, now: DateTime<Utc>) -> Duration {
         self.state_since

@@ -716,16 +716,8 @@ mod tests {
     #[test]
     fn the_worker_s_variables_in_prefect_s_order_with_credentials_as_secrets() {
         let run = FlowRun {
-            id: "run-1".into(),
-            name: "otter".into(),
             flow_id: Some("f-1".into()),
-            deployment_id: None,
-            state: StateKind::Pending,
-            state_since: None,
-            state_message: None,
-            scheduled_start: None,
-            job_variables: Map::new(),
-            infrastructure_pid: None,
+            ..FlowRun::pending("run-1", "otter")
         };
         let about = RunAbout {
             flow_name: Some("etl".into()),

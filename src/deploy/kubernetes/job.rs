@@ -217,18 +217,7 @@ pub fn probe_resource(
     defaults: &JobSpec,
     scope: &Scope,
 ) -> Result<Job, JobBuildError> {
-    let run = FlowRun {
-        id: "00000000-0000-0000-0000-000000000000".into(),
-        name: "probe".into(),
-        flow_id: None,
-        deployment_id: None,
-        state: crate::backend::StateKind::Pending,
-        state_since: None,
-        state_message: None,
-        scheduled_start: None,
-        job_variables: Map::new(),
-        infrastructure_pid: None,
-    };
+    let run = FlowRun::pending("00000000-0000-0000-0000-000000000000", "probe");
     let configuration = JobConfiguration::new(Some(standard_base_job_template()), &Map::new())
         .map_err(|e| JobBuildError::Invalid(e.to_string()))?;
     build_job(&JobInputs {
@@ -764,22 +753,14 @@ fn is_named_list(items: &[Value]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::StateKind;
     use crate::secret::SecretString;
     use crate::work_pool::Reference;
 
     fn run() -> FlowRun {
         FlowRun {
-            id: "0D3E5F2A-1111-2222-3333-444455556666".into(),
-            name: "brave-otter".into(),
             flow_id: Some("f-1".into()),
             deployment_id: Some("d-1".into()),
-            state: StateKind::Pending,
-            state_since: None,
-            state_message: None,
-            scheduled_start: None,
-            job_variables: Map::new(),
-            infrastructure_pid: None,
+            ..FlowRun::pending("0D3E5F2A-1111-2222-3333-444455556666", "brave-otter")
         }
     }
 
