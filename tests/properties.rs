@@ -22,6 +22,19 @@ use serde_json::{Value, json};
 
 const CASES: u32 = 1000;
 
+/// A fixed seed: every run of the test command tries the same corpus (a failure is
+/// reproducible as it is); `PROPTEST_RNG_SEED` picks another.
+fn config() -> ProptestConfig {
+    let seed = std::env::var("PROPTEST_RNG_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5eed_2026);
+    ProptestConfig {
+        rng_seed: proptest::test_runner::RngSeed::Fixed(seed),
+        ..ProptestConfig::with_cases(CASES)
+    }
+}
+
 /// Strings a user or a server might send, placeholders and odd characters included.
 fn text() -> impl Strategy<Value = String> {
     prop_oneof![
@@ -162,7 +175,7 @@ fn run() -> FlowRun {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(CASES))]
+    #![proptest_config(config())]
 
     /// A spec that deserializes either configures an agent or is refused with a reason and
     /// a message; its Job section with any job variables builds a Job or a named error.
