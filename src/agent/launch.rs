@@ -98,7 +98,12 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
 
     /// When a run's infrastructure ends before the run did, the run is crashed with the cause.
     async fn watch_exit(&self, run_id: String, exit: oneshot::Receiver<Exit>) {
-        let Ok(exit) = exit.await else { return };
+        let exit = tokio::select! {
+            exit = exit => exit,
+            // The agent stopped: dropping the receiver hands the end to its successor.
+            _ = self.stopped.cancelled() => return,
+        };
+        let Ok(exit) = exit else { return };
         self.report_exit(run_id, exit).await;
     }
 

@@ -119,6 +119,9 @@ struct Inner<B, D> {
     /// start (a previous process's claims) or since a launch went wrong. They become
     /// visible to a scan `adopt_after` later; one clean scan after that ends the need.
     trouble: Mutex<Trouble>,
+    /// Cancelled when `start` returns: the per-run exit watchers end with their agent, so
+    /// that the ends they waited for go to its successor.
+    stopped: CancellationToken,
 }
 
 struct Trouble {
@@ -159,6 +162,7 @@ impl<B: Backend, D: Deployer> Agent<B, D> {
                 }),
                 busy: Arc::default(),
                 slots,
+                stopped: CancellationToken::new(),
             }),
         }
     }
@@ -177,6 +181,7 @@ impl<B: Backend, D: Deployer> Agent<B, D> {
     /// `max_polls` is reached or `shutdown` fires; in-flight submissions finish first.
     pub async fn start(&self, shutdown: CancellationToken) -> Result<StopReason, AgentError> {
         let inner = &self.inner;
+        let _stopped = inner.stopped.clone().drop_guard();
         let span = tracing::info_span!("agent", agent = %inner.cfg.name);
         async move {
             let background = shutdown.child_token();

@@ -267,6 +267,12 @@ impl JobObserver {
         }
     }
 
+    fn unmark_routed(&self, k: &str) {
+        if let Ok(mut r) = self.routed.lock() {
+            r.remove(k);
+        }
+    }
+
     /// Notes that a Job's end has been told to someone: later sightings stay quiet.
     fn mark_routed(&self, k: &str) {
         if let Ok(mut r) = self.routed.lock() {
@@ -367,7 +373,12 @@ impl JobObserver {
         match waiter {
             Some(tx) => {
                 self.mark_routed(&k);
-                let _ = tx.send(exit);
+                // The launch that waited is gone (its agent stopped): its agent's
+                // successor hears of it instead.
+                if let Err(exit) = tx.send(exit) {
+                    self.unmark_routed(&k);
+                    self.route_unwatched(job.labels(), &k, exit);
+                }
             }
             None => {
                 self.route_unwatched(job.labels(), &k, exit);
@@ -401,7 +412,9 @@ impl JobObserver {
         };
         match waiter {
             Some(tx) => {
-                let _ = tx.send(exit);
+                if let Err(exit) = tx.send(exit) {
+                    self.route_unwatched(job.labels(), &k, exit);
+                }
             }
             // A Job of an earlier process deleted unfinished is reported too; a finished
             // one (already routed, or TTL-deleted) is only forgotten.
@@ -500,7 +513,10 @@ impl JobObserver {
         match waiter {
             Some(tx) => {
                 self.mark_routed(&job_key);
-                let _ = tx.send(exit);
+                if let Err(exit) = tx.send(exit) {
+                    self.unmark_routed(&job_key);
+                    self.route_unwatched(pod.labels(), &job_key, exit);
+                }
             }
             // A Job from before a restart: its agent hears of it once, then it is deleted.
             None if self.route_unwatched(pod.labels(), &job_key, exit) => {}
@@ -887,6 +903,17 @@ mod tests {
                 job_name("r2")
             )
         );
+    }
+
+    /// A launch that waited and is gone (its agent stopped): the end goes to whoever
+    /// subscribes for that agent instead of nowhere.
+    #[test]
+    fn an_end_whose_waiter_is_gone_goes_to_the_agent() {
+        let o = JobObserver::new(Duration::from_secs(60));
+        let mut rx = o.subscribe("n.etl", only("n"));
+        drop(o.wait_for("n", &job_name("r1")));
+        o.observe(&labelled_job(json!([{"type": "Failed", "status": "True"}])));
+        assert_eq!(rx.try_recv().unwrap().0, "r1");
     }
 
     #[test]
