@@ -111,6 +111,9 @@ fn refused(state: &str, run_id: &str, (status, message): (String, String)) {
     }
 }
 
+/// Most runs whose metadata is kept between a poll and their claim.
+const MAX_REMEMBERED: usize = 5_000;
+
 /// The message of this agent's Submitted states: how a restarted agent knows its claims.
 pub fn claim_marker(agent_name: &str, identity: &str) -> String {
     format!("Submitted for execution by agent {agent_name} ({identity})")
@@ -270,6 +273,11 @@ impl Prefect1 {
         let Ok(mut meta) = self.meta.lock() else {
             return runs;
         };
+        // Runs that left the queue unclaimed are never forgotten one by one: past the cap,
+        // only this answer's are kept (a run missing later is read again by id).
+        if meta.len() + rows.len() > MAX_REMEMBERED {
+            meta.clear();
+        }
         for (run, m) in rows.iter().filter_map(parse_run) {
             meta.insert(run.id.clone(), m);
             runs.push(run);
