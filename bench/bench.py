@@ -484,6 +484,58 @@ def idle(prefect, kube, binary, counts, settle, window, poll_interval):
     return out
 
 
+def churn(prefect, kube, binary, n, settle, rounds=2, batch=500):
+    """The operator's memory before, with `n` PrefectAgents (each registers, makes no poll
+    and finishes: maxPolls 0), and after all of them are deleted, `rounds` times: what it
+    keeps per resource must go with the resource. RSS may stay at its high-water mark (the
+    allocator keeps freed pages); a second round that does not grow it means no leak."""
+    pool = prefect.pool(f"churn-{uuid.uuid4().hex[:6]}", template=TEMPLATE)
+    ns = kube.namespace("churn")
+    op = Operator(binary, kube, ns)
+    out = {"agents": n, "rounds": []}
+    try:
+        time.sleep(settle)
+        out["rss_mib_baseline"] = round(rss_kib(op.proc.pid) / 1024, 1)
+        for r in range(rounds):
+            names = [f"c{r}-{i}" for i in range(n)]
+            started = time.monotonic()
+            for i in range(0, n, batch):
+                items = [{
+                    "apiVersion": "prefect.io/v1alpha1", "kind": "PrefectAgent",
+                    "metadata": {"name": name, "namespace": ns},
+                    "spec": {"api": {"url": prefect.url, "workPool": pool, "events": False},
+                             "maxPolls": 0, "job": {"image": "prefecthq/prefect:3-latest"}},
+                } for name in names[i:i + batch]]
+                kube.kubectl("apply", "-f", "-",
+                             input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
+            try:
+                wait_until(f"{n} agents registered", 60 + n * 0.5, lambda: op.ready_agents() >= n, 2)
+            except TimeoutError:
+                pass
+            registered = op.ready_agents()
+            loaded = rss_kib(op.proc.pid)
+            created_s = time.monotonic() - started
+            started = time.monotonic()
+            kube.kubectl("delete", "pfa", "--all", "-n", ns, "--wait=false")
+
+            def remaining():
+                listed = kube.kubectl("get", "pfa", "-n", ns, "-o", "name")
+                return len([line for line in listed.split("\n") if line.strip()])
+
+            wait_until("every PrefectAgent deleted", 60 + n * 0.2, lambda: remaining() == 0, 2)
+            deleted_s = time.monotonic() - started
+            time.sleep(settle)
+            out["rounds"].append({
+                "registered": registered, "rss_mib_loaded": round(loaded / 1024, 1),
+                "rss_mib_after_delete": round(rss_kib(op.proc.pid) / 1024, 1),
+                "create_and_register_s": round(created_s, 1), "delete_s": round(deleted_s, 1)})
+            log(f"churn round {r + 1}: {out['rounds'][-1]}")
+    finally:
+        op.stop()
+        kube.kubectl("delete", "namespace", ns, "--wait=false")
+    return out
+
+
 def idle_worker(prefect, kube, venv, settle, window):
     pool = prefect.pool(f"idlew-{uuid.uuid4().hex[:6]}", template=TEMPLATE)
     w = Worker(venv, kube, prefect.url, pool)
@@ -594,6 +646,8 @@ def main():
     ap.add_argument("--settle", type=float, default=20)
     ap.add_argument("--window", type=float, default=30)
     ap.add_argument("--cancellations", type=int, default=5)
+    ap.add_argument("--churn", type=int, default=10000,
+                    help="PrefectAgents created and deleted in the churn part (--only churn)")
     ap.add_argument("--only", default="latency,burst,cancellation,idle",
                     help="the parts to run, comma-separated (a partial run writes partial results)")
     ap.add_argument("--wrap", default="",
@@ -663,6 +717,8 @@ def main():
             }
         op.stop()
         ops.clear()
+        if "churn" in only:
+            results["churn"] = churn(prefect, kube, args.binary, args.churn, args.settle)
         if "idle" in only:
             counts = [int(c) for c in args.idle.split(",") if c]
             results["idle"] = idle(prefect, kube, args.binary, counts, args.settle, args.window,
