@@ -200,15 +200,25 @@ impl PrefectAgent {
     async fn write_status(&self, ctx: &Context, phase: &AgentPhase) -> Result<(), Error> {
         let ns = self.namespace().unwrap_or_default();
         let active_jobs = ctx.observer.active(&agent_label(&ns, &self.name_any())) as u64;
-        write_status(
-            ctx,
-            &self.object_ref(&()),
-            self.status.as_ref(),
-            phase,
-            self.metadata.generation,
-            active_jobs,
-        )
-        .await
+        let previous = self
+            .status
+            .as_ref()
+            .map(|s| s.conditions.clone())
+            .unwrap_or_default();
+        let status = desired_status(phase, self.metadata.generation, &previous, active_jobs);
+        if self
+            .status
+            .as_ref()
+            .is_some_and(|s| !status_changed(s, &status))
+        {
+            return Ok(());
+        }
+        let object = self.object_ref(&());
+        if let Some((warning, reason, note)) = transition_event(&previous, &status.conditions) {
+            publish(ctx, &object, warning, reason, note).await;
+        }
+        apply_status(ctx, &object, &status).await?;
+        Ok(())
     }
 
     pub(super) async fn cleanup(&self, ctx: &Context) -> Result<Action, Error> {
@@ -232,38 +242,37 @@ impl PrefectAgent {
     }
 }
 
-/// Writes the status a phase calls for, when it differs from `current`, with an Event
-/// when a condition changed; for decodable and undecodable resources alike.
-async fn write_status(
+/// Publishes an Event on the resource; a failure is only logged.
+async fn publish(
     ctx: &Context,
     object: &ObjectReference,
-    current: Option<&PrefectAgentStatus>,
-    phase: &AgentPhase,
-    generation: Option<i64>,
-    active_jobs: u64,
-) -> Result<(), Error> {
-    let previous = current.map(|s| s.conditions.clone()).unwrap_or_default();
-    let status = desired_status(phase, generation, &previous, active_jobs);
-    if current.is_some_and(|s| !status_changed(s, &status)) {
-        return Ok(());
+    warning: bool,
+    reason: String,
+    note: String,
+) {
+    let event = Event {
+        type_: if warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        reason,
+        note: Some(note),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, object).await {
+        tracing::warn!(error = %e, "could not publish an Event");
     }
-    if let Some((warning, reason, note)) = transition_event(&previous, &status.conditions) {
-        let event = Event {
-            type_: if warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason,
-            note: Some(note),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
-        if let Err(e) = ctx.recorder.publish(&event, object).await {
-            tracing::warn!(error = %e, "could not publish an Event");
-        }
-    }
-    // Guarded: the write's answer is the resource, which may not decode.
+}
+
+/// Writes a resource's status by server-side apply; guarded, since the answer is the
+/// resource, which may not decode.
+async fn apply_status(
+    ctx: &Context,
+    object: &ObjectReference,
+    status: &PrefectAgentStatus,
+) -> Result<(), kube::Error> {
     let api: Api<Guarded> = Api::namespaced(
         ctx.client.clone(),
         object.namespace.as_deref().unwrap_or_default(),
@@ -313,31 +322,14 @@ pub(super) async fn undecodable(
     let object = guard.object_ref(&());
     // An Event always: the API server may refuse the status of an object that breaks
     // the schema (it validates the whole object on a status write).
-    let event = Event {
-        type_: EventType::Warning,
-        reason: error.reason().into(),
-        note: Some(clip(&error.to_string(), MAX_NOTE)),
-        action: "Reconcile".into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&event, &object).await {
-        tracing::warn!(error = %e, "could not publish an Event");
-    }
+    let note = clip(&error.to_string(), MAX_NOTE);
+    publish(ctx, &object, true, error.reason().into(), note).await;
     let phase = AgentPhase::Invalid {
         reason: error.reason(),
         message: error.to_string(),
     };
     let status = desired_status(&phase, meta.generation, &[], 0);
-    let patch =
-        json!({"apiVersion": "prefect.io/v1alpha1", "kind": "PrefectAgent", "status": status});
-    if let Err(e) = api
-        .patch_status(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await
-    {
+    if let Err(e) = apply_status(ctx, &object, &status).await {
         tracing::warn!(resource = %format!("{ns}/{name}"), error = %e, "could not write the status of an undecodable PrefectAgent; its Event says why");
     }
     Ok(Action::await_change())
