@@ -172,7 +172,8 @@ pub fn build_job(input: &JobInputs<'_>) -> Result<Job, JobBuildError> {
         .unwrap_or_default();
     label_like_prefect(&mut job, &prefect_labels, &annotations);
     fill_from_resource(&mut job, input.defaults);
-    fix_identity(&mut job, input)?;
+    let ours = identity_labels(input);
+    fix_identity(&mut job, input, &ours)?;
     if input.defaults.security_profile == Some(SecurityProfile::Restricted) {
         restrict(&mut job);
     }
@@ -186,14 +187,15 @@ pub fn build_job(input: &JobInputs<'_>) -> Result<Job, JobBuildError> {
     }
     let mut job: Job = serde_json::from_value(value)
         .map_err(|e| JobBuildError::Invalid(format!("after podTemplate: {e}")))?;
-    // `podTemplate` may add labels, never replace the ones the operator knows pods by.
+    // Set after `podTemplate`, which may add labels but never replace the ones the
+    // operator knows pods by.
     if let Some(spec) = job.spec.as_mut() {
         spec.template
             .metadata
             .get_or_insert_with(Default::default)
             .labels
             .get_or_insert_with(Default::default)
-            .extend(identity_labels(input));
+            .extend(ours);
     }
     let level = input.scope.pod_security;
     if let Some(pod) = job.spec.as_ref().and_then(|s| s.template.spec.as_ref()) {
@@ -294,12 +296,16 @@ fn label_like_prefect(
     prefect: &[(String, String)],
     annotations: &BTreeMap<String, String>,
 ) {
-    let slug = |k: &str, v: &str| (label_key(k), slug_value(v));
+    // The object's own labels with Prefect's over them, every one made valid.
+    let with_prefect = |own: Option<BTreeMap<String, String>>| -> BTreeMap<String, String> {
+        own.unwrap_or_default()
+            .into_iter()
+            .chain(prefect.iter().cloned())
+            .map(|(k, v)| (label_key(&k), slug_value(&v)))
+            .collect()
+    };
     let meta = &mut job.metadata;
-    let mut job_labels: Vec<(String, String)> =
-        meta.labels.take().unwrap_or_default().into_iter().collect();
-    job_labels.extend(prefect.iter().cloned());
-    meta.labels = Some(job_labels.iter().map(|(k, v)| slug(k, v)).collect());
+    meta.labels = Some(with_prefect(meta.labels.take()));
     let mut merged: BTreeMap<String, String> = BTreeMap::new();
     for (k, v) in meta
         .annotations
@@ -313,14 +319,7 @@ fn label_like_prefect(
     meta.annotations = (!merged.is_empty()).then(|| merged.clone());
     let spec = job.spec.get_or_insert_with(Default::default);
     let pod_meta = spec.template.metadata.get_or_insert_with(Default::default);
-    let mut pod_labels: Vec<(String, String)> = pod_meta
-        .labels
-        .take()
-        .unwrap_or_default()
-        .into_iter()
-        .collect();
-    pod_labels.extend(prefect.iter().cloned());
-    pod_meta.labels = Some(pod_labels.iter().map(|(k, v)| slug(k, v)).collect());
+    pod_meta.labels = Some(with_prefect(pod_meta.labels.take()));
     if !merged.is_empty() {
         pod_meta
             .annotations
@@ -572,7 +571,11 @@ pub fn label_value(raw: &str) -> String {
         .to_string()
 }
 
-fn fix_identity(job: &mut Job, input: &JobInputs<'_>) -> Result<(), JobBuildError> {
+fn fix_identity(
+    job: &mut Job,
+    input: &JobInputs<'_>,
+    ours: &BTreeMap<String, String>,
+) -> Result<(), JobBuildError> {
     let run = input.run;
     let default_namespace = input
         .defaults
@@ -590,7 +593,6 @@ fn fix_identity(job: &mut Job, input: &JobInputs<'_>) -> Result<(), JobBuildErro
             .run_namespace(input.agent_namespace, &namespace)
             .map_err(JobBuildError::Namespace)?;
     }
-    let ours = identity_labels(input);
     let meta = &mut job.metadata;
     meta.name = Some(job_name(&run.id));
     meta.generate_name = None;
@@ -599,12 +601,6 @@ fn fix_identity(job: &mut Job, input: &JobInputs<'_>) -> Result<(), JobBuildErro
         .get_or_insert_with(Default::default)
         .extend(ours.clone());
     let spec = job.spec.get_or_insert_with(Default::default);
-    spec.template
-        .metadata
-        .get_or_insert_with(Default::default)
-        .labels
-        .get_or_insert_with(Default::default)
-        .extend(ours);
     // Prefect 3's runner reads the SIGTERM behaviour; a Prefect 1 run's Job is left as 1.4 makes it.
     let env = match input.about {
         Some(_) => eviction_handling(input.env, spec.backoff_limit),
@@ -648,11 +644,11 @@ fn eviction_handling(env: &Env, backoff_limit: Option<i32>) -> Cow<'_, Env> {
     const SIGTERM: &str = "PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR";
     let mut env = Cow::Borrowed(env);
     if backoff_limit == Some(0) {
-        let chosen = matches!(env.get(SIGTERM), Some(EnvValue::Plain(v)) if !v.is_empty())
-            || matches!(
-                env.get(SIGTERM),
-                Some(EnvValue::Secret(_) | EnvValue::From(_))
-            );
+        let chosen = match env.get(SIGTERM) {
+            Some(EnvValue::Plain(v)) => !v.is_empty(),
+            Some(EnvValue::Secret(_) | EnvValue::From(_)) => true,
+            None => false,
+        };
         if !chosen {
             env.to_mut().set_plain(SIGTERM, "reschedule");
         }
