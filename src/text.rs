@@ -6,6 +6,14 @@ pub const MAX_RUN_NAME: usize = 256;
 /// The longest state message kept.
 pub const MAX_STATE_MESSAGE: usize = 1024;
 
+/// FNV-1a over `bytes`: a hash stable across builds and platforms (std's is not), for
+/// names and fingerprints that must come out the same in every process.
+pub fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u64 {
+    bytes.into_iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
 /// `text` cut to at most `max` bytes at a character boundary, marked when cut.
 pub fn clip(text: &str, max: usize) -> String {
     if text.len() <= max {
@@ -22,6 +30,13 @@ pub fn clip(text: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fnv1a_is_the_published_function() {
+        // Test vectors of the FNV reference (isthe.com/chongo/tech/comp/fnv).
+        assert_eq!(fnv1a(*b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a(*b"a"), 0xaf63_dc4c_8601_ec8c);
+    }
 
     #[test]
     fn cuts_at_a_character_boundary() {

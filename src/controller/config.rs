@@ -58,14 +58,10 @@ impl Credentials {
     /// A fingerprint of the values (FNV-1a), to notice a rotated key without keeping a
     /// second copy of it.
     pub fn fingerprint(&self) -> u64 {
-        let mut h = 0xcbf2_9ce4_8422_2325_u64;
-        for part in [&self.key, &self.auth_string] {
-            let text = part.as_ref().map(|s| s.expose()).unwrap_or("\0none");
-            for b in text.bytes().chain([0xff]) {
-                h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
-            }
-        }
-        h
+        // Each value and a separator byte, so that ("ab", "") and ("a", "b") differ.
+        let parts = [&self.key, &self.auth_string]
+            .map(|part| part.as_ref().map_or("\0none", |s| s.expose()));
+        crate::text::fnv1a(parts.iter().flat_map(|p| p.bytes().chain([0xff])))
     }
 
     /// Reads the Secrets the spec names, in the resource's namespace.

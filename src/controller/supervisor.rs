@@ -147,7 +147,6 @@ impl Supervisor {
         })
     }
 
-    #[allow(clippy::too_many_arguments)]
     pub fn start(
         &self,
         key: String,

@@ -542,10 +542,7 @@ pub fn agent_label(namespace: &str, name: &str) -> String {
     if full.len() <= 63 && cleaned == full {
         return cleaned;
     }
-    // FNV-1a: stable across builds and platforms, unlike std's hasher.
-    let hash = full.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    });
+    let hash = crate::text::fnv1a(full.bytes());
     let head: String = label_value(&full).chars().take(46).collect();
     format!(
         "{}-{hash:016x}",
