@@ -547,14 +547,15 @@ impl Backend for Prefect3 {
         let mut wanted = references_in(&template);
         wanted.extend(references_in(&values));
         let references = self.fetch_references(wanted).await?;
-        // Resolved here so every deployer (and the env) sees values; the job manifest's
-        // own references are resolved by the deployer after rendering.
-        let values = match references.resolve(&values)? {
-            Value::Object(vars) => vars,
-            _ => Map::new(),
-        };
+        let no_values = Map::new();
         let has_template = template.get("job_configuration").is_some();
-        let mut configuration = JobConfiguration::new(has_template.then_some(&*template), &values)?;
+        let mut configuration = JobConfiguration::new(
+            has_template.then_some(&*template),
+            values.as_object().unwrap_or(&no_values),
+        )?;
+        // Resolved once, after the merge (as Prefect does), so every deployer and the env
+        // see values; the job manifest's own references are resolved by the deployer
+        // after rendering.
         configuration.variables =
             match references.resolve(&Value::Object(configuration.variables))? {
                 Value::Object(vars) => vars,
