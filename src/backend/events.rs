@@ -242,10 +242,8 @@ async fn stream(url: &str, auth: &Auth, feed: &Feed) -> Result<(), String> {
     );
     // A server behind basic auth checks the upgrade request; a key goes in the auth message.
     if let Auth::Basic(_) = auth
-        && let Some(value) = auth.authorization()
+        && let Some(value) = auth.header()?
     {
-        let value = HeaderValue::from_str(value.expose())
-            .map_err(|_| "the auth string is not a valid header value".to_string())?;
         headers.insert("Authorization", value);
     }
     let connect = tokio_tungstenite::connect_async(request);

@@ -46,23 +46,32 @@ impl Auth {
         }
     }
 
-    /// Why these credentials cannot be sent as a header (a newline, a control character),
-    /// if they cannot: better refused by name than sent without (what a bad header does).
-    pub fn check(&self) -> Result<(), String> {
-        let bad = self
-            .authorization()
-            .is_some_and(|value| reqwest::header::HeaderValue::from_str(value.expose()).is_err());
-        match (self, bad) {
-            (Auth::Bearer(_), true) => Err(
+    /// The `Authorization` header these credentials make (marked sensitive, so that no
+    /// library prints it), or why they cannot be sent as one (a newline, a control
+    /// character): better refused by name than sent without.
+    pub fn header(&self) -> Result<Option<reqwest::header::HeaderValue>, String> {
+        let Some(value) = self.authorization() else {
+            return Ok(None);
+        };
+        match reqwest::header::HeaderValue::from_str(value.expose()) {
+            Ok(mut header) => {
+                header.set_sensitive(true);
+                Ok(Some(header))
+            }
+            Err(_) if matches!(self, Auth::Bearer(_)) => Err(
                 "the API key holds a newline or another character a header cannot carry; \
                  store the key alone (e.g. `kubectl create secret generic … --from-literal`)"
                     .into(),
             ),
-            (Auth::Basic(_), true) => Err(
+            Err(_) => Err(
                 "the auth string holds a newline or another character a header cannot carry".into(),
             ),
-            _ => Ok(()),
         }
+    }
+
+    /// Why these credentials cannot be sent, if they cannot (see [`Auth::header`]).
+    pub fn check(&self) -> Result<(), String> {
+        self.header().map(|_| ())
     }
 
     /// `text` with every form of these credentials cut out: servers echo requests back,
@@ -391,16 +400,16 @@ impl ApiClient {
         for (name, value) in headers {
             req = req.header(*name, value);
         }
-        if let Some(value) = self.auth.authorization() {
-            // Checked when the settings were made; never sent without it silently.
-            let Ok(mut value) = reqwest::header::HeaderValue::from_str(value.expose()) else {
+        // Checked when the settings were made; never sent without it silently.
+        match self.auth.header() {
+            Ok(Some(value)) => req = req.header(reqwest::header::AUTHORIZATION, value),
+            Ok(None) => {}
+            Err(_) => {
                 return Err(Attempt::Final(HttpError::Unauthorized {
                     url: self.base.clone(),
                     status: 0,
                 }));
-            };
-            value.set_sensitive(true);
-            req = req.header(reqwest::header::AUTHORIZATION, value);
+            }
         }
         if let Some(body) = body {
             req = req.json(body);
