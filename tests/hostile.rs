@@ -1,26 +1,42 @@
-//! The Prefect 3 backend against a hostile or broken server: a raw TCP server answers
-//! every request the way one failure mode says. Whatever it answers, the backend must not
-//! panic, must end each call in bounded time with an error or a value, must never put the
-//! key into an error, and must never send a request outside the API's paths.
+//! Both backends against a hostile or broken server: a raw TCP server answers every
+//! request the way one failure mode says (in the Prefect 3 REST or the Prefect 1 GraphQL
+//! dialect). Whatever it answers, a backend must not panic, must end each call in
+//! bounded time with an error or a value, must never put the key into an error, and
+//! must never send a request outside the API's paths (Prefect 3) or a GraphQL document
+//! that a server's text changed (Prefect 1).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use prefect_agent_operator::backend::http::{Auth, RetryPolicy};
+use prefect_agent_operator::backend::prefect1::{Prefect1, Prefect1Config};
 use prefect_agent_operator::backend::prefect3::{Prefect3, Prefect3Config};
 use prefect_agent_operator::backend::{Backend, FlowRun, LogLevel};
 use prefect_agent_operator::secret::SecretString;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const KEY: &str = "pnu_hostile_canary_4242";
+const RUN: &str = "7f1c6f0e-5f3a-4a8e-9d2b-1c0de0f1a004";
+/// A Prefect 1 run id that would end the GraphQL string it is put in and add a mutation.
+const INJECTED: &str =
+    r#"INJ"}) { __typename } mutation { delete_flow_run(input: {flow_run_id: "x"#;
+
+/// Which API the server speaks.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Dialect {
+    Prefect3,
+    Prefect1,
+}
 
 /// How the server answers.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 enum Mode {
     /// 500 whose body echoes the request's headers (the key among them).
     EchoHeaders500,
     /// 422 whose detail quotes the key.
     EchoKey422,
+    /// 200 whose GraphQL `errors` (or body) quote the whole request, headers and all.
+    EchoInErrors,
     InvalidJson,
     WrongTypes,
     EmptyBody,
@@ -42,9 +58,10 @@ enum Mode {
     Garbage,
 }
 
-const MODES: [Mode; 15] = [
+const MODES: [Mode; 16] = [
     Mode::EchoHeaders500,
     Mode::EchoKey422,
+    Mode::EchoInErrors,
     Mode::InvalidJson,
     Mode::WrongTypes,
     Mode::EmptyBody,
@@ -76,10 +93,36 @@ fn run_json(id: &str, name: &str) -> serde_json::Value {
         "expected_start_time": "2026-01-01T00:00:00Z"}})
 }
 
-/// The answer of `mode` to a request (its head and body as text).
-fn answer(mode: Mode, request: &str) -> Option<Vec<u8>> {
+/// A Prefect 1 `flow_run` row.
+fn row_json(id: &str, name: &str) -> serde_json::Value {
+    serde_json::json!({"id": id, "name": name, "version": 1, "state": "Scheduled",
+        "labels": [], "run_config": null, "serialized_state": {"type": "Scheduled"},
+        "flow": {"id": "f", "name": "flow", "storage": null, "core_version": "1.4.1"}})
+}
+
+/// A Prefect 1 answer whose `data` holds what every call of the agent reads, the queue
+/// offering `ids` and the runs `rows`.
+fn graphql_data(ids: &[&str], rows: serde_json::Value) -> serde_json::Value {
+    serde_json::json!({"data": {
+        "auth_info": {"tenant_id": "5e0d7c2a-0b8f-4b5e-9d43-2a6f0c1e9b01"},
+        "tenant": [{"id": "5e0d7c2a-0b8f-4b5e-9d43-2a6f0c1e9b01"}],
+        "register_agent": {"id": "agent"}, "hello": "hi",
+        "get_runs_in_queue": {"flow_run_ids": ids},
+        "flow_run": rows,
+        "set_flow_run_states": {"states": [{"status": "SUCCESS", "message": ""}]},
+        "write_run_logs": {"success": true}}})
+}
+
+/// The answer of `mode`, in `dialect`, to a request (its head and body as text).
+fn answer(dialect: Dialect, mode: Mode, request: &str) -> Option<Vec<u8>> {
     let ok = |v: serde_json::Value| Some(response("200 OK", v.to_string().as_bytes()));
-    let poll = request.contains("get_scheduled_flow_runs");
+    let p1 = dialect == Dialect::Prefect1;
+    let poll = request.contains(if p1 {
+        "get_runs_in_queue"
+    } else {
+        "get_scheduled_flow_runs"
+    });
+    let metadata = p1 && request.contains("flow_run(where");
     match mode {
         Mode::EchoHeaders500 => Some(response(
             "500 Internal Server Error",
@@ -91,7 +134,15 @@ fn answer(mode: Mode, request: &str) -> Option<Vec<u8>> {
             "422 Unprocessable Entity",
             format!(r#"{{"detail": "bad key {KEY}"}}"#).as_bytes(),
         )),
+        Mode::EchoInErrors => ok(serde_json::json!({"errors": [{"message": request}],
+            "detail": request})),
         Mode::InvalidJson => Some(response("200 OK", b"{not json")),
+        Mode::WrongTypes if p1 && poll => ok(serde_json::json!({"data":
+            {"get_runs_in_queue": {"flow_run_ids": "x"}}})),
+        Mode::WrongTypes if p1 && metadata => {
+            ok(serde_json::json!({"data": {"flow_run": {"id": 1}}}))
+        }
+        Mode::WrongTypes if p1 => ok(serde_json::json!({"data": [1, 2, 3]})),
         Mode::WrongTypes if poll => ok(serde_json::json!({"flow_run": "x"})),
         Mode::WrongTypes => ok(serde_json::json!([1, 2, 3])),
         Mode::EmptyBody => Some(response("200 OK", b"")),
@@ -101,14 +152,19 @@ fn answer(mode: Mode, request: &str) -> Option<Vec<u8>> {
             body.push(b']');
             Some(response("200 OK", &body))
         }
+        Mode::PathIds if p1 => ok(graphql_data(
+            &["../../../admin", "a b?c=d#e", INJECTED],
+            serde_json::json!([row_json(INJECTED, "a")]),
+        )),
+        Mode::LongName if p1 => ok(graphql_data(
+            &[RUN],
+            serde_json::json!([row_json(RUN, &"n".repeat(2_000_000))]),
+        )),
         Mode::PathIds if poll => ok(serde_json::json!([
             run_json("../../../admin", "a"),
             run_json("a b?c=d#e", "b")
         ])),
-        Mode::LongName if poll => ok(serde_json::json!([run_json(
-            "7f1c6f0e-5f3a-4a8e-9d2b-1c0de0f1a004",
-            &"n".repeat(2_000_000)
-        )])),
+        Mode::LongName if poll => ok(serde_json::json!([run_json(RUN, &"n".repeat(2_000_000))])),
         Mode::PathIds | Mode::LongName => ok(serde_json::json!({"type": "kubernetes",
             "base_job_template": {}, "id": "p"})),
         Mode::AllNull => ok(serde_json::Value::Null),
@@ -121,8 +177,8 @@ fn answer(mode: Mode, request: &str) -> Option<Vec<u8>> {
     }
 }
 
-/// Serves `mode` on a local port; records every request line.
-async fn serve(mode: Mode) -> (String, Arc<Mutex<Vec<String>>>) {
+/// Serves `mode` in `dialect` on a local port; records every request (head and body).
+async fn serve(dialect: Dialect, mode: Mode) -> (String, Arc<Mutex<Vec<String>>>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let seen = Arc::new(Mutex::new(Vec::new()));
@@ -137,20 +193,31 @@ async fn serve(mode: Mode) -> (String, Arc<Mutex<Vec<String>>>) {
                 let mut buf = vec![0u8; 256 * 1024];
                 let n = conn.read(&mut buf).await.unwrap_or(0);
                 let request = String::from_utf8_lossy(&buf[..n]).to_string();
-                if let Some(line) = request.lines().next() {
-                    record.lock().unwrap().push(line.to_string());
-                }
-                if let Some(bytes) = answer(mode, &request) {
+                record.lock().unwrap().push(request.clone());
+                if let Some(bytes) = answer(dialect, mode, &request) {
                     let _ = conn.write_all(&bytes).await;
                 }
                 let _ = conn.shutdown().await;
             });
         }
     });
-    (format!("http://{addr}/api"), seen)
+    let path = match dialect {
+        Dialect::Prefect3 => "api",
+        Dialect::Prefect1 => "graphql",
+    };
+    (format!("http://{addr}/{path}"), seen)
 }
 
-fn backend(url: &str) -> Prefect3 {
+fn retry() -> RetryPolicy {
+    RetryPolicy {
+        attempts: 2,
+        unreachable_attempts: 2,
+        base_delay: Duration::from_millis(10),
+        max_delay: Duration::from_millis(50),
+    }
+}
+
+fn prefect3(url: &str) -> Prefect3 {
     Prefect3::new(Prefect3Config {
         api_url: url.into(),
         auth: Auth::Bearer(SecretString::new(KEY)),
@@ -162,70 +229,134 @@ fn backend(url: &str) -> Prefect3 {
         heartbeat_interval: Duration::from_secs(30),
         create_pool: None,
         poll_limit: 200,
-        retry: RetryPolicy {
-            attempts: 2,
-            unreachable_attempts: 2,
-            base_delay: Duration::from_millis(10),
-            max_delay: Duration::from_millis(50),
-        },
+        retry: retry(),
         events: false,
     })
     .unwrap()
 }
 
+fn prefect1(url: &str) -> Prefect1 {
+    Prefect1::new(Prefect1Config {
+        api_url: url.into(),
+        key: Some(SecretString::new(KEY)),
+        // Looked up with the key (`auth_info`), so that call meets the server too.
+        tenant_id: None,
+        agent_name: "hostile".into(),
+        identity: "test".into(),
+        agent_type: "KubernetesAgent".into(),
+        labels: Vec::new(),
+        agent_config_id: None,
+        // Runs are claimed at once, not at their start time.
+        prefetch: Duration::ZERO,
+        log_level: "INFO".into(),
+        backend: "server".into(),
+        retry: retry(),
+    })
+    .unwrap()
+}
+
+/// Registers, polls, claims and crashes what the poll offered, and logs: every call an
+/// agent makes of a server that it may meet at its worst. Returns the errors.
+async fn exercise<B: Backend>(b: &B, mode: Mode) -> Vec<String> {
+    let mut errors = Vec::new();
+    if let Err(e) = b.register().await {
+        errors.push(e.to_string());
+    }
+    let runs: Vec<FlowRun> = match b.poll().await {
+        Ok(runs) => runs,
+        Err(e) => {
+            errors.push(e.to_string());
+            Vec::new()
+        }
+    };
+    for run in &runs {
+        assert!(run.name.len() <= 256, "{mode:?}: a name is cut");
+        if let Err(e) = b.claim(run).await {
+            errors.push(e.to_string());
+        }
+        if let Err(e) = b.crash(&run.id, "gone").await {
+            errors.push(e.to_string());
+        }
+    }
+    let _ = b.log(RUN, LogLevel::Info, "x").await;
+    errors
+}
+
+/// What a Prefect 1 request's GraphQL document is, when the request is one.
+fn graphql_query(request: &str) -> Option<String> {
+    let body = request.split_once("\r\n\r\n")?.1;
+    let v: serde_json::Value = serde_json::from_str(body).ok()?;
+    v.get("query")?.as_str().map(str::to_string)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_hostile_server_gets_errors_never_a_panic_a_leak_or_a_wrong_path() {
     let mut tried = 0;
-    for mode in MODES {
-        let (url, seen) = serve(mode).await;
-        let b = backend(&url);
-        let started = Instant::now();
-        let mut errors = Vec::new();
-        if let Err(e) = b.register().await {
-            errors.push(e.to_string());
-        }
-        let runs: Vec<FlowRun> = match b.poll().await {
-            Ok(runs) => runs,
-            Err(e) => {
-                errors.push(e.to_string());
-                Vec::new()
-            }
-        };
-        for run in &runs {
-            assert!(run.name.len() <= 256, "{mode:?}: a name is cut");
-            if let Err(e) = b.claim(run).await {
-                errors.push(e.to_string());
-            }
-            if let Err(e) = b.crash(&run.id, "gone").await {
-                errors.push(e.to_string());
-            }
-        }
-        let _ = b
-            .log("7f1c6f0e-5f3a-4a8e-9d2b-1c0de0f1a004", LogLevel::Info, "x")
-            .await;
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "{mode:?}: bounded, took {:?}",
-            started.elapsed()
-        );
-        for e in &errors {
-            assert!(!e.contains(KEY), "{mode:?}: the key in an error: {e}");
-            assert!(e.len() < 4096, "{mode:?}: an error of {} bytes", e.len());
-        }
-        for line in seen.lock().unwrap().iter() {
-            let path = line.split_whitespace().nth(1).unwrap_or_default();
+    for dialect in [Dialect::Prefect3, Dialect::Prefect1] {
+        for mode in MODES {
+            let (url, seen) = serve(dialect, mode).await;
+            let started = Instant::now();
+            let errors = match dialect {
+                Dialect::Prefect3 => exercise(&prefect3(&url), mode).await,
+                Dialect::Prefect1 => exercise(&prefect1(&url), mode).await,
+            };
+            let case = format!("{dialect:?}/{mode:?}");
             assert!(
-                path.starts_with("/api/") && !path.contains("..") && !path.contains('#'),
-                "{mode:?}: a request outside the API: {line}"
+                started.elapsed() < Duration::from_secs(60),
+                "{case}: bounded, took {:?}",
+                started.elapsed()
             );
-        }
-        if matches!(mode, Mode::PathIds) {
+            for e in &errors {
+                assert!(!e.contains(KEY), "{case}: the key in an error: {e}");
+                assert!(e.len() < 4096, "{case}: an error of {} bytes", e.len());
+            }
+            let requests = seen.lock().unwrap().clone();
             assert!(
-                errors.iter().any(|e| e.contains("not a UUID")),
-                "{mode:?}: {errors:?}"
+                !requests.is_empty(),
+                "{case}: the backend called the server"
             );
+            for request in &requests {
+                let line = request.lines().next().unwrap_or_default();
+                let path = line.split_whitespace().nth(1).unwrap_or_default();
+                match dialect {
+                    Dialect::Prefect3 => assert!(
+                        path.starts_with("/api/") && !path.contains("..") && !path.contains('#'),
+                        "{case}: a request outside the API: {line}"
+                    ),
+                    Dialect::Prefect1 => {
+                        assert_eq!(path, "/graphql", "{case}: {line}");
+                        // Every call is one document the agent wrote: no id from the
+                        // server ends a string in it or adds an operation.
+                        let query = graphql_query(request)
+                            .unwrap_or_else(|| panic!("{case}: not a GraphQL call: {request}"));
+                        assert!(
+                            !query.contains("INJ\"") && !query.contains("../"),
+                            "{case}: a server's id changed the document: {query}"
+                        );
+                    }
+                }
+            }
+            if mode == Mode::PathIds {
+                match dialect {
+                    Dialect::Prefect3 => assert!(
+                        errors.iter().any(|e| e.contains("not a UUID")),
+                        "{case}: {errors:?}"
+                    ),
+                    // The ids are left at the poll: no metadata query, no claim.
+                    Dialect::Prefect1 => assert!(
+                        !requests.iter().any(|r| r.contains("flow_run(where")),
+                        "{case}: a non-UUID id was asked about"
+                    ),
+                }
+            }
+            if mode == Mode::LongName && dialect == Dialect::Prefect1 {
+                assert!(
+                    requests.iter().any(|r| r.contains("set_flow_run_states")),
+                    "{case}: the long-named run was claimed (its name cut): {errors:?}"
+                );
+            }
+            tried += 1;
         }
-        tried += 1;
     }
     eprintln!("hostile server modes tried: {tried}, panics: 0, key leaks: 0");
 }

@@ -151,6 +151,22 @@ fn strings(v: Option<&Value>) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The run ids a queue answer offers, only those that are UUIDs (as Prefect 1's are):
+/// an id becomes a Job's name and label, so a server's `../x` or quoted text is left,
+/// with a warning, instead of reaching them.
+fn run_ids(v: Option<&Value>) -> Vec<String> {
+    let mut ids = strings(v);
+    ids.retain(|id| {
+        let ok = uuid::Uuid::parse_str(id).is_ok();
+        if !ok {
+            let shown: String = id.chars().take(64).collect();
+            tracing::warn!(flow_run = %shown, "the Prefect 1 API offered a run id that is not a UUID; leaving it");
+        }
+        ok
+    });
+    ids
+}
+
 fn time(v: Option<&Value>) -> Option<DateTime<Utc>> {
     v.and_then(Value::as_str)
         .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
@@ -462,7 +478,7 @@ impl Backend for Prefect1 {
                 Some(&input),
             )
             .await?;
-        let ids = strings(data.pointer("/get_runs_in_queue/flow_run_ids"));
+        let ids = run_ids(data.pointer("/get_runs_in_queue/flow_run_ids"));
         if ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -688,6 +704,21 @@ mod tests {
         let q = metadata_query(&["r1".into(), "r2".into()], now);
         assert!(q.starts_with(r#"query { flow_run(where: {id: {_in: ["r1", "r2"]}, _or: [{state: {_eq: "Scheduled"}}, {state: {_eq: "Running"}, task_runs: {state_start_time: {_lte: "2026-01-01T00:00:07.000000Z"}}}]})"#), "{q}");
         assert!(q.contains("task_runs(where: {state_start_time: {_lte: \"2026-01-01T00:00:07.000000Z\"}}) { id version task_id serialized_state }"));
+    }
+
+    #[test]
+    fn only_uuid_run_ids_are_taken_from_the_queue() {
+        let ids = json!([
+            "7f1c6f0e-5f3a-4a8e-9d2b-1c0de0f1a004",
+            "../../admin",
+            "x\"}) { __typename } mutation { delete_flow_run(input: {flow_run_id: \"y",
+            "",
+            3
+        ]);
+        assert_eq!(
+            run_ids(Some(&ids)),
+            ["7f1c6f0e-5f3a-4a8e-9d2b-1c0de0f1a004"]
+        );
     }
 
     #[test]
