@@ -87,6 +87,62 @@ async fn a_missing_secret_is_degraded_and_looked_at_again_later() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_secret_the_operator_may_not_read_is_unreadable_not_missing() {
+    let (kube, client, ns) = cluster_with_namespace("reconcile").await;
+    // An operator whose RBAC lets it manage PrefectAgents and Events but not read Secrets.
+    let user = format!("limited-{ns}");
+    let rbac = json!({"apiVersion": "v1", "kind": "List", "items": [
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+         "metadata": {"name": "no-secrets", "namespace": ns},
+         "rules": [
+            {"apiGroups": ["prefect.io"], "resources": ["prefectagents", "prefectagents/status"],
+             "verbs": ["get", "list", "watch", "patch", "update"]},
+            {"apiGroups": ["", "events.k8s.io"], "resources": ["events"],
+             "verbs": ["create", "patch"]}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+         "metadata": {"name": "no-secrets", "namespace": ns},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "no-secrets"},
+         "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]}
+    ]});
+    let file = std::env::temp_dir().join(format!("{ns}-rbac.json"));
+    std::fs::write(&file, rbac.to_string()).unwrap();
+    let (ok, out) = kube.kubectl(&["apply", "-f", file.to_str().unwrap()]).await;
+    assert!(ok, "{out}");
+    create_secret(&client, &ns, "prefect-api", "pnu_x").await;
+    let ctx = context(kube.client_as(&user).await, &ns);
+    let agents: Api<PrefectAgent> = Api::namespaced(client.clone(), &ns);
+    let resource: PrefectAgent = serde_json::from_value(json!({
+        "apiVersion": "prefect.io/v1alpha1", "kind": "PrefectAgent",
+        "metadata": {"name": "forbidden"},
+        "spec": {"api": {"url": "http://prefect.invalid/api", "workPool": "p",
+                         "keySecretRef": {"name": "prefect-api", "key": "key"}}}
+    }))
+    .unwrap();
+    let created = agents
+        .create(&PostParams::default(), &resource)
+        .await
+        .unwrap();
+    reconcile(Arc::new(created), ctx.clone()).await.unwrap();
+    let stored = agents.get("forbidden").await.unwrap();
+    let action = reconcile(Arc::new(stored), ctx.clone()).await.unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(30)));
+    let stored = agents.get("forbidden").await.unwrap();
+    let (status, reason, message) = condition(&stored, "Degraded");
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("True", "SecretUnreadable"),
+        "{message}"
+    );
+    assert!(
+        message.starts_with(&format!("cannot read secret {ns}/prefect-api: "))
+            && message.contains("forbidden")
+            && !message.contains("not found"),
+        "the refusal, not a missing Secret: {message}"
+    );
+    assert!(ctx.supervisor.snapshots().is_empty(), "no agent runs");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn an_agent_is_started_reported_suspended_and_cleaned_up() {
     let (_kube, client, ns) = cluster_with_namespace("reconcile").await;
     let prefect = tokio::task::spawn_blocking(PrefectServer::shared)

@@ -115,11 +115,22 @@ impl KubeApiServer {
 
     /// An admin client from the kubeconfig the script wrote.
     pub async fn client(&self) -> Client {
+        self.client_for(None).await
+    }
+
+    /// A client that acts as `user` (the admin impersonating it): it may do what RBAC
+    /// grants that user, and no more.
+    pub async fn client_as(&self, user: &str) -> Client {
+        self.client_for(Some(user)).await
+    }
+
+    async fn client_for(&self, user: Option<&str>) -> Client {
         prefect_agent_operator::install_crypto_provider();
         let kc = Kubeconfig::read_from(&self.kubeconfig).expect("kubeconfig");
-        let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        let mut config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
             .await
             .expect("config");
+        config.auth_info.impersonate = user.map(str::to_string);
         Client::try_from(config).expect("client")
     }
 }
