@@ -273,6 +273,13 @@ pub const MAX_ITEMS: i64 = 64;
 /// not checked, and one PrefectAgent the operator cannot decode must not be storable;
 /// sizes keep a resource (and the status that quotes it) far below etcd's limits.
 fn bound(schema: &mut JSONSchemaProps, map_value: bool) {
+    // A nullable field takes the zero value of any type (the API server's validator lets
+    // `""`, `0` or `false` through as null: `activeDeadlineSeconds: ""` was stored and
+    // could not be decoded). Not nullable, a null is pruned as if unset and a zero of
+    // the wrong type is a 422.
+    if schema.type_.is_some() {
+        schema.nullable = None;
+    }
     match schema.type_.as_deref() {
         Some("integer") => {
             // 64-bit fields stop at 2^53 - 1: the bound is a float to the API server, and
@@ -406,6 +413,10 @@ mod tests {
                 return;
             }
             let has = |k: &str| s.get(k).is_some();
+            // A nullable field lets a zero of any type through the API server's check.
+            if s["nullable"] == serde_json::Value::Bool(true) && has("type") {
+                unbounded.push(format!("{path} (nullable)"));
+            }
             match s["type"].as_str() {
                 Some("integer") if !(has("minimum") && has("maximum")) => {
                     unbounded.push(path.into())

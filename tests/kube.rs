@@ -235,3 +235,158 @@ async fn a_built_job_is_accepted_and_a_second_create_is_already_exists() {
         other => panic!("a second create must be AlreadyExists, got {other:?}"),
     }
 }
+
+/// Every field the CRD's schema names, as a path of object keys (`"0"` for an item of a
+/// list, `"k"` for an entry of a map), for the corpus below.
+fn schema_paths(schema: &serde_json::Value, prefix: &[String], out: &mut Vec<Vec<String>>) {
+    let mut visit = |key: &str, sub: &serde_json::Value| {
+        let mut path = prefix.to_vec();
+        path.push(key.to_string());
+        out.push(path.clone());
+        schema_paths(sub, &path, out);
+    };
+    if let Some(props) = schema.get("properties").and_then(|p| p.as_object()) {
+        for (k, sub) in props {
+            visit(k, sub);
+        }
+    }
+    if let Some(items) = schema.get("items") {
+        visit("0", items);
+    }
+    if let Some(values) = schema.get("additionalProperties").filter(|v| v.is_object()) {
+        visit("k", values);
+    }
+}
+
+/// Sets `value` at `path` inside `doc`, making the objects and lists on the way.
+fn set_at(doc: &mut serde_json::Value, path: &[String], value: serde_json::Value) {
+    let Some((last, init)) = path.split_last() else {
+        *doc = value;
+        return;
+    };
+    let mut at = doc;
+    for (i, seg) in init.iter().enumerate() {
+        let next_is_item = path[i + 1] == "0";
+        let empty = if next_is_item { json!([]) } else { json!({}) };
+        at = if seg == "0" {
+            if !at.is_array() {
+                *at = json!([]);
+            }
+            let list = at.as_array_mut().unwrap();
+            if list.is_empty() {
+                list.push(empty);
+            }
+            &mut list[0]
+        } else {
+            if !at.is_object() {
+                *at = json!({});
+            }
+            at.as_object_mut()
+                .unwrap()
+                .entry(seg.clone())
+                .or_insert(empty)
+        };
+    }
+    if last == "0" {
+        *at = json!([value]);
+    } else {
+        if !at.is_object() {
+            *at = json!({});
+        }
+        at.as_object_mut().unwrap().insert(last.clone(), value);
+    }
+}
+
+/// What a hostile or careless user writes into a field.
+fn hostile_value(rng: &mut impl rand::Rng) -> serde_json::Value {
+    let deep = (0..40).fold(json!("x"), |v, _| json!({ "a": v }));
+    let choices = [
+        json!(4294967296u64),
+        json!(2147483648u64),
+        json!(9007199254740993u64),
+        json!(u64::MAX),
+        json!(-1),
+        json!(i64::MIN),
+        json!(1.5),
+        json!(1e300),
+        json!(0),
+        json!(""),
+        json!("x".repeat(1025)),
+        json!("y".repeat(1_000_000)),
+        json!("\u{0}\n\u{202e}é"),
+        json!("-1s"),
+        json!("{{ prefect.variables.x }}"),
+        json!(true),
+        json!(null),
+        json!([]),
+        json!(vec!["l"; 65]),
+        json!({}),
+        json!(
+            (0..65)
+                .map(|i| (format!("k{i}"), "v"))
+                .collect::<std::collections::BTreeMap<_, _>>()
+        ),
+        deep,
+    ];
+    choices[rng.random_range(0..choices.len())].clone()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_spec_the_api_server_stores_decodes() {
+    use rand::{Rng, SeedableRng};
+    let (client, ns) = setup().await;
+    let erased = kube::api::ApiResource::erase::<PrefectAgent>(&());
+    let raw: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &erased);
+    let typed: Api<PrefectAgent> = Api::namespaced(client, &ns);
+    let crd = serde_json::to_value(prefect_agent_operator::crd::crd()).unwrap();
+    let spec_schema =
+        &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+    let mut paths = Vec::new();
+    schema_paths(spec_schema, &[], &mut paths);
+    assert!(paths.len() > 50, "the schema's fields: {}", paths.len());
+    // A fixed seed: the same corpus every run (PAO_CORPUS_SEED picks another).
+    let seed = std::env::var("PAO_CORPUS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5eed_2026u64);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let base = json!({"api": {"url": "http://prefect:4200/api", "workPool": "k8s",
+        "keySecretRef": {"name": "prefect-api", "key": "key"}}});
+    let (mut stored, mut refused) = (0, 0);
+    const CASES: usize = 500;
+    for i in 0..CASES {
+        let mut spec = base.clone();
+        for _ in 0..rng.random_range(1..=3) {
+            let path = &paths[rng.random_range(0..paths.len())];
+            set_at(&mut spec, path, hostile_value(&mut rng));
+        }
+        let name = format!("c{i}");
+        let object: DynamicObject = serde_json::from_value(agent(&name, spec.clone())).unwrap();
+        match raw.create(&PostParams::default(), &object).await {
+            Ok(_) => {
+                stored += 1;
+                // What the API server keeps, the operator must read (one object it
+                // cannot decode would otherwise stop the watch of every agent).
+                if let Err(e) = typed.get(&name).await {
+                    panic!("case {i} (seed {seed}) was stored but does not decode: {e}\n{spec}");
+                }
+            }
+            Err(kube::Error::Api(resp)) => {
+                assert!(
+                    [400, 413, 422].contains(&resp.code),
+                    "case {i}: refused with {resp:?}"
+                );
+                refused += 1;
+            }
+            Err(e) => panic!("case {i}: {e}"),
+        }
+    }
+    assert!(
+        stored > 0 && refused > 0,
+        "stored {stored}, refused {refused}"
+    );
+    eprintln!(
+        "hostile specs tried server-side: {CASES} ({} fields), stored {stored} (all decode), refused {refused}",
+        paths.len()
+    );
+}
