@@ -499,17 +499,23 @@ async fn read_capped(
     mut resp: reqwest::Response,
     limit: usize,
 ) -> Result<Option<String>, reqwest::Error> {
-    if resp.content_length().is_some_and(|n| n > limit as u64) {
+    let declared = resp.content_length();
+    if declared.is_some_and(|n| n > limit as u64) {
         return Ok(None);
     }
-    let mut body = Vec::new();
+    // One buffer of the declared size (no doubling), turned into the text in place: a
+    // large answer is held once, not three times.
+    let mut body = Vec::with_capacity(declared.map_or(0, |n| n as usize));
     while let Some(chunk) = resp.chunk().await? {
         if body.len() + chunk.len() > limit {
             return Ok(None);
         }
         body.extend_from_slice(&chunk);
     }
-    Ok(Some(String::from_utf8_lossy(&body).into_owned()))
+    Ok(Some(match String::from_utf8(body) {
+        Ok(text) => text,
+        Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+    }))
 }
 
 enum Attempt {
