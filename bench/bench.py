@@ -484,11 +484,12 @@ def idle(prefect, kube, binary, counts, settle, window, poll_interval):
     return out
 
 
-def churn(prefect, kube, binary, n, settle, rounds=2, batch=500):
+def churn(prefect, kube, binary, n, settle, rounds=10, batch=500):
     """The operator's memory before, with `n` PrefectAgents (each registers, makes no poll
     and finishes: maxPolls 0), and after all of them are deleted, `rounds` times: what it
-    keeps per resource must go with the resource. RSS may stay at its high-water mark (the
-    allocator keeps freed pages); a second round that does not grow it means no leak."""
+    keeps per resource must go with the resource, and the operator hands freed memory back
+    every 30 s, so RSS after a round is measured once that has happened (`settle`, at
+    least 40 s after the last deletion)."""
     pool = prefect.pool(f"churn-{uuid.uuid4().hex[:6]}", template=TEMPLATE)
     ns = kube.namespace("churn")
     op = Operator(binary, kube, ns)
@@ -524,7 +525,7 @@ def churn(prefect, kube, binary, n, settle, rounds=2, batch=500):
 
             wait_until("every PrefectAgent deleted", 60 + n * 0.2, lambda: remaining() == 0, 2)
             deleted_s = time.monotonic() - started
-            time.sleep(settle)
+            time.sleep(max(settle, 40))
             out["rounds"].append({
                 "registered": registered, "rss_mib_loaded": round(loaded / 1024, 1),
                 "rss_mib_after_delete": round(rss_kib(op.proc.pid) / 1024, 1),
@@ -533,6 +534,119 @@ def churn(prefect, kube, binary, n, settle, rounds=2, batch=500):
     finally:
         op.stop()
         kube.kubectl("delete", "namespace", ns, "--wait=false")
+    return out
+
+
+# What a hostile server's poll answer is, by name: (bytes or a generator of chunks, whether
+# the length is declared). The operator reads at most 16 MiB of an answer.
+def hostile_bodies():
+    def runs(n, name_len=8):
+        one = lambda: {"id": str(uuid.uuid4()), "name": "x" * name_len, "flow_id": str(uuid.uuid4()),
+                       "state": {"type": "SCHEDULED", "name": "Scheduled"},
+                       "expected_start_time": "2026-01-01T00:00:00Z", "parameters": {}}
+        return json.dumps([one() for _ in range(n)]).encode()
+
+    def endless():
+        chunk = b"[" + b"0," * (2**20 // 2 - 1)
+        for _ in range(200):  # 200 MiB, if nobody stops reading
+            yield chunk
+            time.sleep(0.01)
+
+    return {
+        "15 MiB of runs (under the cap)": (runs(46_000), True),
+        "one run named with 15 MiB": (runs(1, 15 * 2**20), True),
+        "50 MiB declared (over the cap)": (b"[" + b"0," * (25 * 2**20) + b"0]", True),
+        "endless chunked body": (endless, False),
+        "15 MiB of nesting": (b"[" * (15 * 2**20), True),
+    }
+
+
+def hostile(prefect, binary, polls=5):
+    """Peak RSS (VmHWM) of a standalone agent whose server answers each poll with a hostile
+    body (all other calls go to the real Prefect server through a proxy), next to the same
+    agent with honest answers: memory stays bounded whatever the server sends."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    pool = prefect.pool(f"hostile-{uuid.uuid4().hex[:6]}", kind="process")
+    state = {"mode": None, "polls": 0}
+    bodies = hostile_bodies()
+
+    class Proxy(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *a):
+            pass
+
+        def _handle(self):
+            length = int(self.headers.get("content-length") or 0)
+            body = self.rfile.read(length) if length else None
+            mode = state["mode"]
+            if mode and self.path.endswith("/get_scheduled_flow_runs"):
+                state["polls"] += 1
+                data, declared = bodies[mode]
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                if declared:
+                    self.send_header("content-length", str(len(data)))
+                    self.end_headers()
+                    try:
+                        self.wfile.write(data)
+                    except OSError:
+                        pass
+                else:
+                    self.send_header("transfer-encoding", "chunked")
+                    self.end_headers()
+                    try:
+                        for chunk in data():
+                            self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                        self.wfile.write(b"0\r\n\r\n")
+                    except OSError:
+                        pass
+                return
+            if self.path.endswith("/get_scheduled_flow_runs"):
+                state["polls"] += 1
+            headers = {k: v for k, v in self.headers.items()
+                       if k.lower() not in ("host", "content-length", "connection")}
+            path = self.path.removeprefix("/api")
+            try:
+                r = prefect.http.request(self.command, path, content=body, headers=headers)
+                status, content, ctype = r.status_code, r.content, r.headers.get("content-type", "application/json")
+            except httpx.HTTPError as e:
+                status, content, ctype = 502, str(e).encode(), "text/plain"
+            self.send_response(status)
+            self.send_header("content-type", ctype)
+            self.send_header("content-length", str(len(content)))
+            self.end_headers()
+            self.wfile.write(content)
+
+        do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _handle
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/api"
+    out = {}
+    try:
+        for mode in [None, *bodies]:
+            state.update(mode=mode, polls=0)
+            agent = Proc([*WRAP, binary, "agent", "--api-url", url, "--pool", pool, "--no-events",
+                          "--deployer", "process", "--poll-interval", "1s",
+                          "--name", f"hostile-{uuid.uuid4().hex[:6]}"],
+                         env=dict(os.environ, PAO_LOG_LEVEL="warn"))
+            try:
+                wait_until(f"{polls} polls ({mode})", 240,
+                           lambda: state["polls"] >= polls or agent.p.poll() is not None, 0.2)
+                peak = 0
+                for line in open(f"/proc/{agent.pid}/status"):
+                    if line.startswith("VmHWM:"):
+                        peak = int(line.split()[1])
+                label = mode or "honest answers"
+                out[label] = {"peak_rss_mib": round(peak / 1024, 1), "polls": state["polls"],
+                              "alive": agent.p.poll() is None}
+                log(f"hostile bodies, {label}: {out[label]}")
+            finally:
+                agent.stop()
+    finally:
+        server.shutdown()
     return out
 
 
@@ -646,8 +760,10 @@ def main():
     ap.add_argument("--settle", type=float, default=20)
     ap.add_argument("--window", type=float, default=30)
     ap.add_argument("--cancellations", type=int, default=5)
-    ap.add_argument("--churn", type=int, default=10000,
-                    help="PrefectAgents created and deleted in the churn part (--only churn)")
+    ap.add_argument("--churn", type=int, default=1000,
+                    help="PrefectAgents created and deleted per round in the churn part (--only churn)")
+    ap.add_argument("--churn-rounds", type=int, default=10,
+                    help="rounds of the churn part (10 × 1000: 10,000 PrefectAgents in all)")
     ap.add_argument("--only", default="latency,burst,cancellation,idle",
                     help="the parts to run, comma-separated (a partial run writes partial results)")
     ap.add_argument("--wrap", default="",
@@ -717,8 +833,11 @@ def main():
             }
         op.stop()
         ops.clear()
+        if "hostile" in only:
+            results["hostile"] = hostile(prefect, args.binary)
         if "churn" in only:
-            results["churn"] = churn(prefect, kube, args.binary, args.churn, args.settle)
+            results["churn"] = churn(prefect, kube, args.binary, args.churn, args.settle,
+                                     rounds=args.churn_rounds)
         if "idle" in only:
             counts = [int(c) for c in args.idle.split(",") if c]
             results["idle"] = idle(prefect, kube, args.binary, counts, args.settle, args.window,
