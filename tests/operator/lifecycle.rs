@@ -657,3 +657,56 @@ async fn a_pod_template_asking_for_the_host_is_refused_by_field() {
     );
     drop(operator);
 }
+
+/// A resource near etcd's limit whose every part is refused: the refusal (thousands of
+/// fields) is cut to what a condition and an Event hold, so the user sees it instead of
+/// status writes and Events the API server turns away forever.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_megabyte_of_refused_fields_is_cut_to_a_visible_condition_and_event() {
+    let (client, ns, prefect, operator) = setup("megabyte").await;
+    let agents: Api<PrefectAgent> = Api::namespaced(client.clone(), &ns);
+    let mut resource = agent_resource("huge", &prefect.server.url, &prefect.pool);
+    let volumes: Vec<_> = (0..3300)
+        .map(|i| json!({"name": format!("v{i}"), "hostPath": {"path": format!("/{}", "p".repeat(250))}}))
+        .collect();
+    resource.spec.job.pod_template = Some(json!({"spec": {"volumes": volumes}}));
+    let size = serde_json::to_vec(&resource).unwrap().len();
+    assert!(size > 900_000, "the resource is {size} bytes");
+    agents
+        .create(&PostParams::default(), &resource)
+        .await
+        .expect("a resource of about a megabyte is stored");
+    let message = wait_for(
+        "Degraded by the pod policy",
+        Duration::from_secs(60),
+        || async {
+            let a = agents.get("huge").await.ok()?;
+            let c = a
+                .status?
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == "Degraded" && c.status == "True")?;
+            (c.reason == "PodSecurity").then_some(c.message)
+        },
+    )
+    .await;
+    assert!(message.len() <= 1024, "{} bytes", message.len());
+    assert!(message.contains("hostPath"), "{message}");
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), &ns);
+    let event = wait_for("a Warning Event", Duration::from_secs(30), || async {
+        events
+            .list(&Default::default())
+            .await
+            .ok()?
+            .items
+            .into_iter()
+            .find(|e| {
+                e.reason.as_deref() == Some("PodSecurity")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("huge")
+            })
+    })
+    .await;
+    let note = event.note.unwrap_or_default();
+    assert!(note.len() <= 1024 && note.contains("hostPath"), "{note}");
+    drop(operator);
+}
