@@ -18,7 +18,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
@@ -182,6 +182,7 @@ pub async fn run(
     // The cache keeps every resource for the operator's lifetime; their managedFields
     // (server-side apply bookkeeping, several KiB each) are never read here.
     let (reader, writer) = reflector::store();
+    let listed = reader.clone();
     let resources = reflector(
         writer,
         watcher(agents, watcher::Config::default())
@@ -219,15 +220,24 @@ pub async fn run(
                 tracing::debug!(error = %e, "reconcile error");
             }
         });
-    // Graceful, but bounded: the controller has been seen to wait on after a shutdown
-    // while its watch was failing.
+    // Graceful, but bounded. And not at all before the first list: kube-runtime's runner
+    // (5.0) holds its work until the store is ready and reads the end of its queue as
+    // "pending" meanwhile, so a controller whose PrefectAgent list never succeeded would
+    // never finish; it has started no reconcile either, so there is nothing to wait for.
     let deadline = async {
         shutdown.cancelled().await;
+        if listed.wait_until_ready().now_or_never().is_none() {
+            tracing::info!("no PrefectAgent was ever listed: nothing to finish");
+            return false;
+        }
         tokio::time::sleep(SHUTDOWN_GRACE).await;
+        true
     };
     tokio::select! {
         _ = controller => {}
-        _ = deadline => tracing::warn!(grace = ?SHUTDOWN_GRACE, "the controller did not stop in time after the shutdown; stopping anyway"),
+        late = deadline => if late {
+            tracing::warn!(grace = ?SHUTDOWN_GRACE, "the controller did not stop in time after the shutdown; stopping anyway");
+        },
     }
     // Launches under way finish (their claims would otherwise wait for adoption).
     ctx.supervisor.stop_all(SHUTDOWN_GRACE).await;
