@@ -111,20 +111,26 @@ impl Feed {
         !subs.is_empty()
     }
 
+    /// Wakes the agents `wake` names, and forgets stopped ones on the way: a stream that
+    /// stays up while agents come and go would otherwise keep an entry for each.
     fn wake(&self, wake: &Wake) {
-        let Ok(subs) = self.subscribers.lock() else {
+        let Ok(mut subs) = self.subscribers.lock() else {
             return;
         };
-        for (pool, topic, notify) in subs.iter() {
+        subs.retain(|(pool, topic, notify)| {
+            let Some(n) = notify.upgrade() else {
+                return false;
+            };
             let hit = match wake {
                 Wake::Nobody => false,
                 Wake::Everyone(t) => t == topic,
                 Wake::Pool(t, p) => t == topic && p == pool,
             };
-            if hit && let Some(n) = notify.upgrade() {
+            if hit {
                 n.notify_one();
             }
-        }
+            true
+        });
     }
 }
 
@@ -390,6 +396,9 @@ mod tests {
         assert!(a_cancel.notified().now_or_never().is_none(), "not for this");
         drop(a_cancel);
         drop(a);
+        // Any event forgets the stopped agents, woken or not.
+        feed.wake(&Wake::Nobody);
+        assert_eq!(feed.subscribers.lock().unwrap().len(), 1, "b is left");
         drop(b);
         assert!(!feed.alive());
     }
