@@ -166,6 +166,7 @@ pub async fn run(
     readiness: Arc<Readiness>,
 ) {
     let client = ctx.client.clone();
+    tokio::spawn(release_memory(ctx.clone(), shutdown.clone()));
     tokio::spawn(
         ctx.observer
             .clone()
@@ -242,6 +243,25 @@ pub async fn run(
     // Launches under way finish (their claims would otherwise wait for adoption).
     ctx.supervisor.stop_all(SHUTDOWN_GRACE).await;
 }
+
+/// Every `MEMORY_RELEASE_INTERVAL`, the memory of agents stopped since goes back to the
+/// system (a resource's memory goes with the resource, in RSS too).
+async fn release_memory(ctx: Arc<Context>, shutdown: CancellationToken) {
+    let mut every = tokio::time::interval(MEMORY_RELEASE_INTERVAL);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = every.tick() => {
+                if ctx.supervisor.release_memory() {
+                    tracing::debug!("released the memory of stopped agents");
+                }
+            }
+        }
+    }
+}
+
+const MEMORY_RELEASE_INTERVAL: Duration = Duration::from_secs(30);
 
 /// How long a shutdown waits for the controller and the agents' launches under way.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
