@@ -396,12 +396,13 @@ mod tests {
             job["podTemplate"]["x-kubernetes-preserve-unknown-fields"],
             true
         );
-        // Optional enums admit null through `nullable`, not a null member (1.20 rejects it).
+        // Optional enums have no null member (1.20 rejects it) and are not nullable: a null
+        // is pruned as unset.
         assert_eq!(
             job["imagePullPolicy"]["enum"],
             serde_json::json!(["Always", "IfNotPresent", "Never"])
         );
-        assert_eq!(job["imagePullPolicy"]["nullable"], true);
+        assert!(job["imagePullPolicy"].get("nullable").is_none());
     }
 
     /// Every field of the spec has a bound the API server enforces: what is stored can be
