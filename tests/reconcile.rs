@@ -36,22 +36,28 @@ fn condition(agent: &PrefectAgent, kind: &str) -> (String, String, String) {
     (c.status.clone(), c.reason.clone(), c.message.clone())
 }
 
+/// Creates a PrefectAgent `name` whose key comes from the Secret `secret`, for a server
+/// that is never reached (these tests end before it).
+async fn create_keyed(agents: &Api<PrefectAgent>, name: &str, secret: &str) -> PrefectAgent {
+    let resource: PrefectAgent = serde_json::from_value(json!({
+        "apiVersion": "prefect.io/v1alpha1", "kind": "PrefectAgent",
+        "metadata": {"name": name},
+        "spec": {"api": {"url": "http://prefect.invalid/api", "workPool": "p",
+                         "keySecretRef": {"name": secret, "key": "key"}}}
+    }))
+    .unwrap();
+    agents
+        .create(&PostParams::default(), &resource)
+        .await
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_missing_secret_is_degraded_and_looked_at_again_later() {
     let (_kube, client, ns) = cluster_with_namespace("reconcile").await;
     let ctx = context(client.clone(), &ns);
     let agents: Api<PrefectAgent> = Api::namespaced(client.clone(), &ns);
-    let resource: PrefectAgent = serde_json::from_value(json!({
-        "apiVersion": "prefect.io/v1alpha1", "kind": "PrefectAgent",
-        "metadata": {"name": "nokey"},
-        "spec": {"api": {"url": "http://prefect.invalid/api", "workPool": "p",
-                         "keySecretRef": {"name": "absent", "key": "key"}}}
-    }))
-    .unwrap();
-    let created = agents
-        .create(&PostParams::default(), &resource)
-        .await
-        .unwrap();
+    let created = create_keyed(&agents, "nokey", "absent").await;
 
     // The first pass adds the finalizer and stops there (the finalizer helper's way).
     let action = reconcile(Arc::new(created), ctx.clone()).await.unwrap();
@@ -111,17 +117,7 @@ async fn a_secret_the_operator_may_not_read_is_unreadable_not_missing() {
     create_secret(&client, &ns, "prefect-api", "pnu_x").await;
     let ctx = context(kube.client_as(&user).await, &ns);
     let agents: Api<PrefectAgent> = Api::namespaced(client.clone(), &ns);
-    let resource: PrefectAgent = serde_json::from_value(json!({
-        "apiVersion": "prefect.io/v1alpha1", "kind": "PrefectAgent",
-        "metadata": {"name": "forbidden"},
-        "spec": {"api": {"url": "http://prefect.invalid/api", "workPool": "p",
-                         "keySecretRef": {"name": "prefect-api", "key": "key"}}}
-    }))
-    .unwrap();
-    let created = agents
-        .create(&PostParams::default(), &resource)
-        .await
-        .unwrap();
+    let created = create_keyed(&agents, "forbidden", "prefect-api").await;
     reconcile(Arc::new(created), ctx.clone()).await.unwrap();
     let stored = agents.get("forbidden").await.unwrap();
     let action = reconcile(Arc::new(stored), ctx.clone()).await.unwrap();

@@ -185,24 +185,7 @@ async fn a_missing_secret_is_named_in_a_degraded_condition() {
     assert_eq!(message, format!("secret {ns}/prefect-api not found"));
     let a = agents.get("keyless").await.unwrap();
     assert_eq!(condition(&a, "Ready").unwrap().0, "False");
-    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), &ns);
-    let event = wait_for(
-        "a Warning Event naming the Secret",
-        Duration::from_secs(30),
-        || async {
-            events
-                .list(&Default::default())
-                .await
-                .ok()?
-                .items
-                .into_iter()
-                .find(|e| {
-                    e.reason.as_deref() == Some("SecretNotFound")
-                        && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("keyless")
-                })
-        },
-    )
-    .await;
+    let event = event_about(&client, &ns, "keyless", "SecretNotFound").await;
     assert_eq!(event.type_.as_deref(), Some("Warning"));
     assert_eq!(
         event.note.as_deref(),
@@ -448,16 +431,10 @@ async fn an_undecodable_resource_is_named_and_stops_no_other_agent() {
     kube_server.wait_ready(&ns, "good", &operator).await;
     // A Warning Event names the field (the API server may refuse a status write to an
     // object that breaks the schema it now has).
-    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), &ns);
-    let note = wait_for("the bad one's Event", Duration::from_secs(60), || async {
-        let list = events.list(&Default::default()).await.ok()?;
-        list.items.into_iter().find_map(|e| {
-            (e.reason.as_deref() == Some("UndecodableSpec")
-                && e.regarding.as_ref()?.name.as_deref() == Some("bad"))
-            .then_some(e.note?)
-        })
-    })
-    .await;
+    let note = event_about(&client, &ns, "bad", "UndecodableSpec")
+        .await
+        .note
+        .unwrap_or_default();
     assert!(note.contains("spec.concurrencyLimit"), "{note}");
     let ready = reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
         .await
@@ -628,6 +605,51 @@ async fn sigterm_stops_an_operator_whose_list_keeps_failing() {
     );
 }
 
+/// The first Event with `reason` about the resource `name`, once there is one.
+async fn event_about(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    reason: &str,
+) -> k8s_openapi::api::events::v1::Event {
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), ns);
+    wait_for(
+        &format!("a {reason} Event about {name}"),
+        Duration::from_secs(60),
+        || async {
+            events
+                .list(&Default::default())
+                .await
+                .ok()?
+                .items
+                .into_iter()
+                .find(|e| {
+                    e.reason.as_deref() == Some(reason)
+                        && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+                })
+        },
+    )
+    .await
+}
+
+/// The message of `name`'s Degraded condition once the pod policy refused it.
+async fn refused_by_pod_policy(agents: &Api<PrefectAgent>, name: &str) -> String {
+    wait_for(
+        "Degraded by the pod policy",
+        Duration::from_secs(60),
+        || async {
+            let a = agents.get(name).await.ok()?;
+            let c = a
+                .status?
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == "Degraded" && c.status == "True")?;
+            (c.reason == "PodSecurity").then_some(c.message)
+        },
+    )
+    .await
+}
+
 /// What a user who may create PrefectAgents asks of its pods is held to the operator's pod
 /// policy (baseline by default): a host-network, host-path pod is refused by field.
 #[tokio::test(flavor = "multi_thread")]
@@ -641,20 +663,7 @@ async fn a_pod_template_asking_for_the_host_is_refused_by_field() {
         .create(&PostParams::default(), &resource)
         .await
         .expect("create");
-    let message = wait_for(
-        "Degraded by the pod policy",
-        Duration::from_secs(60),
-        || async {
-            let a = agents.get("hostile").await.ok()?;
-            let c = a
-                .status?
-                .conditions
-                .into_iter()
-                .find(|c| c.type_ == "Degraded" && c.status == "True")?;
-            (c.reason == "PodSecurity").then_some(c.message)
-        },
-    )
-    .await;
+    let message = refused_by_pod_policy(&agents, "hostile").await;
     assert!(
         message.contains("hostNetwork")
             && message.contains("hostPath")
@@ -682,36 +691,10 @@ async fn a_megabyte_of_refused_fields_is_cut_to_a_visible_condition_and_event() 
         .create(&PostParams::default(), &resource)
         .await
         .expect("a resource of about a megabyte is stored");
-    let message = wait_for(
-        "Degraded by the pod policy",
-        Duration::from_secs(60),
-        || async {
-            let a = agents.get("huge").await.ok()?;
-            let c = a
-                .status?
-                .conditions
-                .into_iter()
-                .find(|c| c.type_ == "Degraded" && c.status == "True")?;
-            (c.reason == "PodSecurity").then_some(c.message)
-        },
-    )
-    .await;
+    let message = refused_by_pod_policy(&agents, "huge").await;
     assert!(message.len() <= 1024, "{} bytes", message.len());
     assert!(message.contains("hostPath"), "{message}");
-    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), &ns);
-    let event = wait_for("a Warning Event", Duration::from_secs(30), || async {
-        events
-            .list(&Default::default())
-            .await
-            .ok()?
-            .items
-            .into_iter()
-            .find(|e| {
-                e.reason.as_deref() == Some("PodSecurity")
-                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("huge")
-            })
-    })
-    .await;
+    let event = event_about(&client, &ns, "huge", "PodSecurity").await;
     let note = event.note.unwrap_or_default();
     assert!(note.len() <= 1024 && note.contains("hostPath"), "{note}");
     drop(operator);
