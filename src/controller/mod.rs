@@ -59,8 +59,10 @@ pub enum Error {
 /// Shared by every reconcile.
 pub struct Context {
     pub client: Client,
-    /// Publishes Kubernetes Events on the resources.
-    pub recorder: Recorder,
+    /// Publishes Kubernetes Events on the resources (see [`Context::recorder`]), and when
+    /// it was made.
+    recorder: Mutex<(Recorder, Instant)>,
+    reporter: Reporter,
     pub observer: Arc<JobObserver>,
     pub supervisor: Supervisor,
     pub retry: RetryPolicy,
@@ -125,7 +127,11 @@ impl Context {
         Arc::new_cyclic(|this: &Weak<Context>| Context {
             changes,
             changed: Mutex::new(Some(changed)),
-            recorder: Recorder::new(client.clone(), reporter),
+            recorder: Mutex::new((
+                Recorder::new(client.clone(), reporter.clone()),
+                Instant::now(),
+            )),
+            reporter,
             client,
             observer: JobObserver::new(pod_grace),
             supervisor: Supervisor::default(),
@@ -136,6 +142,40 @@ impl Context {
         })
     }
 }
+
+impl Context {
+    /// The Event recorder.
+    pub fn recorder(&self) -> Recorder {
+        let held = self
+            .recorder
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        held.0.clone()
+    }
+
+    /// A new Event recorder once the current one is `EVENT_CACHE_TTL` old. kube-runtime's
+    /// keeps every Event it published for 6 minutes (to count repeats into a series) and
+    /// forgets them only when it publishes again: after a thousand resources were deleted,
+    /// their Events pinned some 24 MiB of heap pages in an idle operator. A repeat across
+    /// a renewal starts a new Event instead of counting on. True when it renewed.
+    fn renew_recorder(&self) -> bool {
+        let mut held = self
+            .recorder
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if held.1.elapsed() < EVENT_CACHE_TTL {
+            return false;
+        }
+        *held = (
+            Recorder::new(self.client.clone(), self.reporter.clone()),
+            Instant::now(),
+        );
+        true
+    }
+}
+
+/// How long kube-runtime's Event recorder keeps what it published.
+const EVENT_CACHE_TTL: Duration = Duration::from_secs(6 * 60);
 
 impl MetricsSource for Context {
     fn agents(&self) -> Vec<AgentMetrics> {
@@ -244,8 +284,9 @@ pub async fn run(
     ctx.supervisor.stop_all(SHUTDOWN_GRACE).await;
 }
 
-/// Every `MEMORY_RELEASE_INTERVAL`, the memory of agents stopped since goes back to the
-/// system (a resource's memory goes with the resource, in RSS too).
+/// Every `MEMORY_RELEASE_INTERVAL`, the memory of agents stopped since (and of Events the
+/// recorder no longer needs) goes back to the system: a resource's memory goes with the
+/// resource, in RSS too.
 async fn release_memory(ctx: Arc<Context>, shutdown: CancellationToken) {
     let mut every = tokio::time::interval(MEMORY_RELEASE_INTERVAL);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -253,8 +294,9 @@ async fn release_memory(ctx: Arc<Context>, shutdown: CancellationToken) {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = every.tick() => {
-                if ctx.supervisor.release_memory() {
-                    tracing::debug!("released the memory of stopped agents");
+                let renewed = ctx.renew_recorder();
+                if ctx.supervisor.release_memory(renewed) {
+                    tracing::debug!("released the memory of stopped agents and old Events");
                 }
             }
         }

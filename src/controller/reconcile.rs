@@ -261,7 +261,7 @@ async fn publish(
         action: "Reconcile".into(),
         secondary: None,
     };
-    if let Err(e) = ctx.recorder.publish(&event, object).await {
+    if let Err(e) = ctx.recorder().publish(&event, object).await {
         tracing::warn!(error = %e, "could not publish an Event");
     }
 }

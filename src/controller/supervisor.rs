@@ -206,13 +206,13 @@ impl Supervisor {
         out
     }
 
-    /// Hands the heap that agents stopped since the last call left free back to the
-    /// system. glibc's allocator otherwise keeps its high-water mark: after a thousand
-    /// resources were deleted the operator stayed at the size it had with them. Returns
-    /// whether there was anything to release.
-    pub fn release_memory(&self) -> bool {
+    /// Hands the heap that agents stopped since the last call left free (or, with
+    /// `anyway`, whatever else was freed) back to the system. glibc's allocator otherwise
+    /// keeps its high-water mark: after a thousand resources were deleted the operator
+    /// stayed at the size it had with them. Returns whether it released.
+    pub fn release_memory(&self, anyway: bool) -> bool {
         let stopped = self.stopped.load(Ordering::Relaxed);
-        if self.released.swap(stopped, Ordering::Relaxed) == stopped {
+        if self.released.swap(stopped, Ordering::Relaxed) == stopped && !anyway {
             return false;
         }
         #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -277,9 +277,10 @@ mod tests {
         assert!(token.is_cancelled(), "the agent was told to stop");
         assert!(supervisor.current("ns/a", Some(1)).is_none());
         assert!(
-            supervisor.release_memory(),
+            supervisor.release_memory(false),
             "a stopped agent's memory is released"
         );
-        assert!(!supervisor.release_memory(), "once");
+        assert!(!supervisor.release_memory(false), "once");
+        assert!(supervisor.release_memory(true), "and whenever asked");
     }
 }
