@@ -522,29 +522,24 @@ async fn cancel_a_running_run(prefix: &str, maintenance: &str, extra: &[&str]) {
     args[at + 1] = maintenance;
     args.extend_from_slice(extra);
     let agent = AgentProcess::start(&args);
-    let running = api
-        .wait_state(&run, "RUNNING", Duration::from_secs(60))
+    api.wait_state(&run, "RUNNING", Duration::from_secs(60))
         .await;
-    let infra = running["infrastructure_pid"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    let pid: i32 = match infra.rsplit_once(':') {
-        Some((_, pid)) => pid.parse().expect("pid"),
-        None => {
-            // The PATCH may land just after RUNNING; read again.
-            let run = api
-                .wait_state(&run, "RUNNING", Duration::from_secs(10))
-                .await;
+    // The agent records the process after it started it, and the flow may say RUNNING
+    // first (seen on a loaded machine): wait for the record itself.
+    let pid: i32 = wait_for(
+        "the run's infrastructure pid",
+        Duration::from_secs(60),
+        || async {
+            let run = api.run(&run).await;
             run["infrastructure_pid"]
-                .as_str()
-                .and_then(|s| s.rsplit_once(':'))
-                .expect("host:pid")
+                .as_str()?
+                .rsplit_once(':')?
                 .1
                 .parse()
-                .unwrap()
-        }
-    };
+                .ok()
+        },
+    )
+    .await;
     assert!(alive(pid), "flow process {pid} runs");
 
     let answer = api.set_state(&run, "CANCELLING", false).await;
