@@ -8,7 +8,6 @@ use std::sync::atomic::Ordering;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::{AgentError, AnyAgent, StopReason};
-use crate::backend::BackendError;
 use crate::cli::{AgentArgs, Cli, Command, DevRunnerArgs, OperatorArgs};
 use crate::deploy::process::ProcessDeployer;
 use crate::leader::LeaderConfig;
@@ -94,8 +93,8 @@ async fn run_agent(args: AgentArgs) -> Result<(), CliError> {
         AnyAgent::new(settings.agent, settings.backend, deployer).map_err(CliError::runtime)?;
     let stopped = agent.start(shutdown).await.map_err(|e| match e {
         // The standalone agent can create its pool itself.
-        AgentError::Register(BackendError::UnknownPool { .. }) => {
-            CliError::runtime(format!("{e}, or pass --create-pool TYPE"))
+        AgentError::NoPool { kind, .. } => {
+            CliError::runtime(format!("{e}, or pass --create-pool {kind}"))
         }
         e => CliError::runtime(e),
     })?;

@@ -26,13 +26,15 @@ pub use crate::flavor::Flavor;
     derive = "Default",
     derive = "PartialEq",
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
     printcolumn = r#"{"name":"Flavor","type":"string","jsonPath":".spec.api.flavor"}"#,
     printcolumn = r#"{"name":"Pool","type":"string","jsonPath":".spec.api.workPool"}"#,
     printcolumn = r#"{"name":"Labels","type":"string","priority":1,"jsonPath":".spec.labels"}"#,
     printcolumn = r#"{"name":"Active","type":"integer","jsonPath":".status.activeJobs"}"#,
     printcolumn = r#"{"name":"Submitted","type":"integer","jsonPath":".status.runsSubmitted"}"#,
     printcolumn = r#"{"name":"Failed","type":"integer","jsonPath":".status.runsFailed"}"#,
-    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    printcolumn = r#"{"name":"Message","type":"string","priority":1,"jsonPath":".status.conditions[?(@.type==\"Ready\")].message"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct PrefectAgentSpec {

@@ -524,6 +524,19 @@ async fn install_yaml_and_the_chart_apply_to_the_api_server() {
         assert!(out.contains(kind), "{kind} in {out}");
     }
 
+    // The README's example step as written, on a server that has never seen `data`.
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let step = readme
+        .lines()
+        .find(|l| l.starts_with("kubectl apply -f manifests/examples/"))
+        .expect("the README's example step");
+    let words = shlex::split(step).unwrap();
+    let args: Vec<&str> = words[1..].iter().map(String::as_str).collect();
+    let (ok, out) = kube_server.kubectl(&args).await;
+    assert!(ok, "{step}\n{out}");
+    let examples: Api<PrefectAgent> = Api::namespaced(client.clone(), "data");
+    assert!(examples.get("etl").await.is_ok(), "{out}");
+
     // The chart with non-default values, applied for real (without the ServiceMonitor,
     // whose CRD this server does not have, and with this server's PDB version).
     let objects = render(

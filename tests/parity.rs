@@ -13,7 +13,7 @@ use prefect_agent_operator::backend::prefect3::{fixed_env, worker_env};
 use prefect_agent_operator::backend::{FlowRun, RunAbout, RunContext, RunSpec};
 use prefect_agent_operator::crd::{JobSpec, SecretKeyRef};
 use prefect_agent_operator::deploy::kubernetes::job::{
-    DEFAULT_IMAGE, JobInputs, build_job, configuration_for,
+    JobInputs, build_job, configuration_for, default_image,
 };
 use prefect_agent_operator::scope::Scope;
 use prefect_agent_operator::secret::SecretString;
@@ -162,19 +162,19 @@ fn without_deliberate_differences(
             *e = json!({"name": "PREFECT_API_KEY", "value": "pnu_oracle"});
         }
     }
-    // Without an image anywhere: ours (no Python to name) instead of the worker's own.
+    // Without an image anywhere: both Prefect of the server's version; the worker's with
+    // its own Python, ours with the one the README names.
     let image_set = case
         .pointer("/deployment_job_variables/image")
         .or(case.pointer("/run_job_variables/image"))
         .is_some();
     if !image_set {
-        assert_eq!(ours_c["image"], DEFAULT_IMAGE, "{name}");
+        let version = text(case, "prefect_version");
+        assert_eq!(ours_c["image"], default_image(Some(&version)), "{name}");
+        let theirs_image = theirs_c["image"].as_str().unwrap();
         assert!(
-            theirs_c["image"]
-                .as_str()
-                .unwrap()
-                .starts_with("prefecthq/prefect:"),
-            "{name}"
+            theirs_image.starts_with(&format!("prefecthq/prefect:{version}-python")),
+            "{name}: {theirs_image}"
         );
         ours_c.as_object_mut().unwrap().shift_remove("image");
         theirs_c.as_object_mut().unwrap().shift_remove("image");

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::backend::http::HttpError;
 use crate::backend::{Backend, BackendError, Claim, FlowRun};
 use crate::deploy::Deployer;
 use backoff::Backoff;
@@ -95,8 +96,38 @@ pub enum StopReason {
 pub enum AgentError {
     #[error("{0}")]
     Register(#[source] BackendError),
+    /// The pool is missing; the hint fits who starts the runs.
+    #[error(
+        "work pool `{pool}` does not exist at {url}; create it in Prefect (`prefect work-pool create '{pool}' --type {kind}`)"
+    )]
+    NoPool {
+        pool: String,
+        url: String,
+        kind: &'static str,
+    },
+    /// The deployer cannot start the pool's runs.
+    #[error("{0}")]
+    PoolUnsuitable(String),
     #[error("cannot serve the agent API on {addr}: {cause}")]
     AgentAddress { addr: SocketAddr, cause: String },
+}
+
+impl AgentError {
+    /// A word for a status condition's reason: what is wrong, so that `kubectl get`
+    /// tells a missing pool from a wrong URL.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::NoPool { .. } => "WorkPoolNotFound",
+            Self::PoolUnsuitable(_) => "WorkPoolUnsuitable",
+            Self::Register(BackendError::NotTheApi { .. }) => "NotPrefectApi",
+            Self::Register(BackendError::UnknownQueue { .. }) => "WorkQueueNotFound",
+            Self::Register(BackendError::Http(HttpError::Unauthorized { .. })) => "Unauthorized",
+            Self::Register(BackendError::Http(HttpError::Unreachable { .. })) => {
+                "PrefectUnreachable"
+            }
+            Self::Register(_) | Self::AgentAddress { .. } => "AgentFailed",
+        }
+    }
 }
 
 /// An agent: one backend, one deployer, one poll loop.
@@ -203,13 +234,21 @@ impl<B: Backend, D: Deployer> Agent<B, D> {
             }
             // The agent API is up before registration: a busy port fails at once, and
             // health answers while a slow server is still being reached.
-            let reg = match inner.backend.register().await {
+            let registered = inner.backend.register().await;
+            let reg = match registered.map_err(|e| inner.register_error(e)) {
+                Ok(reg) => match reg.pool.as_ref().map(|p| inner.deployer.suits(p)) {
+                    Some(Err(why)) => Err(AgentError::PoolUnsuitable(why)),
+                    _ => Ok(reg),
+                },
+                Err(e) => Err(e),
+            };
+            let reg = match reg {
                 Ok(reg) => reg,
                 Err(e) => {
                     background.cancel();
                     tasks.close();
                     tasks.wait().await;
-                    return Err(AgentError::Register(e));
+                    return Err(e);
                 }
             };
             inner.stats.set_agent_id(&reg.agent_id);
@@ -260,6 +299,18 @@ impl<B: Backend, D: Deployer> Agent<B, D> {
 }
 
 impl<B: Backend, D: Deployer> Inner<B, D> {
+    /// A registration error, with the hint that fits this agent's deployer.
+    fn register_error(&self, e: BackendError) -> AgentError {
+        match e {
+            BackendError::UnknownPool { pool, url } => AgentError::NoPool {
+                pool,
+                url,
+                kind: self.deployer.pool_type(),
+            },
+            e => AgentError::Register(e),
+        }
+    }
+
     async fn poll_loop(
         this: &Arc<Self>,
         shutdown: &CancellationToken,

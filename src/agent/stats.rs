@@ -41,6 +41,8 @@ struct Last {
     consecutive_poll_errors: u64,
     /// The agent made its `max_polls` and stopped.
     finished: bool,
+    /// The agent stopped with `error`, for this reason (a condition's reason).
+    stopped_reason: Option<&'static str>,
 }
 
 /// A copy of the counters at one moment.
@@ -66,6 +68,10 @@ pub struct StatsSnapshot {
     /// The agent made its `max_polls` and stopped (not a failure).
     #[serde(default)]
     pub finished: bool,
+    /// The agent stopped with `last_error`, for this reason: set before its task ends,
+    /// so that the status can say so at once.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stopped_reason: Option<&'static str>,
 }
 
 impl Default for AgentStats {
@@ -149,6 +155,15 @@ impl AgentStats {
         self.touch();
     }
 
+    /// The agent stopped with an error: `reason` for a condition, `message` for people.
+    pub fn stopped_with(&self, reason: &'static str, message: String) {
+        if let Ok(mut last) = self.last.lock() {
+            last.error = Some(message);
+            last.stopped_reason = Some(reason);
+        }
+        self.touch();
+    }
+
     /// Continues the counts a resource's status already shows (an operator restart, a new
     /// spec): its figures go on from there instead of back to zero.
     pub fn resume_from(&self, polls: u64, submitted: u64, failed: u64) {
@@ -193,6 +208,7 @@ impl AgentStats {
             last_error: last.error,
             consecutive_poll_errors: last.consecutive_poll_errors,
             finished: last.finished,
+            stopped_reason: last.stopped_reason,
         }
     }
 }

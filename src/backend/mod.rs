@@ -282,6 +282,17 @@ pub struct Registration {
     pub agent_id: String,
     /// The pool's type (Prefect 3) or the agent type (Prefect 1).
     pub kind: String,
+    /// The work pool as registration read it (Prefect 2 and 3), for the deployer to say
+    /// whether it can start its runs.
+    pub pool: Option<PoolInfo>,
+}
+
+/// A work pool: its name, type and base job template.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolInfo {
+    pub name: String,
+    pub kind: String,
+    pub base_job_template: Arc<Value>,
 }
 
 /// Severity of a log line shipped to Prefect for a run.
@@ -328,10 +339,11 @@ pub fn poll_horizon(now: DateTime<Utc>, prefetch: Duration) -> DateTime<Utc> {
 pub enum BackendError {
     #[error(transparent)]
     Http(#[from] HttpError),
-    #[error(
-        "work pool `{pool}` does not exist at {url}; create it in Prefect (`prefect work-pool create '{pool}' --type <type>`)"
-    )]
+    /// How to create it depends on who starts the runs: the agent says (`AgentError`).
+    #[error("work pool `{pool}` does not exist at {url}")]
     UnknownPool { pool: String, url: String },
+    #[error("{url} is not the Prefect API: {detail}")]
+    NotTheApi { url: String, detail: String },
     #[error(
         "the Prefect Server at {url} has no tenant; create one (`prefect server create-tenant --name default`)"
     )]

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::config::{Credentials, SpecError, agent_config, backend_config, check_spec};
 use super::status::{MAX_NOTE, clip, desired_status, status_changed, transition_event};
-use super::supervisor::{AgentPhase, RESTART_FIRST};
+use super::supervisor::{AgentPhase, Counts, RESTART_FIRST};
 use super::{Context, Error, FIELD_MANAGER, FINALIZER, Guarded, STATUS_INTERVAL, STATUS_WRITE_GAP};
 use crate::agent::{AnyAgent, StopReason};
 use crate::crd::{JobSpec, PrefectAgent, PrefectAgentStatus};
@@ -59,6 +59,7 @@ impl PrefectAgent {
                     .supervisor
                     .current(&key, generation)
                     .unwrap_or(AgentPhase::Failed {
+                        reason: "AgentFailed",
                         message: "the agent did not start".into(),
                         retry_in: RESTART_FIRST,
                     }),
@@ -133,11 +134,12 @@ impl PrefectAgent {
         let backend = backend_config(spec, &cfg, credentials, ctx.retry, &identity)?;
         let agent =
             AnyAgent::new(cfg, backend, deployer).map_err(|e| SpecError::Invalid(e.to_string()))?;
-        if let Some(status) = &self.status {
-            agent
-                .stats()
-                .resume_from(status.polls, status.runs_submitted, status.runs_failed);
-        }
+        // Counting on from where the resource's counts are: its status, or an agent
+        // that stopped before its last counts were written.
+        let c = self.counts(ctx);
+        agent
+            .stats()
+            .resume_from(c.polls, c.runs_submitted, c.runs_failed);
         self.run_agent(ctx, agent, fingerprint);
         Ok(())
     }
@@ -159,7 +161,7 @@ impl PrefectAgent {
                     Ok(StopReason::Shutdown) => {}
                     Err(e) => {
                         tracing::error!(error = %e, "agent stopped with an error");
-                        task_stats.error(e.to_string());
+                        task_stats.stopped_with(e.reason(), e.to_string());
                     }
                 }
                 task_stats.touch();
@@ -197,15 +199,28 @@ impl PrefectAgent {
         );
     }
 
+    /// The resource's lifetime counts: what its status shows, or what its agents
+    /// counted since, whichever is further.
+    fn counts(&self, ctx: &Context) -> Counts {
+        let written = self
+            .status
+            .as_ref()
+            .map_or_else(Counts::default, |s| Counts {
+                polls: s.polls,
+                runs_submitted: s.runs_submitted,
+                runs_failed: s.runs_failed,
+            });
+        ctx.supervisor.counts(&self.key()).max(written)
+    }
+
     async fn write_status(&self, ctx: &Context, phase: &AgentPhase) -> Result<(), Error> {
         let ns = self.namespace().unwrap_or_default();
         let active_jobs = ctx.observer.active(&agent_label(&ns, &self.name_any())) as u64;
-        let previous = self
-            .status
-            .as_ref()
-            .map(|s| s.conditions.clone())
-            .unwrap_or_default();
-        let status = desired_status(phase, self.metadata.generation, &previous, active_jobs);
+        let mut before = self.status.clone().unwrap_or_default();
+        let c = self.counts(ctx);
+        (before.polls, before.runs_submitted, before.runs_failed) =
+            (c.polls, c.runs_submitted, c.runs_failed);
+        let status = desired_status(phase, self.metadata.generation, Some(&before), active_jobs);
         if self
             .status
             .as_ref()
@@ -214,7 +229,8 @@ impl PrefectAgent {
             return Ok(());
         }
         let object = self.object_ref(&());
-        if let Some((warning, reason, note)) = transition_event(&previous, &status.conditions) {
+        let previous = self.status.as_ref().map_or(&[][..], |s| &s.conditions);
+        if let Some((warning, reason, note)) = transition_event(previous, &status.conditions) {
             publish(ctx, &object, warning, reason, note).await;
         }
         apply_status(ctx, &object, &status).await?;
@@ -328,7 +344,7 @@ pub(super) async fn undecodable(
         reason: error.reason(),
         message: error.to_string(),
     };
-    let status = desired_status(&phase, meta.generation, &[], 0);
+    let status = desired_status(&phase, meta.generation, None, 0);
     if let Err(e) = apply_status(ctx, &object, &status).await {
         tracing::warn!(resource = %format!("{ns}/{name}"), error = %e, "could not write the status of an undecodable PrefectAgent; its Event says why");
     }

@@ -41,8 +41,12 @@ pub fn conditions(
             ("False", reason, message.clone()),
             ("True", reason, message.clone()),
         ),
-        AgentPhase::Failed { message, retry_in } => (
-            ("False", "AgentFailed", message.clone()),
+        AgentPhase::Failed {
+            reason,
+            message,
+            retry_in,
+        } => (
+            ("False", reason, message.clone()),
             (
                 "True",
                 "Restarting",
@@ -51,7 +55,7 @@ pub fn conditions(
                     retry_in.as_secs()
                 ),
             ),
-            ("True", "AgentFailed", message.clone()),
+            ("True", reason, message.clone()),
         ),
         AgentPhase::Finished { .. } => {
             let m = "the agent made its spec.maxPolls polls and stopped; it runs again when the \
@@ -131,16 +135,22 @@ pub fn conditions(
 
 /// The status a resource should have: its agent's phase and figures, and the Jobs of
 /// its agent still running.
+///
+/// The counters are the resource's lifetime counts: a phase without a running agent
+/// (suspended, invalid, failed) keeps the ones `previous` shows, and a new agent
+/// continues from them (`AgentStats::resume_from`).
 pub fn desired_status(
     phase: &AgentPhase,
     generation: Option<i64>,
-    previous: &[Condition],
+    previous: Option<&PrefectAgentStatus>,
     active_jobs: u64,
 ) -> PrefectAgentStatus {
     let stats = match phase {
         AgentPhase::Running { stats } | AgentPhase::Finished { stats } => Some(stats),
         _ => None,
     };
+    let before = |count: fn(&PrefectAgentStatus) -> u64| previous.map_or(0, count);
+    let conditions_before = previous.map_or(&[][..], |p| &p.conditions);
     let last_error = match phase {
         AgentPhase::Invalid { message, .. } | AgentPhase::Failed { message, .. } => {
             Some(message.clone())
@@ -149,15 +159,15 @@ pub fn desired_status(
     };
     PrefectAgentStatus {
         observed_generation: generation,
-        conditions: conditions(phase, generation, previous),
+        conditions: conditions(phase, generation, conditions_before),
         agent_id: stats.and_then(|s| s.agent_id.clone()),
         last_poll_time: stats
             .and_then(|s| s.last_poll_time)
             .and_then(|t| Timestamp::from_microsecond(t.timestamp_micros()).ok())
             .map(Time),
-        polls: stats.map_or(0, |s| s.polls),
-        runs_submitted: stats.map_or(0, |s| s.runs_submitted),
-        runs_failed: stats.map_or(0, |s| s.runs_failed),
+        polls: stats.map_or_else(|| before(|p| p.polls), |s| s.polls),
+        runs_submitted: stats.map_or_else(|| before(|p| p.runs_submitted), |s| s.runs_submitted),
+        runs_failed: stats.map_or_else(|| before(|p| p.runs_failed), |s| s.runs_failed),
         active_jobs,
         last_error: last_error.map(|e| clip(&e, MAX_MESSAGE)),
         message: None,
@@ -238,7 +248,7 @@ mod tests {
             reason: "InvalidSpec",
             message: huge.clone(),
         };
-        let status = desired_status(&phase, Some(1), &[], 0);
+        let status = desired_status(&phase, Some(1), None, 0);
         assert!(
             status
                 .conditions
@@ -310,6 +320,42 @@ mod tests {
         assert_eq!(get(&after(0), "Degraded").status, "False");
     }
 
+    /// Suspending, a bad spec or a failed start keep the lifetime counts.
+    #[test]
+    fn counters_outlive_the_agent() {
+        let running = AgentPhase::Running {
+            stats: StatsSnapshot {
+                runs_submitted: 4,
+                runs_failed: 1,
+                ..stats(Some("w1"), 9, 0)
+            },
+        };
+        let before = desired_status(&running, Some(1), None, 0);
+        for phase in [
+            AgentPhase::Suspended,
+            AgentPhase::Invalid {
+                reason: "InvalidSpec",
+                message: "x".into(),
+            },
+            AgentPhase::Failed {
+                reason: "WorkPoolNotFound",
+                message: "x".into(),
+                retry_in: RESTART_MAX,
+            },
+        ] {
+            let after = desired_status(&phase, Some(2), Some(&before), 0);
+            assert_eq!(
+                (after.polls, after.runs_submitted, after.runs_failed),
+                (9, 4, 1),
+                "{phase:?}"
+            );
+        }
+        assert_eq!(
+            desired_status(&AgentPhase::Suspended, Some(1), None, 0).polls,
+            0
+        );
+    }
+
     /// An agent that made its maxPolls is finished, not failed.
     #[test]
     fn a_finished_agent_is_neither_ready_nor_degraded() {
@@ -324,7 +370,7 @@ mod tests {
         assert_eq!(get(&c, "Ready").status, "False");
         assert_eq!(get(&c, "Degraded").status, "False");
         assert!(get(&c, "Ready").message.contains("maxPolls"));
-        assert_eq!(desired_status(&finished, Some(1), &[], 0).polls, 1);
+        assert_eq!(desired_status(&finished, Some(1), None, 0).polls, 1);
     }
 
     #[test]
@@ -383,6 +429,7 @@ mod tests {
         assert_eq!(restart_delay(u32::MAX), RESTART_MAX);
         let failed = conditions(
             &AgentPhase::Failed {
+                reason: "PrefectUnreachable",
                 message: "cannot reach the Prefect API at http://p/api".into(),
                 retry_in: restart_delay(3),
             },

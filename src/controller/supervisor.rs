@@ -47,10 +47,40 @@ struct Running {
 pub const CREDENTIALS_RECHECK: Duration = Duration::from_secs(300);
 pub const CREDENTIALS_RECHECK_FAILING: Duration = Duration::from_secs(10);
 
+/// A resource's lifetime counts, which outlive each of its agents (a spec change,
+/// suspension, a failed start): the next agent continues from them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub polls: u64,
+    pub runs_submitted: u64,
+    pub runs_failed: u64,
+}
+
+impl Counts {
+    pub fn of(s: &StatsSnapshot) -> Self {
+        Self {
+            polls: s.polls,
+            runs_submitted: s.runs_submitted,
+            runs_failed: s.runs_failed,
+        }
+    }
+
+    /// Each count the larger of the two (both count from the resource's creation).
+    pub fn max(self, o: Self) -> Self {
+        Self {
+            polls: self.polls.max(o.polls),
+            runs_submitted: self.runs_submitted.max(o.runs_submitted),
+            runs_failed: self.runs_failed.max(o.runs_failed),
+        }
+    }
+}
+
 /// Agent tasks by `namespace/name`.
 #[derive(Default)]
 pub struct Supervisor {
     agents: Mutex<HashMap<String, Running>>,
+    /// The counts of agents stopped or replaced, by resource, until it is deleted.
+    carried: Mutex<HashMap<String, Counts>>,
     /// Agents stopped for good so far, and how many of them the last
     /// [`release_memory`](Self::release_memory) saw.
     stopped: AtomicU64,
@@ -70,7 +100,11 @@ pub enum AgentPhase {
     /// The agent task runs; `stats` says how far it got.
     Running { stats: StatsSnapshot },
     /// The agent task ended with this error and will be restarted after `retry_in`.
-    Failed { message: String, retry_in: Duration },
+    Failed {
+        reason: &'static str,
+        message: String,
+        retry_in: Duration,
+    },
     /// The agent made its `maxPolls` and stopped; it runs again when the spec changes.
     Finished { stats: StatsSnapshot },
 }
@@ -85,16 +119,52 @@ impl Supervisor {
     }
 
     pub fn stop(&self, key: &str) {
-        if let Some(r) = self.agents().remove(key) {
+        let removed = self.agents().remove(key);
+        if let Some(r) = removed {
             self.stopped.fetch_add(1, Ordering::Relaxed);
             r.token.cancel();
+            self.carry(key, &r);
         }
+    }
+
+    fn carry(&self, key: &str, r: &Running) {
+        let counts = Counts::of(&r.stats.snapshot());
+        let mut carried = self
+            .carried
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let slot = carried.entry(key.to_string()).or_default();
+        *slot = slot.max(counts);
+    }
+
+    /// What the resource's agents have counted so far: its current agent's counts, or
+    /// those its stopped agents left.
+    pub fn counts(&self, key: &str) -> Counts {
+        let carried = self
+            .carried
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(key)
+            .copied()
+            .unwrap_or_default();
+        let current = self
+            .agents()
+            .get(key)
+            .map(|r| Counts::of(&r.stats.snapshot()))
+            .unwrap_or_default();
+        carried.max(current)
     }
 
     /// Stops `key`'s agent and waits, at most `within`, for the launches it has under
     /// way: a resource's finalizer is released only after them.
     pub async fn stop_and_wait(&self, key: &str, within: Duration) {
-        let Some(r) = self.agents().remove(key) else {
+        let removed = self.agents().remove(key);
+        // The resource is going: nothing continues its counts.
+        self.carried
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(key);
+        let Some(r) = removed else {
             return;
         };
         self.stopped.fetch_add(1, Ordering::Relaxed);
@@ -115,11 +185,14 @@ impl Supervisor {
         if r.generation != generation {
             return None;
         }
-        if r.handle.is_finished() {
-            let stats = r.stats.snapshot();
+        let stats = r.stats.snapshot();
+        // The agent says it stopped before its task is over: the status need not wait
+        // for the next resync to say so.
+        if r.handle.is_finished() || stats.finished || stats.stopped_reason.is_some() {
             if stats.finished {
                 return Some(AgentPhase::Finished { stats });
             }
+            let reason = stats.stopped_reason.unwrap_or("AgentFailed");
             let last = stats
                 .last_error
                 .unwrap_or_else(|| "the agent stopped".into());
@@ -127,15 +200,14 @@ impl Supervisor {
             let retry_in = restart_delay(r.failures + 1);
             if ended.elapsed() < retry_in {
                 return Some(AgentPhase::Failed {
+                    reason,
                     message: last,
                     retry_in,
                 });
             }
             return None;
         }
-        Some(AgentPhase::Running {
-            stats: r.stats.snapshot(),
-        })
+        Some(AgentPhase::Running { stats })
     }
 
     /// The fingerprint `key`'s agent started with, when its Secrets are due to be read
@@ -187,8 +259,10 @@ impl Supervisor {
             credentials,
             checked: Instant::now(),
         };
-        if let Some(old) = agents.insert(key, running) {
+        if let Some(old) = agents.insert(key.clone(), running) {
             old.token.cancel();
+            drop(agents);
+            self.carry(&key, &old);
         }
     }
 
@@ -282,5 +356,31 @@ mod tests {
         );
         assert!(!supervisor.release_memory(false), "once");
         assert!(supervisor.release_memory(true), "and whenever asked");
+    }
+
+    /// An agent's counts outlive it (suspension, a new generation), not the resource.
+    #[tokio::test]
+    async fn counts_carry_over_to_the_next_agent_until_the_resource_goes() {
+        let supervisor = Supervisor::default();
+        let start = |generation: i64, polls: u64, submitted: u64| {
+            let token = CancellationToken::new();
+            let stop = token.clone();
+            let handle = tokio::spawn(async move { stop.cancelled().await });
+            let stats = Arc::new(AgentStats::default());
+            stats.resume_from(polls, submitted, 0);
+            supervisor.start("ns/a".into(), Some(generation), token, stats, handle, 0);
+        };
+        start(1, 5, 2);
+        assert_eq!(supervisor.counts("ns/a").runs_submitted, 2);
+        // A new generation replaces the agent before its counts were written anywhere.
+        start(2, 0, 0);
+        assert_eq!(supervisor.counts("ns/a").polls, 5);
+        supervisor.stop("ns/a");
+        let kept = supervisor.counts("ns/a");
+        assert_eq!((kept.polls, kept.runs_submitted), (5, 2), "suspended");
+        supervisor
+            .stop_and_wait("ns/a", Duration::from_secs(5))
+            .await;
+        assert_eq!(supervisor.counts("ns/a"), Counts::default(), "deleted");
     }
 }

@@ -7,7 +7,7 @@ use std::future::Future;
 
 use tokio::sync::oneshot;
 
-use crate::backend::{Env, FlowRun, RunSpec};
+use crate::backend::{Env, FlowRun, PoolInfo, RunSpec};
 
 /// Everything a deployer needs to start one run.
 #[derive(Clone, Debug)]
@@ -91,6 +91,14 @@ pub trait Deployer: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Option<String>, DeployError>> + Send;
     /// Stops the run's infrastructure.
     fn stop(&self, run: &FlowRun) -> impl Future<Output = Result<Stopped, DeployError>> + Send;
+    /// The work pool type this deployer starts runs of, for hints ("create it with
+    /// `--type kubernetes`").
+    fn pool_type(&self) -> &'static str;
+    /// Whether runs of `pool` can be started here; when not, what to do about it. Asked
+    /// at registration, so that a pool whose every run would crash is said at once.
+    fn suits(&self, _pool: &PoolInfo) -> Result<(), String> {
+        Ok(())
+    }
     /// How many more runs may be started now (a concurrency limit); `None` = no limit.
     fn room(&self) -> Option<usize> {
         None

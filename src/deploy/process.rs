@@ -172,6 +172,10 @@ impl ProcessDeployer {
 }
 
 impl Deployer for ProcessDeployer {
+    fn pool_type(&self) -> &'static str {
+        "process"
+    }
+
     async fn deploy(&self, launch: Launch) -> Result<Launched, DeployError> {
         let (argv, working_dir) = self.what_to_run(&launch.spec)?;
         let mut cmd = Command::new(&argv[0]);

@@ -194,6 +194,108 @@ async fn a_missing_secret_is_named_in_a_degraded_condition() {
     drop(operator);
 }
 
+/// A new user's first mistakes, each said at the first failed registration with a
+/// reason `kubectl get` shows and a message that leads to the fix: a pool that does not
+/// exist, a `process` pool (every run would crash), the server's URL without `/api`.
+#[tokio::test(flavor = "multi_thread")]
+async fn first_run_mistakes_are_degraded_at_once_with_what_to_do() {
+    let (client, ns, prefect, operator) = setup("mistakes").await;
+    let agents: Api<PrefectAgent> = Api::namespaced(client.clone(), &ns);
+    let process_pool = unique("process");
+    prefect
+        .api
+        .create_pool_with_template(
+            &process_pool,
+            json!({"job_configuration": {"command": "{{ command }}"},
+                   "variables": {"type": "object",
+                                 "properties": {"command": {"type": "string"}}}}),
+        )
+        .await;
+    let url = &prefect.server.url;
+    let bare_url = url.trim_end_matches("/api");
+    let cases = [
+        ("nopool", url.as_str(), "no-such-pool", "WorkPoolNotFound"),
+        (
+            "processpool",
+            url.as_str(),
+            process_pool.as_str(),
+            "WorkPoolUnsuitable",
+        ),
+        ("noapi", bare_url, prefect.pool.as_str(), "NotPrefectApi"),
+    ];
+    for (name, url, pool, _) in cases {
+        agents
+            .create(&PostParams::default(), &agent_resource(name, url, pool))
+            .await
+            .expect("create");
+    }
+    for (name, _, pool, reason) in cases {
+        // The old way showed Ready=False without a reason for 30-40 s (the next resync).
+        let (degraded, ready) = wait_for(
+            &format!("{name}: Degraded with {reason}"),
+            Duration::from_secs(20),
+            || async {
+                let a = agents.get(name).await.ok()?;
+                let conditions = a.status?.conditions;
+                let find = |t: &str| conditions.iter().find(|c| c.type_ == t).cloned();
+                let (d, r) = (find("Degraded")?, find("Ready")?);
+                (d.status == "True" && d.reason == reason).then_some((d, r))
+            },
+        )
+        .await;
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", reason)
+        );
+        let m = degraded.message;
+        match reason {
+            "WorkPoolNotFound" => assert_eq!(
+                m,
+                format!(
+                    "work pool `{pool}` does not exist at {url}; create it in Prefect \
+                     (`prefect work-pool create '{pool}' --type kubernetes`)"
+                )
+            ),
+            "WorkPoolUnsuitable" => {
+                assert!(
+                    m.starts_with(&format!("work pool `{pool}` is a `process` pool")),
+                    "{m}"
+                );
+                assert!(m.contains("--type kubernetes"), "{m}");
+                assert!(
+                    !m.contains("--create-pool"),
+                    "no CLI flag in the operator: {m}"
+                );
+            }
+            _ => assert_eq!(
+                m,
+                format!(
+                    "{bare_url} is not the Prefect API: it serves Prefect's web UI; the API is \
+                     at {url}: use that URL"
+                )
+            ),
+        }
+    }
+    // `kubectl get` shows the reason, and `-o wide` the message.
+    let kube = KubeApiServer::shared();
+    let (ok, wide) = kube.kubectl(&["get", "pfa", "-n", &ns, "-o", "wide"]).await;
+    assert!(ok, "{wide}");
+    let header = wide.lines().next().unwrap_or_default();
+    assert!(
+        header.contains("REASON") && header.contains("MESSAGE"),
+        "{wide}"
+    );
+    let row = wide
+        .lines()
+        .find(|l| l.starts_with("nopool"))
+        .unwrap_or_default();
+    assert!(
+        row.contains("WorkPoolNotFound") && row.contains("does not exist"),
+        "{wide}"
+    );
+    drop(operator);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn jobs_in_a_namespace_the_operator_does_not_allow_are_refused() {
     let (client, ns, prefect, operator) = setup("jobns").await;
@@ -303,6 +405,10 @@ async fn a_spec_change_restarts_the_agent_and_suspend_stops_it() {
         },
     )
     .await;
+    // The counters are the resource's lifetime counts: a suspended agent keeps them.
+    let suspended = agents.get("edited").await.unwrap().status.unwrap();
+    assert_eq!(suspended.runs_submitted, 1, "{suspended:?}");
+    assert!(suspended.polls > 0, "{suspended:?}");
     let idle_run = prefect.api.create_run(&dep).await;
     // Absence over a window: a running agent (1 s polls) would have claimed it by then.
     let window = std::time::Instant::now() + Duration::from_secs(4);
@@ -320,6 +426,12 @@ async fn a_spec_change_restarts_the_agent_and_suspend_stops_it() {
         .await
         .unwrap();
     job_named(&jobs, &format!("prefect-run-{idle_run}")).await;
+    // Counting on from there (the old way: back to 0 at every start).
+    wait_for("runsSubmitted = 2", Duration::from_secs(30), || async {
+        let s = agents.get("edited").await.ok()?.status?;
+        (s.runs_submitted == 2 && s.polls >= suspended.polls).then_some(())
+    })
+    .await;
     drop(operator);
 }
 
@@ -354,7 +466,7 @@ async fn an_unreachable_prefect_api_is_degraded_with_the_cause() {
         .unwrap();
     assert_eq!(
         (ready.status.as_str(), ready.reason.as_str()),
-        ("False", "AgentFailed")
+        ("False", "PrefectUnreachable")
     );
     // The supervisor restarts it after 10 s; failing again doubles the wait.
     let (_, restarting, _) = wait_for(

@@ -455,6 +455,7 @@ impl Backend for Prefect1 {
         Ok(Registration {
             agent_id,
             kind: self.cfg.agent_type.clone(),
+            pool: None,
         })
     }
 

@@ -23,8 +23,8 @@ use wire::{ScheduledRun, Worker};
 use super::coalesce::Coalescer;
 use super::http::{ApiClient, Auth, HttpError, RetryPolicy};
 use super::{
-    Backend, BackendError, Claim, ClaimLedger, Env, EnvValue, FlowRun, LogLevel, Registration,
-    RunAbout, RunContext, RunSpec, StateKind, poll_horizon, timestamp,
+    Backend, BackendError, Claim, ClaimLedger, Env, EnvValue, FlowRun, LogLevel, PoolInfo,
+    Registration, RunAbout, RunContext, RunSpec, StateKind, poll_horizon, timestamp,
 };
 use crate::work_pool::{
     JobConfiguration, Reference, References, references_in, run_values, shared_template,
@@ -224,6 +224,60 @@ impl Prefect3 {
         Ok(states)
     }
 
+    /// The server's version (for the default image and the `prefect.io/version` label),
+    /// and a check that the URL is the API: Prefect serves its UI, a web page for any
+    /// path, beside the API, so `http://host:4200` without `/api` would otherwise show
+    /// up as "the pool does not exist". A server without the route is no error.
+    async fn server_version(&self) -> Result<Option<String>, BackendError> {
+        let answer = match self.api.send(Method::GET, "/admin/version", None).await {
+            Ok(text) => text,
+            Err(e @ (HttpError::Unreachable { .. } | HttpError::Unauthorized { .. })) => {
+                return Err(e.into());
+            }
+            Err(e) if e.is_transient() => return Err(e.into()),
+            Err(_) => String::new(),
+        };
+        if let Ok(Value::String(version)) = serde_json::from_str(&answer) {
+            return Ok(Some(version));
+        }
+        let url = self.api.base_url();
+        let web_page = answer.trim_start().starts_with('<');
+        // Where the API would be if the URL lacks its path.
+        let api_url = format!("{url}/api");
+        let api_there = !url.ends_with("/api") && {
+            let once = RetryPolicy {
+                attempts: 1,
+                unreachable_attempts: 1,
+                ..RetryPolicy::default()
+            };
+            let probe = ApiClient::new(&api_url, self.cfg.auth.clone(), once)?;
+            matches!(
+                probe
+                    .call::<Value>(Method::GET, "/admin/version", None)
+                    .await,
+                Ok(Value::String(_))
+            )
+        };
+        let detail = match (api_there, web_page) {
+            (true, _) => Some(format!(
+                "it serves Prefect's web UI; the API is at {api_url}: use that URL"
+            )),
+            (false, true) => Some(
+                "it answers with a web page; Prefect's API URL ends in /api (e.g. \
+                 http://prefect-server:4200/api)"
+                    .to_string(),
+            ),
+            (false, false) => None,
+        };
+        match detail {
+            Some(detail) => Err(BackendError::NotTheApi {
+                url: url.to_string(),
+                detail,
+            }),
+            None => Ok(None),
+        }
+    }
+
     async fn read_pool(&self) -> Result<Value, BackendError> {
         match self.api.call(Method::GET, &self.pool_path(), None).await {
             Ok(pool) => Ok(pool),
@@ -379,17 +433,20 @@ impl HasId for Value {
 
 impl Backend for Prefect3 {
     async fn register(&self) -> Result<Registration, BackendError> {
+        // First, so that a URL that is not the API is said as such, not as a missing pool.
+        let server_version = self.server_version().await?;
         let pool = self.read_pool().await?;
         let kind = pool
             .get("type")
             .and_then(Value::as_str)
             .unwrap_or("")
             .to_string();
-        *self.pool_template.write().await = shared_template(
+        let template = shared_template(
             pool.get("base_job_template")
                 .cloned()
                 .unwrap_or(Value::Null),
         );
+        *self.pool_template.write().await = template.clone();
         for queue in &self.cfg.queues {
             let path = format!("{}/queues/{}", self.pool_path(), urlencode(queue));
             match self.api.send(Method::GET, &path, None).await {
@@ -417,12 +474,6 @@ impl Backend for Prefect3 {
             .into_iter()
             .find(|w| w.name == self.cfg.agent_name)
             .and_then(|w| w.id);
-        // For the `prefect.io/version` label; an old server without the route is no error.
-        let server_version: Option<String> = self
-            .api
-            .call(Method::GET, "/admin/version", None)
-            .await
-            .ok();
         *self.known.write().await = Known {
             pool_id: pool.get("id").and_then(Value::as_str).map(str::to_string),
             worker_id: worker_id.clone(),
@@ -430,7 +481,15 @@ impl Backend for Prefect3 {
         };
         let agent_id =
             worker_id.unwrap_or_else(|| format!("{}/{}", self.cfg.pool, self.cfg.agent_name));
-        Ok(Registration { agent_id, kind })
+        Ok(Registration {
+            agent_id,
+            pool: Some(PoolInfo {
+                name: self.cfg.pool.clone(),
+                kind: kind.clone(),
+                base_job_template: template,
+            }),
+            kind,
+        })
     }
 
     async fn heartbeat(&self) -> Result<(), BackendError> {
@@ -538,9 +597,7 @@ impl Backend for Prefect3 {
         };
         let deployment_vars = deployment
             .as_ref()
-            .and_then(|d| d.get("job_variables"))
-            .and_then(Value::as_object)
-            .cloned()
+            .map(deployment_job_variables)
             .unwrap_or_default();
         let values = Value::Object(run_values(&deployment_vars, &run.job_variables));
         let template = self.pool_template.read().await.clone();
@@ -709,10 +766,32 @@ impl ClaimLedger for Prefect3 {
     }
 }
 
+/// A deployment's job variables: Prefect 2 servers answer with them as `infra_overrides`
+/// (2.20 still does), Prefect 3 as `job_variables`.
+fn deployment_job_variables(deployment: &Value) -> Map<String, Value> {
+    ["job_variables", "infra_overrides"]
+        .into_iter()
+        .filter_map(|key| deployment.get(key).and_then(Value::as_object))
+        .find(|vars| !vars.is_empty())
+        .cloned()
+        .unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::secret::SecretString;
+
+    #[test]
+    fn a_prefect_2_deployment_s_infra_overrides_are_its_job_variables() {
+        let v2 = json!({"infra_overrides": {"image": "a:2"}, "name": "d"});
+        assert_eq!(deployment_job_variables(&v2)["image"], "a:2");
+        let v3 = json!({"job_variables": {"image": "a:3"}, "infra_overrides": {"image": "old"}});
+        assert_eq!(deployment_job_variables(&v3)["image"], "a:3");
+        let both_shapes = json!({"job_variables": {}, "infra_overrides": {"image": "a:2"}});
+        assert_eq!(deployment_job_variables(&both_shapes)["image"], "a:2");
+        assert!(deployment_job_variables(&json!({"job_variables": null})).is_empty());
+    }
 
     #[test]
     fn the_worker_s_variables_in_prefect_s_order_with_credentials_as_secrets() {

@@ -19,15 +19,54 @@ use kube::api::{DeleteParams, PropagationPolicy};
 use serde_json::{Map, Value, json};
 
 use super::pod_security::violations;
-use crate::backend::{Env, EnvValue, FlowRun, RunAbout};
+use crate::backend::{Env, EnvValue, FlowRun, PoolInfo, RunAbout};
 use crate::crd::{JobSpec, PullPolicy, SecretKeyRef, SecurityProfile};
 use crate::scope::Scope;
 use crate::work_pool::slug::{label_key, label_value as slug_value};
 use crate::work_pool::template::as_text;
 use crate::work_pool::{JobConfiguration, ReferenceError, References, standard_base_job_template};
 
-/// Image when neither Prefect nor the resource names one.
+/// Image when neither Prefect nor the resource names one and the server's version is
+/// unknown.
 pub const DEFAULT_IMAGE: &str = "prefecthq/prefect:3-latest";
+
+/// The Python of the default image: Prefect publishes `<version>-python3.12` for every
+/// 2.x release since 2.14 and every 3.x release.
+pub const DEFAULT_IMAGE_PYTHON: &str = "3.12";
+
+/// The image a run gets when nothing names one: Prefect of the server's own version, as
+/// Prefect's worker runs an image of its own version. A client of another major version
+/// refuses the server ("Major versions must match"), and one newer than the server may
+/// send what it does not know. A development build (`+local`) gets `<major>-latest`, as
+/// Prefect's own `get_prefect_image_name` does; an unknown version, `3-latest`.
+pub fn default_image(server_version: Option<&str>) -> String {
+    let Some(version) = server_version.map(str::trim).filter(|v| !v.is_empty()) else {
+        return DEFAULT_IMAGE.into();
+    };
+    let (public, local) = version.split_once('+').unwrap_or((version, ""));
+    // The release without pre-release or post-release suffixes (`3.0.0rc1` → `3.0.0`).
+    let numbers: Vec<&str> = public
+        .split('.')
+        .map(|part| {
+            let end = part
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(part.len());
+            &part[..end]
+        })
+        .take_while(|n| !n.is_empty())
+        .take(3)
+        .collect();
+    match numbers.as_slice() {
+        [major, ..] if !local.is_empty() || numbers.len() < 3 => {
+            format!("prefecthq/prefect:{major}-latest")
+        }
+        [_, _, _] => format!(
+            "prefecthq/prefect:{}-python{DEFAULT_IMAGE_PYTHON}",
+            numbers.join(".")
+        ),
+        _ => DEFAULT_IMAGE.into(),
+    }
+}
 
 /// Label keys the operator puts on every Job and pod.
 pub mod labels {
@@ -114,6 +153,29 @@ pub fn configuration_for<'a>(
         .map_err(|e| JobBuildError::Invalid(e.to_string()))
 }
 
+/// Whether a Job can be built from the pool's template: Prefect's standard Kubernetes
+/// one stands in for none at all, any other must hold a job manifest. A `process` pool
+/// would otherwise be Ready and crash every run.
+pub fn suits_pool(pool: &PoolInfo) -> Result<(), String> {
+    let template = &*pool.base_job_template;
+    let empty = template.as_object().is_none_or(Map::is_empty);
+    if empty
+        || template
+            .pointer("/job_configuration/job_manifest")
+            .is_some_and(Value::is_object)
+    {
+        return Ok(());
+    }
+    Err(format!(
+        "work pool `{}` is a `{}` pool: its base job template has no \
+         job_configuration.job_manifest, so no Job can be built from it and every run would \
+         crash. Point spec.api.workPool at a Kubernetes pool (`prefect work-pool create \
+         NAME --type kubernetes`), or give this pool Prefect's Kubernetes template \
+         (`prefect work-pool get-default-base-job-template --type kubernetes`)",
+        pool.name, pool.kind
+    ))
+}
+
 /// Builds the Job for one flow run.
 pub fn build_job(input: &JobInputs<'_>) -> Result<Job, JobBuildError> {
     let configuration = input.configuration;
@@ -171,7 +233,8 @@ pub fn build_job(input: &JobInputs<'_>) -> Result<Job, JobBuildError> {
         })
         .unwrap_or_default();
     label_like_prefect(&mut job, &prefect_labels, &annotations);
-    fill_from_resource(&mut job, input.defaults);
+    let version = input.about.and_then(|a| a.prefect_version.as_deref());
+    fill_from_resource(&mut job, input.defaults, &default_image(version));
     let ours = identity_labels(input);
     fix_identity(&mut job, input, &ours)?;
     if input.defaults.security_profile == Some(SecurityProfile::Restricted) {
@@ -457,7 +520,7 @@ fn pull_policy(p: PullPolicy) -> &'static str {
     }
 }
 
-fn fill_from_resource(job: &mut Job, d: &JobSpec) {
+fn fill_from_resource(job: &mut Job, d: &JobSpec, default_image: &str) {
     let spec = job.spec.get_or_insert_with(Default::default);
     // Unset stays unset, as with Prefect's worker (Kubernetes' backoffLimit is then 6).
     if spec.backoff_limit.is_none() {
@@ -496,7 +559,7 @@ fn fill_from_resource(job: &mut Job, d: &JobSpec) {
     }
     let c = &mut pod.containers[0];
     if c.image.as_deref().is_none_or(str::is_empty) {
-        c.image = Some(d.image.clone().unwrap_or_else(|| DEFAULT_IMAGE.into()));
+        c.image = Some(d.image.clone().unwrap_or_else(|| default_image.into()));
     }
     if let (None, Some(policy)) = (&c.image_pull_policy, d.image_pull_policy) {
         c.image_pull_policy = Some(pull_policy(policy).into());
@@ -748,6 +811,7 @@ mod tests {
     use super::*;
     use crate::secret::SecretString;
     use crate::work_pool::Reference;
+    use std::sync::Arc;
 
     fn run() -> FlowRun {
         FlowRun {
@@ -972,6 +1036,47 @@ mod tests {
     }
 
     /// As prefect-kubernetes' `_slugify_labels`: names Kubernetes would refuse are made valid.
+    #[test]
+    fn a_pool_without_a_job_manifest_is_refused_at_once() {
+        let pool = |kind: &str, template: Value| PoolInfo {
+            name: "p".into(),
+            kind: kind.into(),
+            base_job_template: Arc::new(template),
+        };
+        assert_eq!(suits_pool(&pool("process", json!({}))), Ok(()));
+        assert_eq!(suits_pool(&pool("kubernetes", Value::Null)), Ok(()));
+        let standard = standard_base_job_template().clone();
+        assert_eq!(suits_pool(&pool("kubernetes", standard)), Ok(()));
+        let process = json!({"job_configuration": {"command": "{{ command }}"},
+                             "variables": {"properties": {}}});
+        let refused = suits_pool(&pool("process", process)).unwrap_err();
+        assert!(
+            refused.starts_with("work pool `p` is a `process` pool"),
+            "{refused}"
+        );
+        assert!(refused.contains("--type kubernetes"), "{refused}");
+        let text_manifest = json!({"job_configuration": {"job_manifest": "{{ m }}"}});
+        assert!(suits_pool(&pool("kubernetes", text_manifest)).is_err());
+    }
+
+    #[test]
+    fn the_default_image_follows_the_server_s_version() {
+        let cases = [
+            (Some("3.9.1"), "prefecthq/prefect:3.9.1-python3.12"),
+            (Some("2.20.27"), "prefecthq/prefect:2.20.27-python3.12"),
+            (Some("3.0.0rc1"), "prefecthq/prefect:3.0.0-python3.12"),
+            (Some("3.4.1.dev3+12.gabcdef"), "prefecthq/prefect:3-latest"),
+            (Some("2.20.27+local"), "prefecthq/prefect:2-latest"),
+            (Some("3"), "prefecthq/prefect:3-latest"),
+            (Some("garbage"), DEFAULT_IMAGE),
+            (Some(""), DEFAULT_IMAGE),
+            (None, DEFAULT_IMAGE),
+        ];
+        for (version, image) in cases {
+            assert_eq!(default_image(version), image, "{version:?}");
+        }
+    }
+
     #[test]
     fn labels_and_annotation_keys_are_slugified() {
         let vars = json!({"labels": {"Team Name": "Data Team"},

@@ -110,6 +110,14 @@ impl KubernetesDeployer {
 }
 
 impl Deployer for KubernetesDeployer {
+    fn pool_type(&self) -> &'static str {
+        "kubernetes"
+    }
+
+    fn suits(&self, pool: &crate::backend::PoolInfo) -> Result<(), String> {
+        job::suits_pool(pool)
+    }
+
     fn unwatched_exits(
         &self,
     ) -> Option<tokio::sync::mpsc::UnboundedReceiver<(String, crate::deploy::Exit)>> {
