@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one test command: formatting, lints, unit tests, and integration tests against a
-# real Prefect server and Helm's engine (a cached venv from scripts/setup-prefect.sh),
+# real Prefect 3 and Prefect 2 server and Helm's engine (cached venvs from
+# scripts/setup-prefect.sh),
 # a real kube-apiserver (scripts/kube-apiserver.sh), a real one-node cluster with images
 # built here (scripts/cluster.sh, scripts/images.sh) and Lua 5.1 (Debian's lua5.1).
 set -euo pipefail
@@ -12,6 +13,9 @@ echo "==> Prefect venv"
 PAO_PREFECT_VENV="$(bash scripts/setup-prefect.sh)"
 export PAO_PREFECT_VENV
 echo "using $PAO_PREFECT_VENV"
+PAO_PREFECT2_VENV="$(bash scripts/setup-prefect.sh 2)"
+export PAO_PREFECT2_VENV
+echo "and $PAO_PREFECT2_VENV (Prefect 2 servers)"
 
 echo "==> kube-apiserver, etcd, kubelet, kube-scheduler (built from Debian sources once, cached)"
 bash scripts/kube-apiserver.sh install

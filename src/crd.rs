@@ -149,7 +149,8 @@ pub struct JobSpec {
     /// by the operator (`--job-namespaces`) and hold the API key Secret under the same name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
-    /// Image of the flow-run container (default: prefecthq/prefect:3-latest).
+    /// Image of the flow-run container (default: Prefect of the server's version,
+    /// prefecthq/prefect:<version>-python3.12).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

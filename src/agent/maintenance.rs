@@ -10,6 +10,7 @@ use tracing::Instrument;
 use super::Inner;
 use super::stats::AgentStats;
 use crate::backend::Backend;
+use crate::backend::events::EventLink;
 use crate::deploy::{Deployer, Stopped};
 
 impl<B: Backend, D: Deployer> Inner<B, D> {
@@ -23,8 +24,13 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
 
     /// Cancellations and re-adoption of unlaunched claims, on their own clock. With the
     /// event stream waking it for cancellations, the cancellation scan is only the safety
-    /// net and runs every `EVENT_SAFETY_NET_TICKS` rounds.
-    pub(super) async fn maintenance_loop(self: Arc<Self>, stop: CancellationToken, events: bool) {
+    /// net and runs every `EVENT_SAFETY_NET_TICKS` rounds; while no events arrive (no
+    /// stream, or it is down), cancellations are looked for at the poll rate.
+    pub(super) async fn maintenance_loop(
+        self: Arc<Self>,
+        stop: CancellationToken,
+        events: Option<EventLink>,
+    ) {
         const EVENT_SAFETY_NET_TICKS: u32 = 6;
         let mut tick: u32 = 0;
         let mut woken = false;
@@ -32,12 +38,18 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
             // Boxed: a launch inside is a large future, and inline it would make every
             // idle agent's sleeping loop that large (a thousand agents, a thousand copies).
             Box::pin(self.adopt_orphans(&stop)).await;
-            if woken || !events || tick.is_multiple_of(EVENT_SAFETY_NET_TICKS) {
+            let events_arrive = events.as_ref().is_some_and(EventLink::connected);
+            if woken || !events_arrive || tick.is_multiple_of(EVENT_SAFETY_NET_TICKS) {
                 Box::pin(self.carry_out_cancellations(&stop)).await;
             }
             tick = tick.wrapping_add(1);
+            let sleep = if events_arrive {
+                self.cfg.maintenance_interval
+            } else {
+                self.cfg.maintenance_interval.min(self.cfg.poll_interval)
+            };
             tokio::select! {
-                _ = tokio::time::sleep(self.cfg.maintenance_interval) => woken = false,
+                _ = tokio::time::sleep(sleep) => woken = false,
                 _ = self.cancel_poke.notified() => {
                     tracing::debug!("woken by a cancellation");
                     woken = true;

@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -20,7 +21,8 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 
-use super::http::Auth;
+use super::http::{ApiClient, Auth, RetryPolicy};
+use reqwest::Method;
 
 /// Which of an agent's loops an event concerns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,6 +101,50 @@ struct FeedKey {
 #[derive(Default)]
 struct Feed {
     subscribers: Mutex<Vec<(String, Topic, Weak<Notify>)>>,
+    /// The stream is up now: events arrive.
+    connected: AtomicBool,
+    /// The server has no stream (Prefect 2 without `PREFECT_EXPERIMENTAL_EVENTS`): it is
+    /// not asked again while the process runs.
+    absent: AtomicBool,
+}
+
+/// An agent's view of its stream: whether events arrive right now. While they do not,
+/// the agent checks for cancellations at its poll rate instead of waiting to be woken.
+#[derive(Clone)]
+pub struct EventLink(Arc<Feed>);
+
+impl EventLink {
+    pub fn connected(&self) -> bool {
+        self.0.connected.load(Ordering::Relaxed)
+    }
+}
+
+/// Why a connection ended.
+#[derive(Debug)]
+enum StreamEnd {
+    /// The server answered the upgrade with this HTTP status instead of a websocket.
+    Refused(u16),
+    /// Anything else: unreachable, dropped, auth refused.
+    Failed(String),
+}
+
+impl std::fmt::Display for StreamEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Refused(status) => {
+                write!(f, "the server answered the upgrade with HTTP {status}")
+            }
+            Self::Failed(e) => f.write_str(e),
+        }
+    }
+}
+
+/// Whether a server that refused the stream with `status` has none at all: no route
+/// (404), or a Prefect 2 server, whose stream is off unless it runs with
+/// `PREFECT_EXPERIMENTAL_EVENTS=true` (it answers 500, and logs an error each time).
+/// A Prefect 3 server refusing once is a passing failure.
+pub fn has_no_stream(status: u16, server_version: Option<&str>) -> bool {
+    status == 404 || server_version.is_some_and(|v| v.starts_with("2."))
 }
 
 impl Feed {
@@ -148,17 +194,17 @@ impl EventHub {
 
     /// Wakes `wakers` whenever a run of `pool` on the server at `api_url` turns SCHEDULED
     /// or CANCELLING, for as long as the caller holds them. Must be called within a Tokio
-    /// runtime. False when there is no stream to listen to.
+    /// runtime. None when there is no stream to listen to.
     pub fn subscribe(
         &'static self,
         api_url: &str,
         auth: &Auth,
         pool: &str,
         wakers: &Wakers,
-    ) -> bool {
+    ) -> Option<EventLink> {
         let Some(url) = events_url(api_url) else {
             tracing::warn!(%api_url, "no event stream for this URL; polling only");
-            return false;
+            return None;
         };
         let mut hasher = DefaultHasher::new();
         match auth {
@@ -171,13 +217,17 @@ impl EventHub {
             credential: hasher.finish(),
         };
         let Ok(mut feeds) = self.feeds.lock() else {
-            return false;
+            return None;
         };
         let feed = feeds.entry(key.clone()).or_insert_with(|| {
             let feed = Arc::new(Feed::default());
-            tokio::spawn(self.run(key, auth.clone(), feed.clone()));
+            let api_url = api_url.to_string();
+            tokio::spawn(self.run(key, api_url, auth.clone(), feed.clone()));
             feed
         });
+        if feed.absent.load(Ordering::Relaxed) {
+            return None;
+        }
         if let Ok(mut subs) = feed.subscribers.lock() {
             subs.push((
                 pool.to_string(),
@@ -190,7 +240,7 @@ impl EventHub {
                 Arc::downgrade(&wakers.cancellations),
             ));
         }
-        true
+        Some(EventLink(feed.clone()))
     }
 
     /// Removes the feed when nobody listens any more (under the hub's lock, so that a
@@ -199,7 +249,9 @@ impl EventHub {
         let Ok(mut feeds) = self.feeds.lock() else {
             return true;
         };
-        if feed.alive() {
+        // An absent stream stays known as such (one entry per server), so that agents
+        // started later do not ask again.
+        if feed.alive() || feed.absent.load(Ordering::Relaxed) {
             return false;
         }
         if feeds.get(key).is_some_and(|f| Arc::ptr_eq(f, feed)) {
@@ -208,15 +260,29 @@ impl EventHub {
         true
     }
 
-    async fn run(&'static self, key: FeedKey, auth: Auth, feed: Arc<Feed>) {
+    async fn run(&'static self, key: FeedKey, api_url: String, auth: Auth, feed: Arc<Feed>) {
         let mut failures: u32 = 0;
         loop {
             if self.retire_if_idle(&key, &feed) {
                 tracing::debug!(url = %key.url, "event stream closed: no agent listens");
                 return;
             }
-            match stream(&key.url, &auth, &feed).await {
+            let ended = stream(&key.url, &auth, &feed).await;
+            feed.connected.store(false, Ordering::Relaxed);
+            match ended {
                 Ok(()) => failures = 0,
+                Err(StreamEnd::Refused(status))
+                    if has_no_stream(status, server_version(&api_url, &auth).await.as_deref()) =>
+                {
+                    feed.absent.store(true, Ordering::Relaxed);
+                    if let Ok(mut subs) = feed.subscribers.lock() {
+                        subs.clear();
+                    }
+                    tracing::warn!(url = %key.url, status, "this Prefect server has no event stream \
+                        (a Prefect 2 server needs PREFECT_EXPERIMENTAL_EVENTS=true); polling only, \
+                        and cancellations are checked at the poll rate");
+                    return;
+                }
                 Err(e) => {
                     failures += 1;
                     // Said once per outage; the poll loop carries on regardless.
@@ -238,9 +304,22 @@ fn backoff(failures: u32) -> Duration {
     base.mul_f64(rand::rng().random_range(0.5..1.0))
 }
 
+/// The server's version, if it says.
+async fn server_version(api_url: &str, auth: &Auth) -> Option<String> {
+    let once = RetryPolicy {
+        attempts: 1,
+        unreachable_attempts: 1,
+        ..RetryPolicy::default()
+    };
+    let api = ApiClient::new(api_url, auth.clone(), once).ok()?;
+    api.call(Method::GET, "/admin/version", None).await.ok()
+}
+
 /// One connection: auth, filter, then events until it drops or nobody listens.
-async fn stream(url: &str, auth: &Auth, feed: &Feed) -> Result<(), String> {
-    let mut request = url.into_client_request().map_err(|e| e.to_string())?;
+async fn stream(url: &str, auth: &Auth, feed: &Feed) -> Result<(), StreamEnd> {
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    let failed = |e: &dyn std::fmt::Display| StreamEnd::Failed(e.to_string());
+    let mut request = url.into_client_request().map_err(|e| failed(&e))?;
     let headers = request.headers_mut();
     headers.insert(
         "Sec-WebSocket-Protocol",
@@ -248,30 +327,40 @@ async fn stream(url: &str, auth: &Auth, feed: &Feed) -> Result<(), String> {
     );
     // A server behind basic auth checks the upgrade request; a key goes in the auth message.
     if let Auth::Basic(_) = auth
-        && let Some(value) = auth.header()?
+        && let Some(value) = auth.header().map_err(StreamEnd::Failed)?
     {
         headers.insert("Authorization", value);
     }
     let connect = tokio_tungstenite::connect_async(request);
     let (mut ws, _) = tokio::time::timeout(Duration::from_secs(10), connect)
         .await
-        .map_err(|_| "connecting timed out".to_string())?
-        .map_err(|e| e.to_string())?;
+        .map_err(|_| failed(&"connecting timed out"))?
+        .map_err(|e| match e {
+            WsError::Http(answer) => StreamEnd::Refused(answer.status().as_u16()),
+            e => failed(&e),
+        })?;
     // A self-hosted server with PREFECT_SERVER_API_AUTH_STRING wants the auth string
     // itself as the token (as Prefect's own event subscriber sends it).
     let token = match auth {
         Auth::Bearer(k) | Auth::Basic(k) => json!(k.expose()),
         Auth::None => Value::Null,
     };
-    send(&mut ws, json!({"type": "auth", "token": token})).await?;
+    send(&mut ws, json!({"type": "auth", "token": token}))
+        .await
+        .map_err(StreamEnd::Failed)?;
     let answer = tokio::time::timeout(Duration::from_secs(10), ws.next())
         .await
-        .map_err(|_| "no answer to auth".to_string())?;
+        .map_err(|_| failed(&"no answer to auth"))?;
     match answer {
         Some(Ok(Message::Text(t))) if t.contains("auth_success") => {}
-        Some(Ok(other)) => return Err(format!("auth refused: {}", short(&other.to_string()))),
-        Some(Err(e)) => return Err(e.to_string()),
-        None => return Err("closed during auth".into()),
+        Some(Ok(other)) => {
+            return Err(StreamEnd::Failed(format!(
+                "auth refused: {}",
+                short(&other.to_string())
+            )));
+        }
+        Some(Err(e)) => return Err(failed(&e)),
+        None => return Err(failed(&"closed during auth")),
     }
     let since = k8s_openapi::jiff::Timestamp::now().to_string();
     // `until` must lie in the future or nothing streams.
@@ -281,8 +370,10 @@ async fn stream(url: &str, auth: &Auth, feed: &Feed) -> Result<(), String> {
             "occurred": {"since": since, "until": "2100-01-01T00:00:00Z"},
             "event": {"prefix": ["prefect.flow-run."]}}}),
     )
-    .await?;
+    .await
+    .map_err(StreamEnd::Failed)?;
     tracing::debug!(%url, "event stream connected");
+    feed.connected.store(true, Ordering::Relaxed);
     let mut check = tokio::time::interval(Duration::from_secs(30));
     check.tick().await;
     loop {
@@ -295,7 +386,7 @@ async fn stream(url: &str, auth: &Auth, feed: &Feed) -> Result<(), String> {
                 }
                 Some(Ok(Message::Close(_))) | None => return Ok(()),
                 Some(Ok(_)) => {}
-                Some(Err(e)) => return Err(e.to_string()),
+                Some(Err(e)) => return Err(failed(&e)),
             },
             _ = check.tick() => if !feed.alive() {
                 let _ = ws.close(None).await;
@@ -361,6 +452,15 @@ mod tests {
         ] {
             assert_eq!(wakes(&e), Wake::Nobody, "{e}");
         }
+    }
+
+    #[test]
+    fn only_a_server_without_a_stream_is_left_alone_for_good() {
+        assert!(has_no_stream(500, Some("2.20.27")), "Prefect 2, events off");
+        assert!(has_no_stream(404, None), "no route");
+        assert!(has_no_stream(404, Some("3.9.1")));
+        assert!(!has_no_stream(500, Some("3.9.1")), "Prefect 3: passing");
+        assert!(!has_no_stream(503, None));
     }
 
     #[test]

@@ -437,9 +437,9 @@ pub trait Backend: ClaimLedger + Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), BackendError>> + Send;
     /// Asks to have the agent woken as soon as a new run may be waiting or a run is being
     /// cancelled (Prefect 3: its event stream), for as long as the wakers live. Without
-    /// it the agent simply polls. True when the agent will be woken.
-    fn wake_on_events(&self, _wakers: &events::Wakers) -> bool {
-        false
+    /// it the agent simply polls. The link says whether events arrive right now.
+    fn wake_on_events(&self, _wakers: &events::Wakers) -> Option<events::EventLink> {
+        None
     }
 }
 

@@ -23,15 +23,28 @@ use std::time::{Duration, Instant};
 
 /// The Prefect venv: `PAO_PREFECT_VENV`, else the cache `scripts/setup-prefect.sh` fills.
 pub fn prefect_venv() -> PathBuf {
-    if let Ok(v) = std::env::var("PAO_PREFECT_VENV") {
+    venv_from("PAO_PREFECT_VENV", &[])
+}
+
+/// Prefect 2.20's venv (`scripts/setup-prefect.sh 2`; `PAO_PREFECT2_VENV` names a ready one).
+pub fn prefect2_venv() -> PathBuf {
+    venv_from("PAO_PREFECT2_VENV", &["2"])
+}
+
+fn venv_from(variable: &str, args: &[&str]) -> PathBuf {
+    if let Ok(v) = std::env::var(variable) {
         return PathBuf::from(v);
     }
     let out = Command::new("bash")
         .arg(repo().join("scripts/setup-prefect.sh"))
+        .args(args)
         .stderr(Stdio::inherit())
         .output()
         .expect("run scripts/setup-prefect.sh");
-    assert!(out.status.success(), "scripts/setup-prefect.sh failed");
+    assert!(
+        out.status.success(),
+        "scripts/setup-prefect.sh {args:?} failed"
+    );
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
 }
 

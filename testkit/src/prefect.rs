@@ -11,7 +11,8 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use crate::{
-    free_port, http_get_ok_at, prefect_venv, repo, spawn_tied_to_test_process, unique, wait_for,
+    free_port, http_get_ok_at, prefect_venv, prefect2_venv, repo, spawn_tied_to_test_process,
+    unique, wait_for,
 };
 
 /// A `prefect server` on a free loopback port with a private SQLite database.
@@ -39,9 +40,18 @@ impl PrefectServer {
 
     /// A server of its own listening on `host` (e.g. the address pods reach the host at).
     pub fn start_on(host: &str, extra_env: &[(&str, &str)]) -> PrefectServer {
+        Self::start_from(&prefect_venv(), host, extra_env)
+    }
+
+    /// A Prefect 2.20 server of its own (`scripts/setup-prefect.sh 2`).
+    pub fn prefect2(extra_env: &[(&str, &str)]) -> PrefectServer {
+        Self::start_from(&prefect2_venv(), "127.0.0.1", extra_env)
+    }
+
+    fn start_from(venv: &Path, host: &str, extra_env: &[(&str, &str)]) -> PrefectServer {
         let port = free_port();
         let home = prefect_home();
-        spawn_tied_to_test_process(server_command(host, port, &home, extra_env));
+        spawn_tied_to_test_process(server_command(venv, host, port, &home, extra_env));
         wait_healthy(host, port, &home);
         PrefectServer {
             url: format!("http://{host}:{port}/api"),
@@ -65,13 +75,19 @@ fn prefect_home() -> PathBuf {
 
 /// `prefect server start` on `port` with its database under `home`, logging to
 /// `home/server.log`.
-fn server_command(host: &str, port: u16, home: &Path, extra_env: &[(&str, &str)]) -> Command {
+fn server_command(
+    venv: &Path,
+    host: &str,
+    port: u16,
+    home: &Path,
+    extra_env: &[(&str, &str)],
+) -> Command {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(home.join("server.log"))
         .expect("server log");
-    let mut cmd = Command::new(prefect_venv().join("bin/prefect"));
+    let mut cmd = Command::new(venv.join("bin/prefect"));
     cmd.args([
         "server",
         "start",
@@ -83,6 +99,8 @@ fn server_command(host: &str, port: u16, home: &Path, extra_env: &[(&str, &str)]
     .env("PREFECT_HOME", home)
     .env("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     .env("PREFECT_SERVER_UI_ENABLED", "false")
+    // Prefect 2's name for the same.
+    .env("PREFECT_UI_ENABLED", "false")
     .env_remove("PREFECT_API_URL")
     .env_remove("PREFECT_API_KEY")
     .stdin(Stdio::null())
@@ -142,7 +160,7 @@ impl RestartablePrefect {
         let (port, home) = (self.port, self.home.clone());
         let child = tokio::task::spawn_blocking(move || {
             use std::os::unix::process::CommandExt;
-            let mut cmd = server_command("127.0.0.1", port, &home, &[]);
+            let mut cmd = server_command(&prefect_venv(), "127.0.0.1", port, &home, &[]);
             // Its own process group, so that a kill takes everything it started.
             cmd.process_group(0);
             let child = cmd.spawn().expect("spawn prefect server");

@@ -7,6 +7,7 @@ mod leader;
 mod lifecycle;
 mod pods;
 mod prefect1;
+mod prefect2;
 
 use pao_testkit as common;
 

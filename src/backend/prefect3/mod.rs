@@ -725,14 +725,16 @@ impl Backend for Prefect3 {
         Ok(())
     }
 
-    fn wake_on_events(&self, wakers: &super::events::Wakers) -> bool {
-        self.cfg.events
-            && super::events::EventHub::global().subscribe(
-                &self.cfg.api_url,
-                &self.cfg.auth,
-                &self.cfg.pool,
-                wakers,
-            )
+    fn wake_on_events(&self, wakers: &super::events::Wakers) -> Option<super::events::EventLink> {
+        if !self.cfg.events {
+            return None;
+        }
+        super::events::EventHub::global().subscribe(
+            &self.cfg.api_url,
+            &self.cfg.auth,
+            &self.cfg.pool,
+            wakers,
+        )
     }
 }
 
