@@ -239,3 +239,35 @@ async fn with_the_stream_on_a_new_run_wakes_the_agent() {
     assert_eq!(handshake_errors(server), 0);
     drop(agent);
 }
+
+/// The server's address without `/api`, on a server that serves its web UI there (as
+/// Prefect does by default): the agent says which URL to use, not "no such pool".
+#[tokio::test(flavor = "multi_thread")]
+async fn the_server_s_address_without_api_is_named_with_the_api_url() {
+    let server = tokio::task::spawn_blocking(|| {
+        PrefectServer::prefect2(&[("PREFECT_UI_ENABLED", "true")])
+    })
+    .await
+    .unwrap();
+    let pool = unique("p2-ui");
+    server.api().create_pool(&pool).await;
+    let bare = server.url.trim_end_matches("/api");
+    let page = reqwest::get(format!("{bare}/admin/version"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.trim_start().starts_with('<'), "the UI answers: {page:.80}");
+    let mut agent = AgentProcess::start(&["--api-url", bare, "--pool", &pool]);
+    let status = agent.wait_exit(Duration::from_secs(60)).await;
+    assert_eq!(status.code(), Some(1));
+    let out = agent.output();
+    assert!(
+        out.contains(&format!(
+            "error: {bare} is not the Prefect API: it serves Prefect's web UI; the API is at {}: use that URL",
+            server.url
+        )),
+        "{out}"
+    );
+}
