@@ -244,11 +244,10 @@ async fn with_the_stream_on_a_new_run_wakes_the_agent() {
 /// Prefect does by default): the agent says which URL to use, not "no such pool".
 #[tokio::test(flavor = "multi_thread")]
 async fn the_server_s_address_without_api_is_named_with_the_api_url() {
-    let server = tokio::task::spawn_blocking(|| {
-        PrefectServer::prefect2(&[("PREFECT_UI_ENABLED", "true")])
-    })
-    .await
-    .unwrap();
+    let server =
+        tokio::task::spawn_blocking(|| PrefectServer::prefect2(&[("PREFECT_UI_ENABLED", "true")]))
+            .await
+            .unwrap();
     let pool = unique("p2-ui");
     server.api().create_pool(&pool).await;
     let bare = server.url.trim_end_matches("/api");
@@ -258,7 +257,10 @@ async fn the_server_s_address_without_api_is_named_with_the_api_url() {
         .text()
         .await
         .unwrap();
-    assert!(page.trim_start().starts_with('<'), "the UI answers: {page:.80}");
+    assert!(
+        page.trim_start().starts_with('<'),
+        "the UI answers: {page:.80}"
+    );
     let mut agent = AgentProcess::start(&["--api-url", bare, "--pool", &pool]);
     let status = agent.wait_exit(Duration::from_secs(60)).await;
     assert_eq!(status.code(), Some(1));

@@ -432,6 +432,23 @@ async fn a_spec_change_restarts_the_agent_and_suspend_stops_it() {
         (s.runs_submitted == 2 && s.polls >= suspended.polls).then_some(())
     })
     .await;
+    // And across an operator restart: the new agent's first writes count on too.
+    let before = agents.get("edited").await.unwrap().status.unwrap();
+    drop(operator);
+    let kube = KubeApiServer::shared();
+    let mut cmd = operator_command(&kube.kubeconfig);
+    cmd.args(["--namespace", &ns]);
+    let operator = AgentProcess::start_with(cmd);
+    let after = wait_for(
+        "a poll of the new operator's agent",
+        Duration::from_secs(60),
+        || async {
+            let s = agents.get("edited").await.ok()?.status?;
+            (s.last_poll_time > before.last_poll_time && s.polls > before.polls).then_some(s)
+        },
+    )
+    .await;
+    assert_eq!(after.runs_submitted, 2, "{after:?}");
     drop(operator);
 }
 
