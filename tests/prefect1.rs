@@ -20,13 +20,10 @@ fn agent_args<'a>(url: &'a str, name: &'a str, command: &'a str) -> Vec<&'a str>
         name,
         "--command",
         command,
-        "--poll-interval",
-        "1s",
-        "--maintenance-interval",
-        "1s",
-        "--adopt-after",
-        "1s",
     ]
+    .into_iter()
+    .chain(FAST_LOOPS)
+    .collect()
 }
 
 /// The messages of the Submitted states a run went through.

@@ -34,20 +34,7 @@ async fn setup(prefix: &str, events: bool) -> (&'static PrefectServer, Api, Stri
 }
 
 fn agent_args<'a>(url: &'a str, pool: &'a str, name: &'a str) -> Vec<&'a str> {
-    vec![
-        "--api-url",
-        url,
-        "--pool",
-        pool,
-        "--name",
-        name,
-        "--poll-interval",
-        "1s",
-        "--maintenance-interval",
-        "1s",
-        "--adopt-after",
-        "1s",
-    ]
+    pool_agent_args(url, pool, name)
 }
 
 /// Register, poll, claim, launch Prefect 2's own `prefect flow-run execute`, complete.
@@ -67,34 +54,7 @@ async fn a_deployment_run_completes_in_prefect_2_s_own_runner() {
     let agent = AgentProcess::start(&args);
     api.wait_state(&run, "COMPLETED", Duration::from_secs(120))
         .await;
-    let logs = wait_for(
-        "the flow's own log in Prefect",
-        Duration::from_secs(30),
-        || async {
-            let logs = api.logs(&run).await;
-            logs.iter()
-                .any(|l| l.contains("Hello, world!"))
-                .then_some(logs)
-        },
-    )
-    .await;
-    assert!(
-        logs.iter()
-            .any(|l| l.starts_with("Submitted for execution: process")),
-        "{logs:?}"
-    );
-    assert_eq!(api.times_in_state(&run, "RUNNING").await, 1);
-    let workers = api
-        .call(
-            reqwest::Method::POST,
-            &format!("/work_pools/{pool}/workers/filter"),
-            Some(json!({})),
-        )
-        .await;
-    assert_eq!(
-        workers[0]["name"], "p2-agent",
-        "heartbeat registered the worker"
-    );
+    api.assert_ran_here(&run, &pool, "p2-agent").await;
     drop(agent);
 }
 
@@ -160,15 +120,20 @@ async fn without_a_stream_the_agent_asks_once_and_cancels_at_the_poll_rate() {
         .create_deployment(&pool, json!({"command": fake_runner(&record, "sleep")}))
         .await;
     let run = api.create_run(&dep).await;
-    let mut args = agent_args(&server.url, &pool, "p2-cancel");
     // The safety-net scan every two minutes: a cancellation inside the deadline below
     // comes from the poll-rate check.
-    let at = args
-        .iter()
-        .position(|a| *a == "--maintenance-interval")
-        .unwrap();
-    args[at + 1] = "120s";
-    let agent = AgentProcess::start(&args);
+    let agent = AgentProcess::start(&[
+        "--api-url",
+        &server.url,
+        "--pool",
+        &pool,
+        "--name",
+        "p2-cancel",
+        "--poll-interval",
+        "1s",
+        "--maintenance-interval",
+        "120s",
+    ]);
     wait_for(
         "the agent to give up on the stream",
         Duration::from_secs(30),
@@ -199,32 +164,7 @@ async fn without_a_stream_the_agent_asks_once_and_cancels_at_the_poll_rate() {
 #[tokio::test(flavor = "multi_thread")]
 async fn with_the_stream_on_a_new_run_wakes_the_agent() {
     let (server, api, pool) = setup("p2-events", true).await;
-    let addr = format!("127.0.0.1:{}", free_port());
-    let agent = AgentProcess::start(&[
-        "--api-url",
-        &server.url,
-        "--pool",
-        &pool,
-        "--name",
-        "p2-sleeper",
-        "--poll-interval",
-        "60s",
-        "--agent-address",
-        &addr,
-        "--command",
-        "true",
-    ]);
-    // Backed off into its 60 s sleep (the seed's backoff reaches it after six polls).
-    wait_for("the agent to back off", Duration::from_secs(40), || async {
-        let health: serde_json::Value = reqwest::get(format!("http://{addr}/api/health"))
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
-        (health["polls"].as_u64()? >= 6).then_some(())
-    })
-    .await;
+    let (agent, _, _) = an_agent_asleep(&server.url, &pool, &[]).await;
     let dep = api.create_deployment(&pool, json!({})).await;
     let run = api.create_run(&dep).await;
     wait_for("the run claimed", Duration::from_secs(20), || async {

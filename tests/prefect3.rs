@@ -18,20 +18,7 @@ fn prefect_command() -> String {
 
 /// Flags every test agent shares: fast loops so tests wait on conditions, not clocks.
 fn agent_args<'a>(url: &'a str, pool: &'a str, name: &'a str) -> Vec<&'a str> {
-    vec![
-        "--api-url",
-        url,
-        "--pool",
-        pool,
-        "--name",
-        name,
-        "--poll-interval",
-        "1s",
-        "--maintenance-interval",
-        "1s",
-        "--adopt-after",
-        "1s",
-    ]
+    pool_agent_args(url, pool, name)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -55,36 +42,7 @@ async fn a_deployment_run_completes_with_its_logs_in_prefect() {
         pid.contains(':'),
         "infrastructure_pid is host:pid, got {pid:?}"
     );
-    // The flow ships its logs in the background; they may land just after COMPLETED.
-    let logs = wait_for(
-        "the flow's own log in Prefect",
-        Duration::from_secs(30),
-        || async {
-            let logs = api.logs(&run).await;
-            logs.iter()
-                .any(|l| l.contains("Hello, world!"))
-                .then_some(logs)
-        },
-    )
-    .await;
-    assert!(
-        logs.iter()
-            .any(|l| l.starts_with("Submitted for execution: process")),
-        "the agent's submission log reached Prefect: {logs:?}"
-    );
-    assert_eq!(api.times_in_state(&run, "RUNNING").await, 1);
-    let workers = api
-        .call(
-            reqwest::Method::POST,
-            &format!("/work_pools/{pool}/workers/filter"),
-            Some(json!({})),
-        )
-        .await;
-    assert_eq!(
-        workers[0]["name"], "hello-agent",
-        "heartbeat registered the worker"
-    );
-    assert_eq!(workers[0]["status"], "ONLINE");
+    api.assert_ran_here(&run, &pool, "hello-agent").await;
     drop(agent);
 }
 
@@ -287,48 +245,6 @@ fn stopped_field(output: &str, field: &str) -> Option<u64> {
         .and_then(|v| v[field].as_u64())
 }
 
-/// An agent polling every 60 s, with its agent API for the poll count, once it has backed
-/// off into that long sleep: (agent, its address, polls so far).
-async fn an_agent_asleep(
-    server: &PrefectServer,
-    pool: &str,
-    extra: &[&str],
-) -> (AgentProcess, String, u64) {
-    let addr = format!("127.0.0.1:{}", free_port());
-    let mut args = vec![
-        "--api-url",
-        &server.url,
-        "--pool",
-        pool,
-        "--name",
-        "sleeper",
-        "--poll-interval",
-        "60s",
-        "--agent-address",
-        &addr,
-        // The run is only claimed; nothing needs to execute it.
-        "--command",
-        "true",
-    ];
-    args.extend_from_slice(extra);
-    let agent = AgentProcess::start(&args);
-    // The seed's backoff: 0.25 → 0.5 → 1 → 2 → 4 → 8 s after the 5th empty poll, then
-    // the 60 s poll interval after the 6th.
-    let polls = wait_for("the agent to back off", Duration::from_secs(40), || async {
-        polls(&addr).await.filter(|p| *p >= 6)
-    })
-    .await;
-    (agent, addr, polls)
-}
-
-async fn polls(addr: &str) -> Option<u64> {
-    let r = reqwest::get(format!("http://{addr}/api/health"))
-        .await
-        .ok()?;
-    assert_eq!(r.status(), 200);
-    r.json::<serde_json::Value>().await.ok()?["polls"].as_u64()
-}
-
 /// A server with an auth string takes it as the event stream's token too (found when
 /// pods on a real node met such a server: the stream was refused, polling only).
 #[tokio::test(flavor = "multi_thread")]
@@ -345,7 +261,7 @@ async fn the_event_stream_authenticates_with_an_auth_string() {
     );
     let pool = unique("events-auth");
     api.create_pool(&pool).await;
-    let (agent, _addr, _) = an_agent_asleep(server, &pool, &["--auth-string", AUTH]).await;
+    let (agent, _addr, _) = an_agent_asleep(&server.url, &pool, &["--auth-string", AUTH]).await;
     let dep = api.create_deployment(&pool, json!({})).await;
     let run = api.create_run(&dep).await;
     // Well inside the 60 s sleep: the event woke the agent.
@@ -363,7 +279,7 @@ async fn the_event_stream_authenticates_with_an_auth_string() {
 #[tokio::test(flavor = "multi_thread")]
 async fn poke_wakes_an_idle_agent_at_once() {
     let Setup { server, pool, .. } = Setup::new("poke").await;
-    let (agent, addr, before) = an_agent_asleep(server, &pool, &["--no-events"]).await;
+    let (agent, addr, before) = an_agent_asleep(&server.url, &pool, &["--no-events"]).await;
     let r = reqwest::get(format!("http://{addr}/api/poke"))
         .await
         .unwrap();
@@ -383,7 +299,7 @@ async fn a_scheduled_run_event_wakes_the_agent_which_claims_it() {
     let Setup {
         server, api, pool, ..
     } = Setup::new("events").await;
-    let (agent, addr, before) = an_agent_asleep(server, &pool, &[]).await;
+    let (agent, addr, before) = an_agent_asleep(&server.url, &pool, &[]).await;
     let dep = api.create_deployment(&pool, json!({})).await;
     let run = api.create_run(&dep).await;
     // Claimed well inside the 60 s sleep (with --no-events this times out): the event

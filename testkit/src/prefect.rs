@@ -393,6 +393,41 @@ impl Api {
             .unwrap_or_default()
     }
 
+    /// What a run a local agent executed shows in Prefect: the flow's own log line and
+    /// the agent's submission line, one RUNNING, the agent registered as the pool's worker.
+    pub async fn assert_ran_here(&self, run: &str, pool: &str, worker: &str) {
+        // The flow ships its logs in the background; they may land just after COMPLETED.
+        let logs = wait_for(
+            "the flow's own log in Prefect",
+            Duration::from_secs(30),
+            || async {
+                let logs = self.logs(run).await;
+                logs.iter()
+                    .any(|l| l.contains("Hello, world!"))
+                    .then_some(logs)
+            },
+        )
+        .await;
+        assert!(
+            logs.iter()
+                .any(|l| l.starts_with("Submitted for execution: process")),
+            "the agent's submission log reached Prefect: {logs:?}"
+        );
+        assert_eq!(self.times_in_state(run, "RUNNING").await, 1);
+        let workers = self
+            .call(
+                Method::POST,
+                &format!("/work_pools/{pool}/workers/filter"),
+                Some(json!({})),
+            )
+            .await;
+        assert_eq!(
+            workers[0]["name"], worker,
+            "heartbeat registered the worker"
+        );
+        assert_eq!(workers[0]["status"], "ONLINE");
+    }
+
     /// How many times the run entered `kind` (its state history).
     pub async fn times_in_state(&self, run_id: &str, kind: &str) -> usize {
         self.states(run_id)

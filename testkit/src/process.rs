@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::{free_port, prefect_venv, repo};
+use crate::{free_port, prefect_venv, repo, wait_for};
 
 /// The agent binary running as a child process; killed when dropped.
 pub struct AgentProcess {
@@ -41,6 +41,23 @@ fn clean_command() -> Command {
     }
     cmd.stdin(Stdio::null());
     cmd
+}
+
+/// Flags that make an agent's loops fast, so that tests wait on conditions, not clocks.
+pub const FAST_LOOPS: [&str; 6] = [
+    "--poll-interval",
+    "1s",
+    "--maintenance-interval",
+    "1s",
+    "--adopt-after",
+    "1s",
+];
+
+/// The flags of a work-pool agent on `url`'s `pool`, named `name`, with fast loops.
+pub fn pool_agent_args<'a>(url: &'a str, pool: &'a str, name: &'a str) -> Vec<&'a str> {
+    let mut args = vec!["--api-url", url, "--pool", pool, "--name", name];
+    args.extend(FAST_LOOPS);
+    args
 }
 
 /// `agent` with these flags.
@@ -145,4 +162,42 @@ pub fn recorded(record: &Path) -> Vec<String> {
         .lines()
         .map(str::to_string)
         .collect()
+}
+
+/// An agent polling every 60 s, with its agent API for the poll count, once it has backed
+/// off into that long sleep: (agent, its address, polls so far).
+pub async fn an_agent_asleep(url: &str, pool: &str, extra: &[&str]) -> (AgentProcess, String, u64) {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut args = vec![
+        "--api-url",
+        url,
+        "--pool",
+        pool,
+        "--name",
+        "sleeper",
+        "--poll-interval",
+        "60s",
+        "--agent-address",
+        &addr,
+        // The run is only claimed; nothing needs to execute it.
+        "--command",
+        "true",
+    ];
+    args.extend_from_slice(extra);
+    let agent = AgentProcess::start(&args);
+    // The seed's backoff: 0.25 → 0.5 → 1 → 2 → 4 → 8 s after the 5th empty poll, then
+    // the 60 s poll interval after the 6th.
+    let polls = wait_for("the agent to back off", Duration::from_secs(40), || async {
+        polls(&addr).await.filter(|p| *p >= 6)
+    })
+    .await;
+    (agent, addr, polls)
+}
+
+pub async fn polls(addr: &str) -> Option<u64> {
+    let r = reqwest::get(format!("http://{addr}/api/health"))
+        .await
+        .ok()?;
+    assert_eq!(r.status(), 200);
+    r.json::<serde_json::Value>().await.ok()?["polls"].as_u64()
 }
