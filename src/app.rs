@@ -17,15 +17,27 @@ use crate::telemetry;
 
 /// Runs the command line; errors become one line on stderr and a non-zero exit code.
 pub fn run(cli: Cli) -> ExitCode {
-    if matches!(cli.command, Command::Crdgen) {
-        return match crate::crd::crd_yaml() {
-            Ok(yaml) => {
+    if let Command::Crdgen(args) = &cli.command {
+        let yaml = match &args.file {
+            None => Some(crate::crd::all_yaml()),
+            Some(file) => crate::crd::crd_yaml_of(file),
+        };
+        return match yaml {
+            Some(Ok(yaml)) => {
                 print!("{yaml}");
                 ExitCode::SUCCESS
             }
-            Err(e) => {
+            Some(Err(e)) => {
                 eprintln!("error: cannot render the CRD: {e}");
                 ExitCode::FAILURE
+            }
+            None => {
+                let files: Vec<&str> = crate::crd::all().iter().map(|(f, _)| *f).collect();
+                eprintln!(
+                    "error: --file: no CRD is kept as {:?}; one of {files:?}",
+                    args.file
+                );
+                ExitCode::from(2)
             }
         };
     }
@@ -45,7 +57,7 @@ pub fn run(cli: Cli) -> ExitCode {
     };
     let result = match cli.command {
         Command::Agent(args) => runtime.block_on(run_agent(*args)),
-        Command::Crdgen => Ok(()),
+        Command::Crdgen(_) => Ok(()),
         Command::Operator(args) => runtime.block_on(run_operator(args)),
         Command::DevRunner(args) => runtime.block_on(run_dev_runner(args)),
     };
@@ -118,14 +130,17 @@ async fn run_operator(args: OperatorArgs) -> Result<(), CliError> {
         use kube::api::{Patch, PatchParams};
         let crds: kube::Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
             kube::Api::all(client.clone());
-        crds.patch(
-            "prefectagents.prefect.io",
-            &PatchParams::apply(crate::controller::FIELD_MANAGER).force(),
-            &Patch::Apply(crate::crd::crd()),
-        )
-        .await
-        .map_err(|e| CliError::runtime(format!("cannot install the PrefectAgent CRD: {e}")))?;
-        tracing::info!("PrefectAgent CRD installed");
+        for (_, crd) in crate::crd::all() {
+            let name = crd.metadata.name.clone().unwrap_or_default();
+            crds.patch(
+                &name,
+                &PatchParams::apply(crate::controller::FIELD_MANAGER).force(),
+                &Patch::Apply(crd),
+            )
+            .await
+            .map_err(|e| CliError::runtime(format!("cannot install the CRD {name}: {e}")))?;
+            tracing::info!(crd = %name, "CRD installed");
+        }
     }
     let shutdown = crate::signals::shutdown_on_signals().map_err(CliError::runtime)?;
     let readiness = Arc::new(Readiness::default());
@@ -205,7 +220,14 @@ async fn run_operator(args: OperatorArgs) -> Result<(), CliError> {
         }
     }
     readiness.synced.store(true, Ordering::Relaxed);
-    crate::controller::run(ctx, args.namespace, run_token, readiness.clone()).await;
+    let sync = crate::sync::run(
+        client.clone(),
+        args.namespace.clone(),
+        args.sync_interval,
+        run_token.clone(),
+    );
+    let agents = crate::controller::run(ctx, args.namespace, run_token, readiness.clone());
+    tokio::join!(agents, sync);
     readiness.leading.store(false, Ordering::Relaxed);
     if let Some(handle) = renewer {
         shutdown.cancel();

@@ -33,8 +33,8 @@ pub struct Cli {
 pub enum Command {
     /// Run one standalone agent, like `prefect agent … start` / `prefect worker start`.
     Agent(Box<AgentArgs>),
-    /// Print the PrefectAgent CustomResourceDefinition (YAML), as kept in crds/.
-    Crdgen,
+    /// Print the CustomResourceDefinitions (YAML), as kept in crds/.
+    Crdgen(CrdgenArgs),
     /// Run the operator: every PrefectAgent resource gets an agent that launches Jobs.
     Operator(OperatorArgs),
     /// Tests and the quick start only: run the operator's Jobs as local processes on an
@@ -43,6 +43,13 @@ pub enum Command {
 }
 
 /// Flags of `dev-runner`.
+#[derive(Debug, Clone, Args)]
+pub struct CrdgenArgs {
+    /// Only the CRD kept in crds/FILE (e.g. prefectworkpool.yaml); default: all of them.
+    #[arg(long)]
+    pub file: Option<String>,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct DevRunnerArgs {
     /// Run Jobs of this namespace only (default: all namespaces).
@@ -53,7 +60,7 @@ pub struct DevRunnerArgs {
 /// Flags of `operator`. The cluster comes from KUBECONFIG or the in-cluster service account.
 #[derive(Debug, Clone, Args)]
 pub struct OperatorArgs {
-    /// Create or update the PrefectAgent CRD at start-up.
+    /// Create or update the operator's CRDs at start-up.
     #[arg(long, env = "PAO_INSTALL_CRD")]
     pub install_crd: bool,
     /// Watch PrefectAgents and Jobs in this namespace only (default: all namespaces).
@@ -72,6 +79,10 @@ pub struct OperatorArgs {
     /// marked crashed and its Job deleted.
     #[arg(long, env = "PAO_POD_GRACE", default_value = "60s", value_parser = humantime::parse_duration)]
     pub pod_grace: std::time::Duration,
+    /// How often PrefectWorkPools are compared with Prefect again; a change made in
+    /// Prefect behind the operator's back is put back within this time.
+    #[arg(long, env = "PAO_SYNC_INTERVAL", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub sync_interval: std::time::Duration,
     /// Serve /healthz, /readyz and /metrics here.
     #[arg(long, env = "PAO_HEALTH_ADDRESS", default_value = "0.0.0.0:8080")]
     pub health_address: std::net::SocketAddr,

@@ -14,6 +14,9 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::flavor::Flavor;
 
+pub mod pool;
+pub use pool::{PrefectWorkPool, PrefectWorkPoolSpec, PrefectWorkPoolStatus};
+
 /// One Prefect agent, run by the operator.
 #[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
@@ -87,22 +90,30 @@ pub struct SecretKeyRef {
     pub key: String,
 }
 
-/// The Prefect API and where to take runs from.
+/// A Prefect API and its credentials: what every resource of the operator talks to.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct ApiSpec {
+pub struct PrefectApi {
     /// Prefect 3: the API URL ending in /api (Cloud: .../api/accounts/<id>/workspaces/<id>).
     /// Prefect 1: the GraphQL endpoint (Server: http://apollo:4200/graphql).
     #[schemars(regex(pattern = r"^https?://.+"))]
     pub url: String,
-    #[serde(default)]
-    pub flavor: Flavor,
     /// The API key (Bearer), read from a Secret; never written anywhere else.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_secret_ref: Option<SecretKeyRef>,
     /// `user:password` for a self-hosted server with basic auth, read from a Secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth_string_secret_ref: Option<SecretKeyRef>,
+}
+
+/// The Prefect API and where to take runs from.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiSpec {
+    #[serde(flatten)]
+    pub server: PrefectApi,
+    #[serde(default)]
+    pub flavor: Flavor,
     /// Prefect 3 work pool.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1))]
@@ -224,7 +235,7 @@ pub struct PrefectAgentStatus {
 }
 
 /// Any object, kept as given (a structural schema needs the explicit marker).
-fn free_form_object(_: &mut SchemaGenerator) -> Schema {
+pub(crate) fn free_form_object(_: &mut SchemaGenerator) -> Schema {
     json_schema!({
         "type": "object",
         "x-kubernetes-preserve-unknown-fields": true,
@@ -232,7 +243,7 @@ fn free_form_object(_: &mut SchemaGenerator) -> Schema {
 }
 
 /// `metav1.Condition` list keyed by `type`, so server-side apply merges by condition.
-fn conditions(generator: &mut SchemaGenerator) -> Schema {
+pub(crate) fn conditions(generator: &mut SchemaGenerator) -> Schema {
     let item = generator.subschema_for::<Condition>();
     json_schema!({
         "type": "array",
@@ -248,8 +259,20 @@ fn conditions(generator: &mut SchemaGenerator) -> Schema {
 /// API servers before 1.24 reject the `null` member (with a misleading "per-version
 /// schemas" error), and `nullable` alone already admits null, so it is dropped.
 pub fn crd() -> CustomResourceDefinition {
-    use kube::CustomResourceExt;
-    let mut crd = PrefectAgent::crd();
+    hardened::<PrefectAgent>()
+}
+
+/// Every resource kind of the operator: (file in `crds/`, its CRD).
+pub fn all() -> [(&'static str, CustomResourceDefinition); 2] {
+    [
+        ("prefectagent.yaml", crd()),
+        ("prefectworkpool.yaml", hardened::<PrefectWorkPool>()),
+    ]
+}
+
+/// A kind's CRD with the bounds every spec gets (see [`bound`]).
+fn hardened<K: kube::CustomResourceExt>() -> CustomResourceDefinition {
+    let mut crd = K::crd();
     for version in &mut crd.spec.versions {
         if let Some(schema) = version
             .schema
@@ -352,19 +375,38 @@ pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
     serde_yaml::to_string(&crd())
 }
 
+/// The CRD kept in `crds/<file>` (see [`all`]), as YAML; None for an unknown file.
+pub fn crd_yaml_of(file: &str) -> Option<Result<String, serde_yaml::Error>> {
+    all()
+        .into_iter()
+        .find(|(f, _)| *f == file)
+        .map(|(_, crd)| serde_yaml::to_string(&crd))
+}
+
+/// Every CRD as one multi-document YAML stream (what `crdgen` prints).
+pub fn all_yaml() -> Result<String, serde_yaml::Error> {
+    let docs = all()
+        .iter()
+        .map(|(_, crd)| serde_yaml::to_string(crd))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(docs.join("---\n"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn the_checked_in_crd_is_current() {
-        let generated = crd_yaml().unwrap();
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/crds/prefectagent.yaml");
-        let checked_in = std::fs::read_to_string(path).unwrap_or_default();
-        assert!(
-            generated == checked_in,
-            "crds/prefectagent.yaml is stale: run `cargo run -- crdgen > crds/prefectagent.yaml`"
-        );
+    fn the_checked_in_crds_are_current() {
+        for (file, _) in all() {
+            let generated = crd_yaml_of(file).unwrap().unwrap();
+            let path = format!("{}/crds/{file}", env!("CARGO_MANIFEST_DIR"));
+            let checked_in = std::fs::read_to_string(path).unwrap_or_default();
+            assert!(
+                generated == checked_in,
+                "crds/{file} is stale: run `cargo run -- crdgen --file {file} > crds/{file}`"
+            );
+        }
     }
 
     #[test]

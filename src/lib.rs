@@ -21,6 +21,7 @@ pub mod scope;
 pub mod secret;
 pub mod settings;
 pub mod signals;
+pub mod sync;
 pub mod telemetry;
 pub mod text;
 pub mod work_pool;

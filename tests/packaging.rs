@@ -78,13 +78,17 @@ fn args_of(deployment: &Value) -> Vec<String> {
 }
 
 #[test]
-fn the_chart_ships_the_generated_crd() {
-    let generated = prefect_agent_operator::crd::crd_yaml().unwrap();
-    let in_chart = std::fs::read_to_string(chart_dir().join("crds/prefectagent.yaml")).unwrap();
-    assert_eq!(
-        in_chart, generated,
-        "charts/prefect-agent-operator/crds/prefectagent.yaml is stale: cp crds/prefectagent.yaml there"
-    );
+fn the_chart_ships_the_generated_crds() {
+    for (file, _) in prefect_agent_operator::crd::all() {
+        let generated = prefect_agent_operator::crd::crd_yaml_of(file)
+            .unwrap()
+            .unwrap();
+        let in_chart = std::fs::read_to_string(chart_dir().join("crds").join(file)).unwrap();
+        assert_eq!(
+            in_chart, generated,
+            "charts/prefect-agent-operator/crds/{file} is stale: cp crds/{file} there"
+        );
+    }
 }
 
 #[test]

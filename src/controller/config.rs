@@ -11,7 +11,7 @@ use crate::backend::config::BackendConfig;
 use crate::backend::http::{Auth, RetryPolicy};
 use crate::backend::prefect1::Prefect1Config;
 use crate::backend::prefect3::Prefect3Config;
-use crate::crd::{Flavor, PrefectAgentSpec, SecretKeyRef};
+use crate::crd::{Flavor, PrefectAgentSpec, PrefectApi, SecretKeyRef};
 use crate::secret::SecretString;
 
 /// Why a spec cannot be run; the variant is the conditions' reason.
@@ -70,13 +70,22 @@ impl Credentials {
         namespace: &str,
         spec: &PrefectAgentSpec,
     ) -> Result<Self, SpecError> {
+        Self::read_for(client, namespace, &spec.api.server).await
+    }
+
+    /// Reads the Secrets an API reference names, in the resource's namespace.
+    pub async fn read_for(
+        client: &Client,
+        namespace: &str,
+        api: &PrefectApi,
+    ) -> Result<Self, SpecError> {
         let read = async |r: &Option<SecretKeyRef>| match r {
             Some(r) => read_secret(client, namespace, r).await.map(Some),
             None => Ok(None),
         };
         Ok(Self {
-            key: read(&spec.api.key_secret_ref).await?,
-            auth_string: read(&spec.api.auth_string_secret_ref).await?,
+            key: read(&api.key_secret_ref).await?,
+            auth_string: read(&api.auth_string_secret_ref).await?,
         })
     }
 }
@@ -128,16 +137,18 @@ async fn read_secret(
 /// Checks what must hold before anything is read: the settings of one flavour are not
 /// given to the other.
 pub fn check_spec(spec: &PrefectAgentSpec) -> Result<(), SpecError> {
-    crate::backend::http::check_api_url(&spec.api.url)
-        .map_err(|e| SpecError::Invalid(format!("spec.api.url: {e}")))?;
+    crate::backend::http::check_api_url(&spec.api.server.url)
+        .map_err(|e| SpecError::Invalid(format!("spec.api.server.url: {e}")))?;
     match spec.api.flavor {
         Flavor::Prefect3 if spec.api.work_pool.is_none() => Err(SpecError::Invalid(
             "spec.api.workPool is required for flavor prefect3".into(),
         )),
-        Flavor::Prefect1 if spec.api.auth_string_secret_ref.is_some() => Err(SpecError::Invalid(
-            "spec.api.authStringSecretRef is a Prefect 3 setting; Prefect 1 takes keySecretRef"
-                .into(),
-        )),
+        Flavor::Prefect1 if spec.api.server.auth_string_secret_ref.is_some() => {
+            Err(SpecError::Invalid(
+                "spec.api.authStringSecretRef is a Prefect 3 setting; Prefect 1 takes keySecretRef"
+                    .into(),
+            ))
+        }
         _ => Ok(()),
     }
 }
@@ -152,14 +163,15 @@ pub fn backend_config(
     identity: &str,
 ) -> Result<BackendConfig, SpecError> {
     check_spec(spec)?;
-    let api_url = spec.api.url.trim_end_matches('/').to_string();
+    let api_url = spec.api.server.url.trim_end_matches('/').to_string();
     let auth = Auth::from_credentials(credentials.key.clone(), credentials.auth_string.clone());
     auth.check().map_err(|e| {
         let named = spec
             .api
+            .server
             .key_secret_ref
             .as_ref()
-            .or(spec.api.auth_string_secret_ref.as_ref())
+            .or(spec.api.server.auth_string_secret_ref.as_ref())
             .map(|r| format!("Secret {}, key {}: ", r.name, r.key))
             .unwrap_or_default();
         SpecError::Invalid(format!("{named}{e}"))

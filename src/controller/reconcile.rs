@@ -125,7 +125,11 @@ impl PrefectAgent {
             agent_namespace: ns,
             agent_name: self.name_any(),
             defaults,
-            secret: (spec.api.key_secret_ref.clone()).or(spec.api.auth_string_secret_ref.clone()),
+            secret: (spec.api.server.key_secret_ref.clone()).or(spec
+                .api
+                .server
+                .auth_string_secret_ref
+                .clone()),
             concurrency_limit: spec.concurrency_limit,
             scope: ctx.scope.clone(),
         };

@@ -18,7 +18,7 @@ pub const MAX_NOTE: usize = 1024;
 pub const DEGRADED_AFTER_POLL_ERRORS: u64 = 3;
 
 /// A condition's status, reason and message.
-type Cond<'a> = (&'a str, &'a str, String);
+pub type Cond<'a> = (&'a str, &'a str, String);
 
 /// Conditions for a phase, keeping `lastTransitionTime` where a condition did not change.
 pub fn conditions(
@@ -108,6 +108,16 @@ pub fn conditions(
             }
         }
     };
+    condition_set(generation, previous, [ready, progressing, degraded])
+}
+
+/// Ready, Progressing and Degraded as `(status, reason, message)` each, as conditions
+/// that keep `lastTransitionTime` where their status did not change.
+pub fn condition_set(
+    generation: Option<i64>,
+    previous: &[Condition],
+    [ready, progressing, degraded]: [Cond<'_>; 3],
+) -> Vec<Condition> {
     let now = Time(Timestamp::now());
     [
         ("Ready", ready),

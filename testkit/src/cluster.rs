@@ -218,24 +218,32 @@ pub async fn create_secret(client: &Client, namespace: &str, name: &str, value: 
         .expect("create the Secret");
 }
 
-/// Installs the PrefectAgent CRD (server-side apply) and waits until it is served.
+/// Installs the operator's CRDs (server-side apply) and waits until they are served.
 pub async fn install_crd(client: &Client) {
     use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
     use kube::api::{Api, Patch, PatchParams};
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     let ssa = PatchParams::apply("prefect-agent-operator-tests").force();
-    crds.patch(
-        "prefectagents.prefect.io",
-        &ssa,
-        &Patch::Apply(prefect_agent_operator::crd::crd()),
-    )
-    .await
-    .expect("apply the CRD");
+    for (_, crd) in prefect_agent_operator::crd::all() {
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        crds.patch(&name, &ssa, &Patch::Apply(crd))
+            .await
+            .expect("apply the CRD");
+        wait_established(&crds, &name).await;
+    }
+}
+
+async fn wait_established(
+    crds: &kube::Api<
+        k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+    >,
+    name: &str,
+) {
     super::wait_for(
         "the CRD to be established",
         Duration::from_secs(30),
         || async {
-            let crd = crds.get("prefectagents.prefect.io").await.ok()?;
+            let crd = crds.get(name).await.ok()?;
             crd.status?
                 .conditions?
                 .iter()

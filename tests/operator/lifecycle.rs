@@ -10,7 +10,7 @@ async fn an_agent_resource_launches_one_job_per_run_and_reports_back() {
     let canary = format!("pnu_canary_{}", uuid::Uuid::new_v4().simple());
     create_secret(&client, &ns, "prefect-api", &canary).await;
     let mut resource = agent_resource("etl", &prefect.server.url, &prefect.pool);
-    resource.spec.api.key_secret_ref = Some(prefect_agent_operator::crd::SecretKeyRef {
+    resource.spec.api.server.key_secret_ref = Some(prefect_agent_operator::crd::SecretKeyRef {
         name: "prefect-api".into(),
         key: "key".into(),
     });
@@ -168,7 +168,7 @@ async fn a_missing_secret_is_named_in_a_degraded_condition() {
     let (client, ns, prefect, operator) = setup("nosecret").await;
     let agents: Api<PrefectAgent> = Api::namespaced(client.clone(), &ns);
     let mut resource = agent_resource("keyless", &prefect.server.url, &prefect.pool);
-    resource.spec.api.key_secret_ref = Some(prefect_agent_operator::crd::SecretKeyRef {
+    resource.spec.api.server.key_secret_ref = Some(prefect_agent_operator::crd::SecretKeyRef {
         name: "prefect-api".into(),
         key: "key".into(),
     });

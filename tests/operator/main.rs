@@ -8,6 +8,7 @@ mod lifecycle;
 mod pods;
 mod prefect1;
 mod prefect2;
+mod work_pools;
 
 use pao_testkit as common;
 

@@ -37,13 +37,13 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{/* Rules on what the operator manages, wherever it watches. */}}
 {{- define "pao.managedRules" -}}
 - apiGroups: [prefect.io]
-  resources: [prefectagents]
+  resources: [prefectagents, prefectworkpools]
   verbs: [get, list, watch, patch, update]
 - apiGroups: [prefect.io]
-  resources: [prefectagents/status]
+  resources: [prefectagents/status, prefectworkpools/status]
   verbs: [get, patch, update]
 - apiGroups: [prefect.io]
-  resources: [prefectagents/finalizers]
+  resources: [prefectagents/finalizers, prefectworkpools/finalizers]
   verbs: [update]
 - apiGroups: [batch]
   resources: [jobs]
@@ -59,5 +59,9 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- define "pao.secretRules" -}}
 - apiGroups: [""]
   resources: [secrets]
+  verbs: [get]
+# Base job templates kept in ConfigMaps (PrefectWorkPool), where the Secrets are read.
+- apiGroups: [""]
+  resources: [configmaps]
   verbs: [get]
 {{- end -}}

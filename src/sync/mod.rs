@@ -1,0 +1,415 @@
+//! Sync controllers: Prefect objects declared as Kubernetes resources and kept as
+//! declared. A `PrefectWorkPool` is created in Prefect or updated to match, changes made
+//! in Prefect behind the operator's back are put back at every resync, and deleting the
+//! resource deletes the pool only when its `deletionPolicy` says so.
+//!
+//! - [`pool`]: what a PrefectWorkPool asks of Prefect, decided without I/O;
+//! - this module: the controller, its Prefect calls and the status it writes.
+
+pub mod pool;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::watcher;
+use kube::{Api, Client, ResourceExt};
+use reqwest::Method;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::http::{ApiClient, Auth, HttpError, RetryPolicy};
+use crate::controller::config::{Credentials, SpecError};
+use crate::controller::status::{Cond, MAX_MESSAGE, clip, condition_set};
+use crate::crd::pool::{DeletionPolicy, PrefectWorkPool, PrefectWorkPoolStatus};
+use pool::PoolSpecError;
+
+/// The finalizer that lets the operator apply a pool's `deletionPolicy`.
+pub const POOL_FINALIZER: &str = "prefect.io/work-pool";
+/// What every sync reconcile shares.
+pub struct SyncContext {
+    pub client: Client,
+    pub retry: RetryPolicy,
+    /// How often a synced pool is compared with Prefect again (drift is put back then).
+    pub resync: Duration,
+}
+
+/// Why a sync did not (yet) bring Prefect to the declared state.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error(transparent)]
+    Spec(#[from] PoolSpecError),
+    #[error(transparent)]
+    Credentials(#[from] SpecError),
+    #[error("{0}")]
+    Prefect(#[from] HttpError),
+    #[error(
+        "{0} flow runs of work pool `{1}` are not finished; the pool is deleted once they are (deletionPolicy: Delete)"
+    )]
+    RunsUnfinished(u64, String),
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("finalizer: {0}")]
+    Finalizer(String),
+}
+
+impl SyncError {
+    /// The reason of the conditions this error sets.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Spec(PoolSpecError::TypeChange { .. }) => "WorkPoolTypeChange",
+            Self::Spec(PoolSpecError::ConfigMap(_)) => "ConfigMapNotFound",
+            Self::Spec(_) => "InvalidTemplate",
+            Self::Credentials(e) => e.reason(),
+            Self::Prefect(HttpError::Unreachable { .. }) => "PrefectUnreachable",
+            Self::Prefect(HttpError::Unauthorized { .. }) => "Unauthorized",
+            Self::Prefect(_) => "PrefectRefused",
+            Self::RunsUnfinished(..) => "FlowRunsUnfinished",
+            Self::Kube(_) | Self::Finalizer(_) => "KubernetesError",
+        }
+    }
+}
+
+/// Runs the PrefectWorkPool controller until `shutdown`.
+pub async fn run(
+    client: Client,
+    namespace: Option<String>,
+    resync: Duration,
+    shutdown: CancellationToken,
+) {
+    let pools: Api<PrefectWorkPool> = match &namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let ctx = Arc::new(SyncContext {
+        client,
+        retry: RetryPolicy::default(),
+        resync,
+    });
+    let stop = shutdown.clone();
+    let controller = Controller::new(pools, watcher::Config::default())
+        .graceful_shutdown_on(async move { stop.cancelled().await })
+        .run(reconcile_pool, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "work pool reconcile error");
+            }
+        });
+    // Bounded: kube-runtime's controller never ends while its first list fails (an
+    // install without this CRD), and a sync under way is safe to cut.
+    tokio::select! {
+        _ = controller => {}
+        _ = async { shutdown.cancelled().await; tokio::time::sleep(Duration::from_secs(5)).await } => {}
+    }
+}
+
+fn error_policy(pool: Arc<PrefectWorkPool>, error: &SyncError, _: Arc<SyncContext>) -> Action {
+    tracing::warn!(pool = %pool.name_any(), %error, "work pool sync failed");
+    Action::requeue(Duration::from_secs(15))
+}
+
+/// One reconcile of one PrefectWorkPool, behind its finalizer.
+pub async fn reconcile_pool(
+    pool: Arc<PrefectWorkPool>,
+    ctx: Arc<SyncContext>,
+) -> Result<Action, SyncError> {
+    let ns = pool.namespace().unwrap_or_default();
+    let api: Api<PrefectWorkPool> = Api::namespaced(ctx.client.clone(), &ns);
+    finalizer(&api, POOL_FINALIZER, pool, |event| async {
+        match event {
+            Finalizer::Apply(p) => apply(&p, &ctx).await,
+            Finalizer::Cleanup(p) => cleanup(&p, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| match e {
+        kube::runtime::finalizer::Error::ApplyFailed(e)
+        | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+        e => SyncError::Finalizer(e.to_string()),
+    })
+}
+
+/// The pool's name in Prefect.
+fn pool_name(p: &PrefectWorkPool) -> String {
+    p.spec.name.clone().unwrap_or_else(|| p.name_any())
+}
+
+/// `/work_pools/<name>` with the name percent-encoded.
+fn pool_path(name: &str) -> String {
+    format!("/work_pools/{}", encode(name))
+}
+
+fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// A client for the resource's Prefect API, with its credentials.
+async fn prefect(p: &PrefectWorkPool, ctx: &SyncContext) -> Result<ApiClient, SyncError> {
+    let ns = p.namespace().unwrap_or_default();
+    let credentials = Credentials::read_for(&ctx.client, &ns, &p.spec.api).await?;
+    let auth = Auth::from_credentials(credentials.key, credentials.auth_string);
+    Ok(ApiClient::new(&p.spec.api.url, auth, ctx.retry)?)
+}
+
+/// The text of the ConfigMap key the template names, if it names one.
+async fn config_map_text(
+    p: &PrefectWorkPool,
+    ctx: &SyncContext,
+) -> Result<Option<String>, SyncError> {
+    let Some(r) = p
+        .spec
+        .base_job_template
+        .as_ref()
+        .and_then(|t| t.config_map_key_ref.as_ref())
+    else {
+        return Ok(None);
+    };
+    let maps: Api<ConfigMap> =
+        Api::namespaced(ctx.client.clone(), &p.namespace().unwrap_or_default());
+    let found = maps.get_opt(&r.name).await?;
+    Ok(found
+        .and_then(|m| m.data)
+        .and_then(|mut d| d.remove(&r.key)))
+}
+
+async fn apply(p: &PrefectWorkPool, ctx: &SyncContext) -> Result<Action, SyncError> {
+    let outcome = sync(p, ctx).await;
+    let previous = p.status.clone().unwrap_or_default();
+    let generation = p.metadata.generation;
+    let (status, action) = match outcome {
+        Ok(synced) => {
+            let ready: [Cond; 3] = [
+                (
+                    "True",
+                    "Synced",
+                    format!("work pool `{}` is as declared", pool_name(p)),
+                ),
+                ("False", "Synced", "up to date".into()),
+                ("False", "Synced", "no problem seen".into()),
+            ];
+            let status = PrefectWorkPoolStatus {
+                observed_generation: generation,
+                conditions: condition_set(generation, &previous.conditions, ready),
+                pool_id: synced.pool_id,
+                queue_ids: synced.queue_ids,
+                template_hash: Some(synced.template_hash),
+                last_sync_time: Some(Time(Timestamp::now())),
+                drift_corrections: previous.drift_corrections + synced.drift_corrections,
+            };
+            (status, Action::requeue(ctx.resync))
+        }
+        Err(e @ SyncError::Kube(_)) => return Err(e),
+        Err(e) => {
+            let (reason, message) = (e.reason(), clip(&e.to_string(), MAX_MESSAGE));
+            tracing::warn!(pool = %p.name_any(), reason, %message, "work pool not synced");
+            let failed: [Cond; 3] = [
+                ("False", reason, message.clone()),
+                ("False", reason, message.clone()),
+                ("True", reason, message),
+            ];
+            let status = PrefectWorkPoolStatus {
+                observed_generation: generation,
+                conditions: condition_set(generation, &previous.conditions, failed),
+                ..previous.clone()
+            };
+            // A wrong spec waits for an edit (or a ConfigMap/Secret to appear); Prefect
+            // being away is retried sooner.
+            let again = match e {
+                SyncError::Prefect(_) => Duration::from_secs(15),
+                _ => Duration::from_secs(30),
+            };
+            (status, Action::requeue(again))
+        }
+    };
+    if p.status.as_ref() != Some(&status) {
+        write_status(p, ctx, &status).await?;
+    }
+    Ok(action)
+}
+
+/// What a sync brought about.
+struct Synced {
+    pool_id: Option<String>,
+    queue_ids: std::collections::BTreeMap<String, String>,
+    template_hash: String,
+    /// Fields put back that Prefect had different without a spec change.
+    drift_corrections: u64,
+}
+
+async fn sync(p: &PrefectWorkPool, ctx: &SyncContext) -> Result<Synced, SyncError> {
+    let text = config_map_text(p, ctx).await?;
+    let template = pool::template(&p.spec, text.as_deref())?;
+    let api = prefect(p, ctx).await?;
+    let name = pool_name(p);
+    let path = pool_path(&name);
+    // A difference while the spec is the one last synced was made in Prefect.
+    let spec_unchanged = p
+        .status
+        .as_ref()
+        .is_some_and(|s| s.observed_generation == p.metadata.generation && s.pool_id.is_some());
+    let mut corrections = 0;
+    let observed: Value = match api.call(Method::GET, &path, None).await {
+        Ok(v) => v,
+        Err(HttpError::NotFound { .. }) => {
+            tracing::info!(pool = %name, "creating the work pool in Prefect");
+            if spec_unchanged {
+                corrections += 1;
+            }
+            api.call(
+                Method::POST,
+                "/work_pools/",
+                Some(&pool::create_pool_body(&name, &p.spec, &template)),
+            )
+            .await?
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let actual = observed["type"].as_str().unwrap_or_default();
+    if actual != pool::pool_type(&p.spec) {
+        return Err(PoolSpecError::TypeChange {
+            pool: name,
+            actual: actual.to_string(),
+        }
+        .into());
+    }
+    if let Some(patch) = pool::drift(&pool::desired_pool(&p.spec, &template), &observed) {
+        tracing::info!(pool = %name, fields = ?patch.as_object().map(|o| o.keys().collect::<Vec<_>>()), "updating the work pool in Prefect");
+        api.send(Method::PATCH, &path, Some(&patch)).await?;
+        if spec_unchanged {
+            corrections += 1;
+        }
+    }
+    let queues: Vec<Value> = api
+        .call(
+            Method::POST,
+            &format!("{path}/queues/filter"),
+            Some(&json!({"limit": 200})),
+        )
+        .await?;
+    let mut queue_ids = std::collections::BTreeMap::new();
+    for q in &p.spec.queues {
+        let want = pool::desired_queue(q);
+        let found = queues.iter().find(|o| o["name"] == q.name.as_str());
+        let id = match found {
+            None => {
+                if spec_unchanged {
+                    corrections += 1;
+                }
+                let mut body = want.clone();
+                body["name"] = json!(q.name);
+                let made: Value = api
+                    .call(Method::POST, &format!("{path}/queues/"), Some(&body))
+                    .await?;
+                made["id"].as_str().map(str::to_string)
+            }
+            Some(o) => {
+                if let Some(patch) = pool::drift(&want, o) {
+                    api.send(
+                        Method::PATCH,
+                        &format!("{path}/queues/{}", encode(&q.name)),
+                        Some(&patch),
+                    )
+                    .await?;
+                    if spec_unchanged {
+                        corrections += 1;
+                    }
+                }
+                o["id"].as_str().map(str::to_string)
+            }
+        };
+        if let Some(id) = id {
+            queue_ids.insert(q.name.clone(), id);
+        }
+    }
+    Ok(Synced {
+        pool_id: observed["id"].as_str().map(str::to_string),
+        queue_ids,
+        template_hash: pool::template_hash(&template),
+        drift_corrections: corrections,
+    })
+}
+
+async fn cleanup(p: &PrefectWorkPool, ctx: &SyncContext) -> Result<Action, SyncError> {
+    if p.spec.deletion_policy == DeletionPolicy::Retain {
+        tracing::info!(pool = %pool_name(p), "resource deleted; the work pool stays in Prefect (deletionPolicy: Retain)");
+        return Ok(Action::await_change());
+    }
+    let name = pool_name(p);
+    let result = delete_pool(p, ctx, &name).await;
+    if let Err(e) = &result {
+        // Said where the user looks while the resource hangs in deletion.
+        let previous = p.status.clone().unwrap_or_default();
+        let (reason, message) = (e.reason(), clip(&e.to_string(), MAX_MESSAGE));
+        let failed: [Cond; 3] = [
+            ("False", reason, message.clone()),
+            ("True", "Deleting", message.clone()),
+            ("True", reason, message),
+        ];
+        let status = PrefectWorkPoolStatus {
+            conditions: condition_set(p.metadata.generation, &previous.conditions, failed),
+            ..previous
+        };
+        write_status(p, ctx, &status).await?;
+    }
+    result
+}
+
+async fn delete_pool(
+    p: &PrefectWorkPool,
+    ctx: &SyncContext,
+    name: &str,
+) -> Result<Action, SyncError> {
+    let api = prefect(p, ctx).await?;
+    let unfinished: u64 = api
+        .call(
+            Method::POST,
+            "/flow_runs/count",
+            Some(&json!({
+                "work_pools": {"name": {"any_": [name]}},
+                "flow_runs": {"state": {"type": {"any_": ["PENDING", "RUNNING", "CANCELLING", "PAUSED"]}}},
+            })),
+        )
+        .await?;
+    if unfinished > 0 {
+        return Err(SyncError::RunsUnfinished(unfinished, name.to_string()));
+    }
+    match api.send(Method::DELETE, &pool_path(name), None).await {
+        Ok(_) | Err(HttpError::NotFound { .. }) => {
+            tracing::info!(pool = %name, "work pool deleted in Prefect (deletionPolicy: Delete)");
+            Ok(Action::await_change())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn write_status(
+    p: &PrefectWorkPool,
+    ctx: &SyncContext,
+    status: &PrefectWorkPoolStatus,
+) -> Result<(), SyncError> {
+    let api: Api<PrefectWorkPool> =
+        Api::namespaced(ctx.client.clone(), &p.namespace().unwrap_or_default());
+    let patch =
+        json!({"apiVersion": "prefect.io/v1alpha1", "kind": "PrefectWorkPool", "status": status});
+    api.patch_status(
+        &p.name_any(),
+        &PatchParams::apply(crate::controller::FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}
