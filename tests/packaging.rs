@@ -487,10 +487,40 @@ fn the_argocd_cm_snippet_carries_the_same_check() {
         &std::fs::read_to_string(repo().join("manifests/argocd/argocd-cm.yaml")).unwrap(),
     )
     .unwrap();
+    for kind in ["PrefectAgent", "PrefectWorkPool"] {
+        assert_eq!(
+            cm["data"][format!("resource.customizations.health.prefect.io_{kind}").as_str()]
+                .as_str(),
+            Some(lua.as_str()),
+            "{kind}"
+        );
+    }
+}
+
+#[test]
+fn the_argo_cd_health_check_reads_a_work_pool_s_conditions() {
+    let pool = |conditions: Value| {
+        json!({
+            "apiVersion": "prefect.io/v1alpha1", "kind": "PrefectWorkPool",
+            "metadata": {"name": "k8s", "namespace": "data", "generation": 1},
+            "spec": {"api": {"url": "http://p/api"}},
+            "status": {"observedGeneration": 1, "conditions": conditions}
+        })
+    };
+    let synced = pool(json!([
+        cond("Ready", "True", "Synced", "work pool `k8s` is as declared", 1),
+        cond("Degraded", "False", "Synced", "no problem seen", 1)
+    ]));
     assert_eq!(
-        cm["data"]["resource.customizations.health.prefect.io_PrefectAgent"].as_str(),
-        Some(lua.as_str())
+        argo_health(&synced),
+        ("Healthy".into(), "work pool `k8s` is as declared".into())
     );
+    let message = "spec.baseJobTemplate: job_configuration.command: {{ cmd }} names no variable";
+    let bad = pool(json!([
+        cond("Ready", "False", "InvalidTemplate", message, 1),
+        cond("Degraded", "True", "InvalidTemplate", message, 1)
+    ]));
+    assert_eq!(argo_health(&bad), ("Degraded".into(), message.into()));
 }
 
 /// Writes a kubeconfig like the admin one but authenticating with `token`.
@@ -540,6 +570,10 @@ async fn install_yaml_and_the_chart_apply_to_the_api_server() {
     assert!(ok, "{step}\n{out}");
     let examples: Api<PrefectAgent> = Api::namespaced(client.clone(), "data");
     assert!(examples.get("etl").await.is_ok(), "{out}");
+    let pools: Api<prefect_agent_operator::crd::PrefectWorkPool> =
+        Api::namespaced(client.clone(), "data");
+    let pool = pools.get("k8s").await.expect("the example PrefectWorkPool");
+    assert_eq!(pool.spec.queues.len(), 2);
 
     // The chart with non-default values, applied for real (without the ServiceMonitor,
     // whose CRD this server does not have, and with this server's PDB version).
