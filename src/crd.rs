@@ -81,6 +81,13 @@ pub struct PrefectAgentSpec {
     pub suspend: bool,
 }
 
+/// Another resource in the same namespace, by name.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct LocalObjectRef {
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
 /// A key of a Secret in the resource's namespace.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct SecretKeyRef {
@@ -118,6 +125,10 @@ pub struct ApiSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1))]
     pub work_pool: Option<String>,
+    /// Instead of `workPool`: a PrefectWorkPool in this namespace; the agent takes its
+    /// pool and is Ready only once that pool is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub work_pool_ref: Option<LocalObjectRef>,
     /// Prefect 3 work queues of the pool; empty = all.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub work_queues: Vec<String>,

@@ -508,7 +508,13 @@ fn the_argo_cd_health_check_reads_a_work_pool_s_conditions() {
         })
     };
     let synced = pool(json!([
-        cond("Ready", "True", "Synced", "work pool `k8s` is as declared", 1),
+        cond(
+            "Ready",
+            "True",
+            "Synced",
+            "work pool `k8s` is as declared",
+            1
+        ),
         cond("Degraded", "False", "Synced", "no problem seen", 1)
     ]));
     assert_eq!(

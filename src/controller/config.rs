@@ -31,6 +31,9 @@ pub enum SpecError {
     Undecodable(String),
     #[error("spec.job: {0}")]
     PodSecurity(String),
+    /// Not wrong, not yet possible: the PrefectWorkPool it refers to is not Ready.
+    #[error("{0}")]
+    WaitingForWorkPool(String),
 }
 
 impl SpecError {
@@ -43,6 +46,7 @@ impl SpecError {
             Self::JobNamespaceNotAllowed(_) => "JobNamespaceNotAllowed",
             Self::Undecodable(_) => "UndecodableSpec",
             Self::PodSecurity(_) => "PodSecurity",
+            Self::WaitingForWorkPool(_) => "WaitingForWorkPool",
         }
     }
 }
@@ -138,11 +142,18 @@ async fn read_secret(
 /// given to the other.
 pub fn check_spec(spec: &PrefectAgentSpec) -> Result<(), SpecError> {
     crate::backend::http::check_api_url(&spec.api.server.url)
-        .map_err(|e| SpecError::Invalid(format!("spec.api.server.url: {e}")))?;
+        .map_err(|e| SpecError::Invalid(format!("spec.api.url: {e}")))?;
     match spec.api.flavor {
-        Flavor::Prefect3 if spec.api.work_pool.is_none() => Err(SpecError::Invalid(
-            "spec.api.workPool is required for flavor prefect3".into(),
-        )),
+        Flavor::Prefect3 if spec.api.work_pool.is_none() && spec.api.work_pool_ref.is_none() => {
+            Err(SpecError::Invalid(
+                "spec.api.workPool (or workPoolRef) is required for flavor prefect3".into(),
+            ))
+        }
+        Flavor::Prefect3 if spec.api.work_pool.is_some() && spec.api.work_pool_ref.is_some() => {
+            Err(SpecError::Invalid(
+                "spec.api: set workPool or workPoolRef, not both".into(),
+            ))
+        }
         Flavor::Prefect1 if spec.api.server.auth_string_secret_ref.is_some() => {
             Err(SpecError::Invalid(
                 "spec.api.authStringSecretRef is a Prefect 3 setting; Prefect 1 takes keySecretRef"

@@ -63,6 +63,13 @@ impl PrefectAgent {
                         message: "the agent did not start".into(),
                         retry_in: RESTART_FIRST,
                     }),
+                Err(e @ SpecError::WaitingForWorkPool(_)) => {
+                    ctx.supervisor.stop(&key);
+                    AgentPhase::Waiting {
+                        reason: e.reason(),
+                        message: e.to_string(),
+                    }
+                }
                 Err(e) => {
                     ctx.supervisor.stop(&key);
                     AgentPhase::Invalid {
@@ -76,6 +83,7 @@ impl PrefectAgent {
         Ok(match phase {
             // Fixed Secrets and namespaces are not watched: looked at again now and then.
             AgentPhase::Invalid { .. } => Action::requeue(Duration::from_secs(30)),
+            AgentPhase::Waiting { .. } => Action::requeue(Duration::from_secs(5)),
             AgentPhase::Failed { retry_in, .. } => Action::requeue(retry_in),
             AgentPhase::Suspended | AgentPhase::Finished { .. } => Action::await_change(),
             AgentPhase::Running { .. } => Action::requeue(STATUS_INTERVAL),
@@ -95,11 +103,37 @@ impl PrefectAgent {
         }
     }
 
+    /// The spec with `workPoolRef` resolved to the PrefectWorkPool's pool, once that is
+    /// Ready for its current generation (None without a reference).
+    async fn with_referenced_pool(
+        &self,
+        ctx: &Context,
+    ) -> Result<Option<crate::crd::PrefectAgentSpec>, SpecError> {
+        let Some(r) = &self.spec.api.work_pool_ref else {
+            return Ok(None);
+        };
+        let ns = self.namespace().unwrap_or_default();
+        let pools: kube::Api<crate::crd::PrefectWorkPool> =
+            kube::Api::namespaced(ctx.client.clone(), &ns);
+        let pool = pools.get_opt(&r.name).await.map_err(|e| {
+            SpecError::WaitingForWorkPool(format!(
+                "cannot read PrefectWorkPool {ns}/{}: {e}",
+                r.name
+            ))
+        })?;
+        let pool_name = referenced_pool(&ns, &r.name, pool.as_ref(), &self.spec.api.server.url)?;
+        let mut spec = self.spec.clone();
+        spec.api.work_pool = Some(pool_name);
+        spec.api.work_pool_ref = None;
+        Ok(Some(spec))
+    }
+
     /// Builds this generation's agent from the spec and runs it as a supervised task.
     async fn start_agent(&self, ctx: &Context) -> Result<(), SpecError> {
         let ns = self.namespace().unwrap_or_default();
-        let spec = &self.spec;
-        check_spec(spec)?;
+        check_spec(&self.spec)?;
+        let resolved = self.with_referenced_pool(ctx).await?;
+        let spec = resolved.as_ref().unwrap_or(&self.spec);
         let cfg = agent_config(&self.name_any(), spec)?;
         let job_namespace = ctx
             .scope
@@ -363,5 +397,81 @@ async fn field_error(ctx: &Context, ns: &str, name: &str) -> Option<String> {
     match serde_path_to_error::deserialize::<_, PrefectAgent>(raw) {
         Ok(_) => None,
         Err(e) => Some(format!("{}: {}", e.path(), e.inner())),
+    }
+}
+
+/// The pool a `workPoolRef` names, or why the agent cannot take it (yet).
+fn referenced_pool(
+    ns: &str,
+    name: &str,
+    pool: Option<&crate::crd::PrefectWorkPool>,
+    agent_url: &str,
+) -> Result<String, SpecError> {
+    let Some(pool) = pool else {
+        return Err(SpecError::WaitingForWorkPool(format!(
+            "waiting for PrefectWorkPool {ns}/{name}: it does not exist"
+        )));
+    };
+    if pool.spec.api.url.trim_end_matches('/') != agent_url.trim_end_matches('/') {
+        return Err(SpecError::Invalid(format!(
+            "spec.api.workPoolRef: PrefectWorkPool {ns}/{name} is on {}, this agent on {agent_url}",
+            pool.spec.api.url
+        )));
+    }
+    let ready = pool.status.as_ref().and_then(|s| {
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == "Ready")
+            .filter(|c| c.observed_generation == pool.metadata.generation)
+    });
+    match ready {
+        Some(c) if c.status == "True" => {
+            Ok(pool.spec.name.clone().unwrap_or_else(|| name.to_string()))
+        }
+        Some(c) => Err(SpecError::WaitingForWorkPool(format!(
+            "waiting for PrefectWorkPool {ns}/{name} to be Ready: {}",
+            c.message
+        ))),
+        None => Err(SpecError::WaitingForWorkPool(format!(
+            "waiting for PrefectWorkPool {ns}/{name} to be synced"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::PrefectWorkPool;
+
+    #[test]
+    fn a_referenced_pool_is_taken_once_ready_and_only_on_the_same_server() {
+        let pool = |url: &str, ready: Option<&str>| -> PrefectWorkPool {
+            let conditions = ready.map_or(json!([]), |status| {
+                json!([{"type": "Ready", "status": status, "reason": "Synced", "message": "m",
+                        "observedGeneration": 1, "lastTransitionTime": "2026-01-01T00:00:00Z"}])
+            });
+            serde_json::from_value(json!({
+                "apiVersion": "prefect.io/v1alpha1", "kind": "PrefectWorkPool",
+                "metadata": {"name": "p", "generation": 1},
+                "spec": {"api": {"url": url}, "name": "in-prefect"},
+                "status": {"conditions": conditions},
+            }))
+            .unwrap()
+        };
+        let here = "http://prefect/api";
+        let taken = referenced_pool("ns", "p", Some(&pool(here, Some("True"))), here);
+        assert_eq!(taken.unwrap(), "in-prefect");
+        for waiting in [
+            None,
+            Some(pool(here, Some("False"))),
+            Some(pool(here, None)),
+        ] {
+            let e = referenced_pool("ns", "p", waiting.as_ref(), here).unwrap_err();
+            assert_eq!(e.reason(), "WaitingForWorkPool", "{e}");
+        }
+        let elsewhere = pool("http://other/api", Some("True"));
+        let e = referenced_pool("ns", "p", Some(&elsewhere), here).unwrap_err();
+        assert_eq!(e.reason(), "InvalidSpec");
+        assert!(e.to_string().contains("http://other/api"), "{e}");
     }
 }

@@ -41,6 +41,11 @@ pub fn conditions(
             ("False", reason, message.clone()),
             ("True", reason, message.clone()),
         ),
+        AgentPhase::Waiting { reason, message } => (
+            ("False", reason, message.clone()),
+            ("True", reason, message.clone()),
+            ("False", reason, "no problem seen".into()),
+        ),
         AgentPhase::Failed {
             reason,
             message,

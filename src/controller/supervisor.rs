@@ -97,6 +97,11 @@ pub enum AgentPhase {
         reason: &'static str,
         message: String,
     },
+    /// The spec is fine but waits for something else (a PrefectWorkPool to be Ready).
+    Waiting {
+        reason: &'static str,
+        message: String,
+    },
     /// The agent task runs; `stats` says how far it got.
     Running { stats: StatsSnapshot },
     /// The agent task ended with this error and will be restarted after `retry_in`.

@@ -367,3 +367,56 @@ async fn deletion_follows_the_policy_and_waits_for_unfinished_runs() {
     )
     .await;
 }
+
+/// A PrefectAgent that refers to a PrefectWorkPool waits for it, then takes its pool.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_referring_to_a_pool_resource_waits_for_it_then_runs_its_runs() {
+    let (_, client, ns) = cluster_with_namespace("wpref").await;
+    let prefect = Setup::new("wpref-unused").await;
+    let kube = KubeApiServer::shared();
+    let _op = operator(kube, &ns);
+    let agents: Api<PrefectAgent> = Api::namespaced(client.clone(), &ns);
+    let pools: Api<PrefectWorkPool> = Api::namespaced(client.clone(), &ns);
+    let mut agent = agent_resource("referring", &prefect.server.url, "unused");
+    agent.spec.api.work_pool = None;
+    agent.spec.api.work_pool_ref = Some(prefect_agent_operator::crd::LocalObjectRef {
+        name: "team-pool".into(),
+    });
+    agents
+        .create(&PostParams::default(), &agent)
+        .await
+        .expect("create the agent");
+    let waiting = wait_for(
+        "the agent waiting for its pool",
+        Duration::from_secs(30),
+        || async {
+            let a = agents.get("referring").await.ok()?;
+            let c = a.status?.conditions;
+            let r = c.iter().find(|c| c.type_ == "Ready")?;
+            let d = c.iter().find(|c| c.type_ == "Degraded")?;
+            (r.reason == "WaitingForWorkPool")
+                .then(|| (r.status.clone(), d.status.clone(), r.message.clone()))
+        },
+    )
+    .await;
+    assert_eq!(
+        (waiting.0.as_str(), waiting.1.as_str()),
+        ("False", "False"),
+        "waiting is no failure"
+    );
+    assert!(waiting.2.contains("team-pool"), "{}", waiting.2);
+
+    let name = unique("team");
+    pools
+        .create(
+            &PostParams::default(),
+            &work_pool("team-pool", &prefect.server.url, json!({"name": name})),
+        )
+        .await
+        .unwrap();
+    kube.wait_ready_for(&ns, "referring").await;
+    let dep = prefect.api.create_deployment(&name, json!({})).await;
+    let run = prefect.api.create_run(&dep).await;
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
+    job_named(&jobs, &format!("prefect-run-{run}")).await;
+}
