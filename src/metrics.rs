@@ -5,7 +5,7 @@
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use prometheus::{Histogram, HistogramOpts, HistogramVec};
+use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounterVec, Opts};
 
 /// Upper bounds in seconds, shared by every histogram here: from a fast API call to a
 /// slow submission.
@@ -46,6 +46,31 @@ pub static API_LATENCY: LazyLock<HistogramVec> = LazyLock::new(|| {
     for backend in BACKENDS {
         vec.with_label_values(&[backend]);
     }
+    vec
+});
+
+/// Syncs of declared Prefect objects, by kind and outcome (`synced`, `failed`).
+pub static SYNCS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    let opts = Opts::new(
+        "prefect_sync_total",
+        "Syncs of PrefectWorkPools with Prefect, by kind and outcome.",
+    );
+    // A constant name and labels: an invariant, built by a unit test.
+    let vec = IntCounterVec::new(opts, &["kind", "outcome"]).expect("valid counter options");
+    for outcome in ["synced", "failed"] {
+        vec.with_label_values(&["PrefectWorkPool", outcome]);
+    }
+    vec
+});
+
+/// Changes made in Prefect behind the operator's back and put back, by kind.
+pub static DRIFT_CORRECTIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    let opts = Opts::new(
+        "prefect_sync_drift_corrections_total",
+        "Fields or queues changed in Prefect behind the operator's back and put back.",
+    );
+    let vec = IntCounterVec::new(opts, &["kind"]).expect("valid counter options");
+    vec.with_label_values(&["PrefectWorkPool"]);
     vec
 });
 

@@ -268,12 +268,14 @@ impl Collector for AgentsCollector {
 /// the Prefect API's latency.
 pub fn registry(source: Weak<dyn MetricsSource>, controller: &ControllerMetrics) -> Registry {
     let registry = Registry::new();
-    let collectors: [Box<dyn Collector>; 5] = [
+    let collectors: [Box<dyn Collector>; 7] = [
         Box::new(AgentsCollector::new(source)),
         Box::new(controller.reconciles.clone()),
         Box::new(controller.reconcile_errors.clone()),
         Box::new(controller.reconcile_duration.clone()),
         Box::new(API_LATENCY.clone()),
+        Box::new(crate::metrics::SYNCS.clone()),
+        Box::new(crate::metrics::DRIFT_CORRECTIONS.clone()),
     ];
     for c in collectors {
         // Distinct constant names: registering cannot clash (a unit test registers them).
@@ -416,6 +418,8 @@ mod tests {
         let registry = registry(Arc::downgrade(&source), &controller);
         let text = render_metrics(&registry);
         assert!(text.contains("prefect_agent_claim_conflicts_total{agent=\"data/etl\"} 4\n"));
+        assert!(text.contains("prefect_sync_total{kind=\"PrefectWorkPool\",outcome=\"failed\"}"));
+        assert!(text.contains("prefect_sync_drift_corrections_total{kind=\"PrefectWorkPool\"}"));
         assert!(text.contains(
             "prefect_agent_submission_latency_seconds_bucket{agent=\"data/etl\",le=\"0.1\"} 1\n"
         ));

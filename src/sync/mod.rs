@@ -201,6 +201,12 @@ async fn apply(p: &PrefectWorkPool, ctx: &SyncContext) -> Result<Action, SyncErr
                 ("False", "Synced", "up to date".into()),
                 ("False", "Synced", "no problem seen".into()),
             ];
+            crate::metrics::SYNCS
+                .with_label_values(&["PrefectWorkPool", "synced"])
+                .inc();
+            crate::metrics::DRIFT_CORRECTIONS
+                .with_label_values(&["PrefectWorkPool"])
+                .inc_by(synced.drift_corrections);
             let status = PrefectWorkPoolStatus {
                 observed_generation: generation,
                 conditions: condition_set(generation, &previous.conditions, ready),
@@ -216,6 +222,9 @@ async fn apply(p: &PrefectWorkPool, ctx: &SyncContext) -> Result<Action, SyncErr
         Err(e) => {
             let (reason, message) = (e.reason(), clip(&e.to_string(), MAX_MESSAGE));
             tracing::warn!(pool = %p.name_any(), reason, %message, "work pool not synced");
+            crate::metrics::SYNCS
+                .with_label_values(&["PrefectWorkPool", "failed"])
+                .inc();
             let failed: [Cond; 3] = [
                 ("False", reason, message.clone()),
                 ("False", reason, message.clone()),

@@ -8,8 +8,21 @@ use reqwest::Method;
 
 /// The operator with a 2 s resync, so that drift is put back while the test waits.
 fn operator(kube: &KubeApiServer, ns: &str) -> AgentProcess {
+    operator_on(kube, ns, free_port())
+}
+
+/// The same, serving /metrics on `port`.
+fn operator_on(kube: &KubeApiServer, ns: &str, port: u16) -> AgentProcess {
     let mut cmd = operator_command(&kube.kubeconfig);
-    cmd.args(["--namespace", ns, "--sync-interval", "2s"]);
+    let health = format!("127.0.0.1:{port}");
+    cmd.args([
+        "--namespace",
+        ns,
+        "--sync-interval",
+        "2s",
+        "--health-address",
+        &health,
+    ]);
     AgentProcess::start_with(cmd)
 }
 
@@ -69,7 +82,8 @@ async fn a_declared_pool_is_created_updated_and_kept_as_declared() {
     let (_, client, ns) = cluster_with_namespace("wp").await;
     let prefect = Setup::new("wp-unused").await;
     let kube = KubeApiServer::shared();
-    let mut op = operator(kube, &ns);
+    let port = free_port();
+    let mut op = operator_on(kube, &ns, port);
     let pools: Api<PrefectWorkPool> = Api::namespaced(client.clone(), &ns);
     let name = unique("declared");
     let resource = work_pool(
@@ -171,6 +185,19 @@ async fn a_declared_pool_is_created_updated_and_kept_as_declared() {
     })
     .await;
 
+    let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let counted = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("prefect_sync_drift_corrections_total{kind=\"PrefectWorkPool\"} ")
+        })
+        .and_then(|v| v.parse::<u64>().ok());
+    assert_eq!(counted, Some(corrected.drift_corrections), "{metrics}");
     // An operator restart recreates nothing: the same pool, the same queues.
     op.signal(nix::sys::signal::Signal::SIGTERM);
     op.wait_exit(Duration::from_secs(30)).await;
