@@ -14,7 +14,9 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::flavor::Flavor;
 
+pub mod deployment;
 pub mod pool;
+pub use deployment::{PrefectDeployment, PrefectDeploymentSpec, PrefectDeploymentStatus};
 pub use pool::{PrefectWorkPool, PrefectWorkPoolSpec, PrefectWorkPoolStatus};
 
 /// One Prefect agent, run by the operator.
@@ -274,10 +276,11 @@ pub fn crd() -> CustomResourceDefinition {
 }
 
 /// Every resource kind of the operator: (file in `crds/`, its CRD).
-pub fn all() -> [(&'static str, CustomResourceDefinition); 2] {
+pub fn all() -> [(&'static str, CustomResourceDefinition); 3] {
     [
         ("prefectagent.yaml", crd()),
         ("prefectworkpool.yaml", hardened::<PrefectWorkPool>()),
+        ("prefectdeployment.yaml", hardened::<PrefectDeployment>()),
     ]
 }
 

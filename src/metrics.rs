@@ -53,12 +53,14 @@ pub static API_LATENCY: LazyLock<HistogramVec> = LazyLock::new(|| {
 pub static SYNCS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     let opts = Opts::new(
         "prefect_sync_total",
-        "Syncs of PrefectWorkPools with Prefect, by kind and outcome.",
+        "Syncs of PrefectWorkPools and PrefectDeployments with Prefect, by kind and outcome.",
     );
     // A constant name and labels: an invariant, built by a unit test.
     let vec = IntCounterVec::new(opts, &["kind", "outcome"]).expect("valid counter options");
-    for outcome in ["synced", "failed"] {
-        vec.with_label_values(&["PrefectWorkPool", outcome]);
+    for kind in SYNCED_KINDS {
+        for outcome in ["synced", "failed"] {
+            vec.with_label_values(&[kind, outcome]);
+        }
     }
     vec
 });
@@ -70,9 +72,14 @@ pub static DRIFT_CORRECTIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
         "Fields or queues changed in Prefect behind the operator's back and put back.",
     );
     let vec = IntCounterVec::new(opts, &["kind"]).expect("valid counter options");
-    vec.with_label_values(&["PrefectWorkPool"]);
+    for kind in SYNCED_KINDS {
+        vec.with_label_values(&[kind]);
+    }
     vec
 });
+
+/// The kinds the sync controllers keep in Prefect.
+const SYNCED_KINDS: [&str; 2] = ["PrefectWorkPool", "PrefectDeployment"];
 
 /// The values of the `backend` label.
 const BACKENDS: [&str; 2] = ["prefect3", "prefect1"];

@@ -487,7 +487,7 @@ fn the_argocd_cm_snippet_carries_the_same_check() {
         &std::fs::read_to_string(repo().join("manifests/argocd/argocd-cm.yaml")).unwrap(),
     )
     .unwrap();
-    for kind in ["PrefectAgent", "PrefectWorkPool"] {
+    for kind in ["PrefectAgent", "PrefectWorkPool", "PrefectDeployment"] {
         assert_eq!(
             cm["data"][format!("resource.customizations.health.prefect.io_{kind}").as_str()]
                 .as_str(),

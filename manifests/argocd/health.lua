@@ -1,7 +1,7 @@
--- Argo CD health check for prefect.io/PrefectAgent and prefect.io/PrefectWorkPool.
+-- Argo CD health check for prefect.io/PrefectAgent, PrefectWorkPool and PrefectDeployment.
 -- Healthy: Ready=True for the current generation. Degraded: Degraded=True, with its
 -- message. Suspended: spec.suspend. Progressing: no status yet, an older generation
--- observed, or the agent still starting (the pool not yet synced).
+-- observed, or the agent still starting (the pool or deployment not yet synced).
 local hs = {status = "Progressing", message = "Waiting for the operator to report status"}
 if obj.status == nil or obj.status.conditions == nil then
   return hs

@@ -171,6 +171,9 @@ pub enum HttpError {
         path: String,
         status: u16,
         detail: String,
+        /// A 422's whole answer (credentials redacted), for callers that say which of
+        /// their fields Prefect refused; `detail` is cut short.
+        refusal: Option<Box<Value>>,
     },
     #[error("{method} {path}: the response is not what was expected: {cause}")]
     Decode {
@@ -475,6 +478,10 @@ impl ApiClient {
                 path,
                 status: code,
                 detail: error_detail(&self.auth.redact(&text)),
+                refusal: (code == 422)
+                    .then(|| serde_json::from_str(&self.auth.redact(&text)).ok())
+                    .flatten()
+                    .map(Box::new),
             },
         };
         if is_retryable_status(code, &text) || (self.retry_server_errors && code == 500) {

@@ -6,6 +6,7 @@
 //! - [`pool`]: what a PrefectWorkPool asks of Prefect, decided without I/O;
 //! - this module: the controller, its Prefect calls and the status it writes.
 
+pub mod deployment;
 pub mod pool;
 
 use std::sync::Arc;
@@ -27,7 +28,10 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::http::{ApiClient, Auth, HttpError, RetryPolicy};
 use crate::controller::config::{Credentials, SpecError};
 use crate::controller::status::{Cond, MAX_MESSAGE, clip, condition_set};
+use crate::crd::deployment::{PrefectDeployment, PrefectDeploymentStatus};
 use crate::crd::pool::{DeletionPolicy, PrefectWorkPool, PrefectWorkPoolStatus};
+use crate::crd::{LocalObjectRef, PrefectApi};
+use deployment::DeploymentSpecError;
 use pool::PoolSpecError;
 
 /// The finalizer that lets the operator apply a pool's `deletionPolicy`.
@@ -53,6 +57,13 @@ pub enum SyncError {
         "{0} flow runs of work pool `{1}` are not finished; the pool is deleted once they are (deletionPolicy: Delete)"
     )]
     RunsUnfinished(u64, String),
+    #[error(transparent)]
+    Deployment(#[from] DeploymentSpecError),
+    #[error("spec.workPool: work pool `{0}` does not exist in Prefect")]
+    NoPool(String),
+    /// Not wrong, not yet possible: a PrefectWorkPool it refers to is not Ready.
+    #[error("{0}")]
+    Waiting(String),
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
     #[error("finalizer: {0}")]
@@ -71,6 +82,10 @@ impl SyncError {
             Self::Prefect(HttpError::Unauthorized { .. }) => "Unauthorized",
             Self::Prefect(_) => "PrefectRefused",
             Self::RunsUnfinished(..) => "FlowRunsUnfinished",
+            Self::Deployment(DeploymentSpecError::Refused { .. }) => "RefusedByPrefect",
+            Self::Deployment(_) => "InvalidSpec",
+            Self::NoPool(_) => "WorkPoolNotFound",
+            Self::Waiting(_) => "WaitingForWorkPool",
             Self::Kube(_) | Self::Finalizer(_) => "KubernetesError",
         }
     }
@@ -92,15 +107,29 @@ pub async fn run(
         retry: RetryPolicy::default(),
         resync,
     });
+    let deployments: Api<PrefectDeployment> = match &namespace {
+        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
+        None => Api::all(ctx.client.clone()),
+    };
     let stop = shutdown.clone();
-    let controller = Controller::new(pools, watcher::Config::default())
+    let pools = Controller::new(pools, watcher::Config::default())
         .graceful_shutdown_on(async move { stop.cancelled().await })
-        .run(reconcile_pool, error_policy, ctx)
+        .run(reconcile_pool, error_policy, ctx.clone())
         .for_each(|result| async move {
             if let Err(e) = result {
                 tracing::debug!(error = %e, "work pool reconcile error");
             }
         });
+    let stop = shutdown.clone();
+    let deployments = Controller::new(deployments, watcher::Config::default())
+        .graceful_shutdown_on(async move { stop.cancelled().await })
+        .run(reconcile_deployment, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "deployment reconcile error");
+            }
+        });
+    let controller = futures::future::join(pools, deployments);
     // Bounded: kube-runtime's controller never ends while its first list fails (an
     // install without this CRD), and a sync under way is safe to cut.
     tokio::select! {
@@ -109,8 +138,8 @@ pub async fn run(
     }
 }
 
-fn error_policy(pool: Arc<PrefectWorkPool>, error: &SyncError, _: Arc<SyncContext>) -> Action {
-    tracing::warn!(pool = %pool.name_any(), %error, "work pool sync failed");
+fn error_policy<K: ResourceExt>(object: Arc<K>, error: &SyncError, _: Arc<SyncContext>) -> Action {
+    tracing::warn!(resource = %object.name_any(), %error, "sync failed");
     Action::requeue(Duration::from_secs(15))
 }
 
@@ -159,10 +188,13 @@ fn encode(s: &str) -> String {
 
 /// A client for the resource's Prefect API, with its credentials.
 async fn prefect(p: &PrefectWorkPool, ctx: &SyncContext) -> Result<ApiClient, SyncError> {
-    let ns = p.namespace().unwrap_or_default();
-    let credentials = Credentials::read_for(&ctx.client, &ns, &p.spec.api).await?;
+    prefect_at(&p.spec.api, &p.namespace().unwrap_or_default(), ctx).await
+}
+
+async fn prefect_at(api: &PrefectApi, ns: &str, ctx: &SyncContext) -> Result<ApiClient, SyncError> {
+    let credentials = Credentials::read_for(&ctx.client, ns, api).await?;
     let auth = Auth::from_credentials(credentials.key, credentials.auth_string);
-    Ok(ApiClient::new(&p.spec.api.url, auth, ctx.retry)?)
+    Ok(ApiClient::new(&api.url, auth, ctx.retry)?)
 }
 
 /// The text of the ConfigMap key the template names, if it names one.
@@ -191,45 +223,32 @@ async fn apply(p: &PrefectWorkPool, ctx: &SyncContext) -> Result<Action, SyncErr
     let previous = p.status.clone().unwrap_or_default();
     let generation = p.metadata.generation;
     let (status, action) = match outcome {
-        Ok(synced) => {
-            let ready: [Cond; 3] = [
-                (
-                    "True",
-                    "Synced",
-                    format!("work pool `{}` is as declared", pool_name(p)),
-                ),
-                ("False", "Synced", "up to date".into()),
-                ("False", "Synced", "no problem seen".into()),
-            ];
+        Ok(done) => {
+            let ready = synced(format!("work pool `{}` is as declared", pool_name(p)));
             crate::metrics::SYNCS
                 .with_label_values(&["PrefectWorkPool", "synced"])
                 .inc();
             crate::metrics::DRIFT_CORRECTIONS
                 .with_label_values(&["PrefectWorkPool"])
-                .inc_by(synced.drift_corrections);
+                .inc_by(done.drift_corrections);
             let status = PrefectWorkPoolStatus {
                 observed_generation: generation,
                 conditions: condition_set(generation, &previous.conditions, ready),
-                pool_id: synced.pool_id,
-                queue_ids: synced.queue_ids,
-                template_hash: Some(synced.template_hash),
+                pool_id: done.pool_id,
+                queue_ids: done.queue_ids,
+                template_hash: Some(done.template_hash),
                 last_sync_time: Some(Time(Timestamp::now())),
-                drift_corrections: previous.drift_corrections + synced.drift_corrections,
+                drift_corrections: previous.drift_corrections + done.drift_corrections,
             };
             (status, Action::requeue(ctx.resync))
         }
         Err(e @ SyncError::Kube(_)) => return Err(e),
         Err(e) => {
-            let (reason, message) = (e.reason(), clip(&e.to_string(), MAX_MESSAGE));
-            tracing::warn!(pool = %p.name_any(), reason, %message, "work pool not synced");
+            tracing::warn!(pool = %p.name_any(), reason = e.reason(), error = %e, "work pool not synced");
             crate::metrics::SYNCS
                 .with_label_values(&["PrefectWorkPool", "failed"])
                 .inc();
-            let failed: [Cond; 3] = [
-                ("False", reason, message.clone()),
-                ("False", reason, message.clone()),
-                ("True", reason, message),
-            ];
+            let failed = not_synced(&e);
             let status = PrefectWorkPoolStatus {
                 observed_generation: generation,
                 conditions: condition_set(generation, &previous.conditions, failed),
@@ -410,15 +429,309 @@ async fn write_status(
     ctx: &SyncContext,
     status: &PrefectWorkPoolStatus,
 ) -> Result<(), SyncError> {
-    let api: Api<PrefectWorkPool> =
-        Api::namespaced(ctx.client.clone(), &p.namespace().unwrap_or_default());
-    let patch =
-        json!({"apiVersion": "prefect.io/v1alpha1", "kind": "PrefectWorkPool", "status": status});
+    write_status_of(p, ctx, status).await
+}
+
+/// Writes a resource's status by server-side apply, under the operator's field manager.
+async fn write_status_of<K>(
+    object: &K,
+    ctx: &SyncContext,
+    status: &impl serde::Serialize,
+) -> Result<(), SyncError>
+where
+    K: kube::Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &object.namespace().unwrap_or_default());
+    let patch = json!({"apiVersion": K::api_version(&()), "kind": K::kind(&()), "status": status});
     api.patch_status(
-        &p.name_any(),
+        &object.name_any(),
         &PatchParams::apply(crate::controller::FIELD_MANAGER).force(),
         &Patch::Apply(&patch),
     )
     .await?;
     Ok(())
+}
+
+/// Ready, Progressing, Degraded after a sync that worked.
+fn synced(message: String) -> [Cond<'static>; 3] {
+    [
+        ("True", "Synced", message),
+        ("False", "Synced", "up to date".into()),
+        ("False", "Synced", "no problem seen".into()),
+    ]
+}
+
+/// Ready, Progressing, Degraded after a sync that did not; waiting is no failure.
+fn not_synced(e: &SyncError) -> [Cond<'static>; 3] {
+    let (reason, message) = (e.reason(), clip(&e.to_string(), MAX_MESSAGE));
+    if let SyncError::Waiting(_) = e {
+        return [
+            ("False", reason, message.clone()),
+            ("True", reason, message),
+            ("False", reason, "no problem seen".into()),
+        ];
+    }
+    [
+        ("False", reason, message.clone()),
+        ("False", reason, message.clone()),
+        ("True", reason, message),
+    ]
+}
+
+/// The pool a `workPoolRef` names, once that PrefectWorkPool is Ready for its generation.
+async fn referenced_pool(
+    ns: &str,
+    r: &LocalObjectRef,
+    ctx: &SyncContext,
+) -> Result<String, SyncError> {
+    let pools: Api<PrefectWorkPool> = Api::namespaced(ctx.client.clone(), ns);
+    let Some(pool) = pools.get_opt(&r.name).await? else {
+        return Err(SyncError::Waiting(format!(
+            "waiting for PrefectWorkPool {ns}/{}: it does not exist",
+            r.name
+        )));
+    };
+    let ready = pool.status.as_ref().is_some_and(|s| {
+        s.conditions.iter().any(|c| {
+            c.type_ == "Ready"
+                && c.status == "True"
+                && c.observed_generation == pool.metadata.generation
+        })
+    });
+    if !ready {
+        return Err(SyncError::Waiting(format!(
+            "waiting for PrefectWorkPool {ns}/{} to be Ready",
+            r.name
+        )));
+    }
+    Ok(pool.spec.name.clone().unwrap_or_else(|| r.name.clone()))
+}
+
+/// The finalizer that lets the operator apply a deployment's `deletionPolicy`.
+pub const DEPLOYMENT_FINALIZER: &str = "prefect.io/deployment";
+
+/// One reconcile of one PrefectDeployment, behind its finalizer.
+pub async fn reconcile_deployment(
+    d: Arc<PrefectDeployment>,
+    ctx: Arc<SyncContext>,
+) -> Result<Action, SyncError> {
+    let api: Api<PrefectDeployment> =
+        Api::namespaced(ctx.client.clone(), &d.namespace().unwrap_or_default());
+    finalizer(&api, DEPLOYMENT_FINALIZER, d, |event| async {
+        match event {
+            Finalizer::Apply(d) => apply_deployment(&d, &ctx).await,
+            Finalizer::Cleanup(d) => cleanup_deployment(&d, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| match e {
+        kube::runtime::finalizer::Error::ApplyFailed(e)
+        | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+        e => SyncError::Finalizer(e.to_string()),
+    })
+}
+
+/// The deployment's name in Prefect.
+fn deployment_name(d: &PrefectDeployment) -> String {
+    d.spec.name.clone().unwrap_or_else(|| d.name_any())
+}
+
+async fn apply_deployment(d: &PrefectDeployment, ctx: &SyncContext) -> Result<Action, SyncError> {
+    let previous = d.status.clone().unwrap_or_default();
+    let generation = d.metadata.generation;
+    let (status, action) = match sync_deployment(d, ctx).await {
+        Ok(s) => {
+            crate::metrics::SYNCS
+                .with_label_values(&["PrefectDeployment", "synced"])
+                .inc();
+            crate::metrics::DRIFT_CORRECTIONS
+                .with_label_values(&["PrefectDeployment"])
+                .inc_by(s.drift_corrections);
+            let message = format!(
+                "deployment `{}/{}` is as declared",
+                d.spec.flow_name,
+                deployment_name(d)
+            );
+            let status = PrefectDeploymentStatus {
+                observed_generation: generation,
+                conditions: condition_set(generation, &previous.conditions, synced(message)),
+                deployment_id: s.deployment_id,
+                flow_id: s.flow_id,
+                next_scheduled_run: s.next_scheduled_run,
+                spec_hash: Some(s.spec_hash),
+                last_sync_time: Some(Time(Timestamp::now())),
+                drift_corrections: previous.drift_corrections + s.drift_corrections,
+            };
+            (status, Action::requeue(ctx.resync))
+        }
+        Err(e @ SyncError::Kube(_)) => return Err(e),
+        Err(e) => {
+            crate::metrics::SYNCS
+                .with_label_values(&["PrefectDeployment", "failed"])
+                .inc();
+            tracing::warn!(deployment = %d.name_any(), reason = e.reason(), error = %e, "deployment not synced");
+            let status = PrefectDeploymentStatus {
+                observed_generation: generation,
+                conditions: condition_set(generation, &previous.conditions, not_synced(&e)),
+                ..previous.clone()
+            };
+            let again = match e {
+                SyncError::Waiting(_) => Duration::from_secs(5),
+                SyncError::Prefect(_) => Duration::from_secs(15),
+                _ => Duration::from_secs(30),
+            };
+            (status, Action::requeue(again))
+        }
+    };
+    if d.status.as_ref() != Some(&status) {
+        write_status_of(d, ctx, &status).await?;
+    }
+    Ok(action)
+}
+
+/// What a deployment sync brought about.
+struct SyncedDeployment {
+    deployment_id: Option<String>,
+    flow_id: Option<String>,
+    next_scheduled_run: Option<String>,
+    spec_hash: String,
+    drift_corrections: u64,
+}
+
+async fn sync_deployment(
+    d: &PrefectDeployment,
+    ctx: &SyncContext,
+) -> Result<SyncedDeployment, SyncError> {
+    let spec = &d.spec;
+    deployment::check(spec)?;
+    let ns = d.namespace().unwrap_or_default();
+    let pool = match (&spec.work_pool, &spec.work_pool_ref) {
+        (Some(pool), _) => pool.clone(),
+        (None, Some(r)) => referenced_pool(&ns, r, ctx).await?,
+        (None, None) => return Err(DeploymentSpecError::Pool.into()),
+    };
+    let api = prefect_at(&spec.api, &ns, ctx).await?;
+    // Registered by name, as `flow.deploy` does: the existing flow, or a new one.
+    let flow: Value = api
+        .call(
+            Method::POST,
+            "/flows/",
+            Some(&json!({"name": spec.flow_name})),
+        )
+        .await?;
+    let flow_id = flow["id"].as_str().unwrap_or_default().to_string();
+    let name = deployment_name(d);
+    let want = deployment::body(spec, &name, &flow_id, &pool);
+    let path = format!(
+        "/deployments/name/{}/{}",
+        encode(&spec.flow_name),
+        encode(&name)
+    );
+    let observed: Option<Value> = match api.call(Method::GET, &path, None).await {
+        Ok(v) => Some(v),
+        Err(HttpError::NotFound { .. }) => None,
+        Err(e) => return Err(e.into()),
+    };
+    let spec_unchanged = d.status.as_ref().is_some_and(|s| {
+        s.observed_generation == d.metadata.generation && s.deployment_id.is_some()
+    });
+    let differs = observed.as_ref().map_or_else(
+        || vec!["(missing)".to_string()],
+        |o| deployment::drift(&want, o),
+    );
+    let mut corrections = 0;
+    let current = match observed {
+        Some(o) if differs.is_empty() => o,
+        _ => {
+            tracing::info!(deployment = %name, fields = ?differs, "creating or updating the deployment in Prefect");
+            if spec_unchanged {
+                corrections += 1;
+            }
+            match api.call(Method::POST, "/deployments/", Some(&want)).await {
+                Ok(v) => v,
+                Err(HttpError::Status {
+                    status: 422,
+                    refusal: Some(answer),
+                    ..
+                }) => {
+                    if let Some(e) = deployment::refused(&answer) {
+                        return Err(e.into());
+                    }
+                    return Err(SyncError::Deployment(DeploymentSpecError::Refused {
+                        field: "spec".into(),
+                        message: answer.to_string(),
+                    }));
+                }
+                Err(HttpError::NotFound { detail, .. }) if detail.contains("ork pool") => {
+                    return Err(SyncError::NoPool(pool));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    };
+    let id = current["id"].as_str().map(str::to_string);
+    // Its runs scheduled now, as Prefect's scheduler would within its loop (a minute),
+    // so that the status says when the next one is.
+    let wrote = corrections > 0 || !differs.is_empty();
+    let schedules = !spec.paused && spec.schedules.iter().any(|s| s.active != Some(false));
+    if let (true, true, Some(id)) = (wrote, schedules, &id) {
+        let path = format!("/deployments/{}/schedule", encode(id));
+        if let Err(e) = api.send(Method::POST, &path, Some(&json!({}))).await {
+            tracing::debug!(error = %e, "could not schedule the deployment's runs; Prefect's scheduler will");
+        }
+    }
+    let next: Vec<Value> = match &id {
+        Some(id) => api
+            .call(
+                Method::POST,
+                "/flow_runs/filter",
+                Some(&json!({
+                    "deployments": {"id": {"any_": [id]}},
+                    "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}},
+                    "sort": "EXPECTED_START_TIME_ASC",
+                    "limit": 1,
+                })),
+            )
+            .await
+            .unwrap_or_default(),
+        None => Vec::new(),
+    };
+    Ok(SyncedDeployment {
+        deployment_id: id,
+        flow_id: Some(flow_id),
+        next_scheduled_run: next
+            .first()
+            .and_then(|r| r["expected_start_time"].as_str())
+            .map(str::to_string),
+        spec_hash: pool::template_hash(&want),
+        drift_corrections: corrections,
+    })
+}
+
+async fn cleanup_deployment(d: &PrefectDeployment, ctx: &SyncContext) -> Result<Action, SyncError> {
+    if d.spec.deletion_policy == DeletionPolicy::Retain {
+        tracing::info!(deployment = %deployment_name(d), "resource deleted; the deployment stays in Prefect (deletionPolicy: Retain)");
+        return Ok(Action::await_change());
+    }
+    let Some(id) = d.status.as_ref().and_then(|s| s.deployment_id.clone()) else {
+        return Ok(Action::await_change());
+    };
+    let api = prefect_at(&d.spec.api, &d.namespace().unwrap_or_default(), ctx).await?;
+    match api
+        .send(
+            Method::DELETE,
+            &format!("/deployments/{}", encode(&id)),
+            None,
+        )
+        .await
+    {
+        Ok(_) | Err(HttpError::NotFound { .. }) => {
+            tracing::info!(deployment = %deployment_name(d), "deployment deleted in Prefect (deletionPolicy: Delete)");
+            Ok(Action::await_change())
+        }
+        Err(e) => Err(e.into()),
+    }
 }

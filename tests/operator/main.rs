@@ -2,6 +2,7 @@
 //! server, the dev job runner or hand-written pod status in place of a kubelet. One test
 //! binary, a file per subject; the helpers they share are here.
 
+mod deployments;
 mod jobs;
 mod leader;
 mod lifecycle;

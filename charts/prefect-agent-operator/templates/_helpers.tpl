@@ -37,13 +37,13 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{/* Rules on what the operator manages, wherever it watches. */}}
 {{- define "pao.managedRules" -}}
 - apiGroups: [prefect.io]
-  resources: [prefectagents, prefectworkpools]
+  resources: [prefectagents, prefectworkpools, prefectdeployments]
   verbs: [get, list, watch, patch, update]
 - apiGroups: [prefect.io]
-  resources: [prefectagents/status, prefectworkpools/status]
+  resources: [prefectagents/status, prefectworkpools/status, prefectdeployments/status]
   verbs: [get, patch, update]
 - apiGroups: [prefect.io]
-  resources: [prefectagents/finalizers, prefectworkpools/finalizers]
+  resources: [prefectagents/finalizers, prefectworkpools/finalizers, prefectdeployments/finalizers]
   verbs: [update]
 - apiGroups: [batch]
   resources: [jobs]
