@@ -580,6 +580,13 @@ async fn install_yaml_and_the_chart_apply_to_the_api_server() {
         Api::namespaced(client.clone(), "data");
     let pool = pools.get("k8s").await.expect("the example PrefectWorkPool");
     assert_eq!(pool.spec.queues.len(), 2);
+    let deployments: Api<prefect_agent_operator::crd::PrefectDeployment> =
+        Api::namespaced(client.clone(), "data");
+    let hello = deployments
+        .get("hello")
+        .await
+        .expect("the example PrefectDeployment");
+    assert_eq!(hello.spec.schedules.len(), 2);
 
     // The chart with non-default values, applied for real (without the ServiceMonitor,
     // whose CRD this server does not have, and with this server's PDB version).
