@@ -14,6 +14,20 @@ pub fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u64 {
     })
 }
 
+/// Percent-encodes a URL path segment (pool, queue and deployment names may hold
+/// spaces or slashes).
+pub fn urlencode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 /// `text` cut to at most `max` bytes at a character boundary, marked when cut.
 pub fn clip(text: &str, max: usize) -> String {
     if text.len() <= max {
@@ -30,6 +44,12 @@ pub fn clip(text: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn urlencodes_names() {
+        assert_eq!(urlencode("my pool/x"), "my%20pool%2Fx");
+        assert_eq!(urlencode("k8s-pool_1"), "k8s-pool_1");
+    }
 
     #[test]
     fn fnv1a_is_the_published_function() {

@@ -31,6 +31,7 @@ use crate::controller::status::{Cond, MAX_MESSAGE, clip, condition_set};
 use crate::crd::deployment::{PrefectDeployment, PrefectDeploymentStatus};
 use crate::crd::pool::{DeletionPolicy, PrefectWorkPool, PrefectWorkPoolStatus};
 use crate::crd::{LocalObjectRef, PrefectApi};
+use crate::text::urlencode as encode;
 use deployment::DeploymentSpecError;
 use pool::PoolSpecError;
 
@@ -157,11 +158,16 @@ pub async fn reconcile_pool(
         }
     })
     .await
-    .map_err(|e| match e {
+    .map_err(unwrap_finalizer)
+}
+
+/// The sync's own error out of the finalizer helper's.
+fn unwrap_finalizer(e: kube::runtime::finalizer::Error<SyncError>) -> SyncError {
+    match e {
         kube::runtime::finalizer::Error::ApplyFailed(e)
         | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
         e => SyncError::Finalizer(e.to_string()),
-    })
+    }
 }
 
 /// The pool's name in Prefect.
@@ -172,18 +178,6 @@ fn pool_name(p: &PrefectWorkPool) -> String {
 /// `/work_pools/<name>` with the name percent-encoded.
 fn pool_path(name: &str) -> String {
     format!("/work_pools/{}", encode(name))
-}
-
-fn encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 /// A client for the resource's Prefect API, with its credentials.
@@ -527,11 +521,7 @@ pub async fn reconcile_deployment(
         }
     })
     .await
-    .map_err(|e| match e {
-        kube::runtime::finalizer::Error::ApplyFailed(e)
-        | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
-        e => SyncError::Finalizer(e.to_string()),
-    })
+    .map_err(unwrap_finalizer)
 }
 
 /// The deployment's name in Prefect.

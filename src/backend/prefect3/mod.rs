@@ -26,6 +26,7 @@ use super::{
     Backend, BackendError, Claim, ClaimLedger, Env, EnvValue, FlowRun, LogLevel, PoolInfo,
     Registration, RunAbout, RunContext, RunSpec, StateKind, poll_horizon, timestamp,
 };
+use crate::text::urlencode;
 use crate::work_pool::{
     JobConfiguration, Reference, References, references_in, run_values, shared_template,
     standard_template,
@@ -312,19 +313,6 @@ fn run_uuid(run_id: &str) -> Result<uuid::Uuid, HttpError> {
 /// `/flow_runs/<uuid>`.
 fn run_path(run_id: &str) -> Result<String, HttpError> {
     Ok(format!("/flow_runs/{}", run_uuid(run_id)?))
-}
-
-/// Percent-encodes a path segment (pool and queue names may hold spaces).
-fn urlencode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 /// The variables Prefect's worker gives every run, in its order: its own settings (API
@@ -876,11 +864,5 @@ mod tests {
             run_path("7F1C6F0E-5F3A-4A8E-9D2B-1C0DE0F1A004").unwrap(),
             "/flow_runs/7f1c6f0e-5f3a-4a8e-9d2b-1c0de0f1a004"
         );
-    }
-
-    #[test]
-    fn urlencodes_names() {
-        assert_eq!(urlencode("my pool/x"), "my%20pool%2Fx");
-        assert_eq!(urlencode("k8s-pool_1"), "k8s-pool_1");
     }
 }
