@@ -1,8 +1,10 @@
 """Quick start, operator path: a one-node cluster on this machine (scripts/cluster.sh:
-kube-apiserver, scheduler, kubelet, containerd) and a local Prefect server; the operator
-runs a PrefectAgent; its flow run becomes a Job whose pod pulls the flow's code with
-Prefect's git_clone step and runs it in the Prefect image built here; the run is COMPLETED;
-`kubectl get pods`, the pod's logs and `kubectl get pfa` show it.
+kube-apiserver, scheduler, kubelet, containerd) and a local Prefect server; one YAML
+declares the work pool, the deployment and the agent (PrefectWorkPool, PrefectDeployment,
+PrefectAgent), as a Git folder synced by Argo CD would; the operator creates the pool and
+the deployment in Prefect and runs the agent; a flow run becomes a Job whose pod pulls the
+flow's code with Prefect's git_clone step and runs it in the Prefect image built here; the
+run is COMPLETED; `kubectl get pods`, the pod's logs and `kubectl get pfwp,pfd,pfa` show it.
 
 Where this machine cannot run a node (scripts/cluster.sh check says why), the API server
 runs alone and the dev job runner executes each Job's command as a local process instead.
@@ -18,14 +20,40 @@ import sys
 import tempfile
 from pathlib import Path
 
-from qs_common import (REPO, VENV, call, clean_env, deploy_hello, follow_run, free_port, print_logs,
+from qs_common import (REPO, VENV, call, clean_env, follow_run, free_port, print_logs,
                        serve_flows_repo, start_prefect_server, step, stop)
 
 BIN = Path(os.environ["PAO_AGENT_BIN"])
 REAL_NODE = os.environ.get("PAO_QUICKSTART_NODE") == "1"
 POOL = "quickstart-k8s"
 
-AGENT_YAML = """\
+# What a Git folder synced by Argo CD would hold: the pool, the deployment, the agent.
+RESOURCES_YAML = """\
+apiVersion: prefect.io/v1alpha1
+kind: PrefectWorkPool
+metadata:
+  name: {pool}
+  namespace: default
+spec:
+  api:
+    url: {api}
+  type: kubernetes                  # Prefect's standard Kubernetes job template
+---
+apiVersion: prefect.io/v1alpha1
+kind: PrefectDeployment
+metadata:
+  name: hello
+  namespace: default
+spec:
+  api:
+    url: {api}
+  flowName: hello
+  workPoolRef: {{name: {pool}}}
+  entrypoint: hello.py:hello
+  pullSteps: {pull_steps}
+  parameters: {{name: prefect-agent-operator}}
+  jobVariables: {job_variables}
+---
 apiVersion: prefect.io/v1alpha1
 kind: PrefectAgent
 metadata:
@@ -34,7 +62,7 @@ metadata:
 spec:
   api:
     url: {api}
-    workPool: {pool}
+    workPoolRef: {{name: {pool}}}
   pollInterval: 2s
   envVars:
     GREETING_SOURCE: operator
@@ -82,31 +110,38 @@ def main() -> None:
         kubeconfig = kube_dir / "kubeconfig"
         env = dict(clean_env(), KUBECONFIG=str(kubeconfig), PATH=f"{VENV}/bin:" + os.environ.get("PATH", ""))
 
-        template = json.loads((REPO / "src/work_pool/default-base-job-template.json").read_text())
         if REAL_NODE:
             daemon, repo = serve_flows_repo(host)
             print(f"examples/flows is served at {repo}; the pod clones it (Prefect's git_clone step)")
-            dep = deploy_hello(api, POOL, "kubernetes", template,
-                               pull_steps=[{"prefect.deployments.steps.git_clone": {"repository": repo}}],
-                               job_variables={"image": image})
+            pull_steps = [{"prefect.deployments.steps.git_clone": {"repository": repo}}]
+            job_variables = {"image": image}
         else:
-            dep = deploy_hello(api, POOL, "kubernetes", template)
+            # The dev job runner's processes read this checkout.
+            flows_dir = str(REPO / "examples/flows")
+            pull_steps = [{"prefect.deployments.steps.set_working_directory": {"directory": flows_dir}}]
+            job_variables = {}
 
-        step("Starting the operator (it installs its CRD)" + ("" if REAL_NODE else " and the dev job runner"))
+        step("Starting the operator (it installs its CRDs)" + ("" if REAL_NODE else " and the dev job runner"))
         health = f"127.0.0.1:{free_port()}"
         operator = subprocess.Popen([str(BIN), "operator", "--install-crd", "--health-address", health], env=env)
         if not REAL_NODE:
             print("(the dev job runner plays the kubelet: it runs each Job's command as a local process)")
             runner = subprocess.Popen([str(BIN), "dev-runner"], env=env)
-        wait("the CRD", lambda: "prefectagents.prefect.io" in kubectl(kubeconfig, "get", "crd", check=False))
-        kubectl(kubeconfig, "wait", "--for=condition=Established", "crd/prefectagents.prefect.io", "--timeout=60s")
+        wait("the CRDs", lambda: "prefectdeployments.prefect.io" in kubectl(kubeconfig, "get", "crd", check=False))
+        for crd in ["prefectagents", "prefectworkpools", "prefectdeployments"]:
+            kubectl(kubeconfig, "wait", "--for=condition=Established", f"crd/{crd}.prefect.io", "--timeout=60s")
 
-        step("kubectl apply -f - <<EOF (a PrefectAgent)")
-        manifest = AGENT_YAML.format(api=api, pool=POOL)
+        step("kubectl apply -f - <<EOF (a PrefectWorkPool, a PrefectDeployment, a PrefectAgent)")
+        manifest = RESOURCES_YAML.format(api=api, pool=POOL, pull_steps=json.dumps(pull_steps),
+                                         job_variables=json.dumps(job_variables))
         print(manifest)
         subprocess.run(["kubectl", f"--kubeconfig={kubeconfig}", "apply", "-f", "-"], input=manifest,
                        text=True, check=True)
-        print(kubectl(kubeconfig, "wait", "--for=condition=Ready", "pfa/quickstart", "--timeout=90s"))
+        print(kubectl(kubeconfig, "wait", "--for=condition=Ready", f"pfwp/{POOL}", "pfd/hello",
+                      "pfa/quickstart", "--timeout=120s"))
+        print(kubectl(kubeconfig, "get", "pfwp,pfd"))
+        dep = kubectl(kubeconfig, "get", "pfd", "hello", "-o", "jsonpath={.status.deploymentId}")
+        print(f"the operator created work pool '{POOL}' and deployment hello/hello ({dep}) in Prefect")
 
         run = call(api, "POST", f"/deployments/{dep}/create_flow_run", {})
         print(f"flow run {run['name']} ({run['id']}) is {run['state']['type']}")

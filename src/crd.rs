@@ -34,6 +34,7 @@ pub use pool::{PrefectWorkPool, PrefectWorkPoolSpec, PrefectWorkPoolStatus};
     printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
     printcolumn = r#"{"name":"Flavor","type":"string","jsonPath":".spec.api.flavor"}"#,
     printcolumn = r#"{"name":"Pool","type":"string","jsonPath":".spec.api.workPool"}"#,
+    printcolumn = r#"{"name":"Pool Ref","type":"string","priority":1,"jsonPath":".spec.api.workPoolRef.name"}"#,
     printcolumn = r#"{"name":"Labels","type":"string","priority":1,"jsonPath":".spec.labels"}"#,
     printcolumn = r#"{"name":"Active","type":"integer","jsonPath":".status.activeJobs"}"#,
     printcolumn = r#"{"name":"Submitted","type":"integer","jsonPath":".status.runsSubmitted"}"#,

@@ -562,7 +562,11 @@ async fn apply_deployment(d: &PrefectDeployment, ctx: &SyncContext) -> Result<Ac
             crate::metrics::SYNCS
                 .with_label_values(&["PrefectDeployment", "failed"])
                 .inc();
-            tracing::warn!(deployment = %d.name_any(), reason = e.reason(), error = %e, "deployment not synced");
+            if let SyncError::Waiting(_) = e {
+                tracing::info!(deployment = %d.name_any(), error = %e, "deployment waits for its pool");
+            } else {
+                tracing::warn!(deployment = %d.name_any(), reason = e.reason(), error = %e, "deployment not synced");
+            }
             let status = PrefectDeploymentStatus {
                 observed_generation: generation,
                 conditions: condition_set(generation, &previous.conditions, not_synced(&e)),
