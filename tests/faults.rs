@@ -534,7 +534,9 @@ impl Disruption for RestartPrefect {
             .await
             .unwrap_or_default();
         self.server.kill();
-        wait_for("a failed poll", Duration::from_secs(60), || async {
+        // Mid-burst the poll loop may wait for submission slots whose calls are retrying
+        // against the dead server first; on a loaded machine that took over 60 s once.
+        wait_for("a failed poll", Duration::from_secs(120), || async {
             (counter(self.port, "prefect_agent_poll_errors_total").await? > errors).then_some(())
         })
         .await;
