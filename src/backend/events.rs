@@ -139,12 +139,13 @@ impl std::fmt::Display for StreamEnd {
     }
 }
 
-/// Whether a server that refused the stream with `status` has none at all: no route
-/// (404), or a Prefect 2 server, whose stream is off unless it runs with
-/// `PREFECT_EXPERIMENTAL_EVENTS=true` (it answers 500, and logs an error each time).
-/// A Prefect 3 server refusing once is a passing failure.
+/// Whether a server that refused the stream with HTTP `status` has none at all: a
+/// Prefect 2 server, whose stream is off unless it runs with
+/// `PREFECT_EXPERIMENTAL_EVENTS=true` (it answers 500 and logs an error each time; before
+/// 2.14, 404). A Prefect 3 server, or one that does not say its version, refusing is a
+/// passing failure (a proxy during a rollout, a server starting): retried with backoff.
 pub fn has_no_stream(status: u16, server_version: Option<&str>) -> bool {
-    status == 404 || server_version.is_some_and(|v| v.starts_with("2."))
+    (400..600).contains(&status) && server_version.is_some_and(|v| v.starts_with("2."))
 }
 
 impl Feed {
@@ -457,10 +458,10 @@ mod tests {
     #[test]
     fn only_a_server_without_a_stream_is_left_alone_for_good() {
         assert!(has_no_stream(500, Some("2.20.27")), "Prefect 2, events off");
-        assert!(has_no_stream(404, None), "no route");
-        assert!(has_no_stream(404, Some("3.9.1")));
+        assert!(has_no_stream(404, Some("2.12.1")), "Prefect 2 before the route");
+        assert!(!has_no_stream(404, Some("3.9.1")), "Prefect 3: passing");
         assert!(!has_no_stream(500, Some("3.9.1")), "Prefect 3: passing");
-        assert!(!has_no_stream(503, None));
+        assert!(!has_no_stream(404, None), "unknown: retried");
     }
 
     #[test]
