@@ -458,7 +458,10 @@ mod tests {
     #[test]
     fn only_a_server_without_a_stream_is_left_alone_for_good() {
         assert!(has_no_stream(500, Some("2.20.27")), "Prefect 2, events off");
-        assert!(has_no_stream(404, Some("2.12.1")), "Prefect 2 before the route");
+        assert!(
+            has_no_stream(404, Some("2.12.1")),
+            "Prefect 2 before the route"
+        );
         assert!(!has_no_stream(404, Some("3.9.1")), "Prefect 3: passing");
         assert!(!has_no_stream(500, Some("3.9.1")), "Prefect 3: passing");
         assert!(!has_no_stream(404, None), "unknown: retried");

@@ -92,7 +92,7 @@ impl SyncError {
     }
 }
 
-/// Runs the PrefectWorkPool controller until `shutdown`.
+/// Runs the PrefectWorkPool and PrefectDeployment controllers until `shutdown`.
 pub async fn run(
     client: Client,
     namespace: Option<String>,
@@ -213,6 +213,16 @@ async fn config_map_text(
 }
 
 async fn apply(p: &PrefectWorkPool, ctx: &SyncContext) -> Result<Action, SyncError> {
+    if let Some(s) = &p.status
+        && let Some(wait) = not_due(
+            (s.observed_generation, p.metadata.generation),
+            &s.conditions,
+            s.last_sync_time.as_ref(),
+            ctx.resync,
+        )
+    {
+        return Ok(Action::requeue(wait));
+    }
     let outcome = sync(p, ctx).await;
     let previous = p.status.clone().unwrap_or_default();
     let generation = p.metadata.generation;
@@ -449,6 +459,27 @@ where
     Ok(())
 }
 
+/// How long until a resource synced less than `resync` ago for its current generation is
+/// due again; None when it is due now. Every status write comes back as a watch event,
+/// and a sync per event would call Prefect in a loop: a synced resource is compared with
+/// Prefect once per `resync`, and at once when its spec changes.
+pub fn not_due(
+    (observed, generation): (Option<i64>, Option<i64>),
+    conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    last_sync: Option<&Time>,
+    resync: Duration,
+) -> Option<Duration> {
+    let synced = conditions
+        .iter()
+        .any(|c| c.type_ == "Ready" && c.status == "True");
+    if observed != generation || !synced {
+        return None;
+    }
+    let since = Timestamp::now().duration_since(last_sync?.0);
+    let since = Duration::try_from(since).ok()?;
+    resync.checked_sub(since).filter(|left| !left.is_zero())
+}
+
 /// Ready, Progressing, Degraded after a sync that worked.
 fn synced(message: String) -> [Cond<'static>; 3] {
     [
@@ -530,6 +561,16 @@ fn deployment_name(d: &PrefectDeployment) -> String {
 }
 
 async fn apply_deployment(d: &PrefectDeployment, ctx: &SyncContext) -> Result<Action, SyncError> {
+    if let Some(s) = &d.status
+        && let Some(wait) = not_due(
+            (s.observed_generation, d.metadata.generation),
+            &s.conditions,
+            s.last_sync_time.as_ref(),
+            ctx.resync,
+        )
+    {
+        return Ok(Action::requeue(wait));
+    }
     let previous = d.status.clone().unwrap_or_default();
     let generation = d.metadata.generation;
     let (status, action) = match sync_deployment(d, ctx).await {
@@ -727,5 +768,69 @@ async fn cleanup_deployment(d: &PrefectDeployment, ctx: &SyncContext) -> Result<
             Ok(Action::await_change())
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+
+    #[test]
+    fn a_synced_resource_is_due_once_per_resync_or_when_its_spec_changes() {
+        let ready = |status: &str| Condition {
+            type_: "Ready".into(),
+            status: status.into(),
+            reason: "Synced".into(),
+            message: String::new(),
+            observed_generation: Some(1),
+            last_transition_time: Time(Timestamp::now()),
+        };
+        let minute = Duration::from_secs(60);
+        let just_now = Time(Timestamp::now());
+        let left = not_due(
+            (Some(1), Some(1)),
+            &[ready("True")],
+            Some(&just_now),
+            minute,
+        );
+        assert!(
+            left.is_some_and(|l| l > Duration::from_secs(50)),
+            "{left:?}"
+        );
+        assert_eq!(
+            not_due(
+                (Some(1), Some(2)),
+                &[ready("True")],
+                Some(&just_now),
+                minute
+            ),
+            None,
+            "spec changed"
+        );
+        assert_eq!(
+            not_due(
+                (Some(1), Some(1)),
+                &[ready("False")],
+                Some(&just_now),
+                minute
+            ),
+            None,
+            "not synced"
+        );
+        assert_eq!(
+            not_due((Some(1), Some(1)), &[ready("True")], None, minute),
+            None
+        );
+        let long_ago = Time(Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_secs(120));
+        assert_eq!(
+            not_due(
+                (Some(1), Some(1)),
+                &[ready("True")],
+                Some(&long_ago),
+                minute
+            ),
+            None
+        );
     }
 }

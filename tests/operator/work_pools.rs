@@ -198,6 +198,26 @@ async fn a_declared_pool_is_created_updated_and_kept_as_declared() {
         })
         .and_then(|v| v.parse::<u64>().ok());
     assert_eq!(counted, Some(corrected.drift_corrections), "{metrics}");
+    // One sync per resync (2 s here), not one per status write it makes (each write
+    // comes back as a watch event). Counted over a quiet window of 6 s.
+    let syncs = || async {
+        let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix("prefect_sync_total{kind=\"PrefectWorkPool\",outcome=\"synced\"} ")
+            })
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    let before = syncs().await.unwrap();
+    let window = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let during = syncs().await.unwrap() - before;
+    assert!(during <= 4, "{during} syncs in {:?}", window.elapsed());
     // An operator restart recreates nothing: the same pool, the same queues.
     op.signal(nix::sys::signal::Signal::SIGTERM);
     op.wait_exit(Duration::from_secs(30)).await;
