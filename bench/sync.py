@@ -59,14 +59,15 @@ def one_size(kubeconfig, api: str, n: int) -> dict:
         time.sleep(2)  # not measured: the operator's start-up
         docs = []
         for i in range(n):
-            docs.append(json.dumps({
+            docs.append(({
                 "apiVersion": "prefect.io/v1alpha1", "kind": "PrefectDeployment",
                 "metadata": {"name": f"d{i}", "namespace": ns},
                 "spec": {"api": {"url": api}, "flowName": f"flow-{i % 10}", "workPool": pool,
                          "parameters": {"i": i}, "schedules": [{"interval": 3600}]},
             }))
         start = time.time()
-        kubectl(kubeconfig, "apply", "-f", "-", stdin="\n---\n".join(docs))
+        kubectl(kubeconfig, "apply", "-f", "-",
+                stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": docs}))
         while ready_count(kubeconfig, ns) < n:
             if time.time() - start > 600:
                 raise SystemExit(f"{n} PrefectDeployments not Ready within 600 s")
