@@ -418,22 +418,10 @@ fn referenced_pool(
             pool.spec.api.url
         )));
     }
-    let ready = pool.status.as_ref().and_then(|s| {
-        s.conditions
-            .iter()
-            .find(|c| c.type_ == "Ready")
-            .filter(|c| c.observed_generation == pool.metadata.generation)
-    });
-    match ready {
-        Some(c) if c.status == "True" => {
-            Ok(pool.spec.name.clone().unwrap_or_else(|| name.to_string()))
-        }
-        Some(c) => Err(SpecError::WaitingForWorkPool(format!(
-            "waiting for PrefectWorkPool {ns}/{name} to be Ready: {}",
-            c.message
-        ))),
-        None => Err(SpecError::WaitingForWorkPool(format!(
-            "waiting for PrefectWorkPool {ns}/{name} to be synced"
+    match pool.not_ready() {
+        None => Ok(pool.pool_name()),
+        Some(why) => Err(SpecError::WaitingForWorkPool(format!(
+            "waiting for PrefectWorkPool {ns}/{name} {why}"
         ))),
     }
 }

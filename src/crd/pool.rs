@@ -63,6 +63,30 @@ pub struct PrefectWorkPoolSpec {
     pub deletion_policy: DeletionPolicy,
 }
 
+impl PrefectWorkPool {
+    /// The pool's name in Prefect.
+    pub fn pool_name(&self) -> String {
+        use kube::ResourceExt;
+        self.spec.name.clone().unwrap_or_else(|| self.name_any())
+    }
+
+    /// Why what refers to this resource must wait for it, or None once it is Ready for
+    /// its current generation (its pool then exists in Prefect as declared).
+    pub fn not_ready(&self) -> Option<String> {
+        let ready = self.status.as_ref().and_then(|s| {
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == "Ready")
+                .filter(|c| c.observed_generation == self.metadata.generation)
+        });
+        match ready {
+            Some(c) if c.status == "True" => None,
+            Some(c) => Some(format!("to be Ready: {}", c.message)),
+            None => Some("to be synced".into()),
+        }
+    }
+}
+
 /// Where the base job template comes from: `inline` or a ConfigMap key (JSON or YAML),
 /// else Prefect's standard one; `defaults` then replaces its variables' defaults.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -170,11 +170,6 @@ fn unwrap_finalizer(e: kube::runtime::finalizer::Error<SyncError>) -> SyncError 
     }
 }
 
-/// The pool's name in Prefect.
-fn pool_name(p: &PrefectWorkPool) -> String {
-    p.spec.name.clone().unwrap_or_else(|| p.name_any())
-}
-
 /// `/work_pools/<name>` with the name percent-encoded.
 fn pool_path(name: &str) -> String {
     format!("/work_pools/{}", encode(name))
@@ -228,7 +223,7 @@ async fn apply(p: &PrefectWorkPool, ctx: &SyncContext) -> Result<Action, SyncErr
     let generation = p.metadata.generation;
     let (status, action) = match outcome {
         Ok(done) => {
-            let ready = synced(format!("work pool `{}` is as declared", pool_name(p)));
+            let ready = synced(format!("work pool `{}` is as declared", p.pool_name()));
             crate::metrics::SYNCS
                 .with_label_values(&["PrefectWorkPool", "synced"])
                 .inc();
@@ -286,7 +281,7 @@ async fn sync(p: &PrefectWorkPool, ctx: &SyncContext) -> Result<Synced, SyncErro
     let text = config_map_text(p, ctx).await?;
     let template = pool::template(&p.spec, text.as_deref())?;
     let api = prefect(p, ctx).await?;
-    let name = pool_name(p);
+    let name = p.pool_name();
     let path = pool_path(&name);
     // A difference while the spec is the one last synced was made in Prefect.
     let spec_unchanged = p
@@ -377,10 +372,10 @@ async fn sync(p: &PrefectWorkPool, ctx: &SyncContext) -> Result<Synced, SyncErro
 
 async fn cleanup(p: &PrefectWorkPool, ctx: &SyncContext) -> Result<Action, SyncError> {
     if p.spec.deletion_policy == DeletionPolicy::Retain {
-        tracing::info!(pool = %pool_name(p), "resource deleted; the work pool stays in Prefect (deletionPolicy: Retain)");
+        tracing::info!(pool = %p.pool_name(), "resource deleted; the work pool stays in Prefect (deletionPolicy: Retain)");
         return Ok(Action::await_change());
     }
-    let name = pool_name(p);
+    let name = p.pool_name();
     let result = delete_pool(p, ctx, &name).await;
     if let Err(e) = &result {
         // Said where the user looks while the resource hangs in deletion.
@@ -519,20 +514,13 @@ async fn referenced_pool(
             r.name
         )));
     };
-    let ready = pool.status.as_ref().is_some_and(|s| {
-        s.conditions.iter().any(|c| {
-            c.type_ == "Ready"
-                && c.status == "True"
-                && c.observed_generation == pool.metadata.generation
-        })
-    });
-    if !ready {
-        return Err(SyncError::Waiting(format!(
-            "waiting for PrefectWorkPool {ns}/{} to be Ready",
+    match pool.not_ready() {
+        None => Ok(pool.pool_name()),
+        Some(why) => Err(SyncError::Waiting(format!(
+            "waiting for PrefectWorkPool {ns}/{} {why}",
             r.name
-        )));
+        ))),
     }
-    Ok(pool.spec.name.clone().unwrap_or_else(|| r.name.clone()))
 }
 
 /// The finalizer that lets the operator apply a deployment's `deletionPolicy`.
