@@ -146,10 +146,7 @@ impl Context {
 impl Context {
     /// The Event recorder.
     pub fn recorder(&self) -> Recorder {
-        let held = self
-            .recorder
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let held = supervisor::locked(&self.recorder);
         held.0.clone()
     }
 
@@ -159,10 +156,7 @@ impl Context {
     /// their Events pinned some 24 MiB of heap pages in an idle operator. A repeat across
     /// a renewal starts a new Event instead of counting on. True when it renewed.
     fn renew_recorder(&self) -> bool {
-        let mut held = self
-            .recorder
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut held = supervisor::locked(&self.recorder);
         if held.1.elapsed() < EVENT_CACHE_TTL {
             return false;
         }

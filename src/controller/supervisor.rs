@@ -47,6 +47,12 @@ struct Running {
 pub const CREDENTIALS_RECHECK: Duration = Duration::from_secs(300);
 pub const CREDENTIALS_RECHECK_FAILING: Duration = Duration::from_secs(10);
 
+/// A lock's guard even after a panic elsewhere poisoned it: what it guards (agents, their
+/// counts, the Event recorder) must stay usable, above all to stop agents.
+pub fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// A resource's lifetime counts, which outlive each of its agents (a spec change,
 /// suspension, a failed start): the next agent continues from them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -118,9 +124,7 @@ impl Supervisor {
     /// The agents, even after a panic elsewhere poisoned the lock: an agent must always
     /// be stoppable.
     fn agents(&self) -> std::sync::MutexGuard<'_, HashMap<String, Running>> {
-        self.agents
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        locked(&self.agents)
     }
 
     pub fn stop(&self, key: &str) {
@@ -134,10 +138,7 @@ impl Supervisor {
 
     fn carry(&self, key: &str, r: &Running) {
         let counts = Counts::of(&r.stats.snapshot());
-        let mut carried = self
-            .carried
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut carried = locked(&self.carried);
         let slot = carried.entry(key.to_string()).or_default();
         *slot = slot.max(counts);
     }
@@ -145,13 +146,7 @@ impl Supervisor {
     /// What the resource's agents have counted so far: its current agent's counts, or
     /// those its stopped agents left.
     pub fn counts(&self, key: &str) -> Counts {
-        let carried = self
-            .carried
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(key)
-            .copied()
-            .unwrap_or_default();
+        let carried = locked(&self.carried).get(key).copied().unwrap_or_default();
         let current = self
             .agents()
             .get(key)
@@ -165,10 +160,7 @@ impl Supervisor {
     pub async fn stop_and_wait(&self, key: &str, within: Duration) {
         let removed = self.agents().remove(key);
         // The resource is going: nothing continues its counts.
-        self.carried
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(key);
+        locked(&self.carried).remove(key);
         let Some(r) = removed else {
             return;
         };
