@@ -243,7 +243,17 @@ pub async fn run(
         .map(|rx| {
             futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) })
         });
-    let mut controller = Controller::for_stream(resources, reader).with_config(config);
+    let pools: Api<crate::crd::PrefectWorkPool> = match &namespace {
+        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
+        None => Api::all(ctx.client.clone()),
+    };
+    let referring = reader.clone();
+    let mut controller = Controller::for_stream(resources, reader)
+        .with_config(config)
+        // An agent waiting for its PrefectWorkPool starts when that is Ready.
+        .watches(pools, watcher::Config::default(), move |pool| {
+            referring_to_pool(&referring.state(), &pool)
+        });
     if let Some(changed) = changed {
         controller = controller.reconcile_on(changed);
     }
@@ -276,6 +286,27 @@ pub async fn run(
     }
     // Launches under way finish (their claims would otherwise wait for adoption).
     ctx.supervisor.stop_all(SHUTDOWN_GRACE).await;
+}
+
+/// The PrefectAgents whose `workPoolRef` names this PrefectWorkPool.
+fn referring_to_pool(
+    agents: &[Arc<Guarded>],
+    pool: &crate::crd::PrefectWorkPool,
+) -> Vec<ObjectRef<Guarded>> {
+    agents
+        .iter()
+        .filter(|g| {
+            g.0.as_ref().is_ok_and(|a| {
+                a.namespace() == pool.namespace()
+                    && a.spec
+                        .api
+                        .work_pool_ref
+                        .as_ref()
+                        .is_some_and(|r| r.name == pool.name_any())
+            })
+        })
+        .map(|g| ObjectRef::from_obj(g.as_ref()))
+        .collect()
 }
 
 /// Every `MEMORY_RELEASE_INTERVAL`, the memory of agents stopped since (and of Events the

@@ -83,7 +83,8 @@ impl PrefectAgent {
         Ok(match phase {
             // Fixed Secrets and namespaces are not watched: looked at again now and then.
             AgentPhase::Invalid { .. } => Action::requeue(Duration::from_secs(30)),
-            AgentPhase::Waiting { .. } => Action::requeue(Duration::from_secs(5)),
+            // The PrefectWorkPool is watched; this only bounds a missed event.
+            AgentPhase::Waiting { .. } => Action::requeue(Duration::from_secs(30)),
             AgentPhase::Failed { retry_in, .. } => Action::requeue(retry_in),
             AgentPhase::Suspended | AgentPhase::Finished { .. } => Action::await_change(),
             AgentPhase::Running { .. } => Action::requeue(STATUS_INTERVAL),

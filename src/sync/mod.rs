@@ -17,8 +17,11 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
+use kube::core::PartialObjectMeta;
+use kube::runtime::WatchStreamExt;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use reqwest::Method;
@@ -112,8 +115,23 @@ pub async fn run(
         Some(ns) => Api::namespaced(ctx.client.clone(), ns),
         None => Api::all(ctx.client.clone()),
     };
+    let config_maps: Api<PartialObjectMeta<ConfigMap>> = match &namespace {
+        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
+        None => Api::all(ctx.client.clone()),
+    };
+    let pool_watch: Api<PrefectWorkPool> = match &namespace {
+        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
+        None => Api::all(ctx.client.clone()),
+    };
     let stop = shutdown.clone();
-    let pools = Controller::new(pools, watcher::Config::default())
+    let pools = Controller::new(pools, watcher::Config::default());
+    let referring = pools.store();
+    let pools = pools
+        // A template kept in a ConfigMap follows its edits at once (names only are
+        // watched: the text is read when a pool uses it).
+        .watches_stream(watch_names(config_maps), move |map| {
+            using_config_map(&referring.state(), &map)
+        })
         .graceful_shutdown_on(async move { stop.cancelled().await })
         .run(reconcile_pool, error_policy, ctx.clone())
         .for_each(|result| async move {
@@ -122,7 +140,13 @@ pub async fn run(
             }
         });
     let stop = shutdown.clone();
-    let deployments = Controller::new(deployments, watcher::Config::default())
+    let deployments = Controller::new(deployments, watcher::Config::default());
+    let referring = deployments.store();
+    let deployments = deployments
+        // A deployment waiting for its PrefectWorkPool goes on when that is Ready.
+        .watches(pool_watch, watcher::Config::default(), move |pool| {
+            referring_to_pool(&referring.state(), &pool)
+        })
         .graceful_shutdown_on(async move { stop.cancelled().await })
         .run(reconcile_deployment, error_policy, ctx)
         .for_each(|result| async move {
@@ -137,6 +161,75 @@ pub async fn run(
         _ = controller => {}
         _ = async { shutdown.cancelled().await; tokio::time::sleep(Duration::from_secs(5)).await } => {}
     }
+}
+
+/// The names of the watched objects as they change. Without permission to list them
+/// (ConfigMaps where Secrets are narrowed to some namespaces), one warning, and what
+/// depends on them follows at every resync instead.
+fn watch_names<K>(
+    api: Api<PartialObjectMeta<K>>,
+) -> impl futures::Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + 'static,
+{
+    let warned = std::sync::atomic::AtomicBool::new(false);
+    watcher::watcher(api, watcher::Config::default())
+        .default_backoff()
+        .touched_objects()
+        .filter_map(move |event| {
+            let out = match event {
+                Ok(object) => Some(Ok(object)),
+                Err(e) => {
+                    if !warned.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                        tracing::warn!(kind = K::kind(&()).as_ref(), error = %e, "cannot watch; edits are followed at every resync instead");
+                    }
+                    None
+                }
+            };
+            std::future::ready(out)
+        })
+}
+
+/// The PrefectWorkPools whose template is kept in this ConfigMap.
+fn using_config_map(
+    pools: &[Arc<PrefectWorkPool>],
+    map: &PartialObjectMeta<ConfigMap>,
+) -> Vec<ObjectRef<PrefectWorkPool>> {
+    pools
+        .iter()
+        .filter(|p| p.namespace() == map.namespace())
+        .filter(|p| {
+            p.spec
+                .base_job_template
+                .as_ref()
+                .and_then(|t| t.config_map_key_ref.as_ref())
+                .is_some_and(|r| r.name == map.name_any())
+        })
+        .map(|p| ObjectRef::from_obj(p.as_ref()))
+        .collect()
+}
+
+/// The PrefectDeployments that refer to this PrefectWorkPool.
+fn referring_to_pool(
+    deployments: &[Arc<PrefectDeployment>],
+    pool: &PrefectWorkPool,
+) -> Vec<ObjectRef<PrefectDeployment>> {
+    deployments
+        .iter()
+        .filter(|d| d.namespace() == pool.namespace())
+        .filter(|d| {
+            d.spec
+                .work_pool_ref
+                .as_ref()
+                .is_some_and(|r| r.name == pool.name_any())
+        })
+        .map(|d| ObjectRef::from_obj(d.as_ref()))
+        .collect()
 }
 
 fn error_policy<K: ResourceExt>(object: Arc<K>, error: &SyncError, _: Arc<SyncContext>) -> Action {
@@ -208,7 +301,16 @@ async fn config_map_text(
 }
 
 async fn apply(p: &PrefectWorkPool, ctx: &SyncContext) -> Result<Action, SyncError> {
+    // A ConfigMap edit changes the template without changing the resource's generation.
+    let template = match config_map_text(p, ctx).await {
+        Ok(text) => pool::template(&p.spec, text.as_deref()).map_err(SyncError::from),
+        Err(e @ SyncError::Kube(_)) => return Err(e),
+        Err(e) => Err(e),
+    };
+    let hash = template.as_ref().ok().map(pool::template_hash);
     if let Some(s) = &p.status
+        && hash.is_some()
+        && s.template_hash == hash
         && let Some(wait) = not_due(
             (s.observed_generation, p.metadata.generation),
             &s.conditions,
@@ -218,7 +320,10 @@ async fn apply(p: &PrefectWorkPool, ctx: &SyncContext) -> Result<Action, SyncErr
     {
         return Ok(Action::requeue(wait));
     }
-    let outcome = sync(p, ctx).await;
+    let outcome = match template {
+        Ok(template) => sync(p, ctx, &template).await,
+        Err(e) => Err(e),
+    };
     let previous = p.status.clone().unwrap_or_default();
     let generation = p.metadata.generation;
     let (status, action) = match outcome {
@@ -277,9 +382,11 @@ struct Synced {
     drift_corrections: u64,
 }
 
-async fn sync(p: &PrefectWorkPool, ctx: &SyncContext) -> Result<Synced, SyncError> {
-    let text = config_map_text(p, ctx).await?;
-    let template = pool::template(&p.spec, text.as_deref())?;
+async fn sync(
+    p: &PrefectWorkPool,
+    ctx: &SyncContext,
+    template: &Value,
+) -> Result<Synced, SyncError> {
     let api = prefect(p, ctx).await?;
     let name = p.pool_name();
     let path = pool_path(&name);
@@ -299,7 +406,7 @@ async fn sync(p: &PrefectWorkPool, ctx: &SyncContext) -> Result<Synced, SyncErro
             api.call(
                 Method::POST,
                 "/work_pools/",
-                Some(&pool::create_pool_body(&name, &p.spec, &template)),
+                Some(&pool::create_pool_body(&name, &p.spec, template)),
             )
             .await?
         }
@@ -313,7 +420,7 @@ async fn sync(p: &PrefectWorkPool, ctx: &SyncContext) -> Result<Synced, SyncErro
         }
         .into());
     }
-    if let Some(patch) = pool::drift(&pool::desired_pool(&p.spec, &template), &observed) {
+    if let Some(patch) = pool::drift(&pool::desired_pool(&p.spec, template), &observed) {
         tracing::info!(pool = %name, fields = ?patch.as_object().map(|o| o.keys().collect::<Vec<_>>()), "updating the work pool in Prefect");
         api.send(Method::PATCH, &path, Some(&patch)).await?;
         if spec_unchanged {
@@ -365,7 +472,7 @@ async fn sync(p: &PrefectWorkPool, ctx: &SyncContext) -> Result<Synced, SyncErro
     Ok(Synced {
         pool_id: observed["id"].as_str().map(str::to_string),
         queue_ids,
-        template_hash: pool::template_hash(&template),
+        template_hash: pool::template_hash(template),
         drift_corrections: corrections,
     })
 }
@@ -602,7 +709,8 @@ async fn apply_deployment(d: &PrefectDeployment, ctx: &SyncContext) -> Result<Ac
                 ..previous.clone()
             };
             let again = match e {
-                SyncError::Waiting(_) => Duration::from_secs(5),
+                // The PrefectWorkPool is watched; this only bounds a missed event.
+                SyncError::Waiting(_) => Duration::from_secs(30),
                 SyncError::Prefect(_) => Duration::from_secs(15),
                 _ => Duration::from_secs(30),
             };

@@ -111,6 +111,19 @@ async fn a_declared_deployment_is_registered_updated_and_kept() {
         )
         .await
         .unwrap();
+    // The pool resource is watched: the deployment goes on when it is Ready, not at its
+    // 30 s look again.
+    wait_for(
+        "the deployment after its pool",
+        Duration::from_secs(20),
+        || async {
+            let c = deployments.get("etl").await.ok()?.status?.conditions;
+            c.iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+                .then_some(())
+        },
+    )
+    .await;
     let synced = settled(&deployments, "etl", "True").await;
     let status = synced.status.unwrap();
     let id = status.deployment_id.clone().expect("deployment id");

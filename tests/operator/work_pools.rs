@@ -13,13 +13,17 @@ fn operator(kube: &KubeApiServer, ns: &str) -> AgentProcess {
 
 /// The same, serving /metrics on `port`.
 fn operator_on(kube: &KubeApiServer, ns: &str, port: u16) -> AgentProcess {
+    operator_resyncing(kube, ns, port, "2s")
+}
+
+fn operator_resyncing(kube: &KubeApiServer, ns: &str, port: u16, every: &str) -> AgentProcess {
     let mut cmd = operator_command(&kube.kubeconfig);
     let health = format!("127.0.0.1:{port}");
     cmd.args([
         "--namespace",
         ns,
         "--sync-interval",
-        "2s",
+        every,
         "--health-address",
         &health,
     ]);
@@ -245,14 +249,15 @@ async fn a_declared_pool_is_created_updated_and_kept_as_declared() {
     assert_eq!(named.len(), 1);
 }
 
-/// A template from a ConfigMap follows the ConfigMap; a template Prefect's worker would
-/// fail on never reaches Prefect, and the condition names where it is wrong.
+/// A template from a ConfigMap follows the ConfigMap at once (the ConfigMap is watched:
+/// the resync here is 10 minutes); a template Prefect's worker would fail on never
+/// reaches Prefect, and the condition names where it is wrong.
 #[tokio::test(flavor = "multi_thread")]
 async fn templates_come_from_config_maps_and_bad_ones_are_named() {
     let (_, client, ns) = cluster_with_namespace("wpt").await;
     let prefect = Setup::new("wpt-unused").await;
     let kube = KubeApiServer::shared();
-    let _op = operator(kube, &ns);
+    let _op = operator_resyncing(kube, &ns, free_port(), "10m");
     let pools: Api<PrefectWorkPool> = Api::namespaced(client.clone(), &ns);
     let maps: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(client.clone(), &ns);
     let template = |image: &str| {
@@ -461,7 +466,19 @@ async fn an_agent_referring_to_a_pool_resource_waits_for_it_then_runs_its_runs()
         )
         .await
         .unwrap();
-    kube.wait_ready_for(&ns, "referring").await;
+    // The pool resource is watched: the agent starts when it is Ready, not at its
+    // 30 s look again.
+    wait_for(
+        "the agent Ready after its pool",
+        Duration::from_secs(20),
+        || async {
+            let c = agents.get("referring").await.ok()?.status?.conditions;
+            c.iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+                .then_some(())
+        },
+    )
+    .await;
     let dep = prefect.api.create_deployment(&name, json!({})).await;
     let run = prefect.api.create_run(&dep).await;
     let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);

@@ -60,8 +60,9 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 - apiGroups: [""]
   resources: [secrets]
   verbs: [get]
-# Base job templates kept in ConfigMaps (PrefectWorkPool), where the Secrets are read.
+# Base job templates kept in ConfigMaps (PrefectWorkPool), where the Secrets are read;
+# list/watch so that an edit is followed at once (without them: at every resync).
 - apiGroups: [""]
   resources: [configmaps]
-  verbs: [get]
+  verbs: [get, list, watch]
 {{- end -}}
