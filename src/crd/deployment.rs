@@ -88,10 +88,21 @@ pub struct PrefectDeploymentSpec {
     pub paused: bool,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub schedules: Vec<ScheduleSpec>,
-    /// Most runs of the deployment at once.
+    /// Most runs of the deployment at once (a limit of its own; not with
+    /// `globalConcurrencyLimit`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub concurrency_limit: Option<u32>,
+    /// A global concurrency limit, shared by name, whose slots its runs take.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub global_concurrency_limit: Option<GlobalConcurrencyLimitSpec>,
+    /// What a run does when its concurrency limit is full.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency_options: Option<ConcurrencyOptionsSpec>,
+    /// The version's description (`type`, e.g. `git`, and `version`). Prefect Cloud
+    /// keeps it; Prefect server 3.x accepts it and does not store it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version_info: Option<VersionInfoSpec>,
     /// What deleting this resource does to the deployment in Prefect (default Retain).
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
@@ -128,6 +139,66 @@ pub struct ScheduleSpec {
     pub max_scheduled_runs: Option<u32>,
 }
 
+/// A global concurrency limit (Prefect's `/v2/concurrency_limits`) by name. With `limit`
+/// the operator creates it if missing and keeps it as declared; without, it must exist.
+/// Deleting the resource never deletes it (others may share it).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GlobalConcurrencyLimitSpec {
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub limit: Option<u32>,
+    /// Default true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active: Option<bool>,
+    /// Slots freed per second by decay (a rate limit); default 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0))]
+    pub slot_decay_per_second: Option<f64>,
+}
+
+/// Prefect's concurrency options of a deployment.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConcurrencyOptionsSpec {
+    /// `Enqueue` (wait for a slot, Prefect's default) or `CancelNew`.
+    pub collision_strategy: CollisionStrategy,
+    /// Seconds a run's infrastructure has to start before its slot is taken back
+    /// (60 to 86400; default: the server's setting).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 60, max = 86400))]
+    pub grace_period_seconds: Option<u32>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum CollisionStrategy {
+    #[default]
+    Enqueue,
+    CancelNew,
+}
+
+impl CollisionStrategy {
+    /// Prefect's name for it.
+    pub fn prefect_name(self) -> &'static str {
+        match self {
+            Self::Enqueue => "ENQUEUE",
+            Self::CancelNew => "CANCEL_NEW",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct VersionInfoSpec {
+    /// e.g. `git`.
+    #[serde(rename = "type")]
+    #[schemars(length(min = 1, max = 253))]
+    pub type_: String,
+    #[schemars(length(min = 1, max = 253))]
+    pub version: String,
+}
+
 /// What the operator last synced, written by server-side apply.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -142,6 +213,9 @@ pub struct PrefectDeploymentStatus {
     pub deployment_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flow_id: Option<String>,
+    /// The global concurrency limit its runs take slots of (`globalConcurrencyLimit`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub global_concurrency_limit_id: Option<String>,
     /// The expected start of the deployment's next scheduled run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_scheduled_run: Option<String>,

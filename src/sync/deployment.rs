@@ -5,7 +5,7 @@
 
 use serde_json::{Map, Value, json};
 
-use crate::crd::deployment::{PrefectDeploymentSpec, ScheduleSpec};
+use crate::crd::deployment::{GlobalConcurrencyLimitSpec, PrefectDeploymentSpec, ScheduleSpec};
 
 /// Why a deployment cannot be synced as declared; each names the field to fix.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -20,6 +20,8 @@ pub enum DeploymentSpecError {
         field: &'static str,
         problem: String,
     },
+    #[error("spec: set concurrencyLimit or globalConcurrencyLimit, not both")]
+    TwoLimits,
     /// Prefect refused a value; `field` is where it is in the spec.
     #[error("{field}: {message} (refused by Prefect)")]
     Refused { field: String, message: String },
@@ -29,6 +31,9 @@ pub enum DeploymentSpecError {
 pub fn check(spec: &PrefectDeploymentSpec) -> Result<(), DeploymentSpecError> {
     if spec.work_pool.is_some() == spec.work_pool_ref.is_some() {
         return Err(DeploymentSpecError::Pool);
+    }
+    if spec.concurrency_limit.is_some() && spec.global_concurrency_limit.is_some() {
+        return Err(DeploymentSpecError::TwoLimits);
     }
     for (i, s) in spec.schedules.iter().enumerate() {
         let kinds = [s.interval.is_some(), s.cron.is_some(), s.rrule.is_some()];
@@ -90,7 +95,14 @@ fn schedule(s: &ScheduleSpec) -> Value {
 }
 
 /// The body of `POST /deployments/` (created, or updated in place by flow and name).
-pub fn body(spec: &PrefectDeploymentSpec, name: &str, flow_id: &str, pool: &str) -> Value {
+/// `global_limit` is the id of the `globalConcurrencyLimit`, once looked up.
+pub fn body(
+    spec: &PrefectDeploymentSpec,
+    name: &str,
+    flow_id: &str,
+    pool: &str,
+    global_limit: Option<&str>,
+) -> Value {
     let mut b = json!({
         "name": name,
         "flow_id": flow_id,
@@ -120,8 +132,10 @@ pub fn body(spec: &PrefectDeploymentSpec, name: &str, flow_id: &str, pool: &str)
             spec.enforce_parameter_schema.map(|v| json!(v)),
         ),
         (
-            "concurrency_limit",
-            spec.concurrency_limit.map(|v| json!(v)),
+            "version_info",
+            spec.version_info
+                .as_ref()
+                .map(|v| json!({"type": v.type_, "version": v.version})),
         ),
         (
             "labels",
@@ -133,7 +147,84 @@ pub fn body(spec: &PrefectDeploymentSpec, name: &str, flow_id: &str, pool: &str)
             b[k] = v;
         }
     }
+    // Sent even when unset, so that removing one from the spec removes it in Prefect.
+    // `concurrency_limit` only without a global limit: Prefect applies it to whatever
+    // limit the deployment holds (a shared one's limit changed, or deleted on null).
+    match global_limit {
+        Some(id) => b["global_concurrency_limit_id"] = json!(id),
+        None => b["concurrency_limit"] = json!(spec.concurrency_limit),
+    }
+    b["concurrency_options"] = match &spec.concurrency_options {
+        Some(o) => json!({"collision_strategy": o.collision_strategy.prefect_name(),
+                          "grace_period_seconds": o.grace_period_seconds}),
+        None => Value::Null,
+    };
     b
+}
+
+/// The limit Prefect made for the deployment from its `concurrency_limit` (named
+/// `deployment:<id>`), as opposed to a shared global one.
+fn own_limit(observed: &Value) -> Option<&Value> {
+    let limit = observed.get("global_concurrency_limit")?;
+    let id = observed["id"].as_str()?;
+    (limit["name"].as_str() == Some(format!("deployment:{id}").as_str())).then_some(limit)
+}
+
+/// What must happen around the upsert so that Prefect's handling of limits loses
+/// nothing: a shared limit is detached before `concurrency_limit` is sent (Prefect would
+/// change its limit, or delete it on null), and the deployment's own limit is deleted
+/// once a global one replaces it (left behind, its name blocks a later own limit).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct LimitSteps {
+    pub detach_first: bool,
+    pub delete_after: Option<String>,
+}
+
+pub fn limit_steps(observed: Option<&Value>, global_limit: Option<&str>) -> LimitSteps {
+    let Some(o) = observed else {
+        return LimitSteps::default();
+    };
+    let held = o
+        .pointer("/global_concurrency_limit/id")
+        .and_then(Value::as_str);
+    let own = own_limit(o).is_some();
+    LimitSteps {
+        detach_first: held.is_some() && !own && global_limit.is_none(),
+        delete_after: match (own, global_limit) {
+            (true, Some(_)) => held.map(str::to_string),
+            _ => None,
+        },
+    }
+}
+
+/// The body that creates a global concurrency limit as declared.
+pub fn global_limit_body(spec: &GlobalConcurrencyLimitSpec) -> Value {
+    json!({
+        "name": spec.name,
+        "limit": spec.limit.unwrap_or(0),
+        "active": spec.active.unwrap_or(true),
+        "slot_decay_per_second": spec.slot_decay_per_second.unwrap_or(0.0),
+    })
+}
+
+/// The fields of an existing global concurrency limit to put back, if the spec declares
+/// its limit (without one the limit is only referred to, as found).
+pub fn global_limit_drift(spec: &GlobalConcurrencyLimitSpec, observed: &Value) -> Option<Value> {
+    spec.limit?;
+    let want = global_limit_body(spec);
+    let mut patch = Map::new();
+    for k in ["limit", "active"] {
+        if observed[k] != want[k] {
+            patch.insert(k.into(), want[k].clone());
+        }
+    }
+    if observed["slot_decay_per_second"].as_f64() != want["slot_decay_per_second"].as_f64() {
+        patch.insert(
+            "slot_decay_per_second".into(),
+            want["slot_decay_per_second"].clone(),
+        );
+    }
+    (!patch.is_empty()).then_some(Value::Object(patch))
 }
 
 /// Where Prefect's deployment differs from `desired` (a body from [`body`]), field by
@@ -151,9 +242,22 @@ pub fn drift(desired: &Value, observed: &Value) -> Vec<String> {
                 .into_iter()
                 .flatten()
                 .all(|(l, v)| have.get(l) == Some(v)),
-            "concurrency_limit" => {
-                have == want || observed.pointer("/global_concurrency_limit/limit") == Some(want)
+            // Prefect answers `concurrency_limit: null` and the limit it made instead.
+            "concurrency_limit" => match want.as_u64() {
+                Some(n) => own_limit(observed).and_then(|l| l["limit"].as_u64()) == Some(n),
+                None => observed["global_concurrency_limit"].is_null(),
+            },
+            "global_concurrency_limit_id" => {
+                observed.pointer("/global_concurrency_limit/id") == Some(want)
             }
+            "concurrency_options" => {
+                (want.is_null() && have.is_null())
+                    || (have["collision_strategy"] == want["collision_strategy"]
+                        && (want["grace_period_seconds"].is_null()
+                            || have["grace_period_seconds"] == want["grace_period_seconds"]))
+            }
+            // Prefect server does not keep it (Cloud does): compared where answered.
+            "version_info" => observed.get(k).is_none() || have == want,
             _ => have == want,
         };
         if !same {
@@ -353,7 +457,7 @@ mod tests {
             ..ScheduleSpec::default()
         }]);
         s.labels = [("team".to_string(), "data".to_string())].into();
-        let want = body(&s, "d", "f", "k8s");
+        let want = body(&s, "d", "f", "k8s", None);
         let mut have = want.clone();
         have["schedules"] = json!([{"schedule": {"interval": 3600.0, "timezone": "UTC",
             "anchor_date": "2026-01-01T00:00:00Z"}, "active": true, "max_scheduled_runs": null}]);
@@ -363,5 +467,117 @@ mod tests {
         have["paused"] = json!(true);
         have["schedules"][0]["schedule"]["interval"] = json!(60.0);
         assert_eq!(drift(&want, &have), ["paused", "schedules"]);
+    }
+
+    /// Prefect's answers as a 3.9 server gives them: a deployment's own limit is named
+    /// after it; `concurrency_limit` is always null.
+    fn answered(id: &str, limit: Option<(&str, &str, u64)>) -> Value {
+        let mut a = body(&spec(Vec::new()), "d", "f", "k8s", None);
+        a["id"] = json!(id);
+        a["concurrency_limit"] = Value::Null;
+        a["global_concurrency_limit"] =
+            json!(limit.map(|(lid, name, n)| json!({"id": lid, "name": name, "limit": n})));
+        a
+    }
+
+    #[test]
+    fn concurrency_limits_compare_and_switch_without_losing_a_shared_one() {
+        let mut s = spec(Vec::new());
+        s.concurrency_limit = Some(3);
+        let own = answered("d1", Some(("l1", "deployment:d1", 3)));
+        let shared = answered("d1", Some(("g1", "shared-db", 3)));
+        let none = answered("d1", None);
+        let want = body(&s, "d", "f", "k8s", None);
+        assert!(!drift(&want, &own).contains(&"concurrency_limit".to_string()));
+        assert!(
+            drift(&want, &shared).contains(&"concurrency_limit".to_string()),
+            "a shared limit of 3 is not its own"
+        );
+        assert!(drift(&want, &none).contains(&"concurrency_limit".to_string()));
+        // Own limit wanted while a shared one is held: detached first, or Prefect would
+        // set the shared limit to 3.
+        assert_eq!(
+            limit_steps(Some(&shared), None),
+            LimitSteps {
+                detach_first: true,
+                delete_after: None
+            }
+        );
+        assert_eq!(limit_steps(Some(&own), None), LimitSteps::default());
+
+        s.concurrency_limit = None;
+        let want = body(&s, "d", "f", "k8s", None);
+        assert_eq!(
+            want["concurrency_limit"],
+            Value::Null,
+            "sent, so that removing it removes it"
+        );
+        assert!(drift(&want, &own).contains(&"concurrency_limit".to_string()));
+        assert!(!drift(&want, &none).contains(&"concurrency_limit".to_string()));
+        // None wanted while a shared one is held: detached, never deleted by the null.
+        assert!(limit_steps(Some(&shared), None).detach_first);
+
+        let want = body(&s, "d", "f", "k8s", Some("g1"));
+        assert!(
+            want.get("concurrency_limit").is_none(),
+            "Prefect would apply it to the shared limit"
+        );
+        assert_eq!(drift(&want, &shared), Vec::<String>::new());
+        assert_eq!(drift(&want, &own), ["global_concurrency_limit_id"]);
+        // From its own limit to a shared one: its own is deleted after the switch.
+        assert_eq!(
+            limit_steps(Some(&own), Some("g1")),
+            LimitSteps {
+                detach_first: false,
+                delete_after: Some("l1".into())
+            }
+        );
+        assert_eq!(
+            limit_steps(Some(&shared), Some("g1")),
+            LimitSteps::default()
+        );
+        assert_eq!(limit_steps(None, Some("g1")), LimitSteps::default());
+    }
+
+    #[test]
+    fn a_declared_global_limit_is_kept_and_a_referred_one_left_as_found() {
+        let mut g = GlobalConcurrencyLimitSpec {
+            name: "shared-db".into(),
+            ..Default::default()
+        };
+        let found =
+            json!({"name": "shared-db", "limit": 7, "active": true, "slot_decay_per_second": 0.0});
+        assert_eq!(global_limit_drift(&g, &found), None, "referred to only");
+        g.limit = Some(5);
+        assert_eq!(global_limit_drift(&g, &found), Some(json!({"limit": 5})));
+        g.limit = Some(7);
+        g.slot_decay_per_second = Some(0.5);
+        assert_eq!(
+            global_limit_drift(&g, &found),
+            Some(json!({"slot_decay_per_second": 0.5}))
+        );
+    }
+
+    #[test]
+    fn two_limits_are_refused_and_options_compare() {
+        let mut s = spec(Vec::new());
+        s.concurrency_limit = Some(1);
+        s.global_concurrency_limit = Some(GlobalConcurrencyLimitSpec {
+            name: "x".into(),
+            ..Default::default()
+        });
+        assert_eq!(check(&s), Err(DeploymentSpecError::TwoLimits));
+        s.global_concurrency_limit = None;
+        s.concurrency_options = Some(crate::crd::deployment::ConcurrencyOptionsSpec {
+            collision_strategy: crate::crd::deployment::CollisionStrategy::CancelNew,
+            grace_period_seconds: None,
+        });
+        let want = body(&s, "d", "f", "k8s", None);
+        let mut have = answered("d1", Some(("l1", "deployment:d1", 1)));
+        have["concurrency_options"] =
+            json!({"collision_strategy": "ENQUEUE", "grace_period_seconds": null});
+        assert_eq!(drift(&want, &have), ["concurrency_options"]);
+        have["concurrency_options"]["collision_strategy"] = json!("CANCEL_NEW");
+        assert_eq!(drift(&want, &have), Vec::<String>::new());
     }
 }

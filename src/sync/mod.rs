@@ -31,7 +31,9 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::http::{ApiClient, Auth, HttpError, RetryPolicy};
 use crate::controller::config::{Credentials, SpecError};
 use crate::controller::status::{Cond, MAX_MESSAGE, clip, condition_set};
-use crate::crd::deployment::{PrefectDeployment, PrefectDeploymentStatus};
+use crate::crd::deployment::{
+    GlobalConcurrencyLimitSpec, PrefectDeployment, PrefectDeploymentStatus,
+};
 use crate::crd::pool::{DeletionPolicy, PrefectWorkPool, PrefectWorkPoolStatus};
 use crate::crd::{LocalObjectRef, PrefectApi};
 use crate::text::urlencode as encode;
@@ -65,6 +67,10 @@ pub enum SyncError {
     Deployment(#[from] DeploymentSpecError),
     #[error("spec.workPool: work pool `{0}` does not exist in Prefect")]
     NoPool(String),
+    #[error(
+        "spec.globalConcurrencyLimit.name: global concurrency limit `{0}` does not exist in Prefect; set spec.globalConcurrencyLimit.limit to have it created"
+    )]
+    NoGlobalLimit(String),
     /// Not wrong, not yet possible: a PrefectWorkPool it refers to is not Ready.
     #[error("{0}")]
     Waiting(String),
@@ -89,6 +95,7 @@ impl SyncError {
             Self::Deployment(DeploymentSpecError::Refused { .. }) => "RefusedByPrefect",
             Self::Deployment(_) => "InvalidSpec",
             Self::NoPool(_) => "WorkPoolNotFound",
+            Self::NoGlobalLimit(_) => "GlobalConcurrencyLimitNotFound",
             Self::Waiting(_) => "WaitingForWorkPool",
             Self::Kube(_) | Self::Finalizer(_) => "KubernetesError",
         }
@@ -686,6 +693,7 @@ async fn apply_deployment(d: &PrefectDeployment, ctx: &SyncContext) -> Result<Ac
                 conditions: condition_set(generation, &previous.conditions, synced(message)),
                 deployment_id: s.deployment_id,
                 flow_id: s.flow_id,
+                global_concurrency_limit_id: s.global_concurrency_limit_id,
                 next_scheduled_run: s.next_scheduled_run,
                 spec_hash: Some(s.spec_hash),
                 last_sync_time: Some(Time(Timestamp::now())),
@@ -727,6 +735,7 @@ async fn apply_deployment(d: &PrefectDeployment, ctx: &SyncContext) -> Result<Ac
 struct SyncedDeployment {
     deployment_id: Option<String>,
     flow_id: Option<String>,
+    global_concurrency_limit_id: Option<String>,
     next_scheduled_run: Option<String>,
     spec_hash: String,
     drift_corrections: u64,
@@ -754,8 +763,16 @@ async fn sync_deployment(
         )
         .await?;
     let flow_id = flow["id"].as_str().unwrap_or_default().to_string();
+    let spec_unchanged = d.status.as_ref().is_some_and(|s| {
+        s.observed_generation == d.metadata.generation && s.deployment_id.is_some()
+    });
+    let mut corrections = 0;
+    let global_limit = match &spec.global_concurrency_limit {
+        Some(g) => Some(global_limit(&api, g, spec_unchanged, &mut corrections).await?),
+        None => None,
+    };
     let name = deployment_name(d);
-    let want = deployment::body(spec, &name, &flow_id, &pool);
+    let want = deployment::body(spec, &name, &flow_id, &pool, global_limit.as_deref());
     let path = format!(
         "/deployments/name/{}/{}",
         encode(&spec.flow_name),
@@ -766,14 +783,10 @@ async fn sync_deployment(
         Err(HttpError::NotFound { .. }) => None,
         Err(e) => return Err(e.into()),
     };
-    let spec_unchanged = d.status.as_ref().is_some_and(|s| {
-        s.observed_generation == d.metadata.generation && s.deployment_id.is_some()
-    });
     let differs = observed.as_ref().map_or_else(
         || vec!["(missing)".to_string()],
         |o| deployment::drift(&want, o),
     );
-    let mut corrections = 0;
     let current = match observed {
         Some(o) if differs.is_empty() => o,
         _ => {
@@ -781,7 +794,11 @@ async fn sync_deployment(
             if spec_unchanged {
                 corrections += 1;
             }
-            match api.call(Method::POST, "/deployments/", Some(&want)).await {
+            let steps = deployment::limit_steps(observed.as_ref(), global_limit.as_deref());
+            if let (true, Some(o)) = (steps.detach_first, &observed) {
+                detach_global_limit(&api, o).await?;
+            }
+            let upserted = match api.call(Method::POST, "/deployments/", Some(&want)).await {
                 Ok(v) => v,
                 Err(HttpError::Status {
                     status: 422,
@@ -800,7 +817,15 @@ async fn sync_deployment(
                     return Err(SyncError::NoPool(pool));
                 }
                 Err(e) => return Err(e.into()),
+            };
+            if let Some(own) = steps.delete_after {
+                let path = format!("/v2/concurrency_limits/{}", encode(&own));
+                match api.send(Method::DELETE, &path, None).await {
+                    Ok(_) | Err(HttpError::NotFound { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
             }
+            upserted
         }
     };
     let id = current["id"].as_str().map(str::to_string);
@@ -833,6 +858,7 @@ async fn sync_deployment(
     Ok(SyncedDeployment {
         deployment_id: id,
         flow_id: Some(flow_id),
+        global_concurrency_limit_id: global_limit,
         next_scheduled_run: next
             .first()
             .and_then(|r| r["expected_start_time"].as_str())
@@ -840,6 +866,59 @@ async fn sync_deployment(
         spec_hash: pool::template_hash(&want),
         drift_corrections: corrections,
     })
+}
+
+/// The id of the deployment's global concurrency limit: created when missing if the spec
+/// declares its limit, and then kept as declared.
+async fn global_limit(
+    api: &ApiClient,
+    g: &GlobalConcurrencyLimitSpec,
+    spec_unchanged: bool,
+    corrections: &mut u64,
+) -> Result<String, SyncError> {
+    let path = format!("/v2/concurrency_limits/{}", encode(&g.name));
+    let found: Value = match api.call(Method::GET, &path, None).await {
+        Ok(v) => v,
+        Err(HttpError::NotFound { .. }) if g.limit.is_some() => {
+            tracing::info!(limit = %g.name, "creating the global concurrency limit in Prefect");
+            if spec_unchanged {
+                *corrections += 1;
+            }
+            api.call(
+                Method::POST,
+                "/v2/concurrency_limits/",
+                Some(&deployment::global_limit_body(g)),
+            )
+            .await?
+        }
+        Err(HttpError::NotFound { .. }) => return Err(SyncError::NoGlobalLimit(g.name.clone())),
+        Err(e) => return Err(e.into()),
+    };
+    if let Some(patch) = deployment::global_limit_drift(g, &found) {
+        api.send(Method::PATCH, &path, Some(&patch)).await?;
+        if spec_unchanged {
+            *corrections += 1;
+        }
+    }
+    match found["id"].as_str() {
+        Some(id) => Ok(id.to_string()),
+        None => Err(SyncError::NoGlobalLimit(g.name.clone())),
+    }
+}
+
+/// Detaches the shared global concurrency limit a deployment holds: Prefect would change
+/// it on a `concurrency_limit`, and delete it with a null one or with the deployment.
+async fn detach_global_limit(api: &ApiClient, observed: &Value) -> Result<(), SyncError> {
+    let Some(id) = observed["id"].as_str() else {
+        return Ok(());
+    };
+    api.send(
+        Method::PATCH,
+        &format!("/deployments/{}", encode(id)),
+        Some(&json!({"global_concurrency_limit_id": null})),
+    )
+    .await?;
+    Ok(())
 }
 
 async fn cleanup_deployment(d: &PrefectDeployment, ctx: &SyncContext) -> Result<Action, SyncError> {
@@ -851,6 +930,12 @@ async fn cleanup_deployment(d: &PrefectDeployment, ctx: &SyncContext) -> Result<
         return Ok(Action::await_change());
     };
     let api = prefect_at(&d.spec.api, &d.namespace().unwrap_or_default(), ctx).await?;
+    let path = format!("/deployments/{}", encode(&id));
+    if let Ok(observed) = api.call::<Value>(Method::GET, &path, None).await
+        && deployment::limit_steps(Some(&observed), None).detach_first
+    {
+        detach_global_limit(&api, &observed).await?;
+    }
     match api
         .send(
             Method::DELETE,

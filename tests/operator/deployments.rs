@@ -288,3 +288,202 @@ async fn a_declared_deployment_is_registered_updated_and_kept() {
     )
     .await;
 }
+
+/// Concurrency, as Prefect's own deployments have it: a shared global limit referred to
+/// by name (never changed, never deleted by the deployment, even when Prefect would), a
+/// declared one created and kept, the deployment's own limit, switches between them.
+#[tokio::test(flavor = "multi_thread")]
+async fn global_concurrency_limits_are_referred_to_declared_and_never_lost() {
+    let (_, client, ns) = cluster_with_namespace("gcl").await;
+    let prefect = Setup::new("gcl").await;
+    let kube = KubeApiServer::shared();
+    let mut cmd = operator_command(&kube.kubeconfig);
+    cmd.args(["--namespace", &ns, "--sync-interval", "2s"]);
+    let _op = AgentProcess::start_with(cmd);
+    let deployments: Api<PrefectDeployment> = Api::namespaced(client.clone(), &ns);
+    let (url, api) = (&prefect.server.url, &prefect.api);
+    let shared = unique("shared-db");
+    let made = api
+        .call(
+            Method::POST,
+            "/v2/concurrency_limits/",
+            Some(json!({"name": shared, "limit": 7})),
+        )
+        .await;
+    let shared_id = made["id"].as_str().unwrap().to_string();
+    let shared_limit = || async {
+        api.try_call(
+            Method::GET,
+            &format!("/v2/concurrency_limits/{shared_id}"),
+            None,
+        )
+        .await
+        .ok()
+        .map(|l| l["limit"].clone())
+    };
+    let flow = unique("gcl-flow");
+    let spec = |extra: serde_json::Value| {
+        let mut s = json!({"flowName": flow, "workPool": prefect.pool, "deletionPolicy": "Delete"});
+        for (k, v) in extra.as_object().unwrap() {
+            s[k] = v.clone();
+        }
+        s
+    };
+    deployments
+        .create(
+            &PostParams::default(),
+            &resource(
+                "PrefectDeployment",
+                "a",
+                url,
+                spec(json!({"globalConcurrencyLimit": {"name": shared},
+                            "concurrencyOptions": {"collisionStrategy": "CancelNew", "gracePeriodSeconds": 120},
+                            "versionInfo": {"type": "git", "version": "4f2a9c1"}})),
+            ),
+        )
+        .await
+        .unwrap();
+    let a = settled(&deployments, "a", "True").await.status.unwrap();
+    assert_eq!(
+        a.global_concurrency_limit_id.as_deref(),
+        Some(shared_id.as_str())
+    );
+    let id = a.deployment_id.unwrap();
+    let path = format!("/deployments/{id}");
+    let d = api.call(Method::GET, &path, None).await;
+    assert_eq!(d["global_concurrency_limit"]["id"], shared_id.as_str());
+    assert_eq!(d["concurrency_options"]["collision_strategy"], "CANCEL_NEW");
+    assert_eq!(d["concurrency_options"]["grace_period_seconds"], 120);
+    assert_eq!(
+        shared_limit().await,
+        Some(json!(7)),
+        "referred to, not changed"
+    );
+
+    // A declared one is created, and put back when changed in Prefect.
+    let declared = unique("declared");
+    deployments
+        .create(
+            &PostParams::default(),
+            &resource(
+                "PrefectDeployment",
+                "b",
+                url,
+                spec(json!({"globalConcurrencyLimit": {"name": declared, "limit": 2, "slotDecayPerSecond": 0.5}})),
+            ),
+        )
+        .await
+        .unwrap();
+    settled(&deployments, "b", "True").await;
+    let gcl = format!("/v2/concurrency_limits/{declared}");
+    let l = api.call(Method::GET, &gcl, None).await;
+    assert_eq!(
+        (l["limit"].clone(), l["slot_decay_per_second"].clone()),
+        (json!(2), json!(0.5))
+    );
+    api.call(Method::PATCH, &gcl, Some(json!({"limit": 9})))
+        .await;
+    wait_for(
+        "the declared limit put back",
+        Duration::from_secs(30),
+        || async {
+            let l = api.try_call(Method::GET, &gcl, None).await.ok()?;
+            (l["limit"] == 2).then_some(())
+        },
+    )
+    .await;
+    // One that does not exist and is not declared: said at the field.
+    deployments
+        .create(
+            &PostParams::default(),
+            &resource(
+                "PrefectDeployment",
+                "c",
+                url,
+                spec(json!({"globalConcurrencyLimit": {"name": "no-such-limit"}})),
+            ),
+        )
+        .await
+        .unwrap();
+    let c = settled(&deployments, "c", "False").await;
+    let (reason, message) = degraded(&c);
+    assert_eq!(reason, "GlobalConcurrencyLimitNotFound");
+    assert!(
+        message.starts_with(
+            "spec.globalConcurrencyLimit.name: global concurrency limit `no-such-limit`"
+        ),
+        "{message}"
+    );
+
+    // Shared → its own limit: the shared one keeps its limit (Prefect would set it to 3).
+    let edit = |extra: serde_json::Value| {
+        let mut s = spec(extra);
+        s["api"] = json!({"url": url});
+        let deployments = deployments.clone();
+        async move {
+            let mut a = deployments.get("a").await.unwrap();
+            a.spec = serde_json::from_value(s).unwrap();
+            deployments
+                .replace("a", &PostParams::default(), &a)
+                .await
+                .unwrap();
+            settled(&deployments, "a", "True").await
+        }
+    };
+    edit(json!({"concurrencyLimit": 3})).await;
+    let d = api.call(Method::GET, &path, None).await;
+    assert_eq!(
+        d["global_concurrency_limit"]["name"],
+        format!("deployment:{id}")
+    );
+    assert_eq!(d["global_concurrency_limit"]["limit"], 3);
+    assert_eq!(shared_limit().await, Some(json!(7)));
+    let own = d["global_concurrency_limit"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Own → shared: its own limit is deleted (left, its name would block the next one).
+    edit(json!({"globalConcurrencyLimit": {"name": shared}})).await;
+    let d = api.call(Method::GET, &path, None).await;
+    assert_eq!(d["global_concurrency_limit"]["id"], shared_id.as_str());
+    assert!(
+        api.try_call(Method::GET, &format!("/v2/concurrency_limits/{own}"), None)
+            .await
+            .is_err(),
+        "its own limit deleted"
+    );
+    edit(json!({"concurrencyLimit": 4})).await;
+    let d = api.call(Method::GET, &path, None).await;
+    assert_eq!(d["global_concurrency_limit"]["limit"], 4);
+    // None at all: its own removed; shared → none detaches without deleting the shared one.
+    edit(json!({})).await;
+    let d = api.call(Method::GET, &path, None).await;
+    assert!(d["global_concurrency_limit"].is_null(), "{d}");
+    edit(json!({"globalConcurrencyLimit": {"name": shared}})).await;
+    edit(json!({})).await;
+    assert_eq!(shared_limit().await, Some(json!(7)));
+
+    // Deleted with deletionPolicy: Delete while holding the shared limit: Prefect deletes
+    // a deployment's limit with it, so the operator detaches the shared one first.
+    edit(json!({"globalConcurrencyLimit": {"name": shared}})).await;
+    deployments
+        .delete("a", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for(
+        "the deployment deleted in Prefect",
+        Duration::from_secs(60),
+        || async {
+            api.try_call(Method::GET, &path, None)
+                .await
+                .is_err()
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        shared_limit().await,
+        Some(json!(7)),
+        "the shared limit outlives it"
+    );
+}
