@@ -89,6 +89,18 @@ pub fn events_url(api_url: &str) -> Option<String> {
     Some(format!("{rest}/events/out"))
 }
 
+/// Tells credentials apart without keeping them: clients with different keys must not
+/// share a stream.
+pub(crate) fn credential_hash(auth: &Auth) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    match auth {
+        Auth::None => 0u8.hash(&mut hasher),
+        Auth::Bearer(k) => (1u8, k.expose()).hash(&mut hasher),
+        Auth::Basic(s) => (2u8, s.expose()).hash(&mut hasher),
+    }
+    hasher.finish()
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 struct FeedKey {
     url: String,
@@ -121,7 +133,7 @@ impl EventLink {
 
 /// Why a connection ended.
 #[derive(Debug)]
-enum StreamEnd {
+pub(crate) enum StreamEnd {
     /// The server answered the upgrade with this HTTP status instead of a websocket.
     Refused(u16),
     /// Anything else: unreachable, dropped, auth refused.
@@ -207,15 +219,9 @@ impl EventHub {
             tracing::warn!(%api_url, "no event stream for this URL; polling only");
             return None;
         };
-        let mut hasher = DefaultHasher::new();
-        match auth {
-            Auth::None => 0u8.hash(&mut hasher),
-            Auth::Bearer(k) => (1u8, k.expose()).hash(&mut hasher),
-            Auth::Basic(s) => (2u8, s.expose()).hash(&mut hasher),
-        }
         let key = FeedKey {
             url,
-            credential: hasher.finish(),
+            credential: credential_hash(auth),
         };
         let Ok(mut feeds) = self.feeds.lock() else {
             return None;
@@ -268,7 +274,7 @@ impl EventHub {
                 tracing::debug!(url = %key.url, "event stream closed: no agent listens");
                 return;
             }
-            let ended = stream(&key.url, &auth, &feed).await;
+            let ended = stream(&key.url, &auth, feed.as_ref()).await;
             feed.connected.store(false, Ordering::Relaxed);
             match ended {
                 Ok(()) => failures = 0,
@@ -300,13 +306,13 @@ impl EventHub {
 }
 
 /// 1 s, 2 s, 4 s, … up to a minute, with jitter so that restarts do not reconnect in step.
-fn backoff(failures: u32) -> Duration {
+pub(crate) fn backoff(failures: u32) -> Duration {
     let base = Duration::from_secs(1u64 << failures.min(6)).min(Duration::from_secs(60));
     base.mul_f64(rand::rng().random_range(0.5..1.0))
 }
 
 /// The server's version, if it says.
-async fn server_version(api_url: &str, auth: &Auth) -> Option<String> {
+pub(crate) async fn server_version(api_url: &str, auth: &Auth) -> Option<String> {
     let once = RetryPolicy {
         attempts: 1,
         unreachable_attempts: 1,
@@ -316,8 +322,35 @@ async fn server_version(api_url: &str, auth: &Auth) -> Option<String> {
     api.call(Method::GET, "/admin/version", None).await.ok()
 }
 
+/// What one connection listens for, and what it does with it.
+pub(crate) trait Listener: Send + Sync {
+    /// The event names it wants, by prefix.
+    fn prefixes(&self) -> &'static [&'static str];
+    /// One message of the stream.
+    fn heard(&self, message: &Value);
+    /// False once nobody needs the stream: it is closed.
+    fn alive(&self) -> bool;
+    /// The stream is up (events arrive) or down.
+    fn connected(&self, up: bool);
+}
+
+impl Listener for Feed {
+    fn prefixes(&self) -> &'static [&'static str] {
+        &["prefect.flow-run."]
+    }
+    fn heard(&self, message: &Value) {
+        self.wake(&wakes(message));
+    }
+    fn alive(&self) -> bool {
+        Feed::alive(self)
+    }
+    fn connected(&self, up: bool) {
+        self.connected.store(up, Ordering::Relaxed);
+    }
+}
+
 /// One connection: auth, filter, then events until it drops or nobody listens.
-async fn stream(url: &str, auth: &Auth, feed: &Feed) -> Result<(), StreamEnd> {
+pub(crate) async fn stream(url: &str, auth: &Auth, feed: &impl Listener) -> Result<(), StreamEnd> {
     use tokio_tungstenite::tungstenite::Error as WsError;
     let failed = |e: &dyn std::fmt::Display| StreamEnd::Failed(e.to_string());
     let mut request = url.into_client_request().map_err(|e| failed(&e))?;
@@ -369,12 +402,12 @@ async fn stream(url: &str, auth: &Auth, feed: &Feed) -> Result<(), StreamEnd> {
         &mut ws,
         json!({"type": "filter", "backfill": false, "filter": {
             "occurred": {"since": since, "until": "2100-01-01T00:00:00Z"},
-            "event": {"prefix": ["prefect.flow-run."]}}}),
+            "event": {"prefix": feed.prefixes()}}}),
     )
     .await
     .map_err(StreamEnd::Failed)?;
     tracing::debug!(%url, "event stream connected");
-    feed.connected.store(true, Ordering::Relaxed);
+    feed.connected(true);
     let mut check = tokio::time::interval(Duration::from_secs(30));
     check.tick().await;
     loop {
@@ -382,7 +415,7 @@ async fn stream(url: &str, auth: &Auth, feed: &Feed) -> Result<(), StreamEnd> {
             msg = ws.next() => match msg {
                 Some(Ok(Message::Text(t))) => {
                     if let Ok(v) = serde_json::from_str::<Value>(&t) {
-                        feed.wake(&wakes(&v));
+                        feed.heard(&v);
                     }
                 }
                 Some(Ok(Message::Close(_))) | None => return Ok(()),

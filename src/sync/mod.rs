@@ -7,6 +7,7 @@
 //! - this module: the controller, its Prefect calls and the status it writes.
 
 pub mod deployment;
+pub mod events;
 pub mod pool;
 
 use std::sync::Arc;
@@ -48,6 +49,8 @@ pub struct SyncContext {
     pub retry: RetryPolicy,
     /// How often a synced pool is compared with Prefect again (drift is put back then).
     pub resync: Duration,
+    /// Changes in Prefect seen on its event stream, which make a resource due at once.
+    pub drift: events::DriftWatch,
 }
 
 /// Why a sync did not (yet) bring Prefect to the declared state.
@@ -113,10 +116,13 @@ pub async fn run(
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
+    let (pool_trigger, pool_events) = events::Trigger::new();
+    let (deployment_trigger, deployment_events) = events::Trigger::new();
     let ctx = Arc::new(SyncContext {
         client,
         retry: RetryPolicy::default(),
         resync,
+        drift: events::DriftWatch::new(pool_trigger, deployment_trigger),
     });
     let deployments: Api<PrefectDeployment> = match &namespace {
         Some(ns) => Api::namespaced(ctx.client.clone(), ns),
@@ -139,6 +145,7 @@ pub async fn run(
         .watches_stream(watch_names(config_maps), move |map| {
             using_config_map(&referring.state(), &map)
         })
+        .reconcile_on(receiver_stream(pool_events))
         .graceful_shutdown_on(async move { stop.cancelled().await })
         .run(reconcile_pool, error_policy, ctx.clone())
         .for_each(|result| async move {
@@ -154,6 +161,7 @@ pub async fn run(
         .watches(pool_watch, watcher::Config::default(), move |pool| {
             referring_to_pool(&referring.state(), &pool)
         })
+        .reconcile_on(receiver_stream(deployment_events))
         .graceful_shutdown_on(async move { stop.cancelled().await })
         .run(reconcile_deployment, error_policy, ctx)
         .for_each(|result| async move {
@@ -200,6 +208,12 @@ where
             };
             std::future::ready(out)
         })
+}
+
+fn receiver_stream<T: Send + 'static>(
+    rx: tokio::sync::mpsc::UnboundedReceiver<T>,
+) -> impl futures::Stream<Item = T> + Send {
+    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) })
 }
 
 /// The PrefectWorkPools whose template is kept in this ConfigMap.
@@ -275,15 +289,16 @@ fn pool_path(name: &str) -> String {
     format!("/work_pools/{}", encode(name))
 }
 
-/// A client for the resource's Prefect API, with its credentials.
-async fn prefect(p: &PrefectWorkPool, ctx: &SyncContext) -> Result<ApiClient, SyncError> {
-    prefect_at(&p.spec.api, &p.namespace().unwrap_or_default(), ctx).await
-}
-
-async fn prefect_at(api: &PrefectApi, ns: &str, ctx: &SyncContext) -> Result<ApiClient, SyncError> {
+/// A client for the resource's Prefect API, and the credentials it uses (the event
+/// stream's too).
+async fn prefect_at(
+    api: &PrefectApi,
+    ns: &str,
+    ctx: &SyncContext,
+) -> Result<(ApiClient, Auth), SyncError> {
     let credentials = Credentials::read_for(&ctx.client, ns, api).await?;
     let auth = Auth::from_credentials(credentials.key, credentials.auth_string);
-    Ok(ApiClient::new(&api.url, auth, ctx.retry)?)
+    Ok((ApiClient::new(&api.url, auth.clone(), ctx.retry)?, auth))
 }
 
 /// The text of the ConfigMap key the template names, if it names one.
@@ -315,7 +330,9 @@ async fn apply(p: &PrefectWorkPool, ctx: &SyncContext) -> Result<Action, SyncErr
         Err(e) => Err(e),
     };
     let hash = template.as_ref().ok().map(pool::template_hash);
+    let changed_in_prefect = ctx.drift.pools.take(&ObjectRef::from_obj(p));
     if let Some(s) = &p.status
+        && !changed_in_prefect
         && hash.is_some()
         && s.template_hash == hash
         && let Some(wait) = not_due(
@@ -394,7 +411,7 @@ async fn sync(
     ctx: &SyncContext,
     template: &Value,
 ) -> Result<Synced, SyncError> {
-    let api = prefect(p, ctx).await?;
+    let (api, auth) = prefect_at(&p.spec.api, &p.namespace().unwrap_or_default(), ctx).await?;
     let name = p.pool_name();
     let path = pool_path(&name);
     // A difference while the spec is the one last synced was made in Prefect.
@@ -476,6 +493,8 @@ async fn sync(
             queue_ids.insert(q.name.clone(), id);
         }
     }
+    ctx.drift
+        .follow_pool(&p.spec.api.url, &auth, &name, ObjectRef::from_obj(p));
     Ok(Synced {
         pool_id: observed["id"].as_str().map(str::to_string),
         queue_ids,
@@ -485,6 +504,7 @@ async fn sync(
 }
 
 async fn cleanup(p: &PrefectWorkPool, ctx: &SyncContext) -> Result<Action, SyncError> {
+    ctx.drift.forget_pool(&ObjectRef::from_obj(p));
     if p.spec.deletion_policy == DeletionPolicy::Retain {
         tracing::info!(pool = %p.pool_name(), "resource deleted; the work pool stays in Prefect (deletionPolicy: Retain)");
         return Ok(Action::await_change());
@@ -514,7 +534,7 @@ async fn delete_pool(
     ctx: &SyncContext,
     name: &str,
 ) -> Result<Action, SyncError> {
-    let api = prefect(p, ctx).await?;
+    let (api, _) = prefect_at(&p.spec.api, &p.namespace().unwrap_or_default(), ctx).await?;
     let unfinished: u64 = api
         .call(
             Method::POST,
@@ -663,7 +683,9 @@ fn deployment_name(d: &PrefectDeployment) -> String {
 }
 
 async fn apply_deployment(d: &PrefectDeployment, ctx: &SyncContext) -> Result<Action, SyncError> {
+    let changed_in_prefect = ctx.drift.deployments.take(&ObjectRef::from_obj(d));
     if let Some(s) = &d.status
+        && !changed_in_prefect
         && let Some(wait) = not_due(
             (s.observed_generation, d.metadata.generation),
             &s.conditions,
@@ -753,7 +775,7 @@ async fn sync_deployment(
         (None, Some(r)) => referenced_pool(&ns, r, ctx).await?,
         (None, None) => return Err(DeploymentSpecError::Pool.into()),
     };
-    let api = prefect_at(&spec.api, &ns, ctx).await?;
+    let (api, auth) = prefect_at(&spec.api, &ns, ctx).await?;
     // Registered by name, as `flow.deploy` does: the existing flow, or a new one.
     let flow: Value = api
         .call(
@@ -829,6 +851,10 @@ async fn sync_deployment(
         }
     };
     let id = current["id"].as_str().map(str::to_string);
+    if let Some(id) = &id {
+        ctx.drift
+            .follow_deployment(&spec.api.url, &auth, id, ObjectRef::from_obj(d));
+    }
     // Its runs scheduled now, as Prefect's scheduler would within its loop (a minute),
     // so that the status says when the next one is.
     let wrote = corrections > 0 || !differs.is_empty();
@@ -922,6 +948,7 @@ async fn detach_global_limit(api: &ApiClient, observed: &Value) -> Result<(), Sy
 }
 
 async fn cleanup_deployment(d: &PrefectDeployment, ctx: &SyncContext) -> Result<Action, SyncError> {
+    ctx.drift.forget_deployment(&ObjectRef::from_obj(d));
     if d.spec.deletion_policy == DeletionPolicy::Retain {
         tracing::info!(deployment = %deployment_name(d), "resource deleted; the deployment stays in Prefect (deletionPolicy: Retain)");
         return Ok(Action::await_change());
@@ -929,7 +956,7 @@ async fn cleanup_deployment(d: &PrefectDeployment, ctx: &SyncContext) -> Result<
     let Some(id) = d.status.as_ref().and_then(|s| s.deployment_id.clone()) else {
         return Ok(Action::await_change());
     };
-    let api = prefect_at(&d.spec.api, &d.namespace().unwrap_or_default(), ctx).await?;
+    let (api, _) = prefect_at(&d.spec.api, &d.namespace().unwrap_or_default(), ctx).await?;
     let path = format!("/deployments/{}", encode(&id));
     if let Ok(observed) = api.call::<Value>(Method::GET, &path, None).await
         && deployment::limit_steps(Some(&observed), None).detach_first

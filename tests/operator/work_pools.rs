@@ -484,3 +484,87 @@ async fn an_agent_referring_to_a_pool_resource_waits_for_it_then_runs_its_runs()
     let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
     job_named(&jobs, &format!("prefect-run-{run}")).await;
 }
+
+/// Changed in Prefect behind the operator's back, seen on Prefect's event stream: put
+/// back at once, though the resync here is 10 minutes (pool, queue and deployment).
+#[tokio::test(flavor = "multi_thread")]
+async fn drift_seen_on_the_event_stream_is_put_back_at_once() {
+    let (_, client, ns) = cluster_with_namespace("wpev").await;
+    let prefect = Setup::new("wpev-unused").await;
+    let kube = KubeApiServer::shared();
+    let _op = operator_resyncing(kube, &ns, free_port(), "10m");
+    let pools: Api<PrefectWorkPool> = Api::namespaced(client.clone(), &ns);
+    let deployments: Api<prefect_agent_operator::crd::PrefectDeployment> =
+        Api::namespaced(client.clone(), &ns);
+    let name = unique("watched");
+    pools
+        .create(
+            &PostParams::default(),
+            &work_pool(
+                "watched",
+                &prefect.server.url,
+                json!({"name": name, "description": "as declared",
+                       "queues": [{"name": "high", "priority": 1}]}),
+            ),
+        )
+        .await
+        .unwrap();
+    ready(&pools, "watched", "True").await;
+    let flow = unique("watched-flow");
+    let deployment: prefect_agent_operator::crd::PrefectDeployment =
+        serde_json::from_value(json!({
+        "apiVersion": "prefect.io/v1alpha1", "kind": "PrefectDeployment",
+        "metadata": {"name": "watched"},
+        "spec": {"api": {"url": prefect.server.url}, "flowName": flow,
+                 "workPoolRef": {"name": "watched"}, "description": "as declared"}}))
+        .unwrap();
+    deployments
+        .create(&PostParams::default(), &deployment)
+        .await
+        .unwrap();
+    let id = wait_for("the deployment synced", Duration::from_secs(60), || async {
+        let s = deployments.get("watched").await.ok()?.status?;
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+            .then_some(s.deployment_id?)
+    })
+    .await;
+    let api = &prefect.api;
+    let pool_path = format!("/work_pools/{name}");
+    let deployment_path = format!("/deployments/{id}");
+
+    api.call(
+        Method::PATCH,
+        &pool_path,
+        Some(json!({"description": "from the UI"})),
+    )
+    .await;
+    api.call(
+        Method::PATCH,
+        &format!("{pool_path}/queues/high"),
+        Some(json!({"priority": 7})),
+    )
+    .await;
+    api.call(
+        Method::PATCH,
+        &deployment_path,
+        Some(json!({"description": "from the UI"})),
+    )
+    .await;
+    prefect_has(api, &pool_path, "/description", json!("as declared")).await;
+    prefect_has(
+        api,
+        &format!("{pool_path}/queues/high"),
+        "/priority",
+        json!(1),
+    )
+    .await;
+    prefect_has(api, &deployment_path, "/description", json!("as declared")).await;
+    wait_for("drift counted", Duration::from_secs(30), || async {
+        let p = pools.get("watched").await.ok()?.status?;
+        let d = deployments.get("watched").await.ok()?.status?;
+        (p.drift_corrections >= 1 && d.drift_corrections >= 1).then_some(())
+    })
+    .await;
+}
