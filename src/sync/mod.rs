@@ -22,7 +22,7 @@ use kube::core::PartialObjectMeta;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
-use kube::runtime::reflector::ObjectRef;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use reqwest::Method;
@@ -51,6 +51,10 @@ pub struct SyncContext {
     pub resync: Duration,
     /// Changes in Prefect seen on its event stream, which make a resource due at once.
     pub drift: events::DriftWatch,
+    /// Every PrefectWorkPool and PrefectDeployment the controllers see: two declaring one
+    /// Prefect object are found here.
+    pub pools_seen: Store<PrefectWorkPool>,
+    pub deployments_seen: Store<PrefectDeployment>,
 }
 
 /// Why a sync did not (yet) bring Prefect to the declared state.
@@ -77,6 +81,14 @@ pub enum SyncError {
     /// Not wrong, not yet possible: a PrefectWorkPool it refers to is not Ready.
     #[error("{0}")]
     Waiting(String),
+    #[error(
+        "{kind} {other} already declares {object} on this Prefect server; this one is not synced (two would undo each other's changes)"
+    )]
+    DeclaredTwice {
+        kind: &'static str,
+        object: String,
+        other: String,
+    },
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
     #[error("finalizer: {0}")]
@@ -100,6 +112,7 @@ impl SyncError {
             Self::NoPool(_) => "WorkPoolNotFound",
             Self::NoGlobalLimit(_) => "GlobalConcurrencyLimitNotFound",
             Self::Waiting(_) => "WaitingForWorkPool",
+            Self::DeclaredTwice { .. } => "DeclaredTwice",
             Self::Kube(_) | Self::Finalizer(_) => "KubernetesError",
         }
     }
@@ -112,10 +125,11 @@ pub async fn run(
     resync: Duration,
     shutdown: CancellationToken,
 ) {
-    let pools: Api<PrefectWorkPool> = match &namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
+    let ns = namespace.as_deref();
+    let pools = Controller::new(scoped(&client, ns), watcher::Config::default());
+    let deployments = Controller::new(scoped(&client, ns), watcher::Config::default());
+    let pool_watch: Api<PrefectWorkPool> = scoped(&client, ns);
+    let config_maps: Api<PartialObjectMeta<ConfigMap>> = scoped(&client, ns);
     let (pool_trigger, pool_events) = events::Trigger::new();
     let (deployment_trigger, deployment_events) = events::Trigger::new();
     let ctx = Arc::new(SyncContext {
@@ -123,21 +137,10 @@ pub async fn run(
         retry: RetryPolicy::default(),
         resync,
         drift: events::DriftWatch::new(pool_trigger, deployment_trigger),
+        pools_seen: pools.store(),
+        deployments_seen: deployments.store(),
     });
-    let deployments: Api<PrefectDeployment> = match &namespace {
-        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
-        None => Api::all(ctx.client.clone()),
-    };
-    let config_maps: Api<PartialObjectMeta<ConfigMap>> = match &namespace {
-        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
-        None => Api::all(ctx.client.clone()),
-    };
-    let pool_watch: Api<PrefectWorkPool> = match &namespace {
-        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
-        None => Api::all(ctx.client.clone()),
-    };
     let stop = shutdown.clone();
-    let pools = Controller::new(pools, watcher::Config::default());
     let referring = pools.store();
     let pools = pools
         // A template kept in a ConfigMap follows its edits at once (names only are
@@ -154,7 +157,6 @@ pub async fn run(
             }
         });
     let stop = shutdown.clone();
-    let deployments = Controller::new(deployments, watcher::Config::default());
     let referring = deployments.store();
     let deployments = deployments
         // A deployment waiting for its PrefectWorkPool goes on when that is Ready.
@@ -175,6 +177,75 @@ pub async fn run(
     tokio::select! {
         _ = controller => {}
         _ = async { shutdown.cancelled().await; tokio::time::sleep(Duration::from_secs(5)).await } => {}
+    }
+}
+
+/// The resource of the same kind that declared the same Prefect object first, if another
+/// does (`key` names the object: server and name). Two resources declaring one object
+/// would each put back the other's changes, at every resync and every event: only the
+/// first created is synced.
+fn declared_first<K: ResourceExt>(
+    me: &K,
+    seen: &[Arc<K>],
+    key: impl Fn(&K) -> String,
+) -> Option<String> {
+    let mine = key(me);
+    let rank = |k: &K| {
+        (
+            k.creation_timestamp().map(|t| t.0),
+            k.namespace(),
+            k.name_any(),
+        )
+    };
+    seen.iter()
+        .filter(|o| o.uid() != me.uid() && o.meta().deletion_timestamp.is_none())
+        .filter(|o| rank(o) < rank(me) && key(o) == mine)
+        .min_by_key(|o| rank(o))
+        .map(|o| format!("{}/{}", o.namespace().unwrap_or_default(), o.name_any()))
+}
+
+fn pool_key(p: &PrefectWorkPool) -> String {
+    format!("{} {}", p.spec.api.url.trim_end_matches('/'), p.pool_name())
+}
+
+fn deployment_key(d: &PrefectDeployment) -> String {
+    let url = d.spec.api.url.trim_end_matches('/');
+    format!("{url} {} {}", d.spec.flow_name, deployment_name(d))
+}
+
+/// Refuses a pool another PrefectWorkPool declared first.
+fn first_to_declare_pool(p: &PrefectWorkPool, ctx: &SyncContext) -> Result<(), SyncError> {
+    match declared_first(p, &ctx.pools_seen.state(), pool_key) {
+        None => Ok(()),
+        Some(other) => Err(SyncError::DeclaredTwice {
+            kind: "PrefectWorkPool",
+            object: format!("work pool `{}`", p.pool_name()),
+            other,
+        }),
+    }
+}
+
+/// Refuses a deployment another PrefectDeployment declared first.
+fn first_to_declare_deployment(d: &PrefectDeployment, ctx: &SyncContext) -> Result<(), SyncError> {
+    match declared_first(d, &ctx.deployments_seen.state(), deployment_key) {
+        None => Ok(()),
+        Some(other) => Err(SyncError::DeclaredTwice {
+            kind: "PrefectDeployment",
+            object: format!("deployment `{}/{}`", d.spec.flow_name, deployment_name(d)),
+            other,
+        }),
+    }
+}
+
+/// The objects of a kind in the operator's namespace, or in all.
+fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
     }
 }
 
@@ -411,6 +482,7 @@ async fn sync(
     ctx: &SyncContext,
     template: &Value,
 ) -> Result<Synced, SyncError> {
+    first_to_declare_pool(p, ctx)?;
     let (api, auth) = prefect_at(&p.spec.api, &p.namespace().unwrap_or_default(), ctx).await?;
     let name = p.pool_name();
     let path = pool_path(&name);
@@ -505,6 +577,10 @@ async fn sync(
 
 async fn cleanup(p: &PrefectWorkPool, ctx: &SyncContext) -> Result<Action, SyncError> {
     ctx.drift.forget_pool(&ObjectRef::from_obj(p));
+    if let Err(e) = first_to_declare_pool(p, ctx) {
+        tracing::info!(pool = %p.pool_name(), error = %e, "resource deleted; the work pool is another's, left in Prefect");
+        return Ok(Action::await_change());
+    }
     if p.spec.deletion_policy == DeletionPolicy::Retain {
         tracing::info!(pool = %p.pool_name(), "resource deleted; the work pool stays in Prefect (deletionPolicy: Retain)");
         return Ok(Action::await_change());
@@ -769,6 +845,7 @@ async fn sync_deployment(
 ) -> Result<SyncedDeployment, SyncError> {
     let spec = &d.spec;
     deployment::check(spec)?;
+    first_to_declare_deployment(d, ctx)?;
     let ns = d.namespace().unwrap_or_default();
     let pool = match (&spec.work_pool, &spec.work_pool_ref) {
         (Some(pool), _) => pool.clone(),
@@ -949,6 +1026,10 @@ async fn detach_global_limit(api: &ApiClient, observed: &Value) -> Result<(), Sy
 
 async fn cleanup_deployment(d: &PrefectDeployment, ctx: &SyncContext) -> Result<Action, SyncError> {
     ctx.drift.forget_deployment(&ObjectRef::from_obj(d));
+    if let Err(e) = first_to_declare_deployment(d, ctx) {
+        tracing::info!(deployment = %deployment_name(d), error = %e, "resource deleted; the deployment is another's, left in Prefect");
+        return Ok(Action::await_change());
+    }
     if d.spec.deletion_policy == DeletionPolicy::Retain {
         tracing::info!(deployment = %deployment_name(d), "resource deleted; the deployment stays in Prefect (deletionPolicy: Retain)");
         return Ok(Action::await_change());
@@ -983,6 +1064,44 @@ async fn cleanup_deployment(d: &PrefectDeployment, ctx: &SyncContext) -> Result<
 mod tests {
     use super::*;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+
+    fn pool(ns: &str, name: &str, pool: &str, created_s: i64) -> Arc<PrefectWorkPool> {
+        let mut p: PrefectWorkPool = serde_json::from_value(json!({
+            "apiVersion": "prefect.io/v1alpha1", "kind": "PrefectWorkPool",
+            "metadata": {"name": name, "namespace": ns, "uid": format!("{ns}-{name}")},
+            "spec": {"api": {"url": "http://prefect/api/"}, "name": pool}}))
+        .unwrap();
+        p.metadata.creation_timestamp = Some(Time(
+            Timestamp::from_second(1_700_000_000 + created_s).unwrap(),
+        ));
+        Arc::new(p)
+    }
+
+    #[test]
+    fn of_two_resources_declaring_one_object_the_first_created_is_synced() {
+        let a = pool("team-a", "pool", "shared", 10);
+        let b = pool("team-b", "pool", "shared", 20);
+        let c = pool("team-c", "other", "another", 5);
+        let seen = vec![a.clone(), b.clone(), c.clone()];
+        assert_eq!(declared_first(a.as_ref(), &seen, pool_key), None);
+        assert_eq!(
+            declared_first(b.as_ref(), &seen, pool_key),
+            Some("team-a/pool".into())
+        );
+        assert_eq!(declared_first(c.as_ref(), &seen, pool_key), None);
+        // The same second: by namespace, then name.
+        let d = pool("team-0", "pool", "shared", 10);
+        let seen = vec![a.clone(), d.clone()];
+        assert_eq!(
+            declared_first(a.as_ref(), &seen, pool_key),
+            Some("team-0/pool".into())
+        );
+        // One being deleted no longer holds the name.
+        let mut gone = (*d).clone();
+        gone.metadata.deletion_timestamp = gone.metadata.creation_timestamp.clone();
+        let seen = vec![a.clone(), Arc::new(gone)];
+        assert_eq!(declared_first(a.as_ref(), &seen, pool_key), None);
+    }
 
     #[test]
     fn a_synced_resource_is_due_once_per_resync_or_when_its_spec_changes() {

@@ -487,3 +487,72 @@ async fn global_concurrency_limits_are_referred_to_declared_and_never_lost() {
         "the shared limit outlives it"
     );
 }
+
+/// Two resources declaring one deployment would put back each other's changes at every
+/// sync and every event: the first created is synced, the second is Degraded and says
+/// which one holds it, and deleting it leaves the other's deployment alone.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deployment_declared_twice_is_synced_once() {
+    let (_, client, ns) = cluster_with_namespace("twice").await;
+    let prefect = Setup::new("twice").await;
+    let kube = KubeApiServer::shared();
+    let mut cmd = operator_command(&kube.kubeconfig);
+    cmd.args(["--namespace", &ns, "--sync-interval", "2s"]);
+    let _op = AgentProcess::start_with(cmd);
+    let deployments: Api<PrefectDeployment> = Api::namespaced(client.clone(), &ns);
+    let url = &prefect.server.url;
+    let flow = unique("twice-flow");
+    let declared = |description: &str| {
+        json!({"flowName": flow, "name": "shared", "workPool": prefect.pool,
+               "description": description, "deletionPolicy": "Delete"})
+    };
+    deployments
+        .create(
+            &PostParams::default(),
+            &resource("PrefectDeployment", "first", url, declared("first's")),
+        )
+        .await
+        .unwrap();
+    let first = settled(&deployments, "first", "True").await;
+    let id = first.status.unwrap().deployment_id.unwrap();
+    deployments
+        .create(
+            &PostParams::default(),
+            &resource("PrefectDeployment", "second", url, declared("second's")),
+        )
+        .await
+        .unwrap();
+    let second = settled(&deployments, "second", "False").await;
+    let (reason, message) = degraded(&second);
+    assert_eq!(reason, "DeclaredTwice");
+    assert!(
+        message.starts_with(&format!(
+            "PrefectDeployment {ns}/first already declares deployment `{flow}/shared`"
+        )),
+        "{message}"
+    );
+    // Several resyncs later Prefect still has the first's, never the second's.
+    let path = format!("/deployments/{id}");
+    let window = std::time::Instant::now() + Duration::from_secs(6);
+    while std::time::Instant::now() < window {
+        let d = prefect.api.call(Method::GET, &path, None).await;
+        assert_eq!(d["description"], "first's");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Deleting the second (deletionPolicy: Delete) does not delete the first's.
+    deployments
+        .delete("second", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for("the second gone", Duration::from_secs(30), || async {
+        deployments
+            .get_opt("second")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    let d = prefect.api.call(Method::GET, &path, None).await;
+    assert_eq!(d["description"], "first's", "still there");
+}
