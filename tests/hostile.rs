@@ -165,7 +165,10 @@ fn answer(dialect: Dialect, mode: Mode, request: &str) -> Option<Vec<u8>> {
             run_json("a b?c=d#e", "b")
         ])),
         Mode::LongName if poll => ok(serde_json::json!([run_json(RUN, &"n".repeat(2_000_000))])),
-        Mode::PathIds | Mode::LongName => ok(serde_json::json!({"type": "kubernetes",
+        // An id that would climb out of the path it is put in.
+        Mode::PathIds => ok(serde_json::json!({"type": "kubernetes",
+            "base_job_template": {}, "id": "../../../admin"})),
+        Mode::LongName => ok(serde_json::json!({"type": "kubernetes",
             "base_job_template": {}, "id": "p"})),
         Mode::AllNull => ok(serde_json::Value::Null),
         Mode::Deep => Some(response("200 OK", "[".repeat(100_000).as_bytes())),
@@ -359,4 +362,74 @@ async fn a_hostile_server_gets_errors_never_a_panic_a_leak_or_a_wrong_path() {
         }
     }
     eprintln!("hostile server modes tried: {tried}, panics: 0, key leaks: 0");
+}
+
+/// The sync controllers' Prefect half (a work pool with queues, a deployment with a
+/// global limit and schedules) against the same server at its worst: an error a
+/// condition can carry, in bounded time, never a panic, the key, or a request outside
+/// the API (an id from an answer goes into a path only as a UUID).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hostile_server_gets_errors_from_the_sync_controllers_too() {
+    use prefect_agent_operator::backend::http::ApiClient;
+    use prefect_agent_operator::crd::{PrefectDeployment, PrefectWorkPool};
+    use prefect_agent_operator::sync::{pool, write_deployment, write_pool};
+    let work_pool: PrefectWorkPool = serde_json::from_value(serde_json::json!({
+        "apiVersion": "prefect.io/v1alpha1", "kind": "PrefectWorkPool",
+        "metadata": {"name": "p", "namespace": "ns"},
+        "spec": {"api": {"url": "http://unused/api"}, "description": "d",
+                 "queues": [{"name": "high", "priority": 1}, {"name": "low"}]}}))
+    .unwrap();
+    let template = pool::template(&work_pool.spec, None).unwrap();
+    let deployment: PrefectDeployment = serde_json::from_value(serde_json::json!({
+        "apiVersion": "prefect.io/v1alpha1", "kind": "PrefectDeployment",
+        "metadata": {"name": "d", "namespace": "ns"},
+        "spec": {"api": {"url": "http://unused/api"}, "flowName": "etl", "workPool": "p",
+                 "globalConcurrencyLimit": {"name": "shared", "limit": 2},
+                 "schedules": [{"interval": 60}]}}))
+    .unwrap();
+    let mut tried = 0;
+    for mode in MODES {
+        let (url, seen) = serve(Dialect::Prefect3, mode).await;
+        let api = ApiClient::new(&url, Auth::Bearer(SecretString::new(KEY)), retry()).unwrap();
+        let started = Instant::now();
+        let errors: Vec<String> = [
+            write_pool(&api, &work_pool, &template)
+                .await
+                .err()
+                .map(|e| e.to_string()),
+            write_deployment(&api, &deployment, "p".into())
+                .await
+                .err()
+                .map(|e| e.to_string()),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let case = format!("sync/{mode:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{case}: bounded, took {:?}",
+            started.elapsed()
+        );
+        assert!(
+            !errors.is_empty(),
+            "{case}: no server at its worst is a success"
+        );
+        for e in &errors {
+            assert!(!e.contains(KEY), "{case}: the key in an error: {e}");
+            assert!(e.len() < 4096, "{case}: an error of {} bytes", e.len());
+        }
+        for request in seen.lock().unwrap().iter() {
+            let line = request.lines().next().unwrap_or_default();
+            let path = line.split_whitespace().nth(1).unwrap_or_default();
+            assert!(
+                path.starts_with("/api/") && !path.contains("..") && !path.contains('#'),
+                "{case}: a request outside the API: {line}"
+            );
+        }
+        tried += 1;
+    }
+    eprintln!(
+        "hostile server modes tried on the sync controllers: {tried}, panics: 0, key leaks: 0"
+    );
 }

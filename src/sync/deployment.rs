@@ -190,8 +190,11 @@ pub fn limit_steps(observed: Option<&Value>, global_limit: Option<&str>) -> Limi
     let own = own_limit(o).is_some();
     LimitSteps {
         detach_first: held.is_some() && !own && global_limit.is_none(),
+        // Only a UUID goes into the path of the DELETE.
         delete_after: match (own, global_limit) {
-            (true, Some(_)) => held.map(str::to_string),
+            (true, Some(_)) => held
+                .filter(|id| uuid::Uuid::parse_str(id).is_ok())
+                .map(str::to_string),
             _ => None,
         },
     }
@@ -471,6 +474,8 @@ mod tests {
 
     /// Prefect's answers as a 3.9 server gives them: a deployment's own limit is named
     /// after it; `concurrency_limit` is always null.
+    const L1: &str = "0f6c1b1e-2f9a-4c1b-9d7e-3a5b8c9d0e1f";
+
     fn answered(id: &str, limit: Option<(&str, &str, u64)>) -> Value {
         let mut a = body(&spec(Vec::new()), "d", "f", "k8s", None);
         a["id"] = json!(id);
@@ -484,7 +489,7 @@ mod tests {
     fn concurrency_limits_compare_and_switch_without_losing_a_shared_one() {
         let mut s = spec(Vec::new());
         s.concurrency_limit = Some(3);
-        let own = answered("d1", Some(("l1", "deployment:d1", 3)));
+        let own = answered("d1", Some((L1, "deployment:d1", 3)));
         let shared = answered("d1", Some(("g1", "shared-db", 3)));
         let none = answered("d1", None);
         let want = body(&s, "d", "f", "k8s", None);
@@ -529,7 +534,7 @@ mod tests {
             limit_steps(Some(&own), Some("g1")),
             LimitSteps {
                 detach_first: false,
-                delete_after: Some("l1".into())
+                delete_after: Some(L1.into())
             }
         );
         assert_eq!(

@@ -89,6 +89,10 @@ pub enum SyncError {
         object: String,
         other: String,
     },
+    /// An answer without the id it must carry, or with one that is no UUID (it would be
+    /// put into a later request's path).
+    #[error("Prefect answered {what} without a valid id ({found})")]
+    BadId { what: &'static str, found: String },
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
     #[error("finalizer: {0}")]
@@ -113,6 +117,7 @@ impl SyncError {
             Self::NoGlobalLimit(_) => "GlobalConcurrencyLimitNotFound",
             Self::Waiting(_) => "WaitingForWorkPool",
             Self::DeclaredTwice { .. } => "DeclaredTwice",
+            Self::BadId { .. } => "PrefectRefused",
             Self::Kube(_) | Self::Finalizer(_) => "KubernetesError",
         }
     }
@@ -355,6 +360,19 @@ fn unwrap_finalizer(e: kube::runtime::finalizer::Error<SyncError>) -> SyncError 
     }
 }
 
+/// The UUID `answer` carries as its id: ids go into later requests' paths, where
+/// whatever else a server answers must not end up.
+fn id_in(answer: &Value, what: &'static str) -> Result<String, SyncError> {
+    let found = &answer["id"];
+    match found.as_str().map(uuid::Uuid::parse_str) {
+        Some(Ok(id)) => Ok(id.to_string()),
+        _ => Err(SyncError::BadId {
+            what,
+            found: crate::controller::status::clip(&found.to_string(), 80),
+        }),
+    }
+}
+
 /// `/work_pools/<name>` with the name percent-encoded.
 fn pool_path(name: &str) -> String {
     format!("/work_pools/{}", encode(name))
@@ -469,12 +487,13 @@ async fn apply(p: &PrefectWorkPool, ctx: &SyncContext) -> Result<Action, SyncErr
 }
 
 /// What a sync brought about.
-struct Synced {
-    pool_id: Option<String>,
-    queue_ids: std::collections::BTreeMap<String, String>,
-    template_hash: String,
+#[derive(Debug)]
+pub struct Synced {
+    pub pool_id: Option<String>,
+    pub queue_ids: std::collections::BTreeMap<String, String>,
+    pub template_hash: String,
     /// Fields put back that Prefect had different without a spec change.
-    drift_corrections: u64,
+    pub drift_corrections: u64,
 }
 
 async fn sync(
@@ -484,6 +503,23 @@ async fn sync(
 ) -> Result<Synced, SyncError> {
     first_to_declare_pool(p, ctx)?;
     let (api, auth) = prefect_at(&p.spec.api, &p.namespace().unwrap_or_default(), ctx).await?;
+    let done = write_pool(&api, p, template).await?;
+    ctx.drift.follow_pool(
+        &p.spec.api.url,
+        &auth,
+        &p.pool_name(),
+        ObjectRef::from_obj(p),
+    );
+    Ok(done)
+}
+
+/// Brings the pool and its queues in Prefect to the declared state (`template` checked
+/// already): the Prefect half of a sync, with nothing of Kubernetes.
+pub async fn write_pool(
+    api: &ApiClient,
+    p: &PrefectWorkPool,
+    template: &Value,
+) -> Result<Synced, SyncError> {
     let name = p.pool_name();
     let path = pool_path(&name);
     // A difference while the spec is the one last synced was made in Prefect.
@@ -565,8 +601,6 @@ async fn sync(
             queue_ids.insert(q.name.clone(), id);
         }
     }
-    ctx.drift
-        .follow_pool(&p.spec.api.url, &auth, &name, ObjectRef::from_obj(p));
     Ok(Synced {
         pool_id: observed["id"].as_str().map(str::to_string),
         queue_ids,
@@ -830,13 +864,14 @@ async fn apply_deployment(d: &PrefectDeployment, ctx: &SyncContext) -> Result<Ac
 }
 
 /// What a deployment sync brought about.
-struct SyncedDeployment {
-    deployment_id: Option<String>,
-    flow_id: Option<String>,
-    global_concurrency_limit_id: Option<String>,
-    next_scheduled_run: Option<String>,
-    spec_hash: String,
-    drift_corrections: u64,
+#[derive(Debug)]
+pub struct SyncedDeployment {
+    pub deployment_id: Option<String>,
+    pub flow_id: Option<String>,
+    pub global_concurrency_limit_id: Option<String>,
+    pub next_scheduled_run: Option<String>,
+    pub spec_hash: String,
+    pub drift_corrections: u64,
 }
 
 async fn sync_deployment(
@@ -853,6 +888,22 @@ async fn sync_deployment(
         (None, None) => return Err(DeploymentSpecError::Pool.into()),
     };
     let (api, auth) = prefect_at(&spec.api, &ns, ctx).await?;
+    let done = write_deployment(&api, d, pool).await?;
+    if let Some(id) = &done.deployment_id {
+        ctx.drift
+            .follow_deployment(&spec.api.url, &auth, id, ObjectRef::from_obj(d));
+    }
+    Ok(done)
+}
+
+/// Registers the flow and brings the deployment in Prefect to the declared state, in the
+/// work pool `pool`: the Prefect half of a sync, with nothing of Kubernetes.
+pub async fn write_deployment(
+    api: &ApiClient,
+    d: &PrefectDeployment,
+    pool: String,
+) -> Result<SyncedDeployment, SyncError> {
+    let spec = &d.spec;
     // Registered by name, as `flow.deploy` does: the existing flow, or a new one.
     let flow: Value = api
         .call(
@@ -861,7 +912,7 @@ async fn sync_deployment(
             Some(&json!({"name": spec.flow_name})),
         )
         .await?;
-    let flow_id = flow["id"].as_str().unwrap_or_default().to_string();
+    let flow_id = id_in(&flow, "the flow")?;
     let spec_unchanged = d.status.as_ref().is_some_and(|s| {
         s.observed_generation == d.metadata.generation && s.deployment_id.is_some()
     });
@@ -927,11 +978,7 @@ async fn sync_deployment(
             upserted
         }
     };
-    let id = current["id"].as_str().map(str::to_string);
-    if let Some(id) = &id {
-        ctx.drift
-            .follow_deployment(&spec.api.url, &auth, id, ObjectRef::from_obj(d));
-    }
+    let id = Some(id_in(&current, "the deployment")?);
     // Its runs scheduled now, as Prefect's scheduler would within its loop (a minute),
     // so that the status says when the next one is.
     let wrote = corrections > 0 || !differs.is_empty();
@@ -1003,21 +1050,16 @@ async fn global_limit(
             *corrections += 1;
         }
     }
-    match found["id"].as_str() {
-        Some(id) => Ok(id.to_string()),
-        None => Err(SyncError::NoGlobalLimit(g.name.clone())),
-    }
+    id_in(&found, "the global concurrency limit")
 }
 
 /// Detaches the shared global concurrency limit a deployment holds: Prefect would change
 /// it on a `concurrency_limit`, and delete it with a null one or with the deployment.
 async fn detach_global_limit(api: &ApiClient, observed: &Value) -> Result<(), SyncError> {
-    let Some(id) = observed["id"].as_str() else {
-        return Ok(());
-    };
+    let id = id_in(observed, "the deployment")?;
     api.send(
         Method::PATCH,
-        &format!("/deployments/{}", encode(id)),
+        &format!("/deployments/{}", encode(&id)),
         Some(&json!({"global_concurrency_limit_id": null})),
     )
     .await?;
