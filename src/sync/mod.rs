@@ -918,7 +918,7 @@ pub async fn write_deployment(
     });
     let mut corrections = 0;
     let global_limit = match &spec.global_concurrency_limit {
-        Some(g) => Some(global_limit(&api, g, spec_unchanged, &mut corrections).await?),
+        Some(g) => Some(global_limit(api, g, spec_unchanged, &mut corrections).await?),
         None => None,
     };
     let name = deployment_name(d);
@@ -946,7 +946,7 @@ pub async fn write_deployment(
             }
             let steps = deployment::limit_steps(observed.as_ref(), global_limit.as_deref());
             if let (true, Some(o)) = (steps.detach_first, &observed) {
-                detach_global_limit(&api, o).await?;
+                detach_global_limit(api, o).await?;
             }
             let upserted = match api.call(Method::POST, "/deployments/", Some(&want)).await {
                 Ok(v) => v,
