@@ -21,6 +21,13 @@ fn resource<K: serde::de::DeserializeOwned>(
     .unwrap()
 }
 
+/// The operator for `ns`, with a 2 s resync so that drift is put back while a test waits.
+fn operator(ns: &str) -> AgentProcess {
+    let mut cmd = operator_command(&KubeApiServer::shared().kubeconfig);
+    cmd.args(["--namespace", ns, "--sync-interval", "2s"]);
+    AgentProcess::start_with(cmd)
+}
+
 /// The Ready, Degraded conditions once Ready has `status` for the current generation.
 async fn settled(
     deployments: &Api<PrefectDeployment>,
@@ -67,10 +74,7 @@ fn degraded(d: &PrefectDeployment) -> (String, String) {
 async fn a_declared_deployment_is_registered_updated_and_kept() {
     let (_, client, ns) = cluster_with_namespace("pfd").await;
     let prefect = Setup::new("pfd-unused").await;
-    let kube = KubeApiServer::shared();
-    let mut cmd = operator_command(&kube.kubeconfig);
-    cmd.args(["--namespace", &ns, "--sync-interval", "2s"]);
-    let _op = AgentProcess::start_with(cmd);
+    let _op = operator(&ns);
     let pools: Api<PrefectWorkPool> = Api::namespaced(client.clone(), &ns);
     let deployments: Api<PrefectDeployment> = Api::namespaced(client.clone(), &ns);
     let url = &prefect.server.url;
@@ -296,10 +300,7 @@ async fn a_declared_deployment_is_registered_updated_and_kept() {
 async fn global_concurrency_limits_are_referred_to_declared_and_never_lost() {
     let (_, client, ns) = cluster_with_namespace("gcl").await;
     let prefect = Setup::new("gcl").await;
-    let kube = KubeApiServer::shared();
-    let mut cmd = operator_command(&kube.kubeconfig);
-    cmd.args(["--namespace", &ns, "--sync-interval", "2s"]);
-    let _op = AgentProcess::start_with(cmd);
+    let _op = operator(&ns);
     let deployments: Api<PrefectDeployment> = Api::namespaced(client.clone(), &ns);
     let (url, api) = (&prefect.server.url, &prefect.api);
     let shared = unique("shared-db");
@@ -495,10 +496,7 @@ async fn global_concurrency_limits_are_referred_to_declared_and_never_lost() {
 async fn a_deployment_declared_twice_is_synced_once() {
     let (_, client, ns) = cluster_with_namespace("twice").await;
     let prefect = Setup::new("twice").await;
-    let kube = KubeApiServer::shared();
-    let mut cmd = operator_command(&kube.kubeconfig);
-    cmd.args(["--namespace", &ns, "--sync-interval", "2s"]);
-    let _op = AgentProcess::start_with(cmd);
+    let _op = operator(&ns);
     let deployments: Api<PrefectDeployment> = Api::namespaced(client.clone(), &ns);
     let url = &prefect.server.url;
     let flow = unique("twice-flow");
