@@ -1,6 +1,7 @@
 //! A real `prefect server` (shared, with an auth string, or restartable) and the calls
 //! tests make on its API.
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -87,7 +88,18 @@ fn server_command(
         .append(true)
         .open(home.join("server.log"))
         .expect("server log");
-    let mut cmd = Command::new(venv.join("bin/prefect"));
+    // Behind a shell that leads a process group of its own: `prefect server start` does
+    // not always exit on the SIGTERM a dying test process sends (servers outlived their
+    // tests, ppid 1), and its uvicorn child would outlive a SIGKILL of it alone. The
+    // shell takes the signal and kills the whole group.
+    let mut cmd = Command::new("bash");
+    cmd.process_group(0);
+    cmd.args([
+        "-c",
+        r#"trap 'kill -KILL -- -$$' TERM; "$@" & wait"#,
+        "prefect-server",
+    ])
+    .arg(venv.join("bin/prefect"));
     cmd.args([
         "server",
         "start",
@@ -159,10 +171,9 @@ impl RestartablePrefect {
     pub async fn restart(&mut self) {
         let (port, home) = (self.port, self.home.clone());
         let child = tokio::task::spawn_blocking(move || {
-            use std::os::unix::process::CommandExt;
+            // In its own process group (server_command), so that a kill takes everything
+            // it started.
             let mut cmd = server_command(&prefect_venv(), "127.0.0.1", port, &home, &[]);
-            // Its own process group, so that a kill takes everything it started.
-            cmd.process_group(0);
             let child = cmd.spawn().expect("spawn prefect server");
             wait_healthy("127.0.0.1", port, &home);
             child
