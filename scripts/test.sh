@@ -2,7 +2,7 @@
 # The one test command: formatting, lints, unit tests, and integration tests against a
 # real Prefect 3 and Prefect 2 server and Helm's engine (cached venvs from
 # scripts/setup-prefect.sh),
-# a real kube-apiserver (scripts/kube-apiserver.sh), a real one-node cluster with images
+# PostgreSQL (scripts/postgres.sh), a real kube-apiserver (scripts/kube-apiserver.sh), a real one-node cluster with images
 # built here (scripts/cluster.sh, scripts/images.sh) and Lua 5.1 (Debian's lua5.1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +23,9 @@ bash scripts/kube-apiserver.sh install
 echo "==> one-node cluster: containerd, CNI, the Prefect image (built once, cached)"
 bash scripts/cluster.sh install
 bash scripts/images.sh build flow prefect1
+
+echo "==> PostgreSQL (Prefect on its production database; a server of the tests' own)"
+bash scripts/postgres.sh install >/dev/null
 
 echo "==> lua5.1 (runs the Argo CD health check)"
 if ! command -v lua5.1 >/dev/null; then

@@ -48,13 +48,34 @@ async fn a_deployment_run_completes_with_its_logs_in_prefect() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn two_agents_racing_over_100_runs_execute_each_exactly_once() {
+    race(Setup::new("race").await).await;
+}
+
+/// The same on PostgreSQL, Prefect's production database: its locking differs from
+/// SQLite's (concurrent claims of one run race in the database, not behind a file lock).
+#[tokio::test(flavor = "multi_thread")]
+async fn on_postgres_two_agents_racing_over_100_runs_execute_each_exactly_once() {
+    let setup = Setup::on(PrefectServer::on_postgres, "race-pg", json!({})).await;
+    let db = setup.server.postgres.as_ref().expect("on PostgreSQL");
+    let pool = setup.pool.clone();
+    race(setup).await;
+    // The runs are PostgreSQL's rows, not a SQLite file's.
+    let sql = format!(
+        "SELECT count(*) FROM flow_run JOIN work_queue ON flow_run.work_queue_id = work_queue.id \
+         JOIN work_pool ON work_queue.work_pool_id = work_pool.id \
+         WHERE work_pool.name = '{pool}' AND flow_run.state_type = 'COMPLETED'"
+    );
+    assert_eq!(db.query(&sql), "100");
+}
+
+async fn race(setup: Setup) {
     let Setup {
         server,
         api,
         pool,
         record,
         _dir,
-    } = Setup::new("race").await;
+    } = setup;
     let dep = api
         .create_deployment(&pool, json!({"command": fake_runner(&record, "complete")}))
         .await;

@@ -20,6 +20,8 @@ use crate::{
 pub struct PrefectServer {
     pub url: String,
     pub home: PathBuf,
+    /// Its PostgreSQL database, when not SQLite.
+    pub postgres: Option<Postgres>,
 }
 
 impl PrefectServer {
@@ -44,6 +46,18 @@ impl PrefectServer {
         Self::start_from(&prefect_venv(), host, extra_env)
     }
 
+    /// One server per test binary on a PostgreSQL database of its own (Prefect's
+    /// production database; `scripts/postgres.sh`), shared by its tests.
+    pub fn on_postgres() -> &'static PrefectServer {
+        static SERVER: OnceLock<PrefectServer> = OnceLock::new();
+        SERVER.get_or_init(|| {
+            let db = Postgres::start();
+            let mut server = Self::start(&[("PREFECT_API_DATABASE_CONNECTION_URL", &db.url)]);
+            server.postgres = Some(db);
+            server
+        })
+    }
+
     /// A Prefect 2.20 server of its own (`scripts/setup-prefect.sh 2`).
     pub fn prefect2(extra_env: &[(&str, &str)]) -> PrefectServer {
         Self::start_from(&prefect2_venv(), "127.0.0.1", extra_env)
@@ -57,11 +71,72 @@ impl PrefectServer {
         PrefectServer {
             url: format!("http://{host}:{port}/api"),
             home,
+            postgres: None,
         }
     }
 
     pub fn api(&self) -> Api {
         Api::new(&self.url, Auth::None)
+    }
+}
+
+/// A PostgreSQL server of its own on a free loopback port (`scripts/postgres.sh run`),
+/// its data and log kept after the test for a look.
+pub struct Postgres {
+    /// Prefect's connection URL for it.
+    pub url: String,
+    pub dir: PathBuf,
+    port: u16,
+}
+
+impl Postgres {
+    /// The one value `sql` answers, by psql (as the database's owner).
+    pub fn query(&self, sql: &str) -> String {
+        let out = Command::new("psql")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["-U", "prefect", "-d", "prefect", "-tAc", sql])
+            .output()
+            .expect("psql");
+        assert!(
+            out.status.success(),
+            "{sql}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    pub fn start() -> Postgres {
+        let port = free_port();
+        let dir = tempfile::Builder::new()
+            .prefix("pao-postgres-")
+            .tempdir()
+            .expect("tempdir")
+            .keep();
+        let data = dir.join("data");
+        let log = std::fs::File::create(dir.join("postgres.log")).expect("log");
+        let mut cmd = Command::new("bash");
+        cmd.arg(repo().join("scripts/postgres.sh"))
+            .arg("run")
+            .arg(&data)
+            .arg(port.to_string())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+        spawn_tied_to_test_process(cmd);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !data.join("ready").exists() {
+            assert!(
+                Instant::now() < deadline,
+                "PostgreSQL did not start; see {}",
+                dir.join("postgres.log").display()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Postgres {
+            url: format!("postgresql+asyncpg://prefect@127.0.0.1:{port}/prefect"),
+            dir,
+            port,
+        }
     }
 }
 
@@ -465,7 +540,16 @@ impl Setup {
 
     /// The same with a pool whose base job template is `template`.
     pub async fn with_template(prefix: &str, template: Value) -> Setup {
-        let server = tokio::task::spawn_blocking(PrefectServer::shared)
+        Self::on(PrefectServer::shared, prefix, template).await
+    }
+
+    /// The same on the server `server` gives (e.g. [`PrefectServer::on_postgres`]).
+    pub async fn on(
+        server: fn() -> &'static PrefectServer,
+        prefix: &str,
+        template: Value,
+    ) -> Setup {
+        let server = tokio::task::spawn_blocking(server)
             .await
             .expect("server start");
         let api = server.api();
