@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
 """Side-by-side benchmark: this operator against Prefect's official Kubernetes worker.
 
-Starts a real Prefect server and the real test API server (scripts/kube-apiserver.sh),
-then measures in one run:
+Starts the real test API server (scripts/kube-apiserver.sh) and, for each database
+(--databases, default both), a real Prefect server on it: SQLite (Prefect's default) and
+PostgreSQL (production's; a server of the benchmark's own, scripts/postgres.sh). On each
+it measures:
   - submission latency (run created, due now -> its Job exists): operator with events,
     operator polling only, official worker;
-  - burst drain: 500 runs due at once -> all have Jobs, next to a claim-only client;
+  - burst drain: 500 runs due at once -> all have Jobs, next to a claim-only client, and
+    what the server (and its database) spends in CPU per launched run;
   - idle RSS and CPU of the operator with 1, 100, 1000 PrefectAgents, and of one worker;
   - cancellation latency (CANCELLING -> Job deleted) of a run whose pod never started,
     for both (the worker with PREFECT_WORKER_ENABLE_CANCELLATION=true, off by default).
@@ -148,29 +151,57 @@ def idle_cost(proc, settle, window):
 
 
 class ServerCpu:
-    """The Prefect server's CPU use from now until `percent()` (% of one core)."""
+    """The Prefect server's CPU use from now until `percent()` (% of one core): its
+    processes, and its PostgreSQL server's where it has one (whose backends, one per
+    pooled connection, last as long as the server's pool)."""
 
     def __init__(self, prefect):
-        self.pids = prefect.proc.pids()
+        self.pids = prefect.proc.pids() + (prefect.db.proc.pids() if prefect.db else [])
         self.t0, self.c0 = time.monotonic(), sum(cpu_ticks(p) for p in self.pids)
 
+    def seconds(self):
+        """CPU-seconds used since the start."""
+        return (sum(cpu_ticks(p) for p in self.pids) - self.c0) / TICK
+
     def percent(self):
-        c1 = sum(cpu_ticks(p) for p in self.pids)
-        return round(100 * (c1 - self.c0) / TICK / (time.monotonic() - self.t0), 1)
+        return round(100 * self.seconds() / (time.monotonic() - self.t0), 1)
 
 
 # ---------------------------------------------------------------- the servers
 
 
+class Postgres:
+    """A PostgreSQL server of the benchmark's own (scripts/postgres.sh run), on loopback."""
+
+    def __init__(self):
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="pao-bench-postgres-"))
+        data = self.dir / "data"
+        self.proc = Proc(["bash", str(REPO / "scripts/postgres.sh"), "run", str(data), str(self.port)],
+                         log_path=str(self.dir / "postgres.log"))
+        wait_until("the PostgreSQL server", 120, lambda: (data / "ready").exists(), 0.2)
+        self.url = f"postgresql+asyncpg://prefect@127.0.0.1:{self.port}/prefect"
+
+    def stop(self):
+        self.proc.stop()
+
+
 class Prefect:
-    def __init__(self, venv, host="127.0.0.1"):
+    """A Prefect server on SQLite (its default), or on PostgreSQL (`database="postgres"`,
+    a server of its own started here)."""
+
+    def __init__(self, venv, host="127.0.0.1", database="sqlite"):
         self.port = free_port()
         self.home = Path(tempfile.mkdtemp(prefix="pao-bench-prefect-"))
+        self.database = database
+        self.db = Postgres() if database == "postgres" else None
         # The late-runs service off: it rewrites every waiting run of a burst as Late and
         # fights the runners for SQLite's lock; the runners are measured, not it.
         env = dict(os.environ, PREFECT_HOME=str(self.home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                    PREFECT_SERVER_UI_ENABLED="false", PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED="false")
         env.pop("PREFECT_API_URL", None)
+        if self.db:
+            env["PREFECT_API_DATABASE_CONNECTION_URL"] = self.db.url
         self.proc = Proc([f"{venv}/bin/prefect", "server", "start", "--host", host,
                           "--port", str(self.port)], env=env, log_path=str(self.home / "server.log"))
         self.url = f"http://{host}:{self.port}/api"
@@ -183,6 +214,11 @@ class Prefect:
                 return False
 
         wait_until("the Prefect server", 120, healthy, 0.3)
+
+    def stop(self):
+        self.proc.stop()
+        if self.db:
+            self.db.stop()
 
     def call(self, method, path, body=None):
         for attempt in range(20):
@@ -413,7 +449,8 @@ def claim_only(prefect, n):
     seconds = time.monotonic() - t0
     assert claimed == runs
     result = {"runs": n, "seconds": seconds, "runs_per_second": n / seconds,
-              "server_cpu_percent": server.percent()}
+              "server_cpu_percent": server.percent(),
+              "server_cpu_ms_per_run": round(1000 * server.seconds() / n, 1)}
     log(f"claim-only: {seconds:.1f}s ({result['runs_per_second']:.1f} runs/s, "
         f"Prefect server {result['server_cpu_percent']} % of a core)")
     return result
@@ -689,6 +726,9 @@ def table(r):
                 f"{c['runs_per_second']:.1f}/s), {o['lost']} lost | {ow['seconds']:.1f} s "
                 f"({ow['runs_per_second']:.1f}/s), {ow['lost']} lost | "
                 f"{ratio(ow['runs_per_second'], o['runs_per_second']):.1f}× | ≥ 90 % of ceiling, ≥ 3× |")
+    rows.append(f"| Prefect server's CPU per launched run (burst) | {o.get('server_cpu_ms_per_run', '?')} ms | "
+                f"{ow.get('server_cpu_ms_per_run', '?')} ms | "
+                f"claim-only {c.get('server_cpu_ms_per_run', '?')} ms | |")
     iw = r["idle official worker"]
     for n, x in idl.items():
         rows.append(f"| idle, {n} PrefectAgent{'s' if int(n) > 1 else ''} ({x['registered']} registered): RSS / CPU | "
@@ -708,7 +748,7 @@ def table(r):
     return "\n".join(rows)
 
 
-def plot(r, path):
+def plot(r, path, database):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -736,6 +776,7 @@ def plot(r, path):
     axes[2].set_ylabel("RSS, MiB")
     axes[2].set_title("idle memory")
     axes[2].tick_params(axis="x", labelsize=8)
+    fig.suptitle(f"Prefect on {database}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -764,6 +805,8 @@ def main():
                     help="PrefectAgents created and deleted per round in the churn part (--only churn)")
     ap.add_argument("--churn-rounds", type=int, default=10,
                     help="rounds of the churn part (10 × 1000: 10,000 PrefectAgents in all)")
+    ap.add_argument("--databases", default="sqlite,postgres",
+                    help="what the Prefect server runs on, each in turn (a server of its own on each)")
     ap.add_argument("--only", default="latency,burst,cancellation,idle",
                     help="the parts to run, comma-separated (a partial run writes partial results)")
     ap.add_argument("--wrap", default="",
@@ -775,9 +818,39 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     TEMPLATE = kubernetes_template(args.venv)
-    log("starting the Prefect server and the API server")
-    prefect, kube = Prefect(args.venv), Kube()
+    databases = [d for d in args.databases.split(",") if d]
+    results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                           "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}}
+    log("starting the API server")
+    kube = Kube()
+    try:
+        for database in databases:
+            results[database] = scenarios(args, only, kube, database)
+    finally:
+        kube.stop()
+    if only != {"latency", "burst", "cancellation", "idle"} or set(databases) != set(DATABASES):
+        (out / "partial.json").write_text(json.dumps(results, indent=2))
+        print(json.dumps(results, indent=2))
+        return
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    text = "\n\n".join(f"Prefect on {DATABASES[d]}:\n\n{table(results[d])}" for d in databases)
+    (out / "results.md").write_text(text + "\n")
+    for d in databases:
+        plot(results[d], out / ("results.png" if d == "sqlite" else f"results-{d}.png"), DATABASES[d])
+    print(text)
+    print(f"\n{out / 'results.json'}, {out / 'results.png'}, {out / 'results-postgres.png'}")
+
+
+# The databases a Prefect server runs on here, and how the report names them.
+DATABASES = {"sqlite": "SQLite (its default)", "postgres": "PostgreSQL 15 (production's)"}
+
+
+def scenarios(args, only, kube, database):
+    """Every part `only` names, on a Prefect server of its own on `database`."""
+    log(f"starting the Prefect server on {database}")
+    prefect = Prefect(args.venv, database=database)
     ops = []
+    results = {"database": database}
     try:
         ns = kube.namespace("ops")
         op = Operator(args.binary, kube, ns)
@@ -803,8 +876,6 @@ def main():
         def worker_runner_cancelling(job_ns, pool):
             return worker_runner(job_ns, pool, PREFECT_WORKER_ENABLE_CANCELLATION="true")
 
-        results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                               "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}}
         # Operator Jobs land in the operator's namespace; so the watches look there.
         def lat(label, runner, job_ns_is_ops):
             return latency(prefect, kube, args.latency_runs, runner, label, args.spacing,
@@ -847,18 +918,8 @@ def main():
     finally:
         for o in ops:
             o.stop()
-        prefect.proc.stop()
-        kube.stop()
-    if only != {"latency", "burst", "cancellation", "idle"}:
-        (out / "partial.json").write_text(json.dumps(results, indent=2))
-        print(json.dumps(results, indent=2))
-        return
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    text = table(results)
-    (out / "results.md").write_text(text + "\n")
-    plot(results, out / "results.png")
-    print(text)
-    print(f"\n{out / 'results.json'}, {out / 'results.png'}")
+        prefect.stop()
+    return results
 
 
 def latency(prefect, kube, runs, start_runner, label, spacing, job_ns):
@@ -910,9 +971,12 @@ def burst(prefect, kube, n, start_runner, label, job_ns):
     seconds = times[-1] - t0
     result = {"runs": n, "seconds": seconds, "first_to_last": times[-1] - times[0],
               "runs_per_second": len(times) / seconds, "lost": len(lost),
-              "server_cpu_percent": server.percent()}
+              "server_cpu_percent": server.percent(),
+              # What the server pays per launched run (its database's processes included).
+              "server_cpu_ms_per_run": round(1000 * server.seconds() / max(1, len(times)), 1)}
     log(f"burst {label}: {seconds:.1f}s ({result['runs_per_second']:.1f} runs/s, {len(lost)} lost, "
-        f"Prefect server {result['server_cpu_percent']} % of a core)")
+        f"Prefect server {result['server_cpu_percent']} % of a core, "
+        f"{result['server_cpu_ms_per_run']} ms of CPU per run)")
     return result
 
 
