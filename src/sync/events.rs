@@ -10,6 +10,10 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
 use kube::runtime::reflector::ObjectRef;
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -86,10 +90,54 @@ where
         let _ = self.queue.send(r.clone());
     }
 
-    /// Whether an event made this resource due now (and forgets it).
-    pub fn take(&self, r: &ObjectRef<K>) -> bool {
-        locked(&self.due).remove(r)
+    /// Whether an event made this resource due: now, or once [`EVENT_GAP`] has passed
+    /// since its last sync (the mark is kept until then).
+    pub fn due(&self, r: &ObjectRef<K>, last_sync: Option<&Time>) -> Due {
+        let due = locked(&self.due);
+        if !due.contains(r) {
+            return Due::No;
+        }
+        match wait_for_gap(last_sync, Timestamp::now()) {
+            Some(wait) => Due::In(wait),
+            None => Due::Now,
+        }
     }
+
+    /// Forgets the mark: the resource is being compared with Prefect now.
+    pub fn clear(&self, r: &ObjectRef<K>) {
+        locked(&self.due).remove(r);
+    }
+}
+
+/// Least time between two syncs of one resource that events ask for: a field Prefect
+/// keeps otherwise than it was sent would else be written, reported by an event and
+/// written again as fast as the server answers.
+pub const EVENT_GAP: Duration = Duration::from_secs(5);
+
+/// When an event asks for a sync.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Due {
+    /// No event asks.
+    No,
+    Now,
+    /// Once this has passed (the last sync was less than [`EVENT_GAP`] ago).
+    In(Duration),
+}
+
+impl Due {
+    /// `wait`, or sooner if an event asks for a sync before.
+    pub fn sooner(&self, wait: Duration) -> Duration {
+        match self {
+            Self::In(gap) => wait.min(*gap),
+            _ => wait,
+        }
+    }
+}
+
+/// How long until [`EVENT_GAP`] has passed since `last_sync`; None once it has.
+fn wait_for_gap(last_sync: Option<&Time>, now: Timestamp) -> Option<Duration> {
+    let since = Duration::try_from(now.duration_since(last_sync?.0)).ok()?;
+    EVENT_GAP.checked_sub(since).filter(|w| !w.is_zero())
 }
 
 /// The streams the sync controllers follow, one per Prefect server and credential.
@@ -258,6 +306,18 @@ async fn follow(url: String, api_url: String, auth: Auth, server: Arc<Server>) {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn events_ask_for_one_sync_per_gap_at_most() {
+        let now = Timestamp::now();
+        let ago = |s: i64| Time(now - k8s_openapi::jiff::SignedDuration::from_secs(s));
+        assert_eq!(wait_for_gap(None, now), None, "never synced: now");
+        assert_eq!(wait_for_gap(Some(&ago(60)), now), None);
+        assert_eq!(
+            wait_for_gap(Some(&ago(2)), now),
+            Some(Duration::from_secs(3))
+        );
+    }
 
     fn event(name: &str, resource: Value, related: Value) -> Value {
         json!({"type": "event", "event": {"event": name, "resource": resource, "related": related}})

@@ -419,9 +419,11 @@ async fn apply(p: &PrefectWorkPool, ctx: &SyncContext) -> Result<Action, SyncErr
         Err(e) => Err(e),
     };
     let hash = template.as_ref().ok().map(pool::template_hash);
-    let changed_in_prefect = ctx.drift.pools.take(&ObjectRef::from_obj(p));
+    let me = ObjectRef::from_obj(p);
+    let last_sync = p.status.as_ref().and_then(|s| s.last_sync_time.as_ref());
+    let event = ctx.drift.pools.due(&me, last_sync);
     if let Some(s) = &p.status
-        && !changed_in_prefect
+        && event != events::Due::Now
         && hash.is_some()
         && s.template_hash == hash
         && let Some(wait) = not_due(
@@ -431,8 +433,9 @@ async fn apply(p: &PrefectWorkPool, ctx: &SyncContext) -> Result<Action, SyncErr
             ctx.resync,
         )
     {
-        return Ok(Action::requeue(wait));
+        return Ok(Action::requeue(event.sooner(wait)));
     }
+    ctx.drift.pools.clear(&me);
     let outcome = match template {
         Ok(template) => sync(p, ctx, &template).await,
         Err(e) => Err(e),
@@ -793,9 +796,11 @@ fn deployment_name(d: &PrefectDeployment) -> String {
 }
 
 async fn apply_deployment(d: &PrefectDeployment, ctx: &SyncContext) -> Result<Action, SyncError> {
-    let changed_in_prefect = ctx.drift.deployments.take(&ObjectRef::from_obj(d));
+    let me = ObjectRef::from_obj(d);
+    let last_sync = d.status.as_ref().and_then(|s| s.last_sync_time.as_ref());
+    let event = ctx.drift.deployments.due(&me, last_sync);
     if let Some(s) = &d.status
-        && !changed_in_prefect
+        && event != events::Due::Now
         && let Some(wait) = not_due(
             (s.observed_generation, d.metadata.generation),
             &s.conditions,
@@ -803,8 +808,9 @@ async fn apply_deployment(d: &PrefectDeployment, ctx: &SyncContext) -> Result<Ac
             ctx.resync,
         )
     {
-        return Ok(Action::requeue(wait));
+        return Ok(Action::requeue(event.sooner(wait)));
     }
+    ctx.drift.deployments.clear(&me);
     let previous = d.status.clone().unwrap_or_default();
     let generation = d.metadata.generation;
     let (status, action) = match sync_deployment(d, ctx).await {

@@ -568,3 +568,54 @@ async fn drift_seen_on_the_event_stream_is_put_back_at_once() {
     })
     .await;
 }
+
+/// Another writer fighting the declared state (a script, another operator): put back at
+/// most once per 5 s per resource, not as fast as the server answers.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_writer_fighting_the_declaration_is_answered_once_per_gap() {
+    let (_, client, ns) = cluster_with_namespace("wpfight").await;
+    let prefect = Setup::new("wpfight-unused").await;
+    let kube = KubeApiServer::shared();
+    let _op = operator_resyncing(kube, &ns, free_port(), "10m");
+    let pools: Api<PrefectWorkPool> = Api::namespaced(client.clone(), &ns);
+    let name = unique("fought");
+    pools
+        .create(
+            &PostParams::default(),
+            &work_pool(
+                "fought",
+                &prefect.server.url,
+                json!({"name": name, "description": "as declared"}),
+            ),
+        )
+        .await
+        .unwrap();
+    ready(&pools, "fought", "True").await;
+    let path = format!("/work_pools/{name}");
+    let api = &prefect.api;
+    let started = std::time::Instant::now();
+    let mut writes = 0;
+    while started.elapsed() < Duration::from_secs(12) {
+        api.call(
+            Method::PATCH,
+            &path,
+            Some(json!({"description": format!("fight {writes}")})),
+        )
+        .await;
+        writes += 1;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    prefect_has(api, &path, "/description", json!("as declared")).await;
+    let corrections = pools
+        .get("fought")
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .drift_corrections;
+    eprintln!("{writes} writes against the declaration in 12 s, {corrections} put back");
+    assert!(
+        (1..=5).contains(&corrections),
+        "{corrections} corrections for {writes} writes in 12 s: at most one per 5 s (+ the last)"
+    );
+}
