@@ -945,6 +945,9 @@ def latency(prefect, kube, runs, start_runner, label, spacing, job_ns):
     return result
 
 
+STRANDED_AFTER = 120
+
+
 def burst(prefect, kube, n, start_runner, label, job_ns):
     """`n` runs due before the runner starts: from its start until each has a Job (or was
     given up on: a run the runner ended CRASHED without a Job counts as lost)."""
@@ -954,13 +957,24 @@ def burst(prefect, kube, n, start_runner, label, job_ns):
     t0 = time.monotonic()
     server = ServerCpu(prefect)
     runner = start_runner(ns, pool)
-    lost = set()
+    lost, stranded = set(), set()
+    progress = {"count": 0, "at": time.monotonic()}
     try:
         def settled():
             waiting = [r for r in runs if r not in watch.added and r not in lost]
             if waiting and len(waiting) < n // 5:
                 lost.update(prefect.final_without(waiting))
                 waiting = [r for r in waiting if r not in lost]
+            # Runs the runner left neither launched nor ended (claimed, then its
+            # submission and its crash report both failed) stay so for good: after
+            # STRANDED_AFTER seconds without progress they count as lost, stranded.
+            done = n - len(waiting)
+            if done != progress["count"]:
+                progress.update(count=done, at=time.monotonic())
+            elif waiting and time.monotonic() - progress["at"] > STRANDED_AFTER:
+                stranded.update(waiting)
+                lost.update(waiting)
+                waiting = []
             return not waiting
 
         wait_until(f"{label}: {n} Jobs", 1200, settled, 1)
@@ -970,7 +984,7 @@ def burst(prefect, kube, n, start_runner, label, job_ns):
     times = sorted(watch.added[r] for r in runs if r in watch.added)
     seconds = times[-1] - t0
     result = {"runs": n, "seconds": seconds, "first_to_last": times[-1] - times[0],
-              "runs_per_second": len(times) / seconds, "lost": len(lost),
+              "runs_per_second": len(times) / seconds, "lost": len(lost), "stranded": len(stranded),
               "server_cpu_percent": server.percent(),
               # What the server pays per launched run (its database's processes included).
               "server_cpu_ms_per_run": round(1000 * server.seconds() / max(1, len(times)), 1)}
