@@ -176,6 +176,12 @@ impl Drop for BusyGuard {
     }
 }
 
+/// Whether a poll after one that found runs is worth its price: only once the runs it
+/// found are down to what the submission slots take in one round.
+fn poll_again(backlog: usize, slots: usize) -> bool {
+    backlog <= slots.max(1)
+}
+
 impl<B: Backend, D: Deployer> Agent<B, D> {
     pub fn new(cfg: AgentConfig, backend: B, deployer: D) -> Self {
         let slots = Semaphore::new(cfg.submit_concurrency.max(1));
@@ -368,12 +374,32 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
                 return StopReason::MaxPolls;
             }
             let sleep = backoff.after_poll(found);
+            if found {
+                // A burst: what this poll found still waits for submission slots, and a
+                // poll now would find it again at a poll's full price on the server (the
+                // dearest call there is). The next one waits until at most one round of
+                // slots' work is left, or a poll interval has passed.
+                let deadline = tokio::time::Instant::now() + this.cfg.poll_interval;
+                while !poll_again(this.backlog(), this.cfg.submit_concurrency)
+                    && tokio::time::Instant::now() < deadline
+                {
+                    tokio::select! {
+                        _ = tokio::time::sleep(sleep) => {}
+                        _ = shutdown.cancelled() => return StopReason::Shutdown,
+                    }
+                }
+            }
             tokio::select! {
                 _ = tokio::time::sleep(sleep) => {}
                 _ = this.poke.notified() => tracing::debug!("poked"),
                 _ = shutdown.cancelled() => return StopReason::Shutdown,
             }
         }
+    }
+
+    /// Runs found and not yet done with: queued for a slot, being claimed or launched.
+    fn backlog(&self) -> usize {
+        self.busy.lock().map(|b| b.len()).unwrap_or(0)
     }
 
     /// Marks a run busy unless it already is; the guard releases it.
@@ -423,5 +449,20 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
                 tracing::warn!(error = %e, "heartbeat failed");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::poll_again;
+
+    #[test]
+    fn a_burst_is_polled_again_once_its_runs_are_down_to_one_round_of_slots() {
+        assert!(!poll_again(200, 16));
+        assert!(!poll_again(17, 16));
+        assert!(poll_again(16, 16));
+        assert!(poll_again(0, 16));
+        // No slots configured still means one at a time, not never.
+        assert!(poll_again(1, 0));
     }
 }

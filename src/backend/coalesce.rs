@@ -6,7 +6,9 @@
 //! A lone call goes out at once (no timer, no added latency); calls that arrive while a
 //! request is in flight wait for it and go out together in the next one.
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::hash::Hash;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
@@ -115,6 +117,51 @@ async fn work<I, O>(
     }
 }
 
+/// Answers kept for reuse: a burst's runs mostly share one deployment and one flow, and
+/// each read of them costs the server as much as a claim's share of a poll. At most `cap`
+/// answers are kept (all are dropped when full); `clear` drops them all, and an answer
+/// read before a `clear` is not kept after it.
+pub struct Memo<K, V> {
+    cap: usize,
+    kept: Mutex<(u64, HashMap<K, V>)>,
+}
+
+impl<K: Eq + Hash, V: Clone> Memo<K, V> {
+    pub fn new(cap: usize) -> Self {
+        Self {
+            cap: cap.max(1),
+            kept: Mutex::new((0, HashMap::new())),
+        }
+    }
+
+    /// The kept answer, or the generation a read started now is to be kept under.
+    pub fn get(&self, key: &K) -> Result<V, u64> {
+        let Ok(kept) = self.kept.lock() else {
+            return Err(u64::MAX);
+        };
+        kept.1.get(key).cloned().ok_or(kept.0)
+    }
+
+    /// Keeps an answer read in `generation`, unless cleared since.
+    pub fn keep(&self, generation: u64, key: K, value: V) {
+        if let Ok(mut kept) = self.kept.lock()
+            && kept.0 == generation
+        {
+            if kept.1.len() >= self.cap {
+                kept.1.clear();
+            }
+            kept.1.insert(key, value);
+        }
+    }
+
+    pub fn clear(&self) {
+        if let Ok(mut kept) = self.kept.lock() {
+            kept.0 += 1;
+            kept.1.clear();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,6 +211,22 @@ mod tests {
         let e = c.call(1).await.unwrap_err();
         assert!(e.is_transient(), "{e}");
         assert_eq!(c.call(2).await.unwrap(), 2);
+    }
+
+    #[test]
+    fn a_memo_keeps_answers_until_cleared_and_never_more_than_its_cap() {
+        let m = Memo::new(2);
+        let g = m.get(&"a").unwrap_err();
+        m.keep(g, "a", 1);
+        m.keep(g, "b", 2);
+        assert_eq!((m.get(&"a"), m.get(&"b")), (Ok(1), Ok(2)));
+        m.keep(g, "c", 3);
+        assert_eq!((m.get(&"a").ok(), m.get(&"c").ok()), (None, Some(3)));
+        m.clear();
+        assert_eq!(m.get(&"c").ok(), None);
+        // Read before the clear, answered after it: stale, not kept.
+        m.keep(g, "d", 4);
+        assert_eq!(m.get(&"d").ok(), None);
     }
 
     #[tokio::test]

@@ -20,7 +20,7 @@ pub use wire::{ApiFlowRun, ApiState, SetStateResponse};
 
 use wire::{ScheduledRun, Worker};
 
-use super::coalesce::Coalescer;
+use super::coalesce::{Coalescer, Memo};
 use super::http::{ApiClient, Auth, HttpError, RetryPolicy};
 use super::{
     Backend, BackendError, Claim, ClaimLedger, Env, EnvValue, FlowRun, LogLevel, PoolInfo,
@@ -70,6 +70,12 @@ pub struct Prefect3 {
     deployments: Coalescer<String, Option<Value>>,
     flows: Coalescer<String, Option<Value>>,
     logs: Coalescer<Value, ()>,
+    /// Deployments as read since the last poll: the runs one poll found share one read
+    /// (as if launched the moment the first was), and a poll reads them afresh, so an
+    /// edited deployment reaches every run polled after the edit.
+    polled_deployments: Memo<String, Option<Value>>,
+    /// Flows by id, for their names only (which Prefect never changes).
+    flow_names: Memo<String, Option<Value>>,
 }
 
 /// What registration learnt about the pool, the worker and the server.
@@ -82,6 +88,8 @@ struct Known {
 
 /// How many items one coalesced request carries at most (Prefect's filters answer 200).
 const BATCH: usize = 100;
+/// How many deployments and flows are kept between reads at most.
+const MEMO: usize = 1000;
 
 impl Prefect3 {
     /// This agent's claim marker: its name and its identity.
@@ -114,6 +122,8 @@ impl Prefect3 {
                     Ok(vec![(); n])
                 }
             }),
+            polled_deployments: Memo::new(MEMO),
+            flow_names: Memo::new(MEMO),
             api,
             cfg,
             pool_template: RwLock::new(Arc::new(Value::Null)),
@@ -393,6 +403,21 @@ async fn read_by_id<T: DeserializeOwned + HasId + Clone>(
     Ok(ids.iter().map(|id| by_id.get(id).cloned()).collect())
 }
 
+/// An object by id: as kept in `memo`, else read (with concurrent reads) and kept.
+async fn remembered(
+    memo: &Memo<String, Option<Value>>,
+    reads: &Coalescer<String, Option<Value>>,
+    id: &str,
+) -> Result<Option<Value>, HttpError> {
+    let generation = match memo.get(&id.to_string()) {
+        Ok(known) => return Ok(known),
+        Err(generation) => generation,
+    };
+    let read = reads.call(id.to_string()).await?;
+    memo.keep(generation, id.to_string(), read.clone());
+    Ok(read)
+}
+
 /// The error a read by id gives for an object the server does not have.
 fn not_found(what: &str, id: &str) -> HttpError {
     HttpError::NotFound {
@@ -504,6 +529,7 @@ impl Backend for Prefect3 {
         if !self.cfg.queues.is_empty() {
             body["work_queue_names"] = json!(self.cfg.queues);
         }
+        self.polled_deployments.clear();
         let runs: Vec<ScheduledRun> = match self
             .api
             .call(
@@ -570,8 +596,7 @@ impl Backend for Prefect3 {
     ) -> Result<RunContext, BackendError> {
         let deployment = match &run.deployment_id {
             Some(id) => Some(
-                self.deployments
-                    .call(id.clone())
+                remembered(&self.polled_deployments, &self.deployments, id)
                     .await?
                     .ok_or_else(|| not_found("deployment", id))?,
             ),
@@ -580,7 +605,10 @@ impl Backend for Prefect3 {
         // Only for names in labels and variables: a flow the server cannot find is no reason
         // to fail the run.
         let flow = match &run.flow_id {
-            Some(id) => self.flows.call(id.clone()).await.ok().flatten(),
+            Some(id) => remembered(&self.flow_names, &self.flows, id)
+                .await
+                .ok()
+                .flatten(),
             None => None,
         };
         let deployment_vars = deployment
