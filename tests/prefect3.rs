@@ -827,3 +827,77 @@ async fn a_namesake_never_adopts_another_agent_s_claim() {
     };
     a_namesake_never_adopts(backend, &run).await;
 }
+
+/// A burst is not polled again while the runs a poll found still wait for submission
+/// slots: a poll is the server's dearest call, and one made then only finds them again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_burst_is_polled_again_only_when_its_runs_are_nearly_submitted() {
+    let Setup {
+        server, api, pool, ..
+    } = Setup::new("burstpoll").await;
+    let dep = api
+        .create_deployment(&pool, json!({"command": "true"}))
+        .await;
+    const RUNS: u64 = 100;
+    for _ in 0..RUNS {
+        api.create_run(&dep).await;
+    }
+    let addr = format!("127.0.0.1:{}", free_port());
+    // Not the tests' 1 s poll interval: it bounds the wait for the slots.
+    let args = [
+        "--api-url",
+        &server.url,
+        "--pool",
+        &pool,
+        "--name",
+        "burst-polls",
+        "--poll-interval",
+        "30s",
+        "--agent-address",
+        &addr,
+        "--submit-concurrency",
+        "1",
+    ];
+    let agent = AgentProcess::start(&args);
+    let http = reqwest::Client::new();
+    let health = || async {
+        let h: serde_json::Value = http
+            .get(format!("http://{addr}/api/health"))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        Some((h["polls"].as_u64()?, h["runsSubmitted"].as_u64()?))
+    };
+    let (first_polls, started) =
+        wait_for("a first submission", Duration::from_secs(60), || async {
+            health()
+                .await
+                .filter(|(_, submitted)| *submitted >= 1)
+                .map(|(polls, _)| (polls, std::time::Instant::now()))
+        })
+        .await;
+    let last_polls = wait_for("every run submitted", Duration::from_secs(180), || async {
+        health()
+            .await
+            .filter(|(_, submitted)| *submitted == RUNS)
+            .map(|(polls, _)| polls)
+    })
+    .await;
+    let drained = started.elapsed();
+    // One slot took the runs one by one for this long; the loop that polled again 250 ms
+    // after any poll that found runs (then backed off) made 5 polls over 12 s here.
+    assert!(
+        drained >= Duration::from_millis(1500),
+        "{RUNS} runs through one slot in {drained:?}: too fast to tell; output:\n{}",
+        agent.output()
+    );
+    let polls = last_polls - first_polls;
+    assert!(
+        polls <= 2,
+        "{polls} polls while {RUNS} found runs were submitted over {drained:?}; output:\n{}",
+        agent.output()
+    );
+}
