@@ -13,7 +13,8 @@
 //! The test plays kubelet and flow: each new Job's run goes RUNNING → COMPLETED in Prefect
 //! and the Job Complete. Size: PAO_FAULT_RUNS (default 100) runs and PAO_FAULT_ROUNDS
 //! (default 2) disruptions per scenario; `scripts/fault-suite.sh` runs them at 500 × 5
-//! and prints the table.
+//! and prints the table. The Prefect server runs on SQLite, or on PostgreSQL with
+//! PAO_FAULT_DATABASE=postgres.
 
 use pao_testkit as common;
 
@@ -36,6 +37,24 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 type PrefectApi = common::Api;
+
+/// The shared Prefect server on the database PAO_FAULT_DATABASE names.
+async fn shared_prefect() -> &'static PrefectServer {
+    tokio::task::spawn_blocking(|| match on_postgres() {
+        true => PrefectServer::on_postgres(),
+        false => PrefectServer::shared(),
+    })
+    .await
+    .unwrap()
+}
+
+fn on_postgres() -> bool {
+    match std::env::var("PAO_FAULT_DATABASE").as_deref() {
+        Ok("postgres") => true,
+        Ok("sqlite") | Err(_) => false,
+        Ok(other) => panic!("PAO_FAULT_DATABASE={other}: sqlite or postgres"),
+    }
+}
 
 fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -365,7 +384,12 @@ async fn burst_through(
 fn report(scenario: &str, row: Row, logs: &str) {
     // A line of its own: libtest prints the test's name without a newline before output.
     println!(
-        "\n| {scenario} | {} | {} | {} | {} | {} | {} | {:.1} s | {:.0} s |",
+        "\n| {scenario} | {} | {} | {} | {} | {} | {} | {} | {:.1} s | {:.0} s |",
+        if on_postgres() {
+            "PostgreSQL"
+        } else {
+            "SQLite"
+        },
         row.rounds,
         row.runs,
         row.duplicates.len(),
@@ -424,9 +448,7 @@ impl Disruption for KillOperator {
 #[tokio::test(flavor = "multi_thread")]
 async fn sigkilled_operators_lose_and_duplicate_nothing() {
     let (kube, client, ns) = cluster_with_namespace("faults").await;
-    let prefect = tokio::task::spawn_blocking(PrefectServer::shared)
-        .await
-        .unwrap();
+    let prefect = shared_prefect().await;
     let mut disruption = KillOperator {
         kubeconfig: kube.kubeconfig.clone(),
         operator: operator(&kube.kubeconfig, &ns, free_port(), &[]),
@@ -495,9 +517,7 @@ impl Disruption for KillLeader {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_killed_leader_loses_and_duplicates_nothing() {
     let (kube, client, ns) = cluster_with_namespace("faults-ha").await;
-    let prefect = tokio::task::spawn_blocking(PrefectServer::shared)
-        .await
-        .unwrap();
+    let prefect = shared_prefect().await;
     let replicas = (0..2)
         .map(|_| {
             let port = free_port();
@@ -551,7 +571,10 @@ impl Disruption for RestartPrefect {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_restarted_prefect_server_loses_and_duplicates_nothing() {
     let (kube, client, ns) = cluster_with_namespace("faults-prefect").await;
-    let server = RestartablePrefect::start().await;
+    let server = match on_postgres() {
+        true => RestartablePrefect::on_postgres().await,
+        false => RestartablePrefect::start().await,
+    };
     let port = free_port();
     let url = server.url.clone();
     let mut disruption = RestartPrefect {
@@ -603,9 +626,7 @@ impl Disruption for RestartApiServer {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_restarted_api_server_loses_and_duplicates_nothing() {
     let (kube, client, ns) = dedicated_cluster("faults-kube").await;
-    let prefect = tokio::task::spawn_blocking(PrefectServer::shared)
-        .await
-        .unwrap();
+    let prefect = shared_prefect().await;
     let port = free_port();
     let operator = operator(&kube.kubeconfig, &ns, port, &[]);
     wait_for("the operator ready", Duration::from_secs(60), || async {

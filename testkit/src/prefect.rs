@@ -218,16 +218,31 @@ pub struct RestartablePrefect {
     pub home: PathBuf,
     port: u16,
     child: Option<Child>,
+    /// Its PostgreSQL database, which outlives its restarts; SQLite when `None`.
+    pub postgres: Option<Postgres>,
 }
 
 impl RestartablePrefect {
     pub async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// On a PostgreSQL database of its own.
+    pub async fn on_postgres() -> Self {
+        let db = tokio::task::spawn_blocking(Postgres::start)
+            .await
+            .expect("start PostgreSQL");
+        Self::start_with(Some(db)).await
+    }
+
+    async fn start_with(postgres: Option<Postgres>) -> Self {
         let (port, home) = (free_port(), prefect_home());
         let mut server = RestartablePrefect {
             url: format!("http://127.0.0.1:{port}/api"),
             home,
             port,
             child: None,
+            postgres,
         };
         server.restart().await;
         server
@@ -245,10 +260,15 @@ impl RestartablePrefect {
     /// Starts it (again) on its port and database; returns once it is healthy.
     pub async fn restart(&mut self) {
         let (port, home) = (self.port, self.home.clone());
+        let db = self.postgres.as_ref().map(|db| db.url.clone());
         let child = tokio::task::spawn_blocking(move || {
+            let env: Vec<(&str, &str)> = db
+                .iter()
+                .map(|url| ("PREFECT_API_DATABASE_CONNECTION_URL", url.as_str()))
+                .collect();
             // In its own process group (server_command), so that a kill takes everything
             // it started.
-            let mut cmd = server_command(&prefect_venv(), "127.0.0.1", port, &home, &[]);
+            let mut cmd = server_command(&prefect_venv(), "127.0.0.1", port, &home, &env);
             let child = cmd.spawn().expect("spawn prefect server");
             wait_healthy("127.0.0.1", port, &home);
             child
