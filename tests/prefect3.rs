@@ -87,22 +87,11 @@ async fn race(setup: Setup) {
     args_b.extend(["--agent-address", &addr_b, "--prefetch", "1s"]);
     let a = AgentProcess::start(&args_a);
     let b = AgentProcess::start(&args_b);
-    let http = reqwest::Client::new();
     for addr in [&addr_a, &addr_b] {
         wait_for(
             "both agents registered",
             Duration::from_secs(60),
-            || async {
-                let h: serde_json::Value = http
-                    .get(format!("http://{addr}/api/health"))
-                    .send()
-                    .await
-                    .ok()?
-                    .json()
-                    .await
-                    .ok()?;
-                h["agentId"].as_str().map(|_| ())
-            },
+            || async { health(addr).await?["agentId"].as_str().map(|_| ()) },
         )
         .await;
     }
@@ -121,20 +110,9 @@ async fn race(setup: Setup) {
     // Give late duplicates (a second claim, a re-adoption) every chance to show:
     // several more polls and maintenance passes of both agents.
     for addr in [&addr_a, &addr_b] {
-        let polls = || async {
-            let h: serde_json::Value = http
-                .get(format!("http://{addr}/api/health"))
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
-            h["polls"].as_u64()
-        };
-        let now = wait_for("health", Duration::from_secs(10), polls).await;
+        let now = wait_for("health", Duration::from_secs(10), || polls(addr)).await;
         wait_for("three more polls", Duration::from_secs(90), || async {
-            polls().await.filter(|p| *p >= now + 3)
+            polls(addr).await.filter(|p| *p >= now + 3)
         })
         .await;
     }
@@ -859,16 +837,8 @@ async fn a_burst_is_polled_again_only_when_its_runs_are_nearly_submitted() {
         "1",
     ];
     let agent = AgentProcess::start(&args);
-    let http = reqwest::Client::new();
     let health = || async {
-        let h: serde_json::Value = http
-            .get(format!("http://{addr}/api/health"))
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
+        let h = health(&addr).await?;
         Some((h["polls"].as_u64()?, h["runsSubmitted"].as_u64()?))
     };
     let (first_polls, started) =

@@ -12,7 +12,7 @@ pub mod process;
 pub use prefect::{Api, PrefectServer, RestartablePrefect, Setup};
 pub use process::{
     AgentProcess, FAST_LOOPS, agent_command, an_agent_asleep, clean_cluster_command, dev_runner,
-    fake_runner, operator_binary, operator_command, polls, pool_agent_args, recorded,
+    fake_runner, health, operator_binary, operator_command, polls, pool_agent_args, recorded,
 };
 
 use std::io::{Read, Write};

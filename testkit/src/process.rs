@@ -194,10 +194,15 @@ pub async fn an_agent_asleep(url: &str, pool: &str, extra: &[&str]) -> (AgentPro
     (agent, addr, polls)
 }
 
-pub async fn polls(addr: &str) -> Option<u64> {
+/// An agent's `/api/health` answer (at its `--agent-address`), once it answers.
+pub async fn health(addr: &str) -> Option<serde_json::Value> {
     let r = reqwest::get(format!("http://{addr}/api/health"))
         .await
         .ok()?;
     assert_eq!(r.status(), 200);
-    r.json::<serde_json::Value>().await.ok()?["polls"].as_u64()
+    r.json().await.ok()
+}
+
+pub async fn polls(addr: &str) -> Option<u64> {
+    health(addr).await?["polls"].as_u64()
 }
