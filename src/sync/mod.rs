@@ -55,6 +55,23 @@ pub struct SyncContext {
     /// Prefect object are found here.
     pub pools_seen: Store<PrefectWorkPool>,
     pub deployments_seen: Store<PrefectDeployment>,
+    /// Each resource's drift corrections as last written, by UID: a sync may start from
+    /// a cached copy that does not show the previous sync's status write yet, and adding
+    /// to its count would lose that sync's corrections.
+    pub corrections: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+}
+
+impl SyncContext {
+    /// The lifetime drift corrections of the resource `uid` after a sync made `made`,
+    /// from the larger of its status's count and the one last written here.
+    fn corrections_after(&self, uid: Option<&str>, in_status: u64, made: u64) -> u64 {
+        let (Some(uid), Ok(mut carried)) = (uid, self.corrections.lock()) else {
+            return in_status + made;
+        };
+        let total = in_status.max(carried.get(uid).copied().unwrap_or(0)) + made;
+        carried.insert(uid.to_string(), total);
+        total
+    }
 }
 
 /// Why a sync did not (yet) bring Prefect to the declared state.
@@ -144,6 +161,7 @@ pub async fn run(
         drift: events::DriftWatch::new(pool_trigger, deployment_trigger),
         pools_seen: pools.store(),
         deployments_seen: deployments.store(),
+        corrections: Default::default(),
     });
     let stop = shutdown.clone();
     let referring = pools.store();
@@ -458,7 +476,11 @@ async fn apply(p: &PrefectWorkPool, ctx: &SyncContext) -> Result<Action, SyncErr
                 queue_ids: done.queue_ids,
                 template_hash: Some(done.template_hash),
                 last_sync_time: Some(Time(Timestamp::now())),
-                drift_corrections: previous.drift_corrections + done.drift_corrections,
+                drift_corrections: ctx.corrections_after(
+                    p.metadata.uid.as_deref(),
+                    previous.drift_corrections,
+                    done.drift_corrections,
+                ),
             };
             (status, Action::requeue(ctx.resync))
         }
@@ -835,7 +857,11 @@ async fn apply_deployment(d: &PrefectDeployment, ctx: &SyncContext) -> Result<Ac
                 next_scheduled_run: s.next_scheduled_run,
                 spec_hash: Some(s.spec_hash),
                 last_sync_time: Some(Time(Timestamp::now())),
-                drift_corrections: previous.drift_corrections + s.drift_corrections,
+                drift_corrections: ctx.corrections_after(
+                    d.metadata.uid.as_deref(),
+                    previous.drift_corrections,
+                    s.drift_corrections,
+                ),
             };
             (status, Action::requeue(ctx.resync))
         }
