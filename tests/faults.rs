@@ -163,6 +163,12 @@ fn operator(kubeconfig: &std::path::Path, ns: &str, port: u16, extra: &[&str]) -
     AgentProcess::start_with(cmd)
 }
 
+/// The last `n` lines of a log.
+fn last_lines(log: &str, n: usize) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 /// Sum of a counter over all agents in an operator's /metrics.
 async fn counter(port: u16, name: &str) -> Option<f64> {
     let text = probe(port, "/metrics").await?.1;
@@ -550,16 +556,35 @@ struct RestartPrefect {
 
 impl Disruption for RestartPrefect {
     async fn disrupt(&mut self) -> Instant {
+        // Killed before the agent registered, the server would be noticed by a failed
+        // registration, never by a failed poll: a loaded machine can take longer to start
+        // the operator's agent than the burst waits before its first strike.
+        wait_for(
+            "the agent's first poll",
+            Duration::from_secs(120),
+            || async {
+                (counter(self.port, "prefect_agent_polls_total").await? >= 1.0).then_some(())
+            },
+        )
+        .await;
         let errors = counter(self.port, "prefect_agent_poll_errors_total")
             .await
             .unwrap_or_default();
         self.server.kill();
         // Mid-burst the poll loop may wait for submission slots whose calls are retrying
         // against the dead server first; on a loaded machine that took over 60 s once.
-        wait_for("a failed poll", Duration::from_secs(120), || async {
-            (counter(self.port, "prefect_agent_poll_errors_total").await? > errors).then_some(())
-        })
-        .await;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while counter(self.port, "prefect_agent_poll_errors_total")
+            .await
+            .is_none_or(|now| now <= errors)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "no failed poll 120 s after the Prefect server was killed; the operator's last lines:\n{}",
+                last_lines(&self.operator.output(), 60)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         self.server.restart().await;
         Instant::now()
     }
