@@ -55,22 +55,37 @@ pub struct SyncContext {
     /// Prefect object are found here.
     pub pools_seen: Store<PrefectWorkPool>,
     pub deployments_seen: Store<PrefectDeployment>,
-    /// Each resource's drift corrections as last written, by UID: a sync may start from
-    /// a cached copy that does not show the previous sync's status write yet, and adding
-    /// to its count would lose that sync's corrections.
-    pub corrections: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    pub corrections: DriftCounts,
 }
 
-impl SyncContext {
+/// Each resource's drift corrections as last written, by UID: a sync may start from a
+/// cached copy that does not show the previous sync's status write yet, and adding to
+/// its count would lose that sync's corrections. A count goes with its resource.
+#[derive(Default)]
+pub struct DriftCounts(std::sync::Mutex<std::collections::HashMap<String, u64>>);
+
+impl DriftCounts {
     /// The lifetime drift corrections of the resource `uid` after a sync made `made`,
     /// from the larger of its status's count and the one last written here.
-    fn corrections_after(&self, uid: Option<&str>, in_status: u64, made: u64) -> u64 {
-        let (Some(uid), Ok(mut carried)) = (uid, self.corrections.lock()) else {
+    fn after(&self, uid: Option<&str>, in_status: u64, made: u64) -> u64 {
+        let (Some(uid), Ok(mut carried)) = (uid, self.0.lock()) else {
             return in_status + made;
         };
         let total = in_status.max(carried.get(uid).copied().unwrap_or(0)) + made;
         carried.insert(uid.to_string(), total);
         total
+    }
+
+    /// The resource `uid` is gone (its finalizer's cleanup is done).
+    fn forget(&self, uid: Option<&str>) {
+        if let (Some(uid), Ok(mut carried)) = (uid, self.0.lock()) {
+            carried.remove(uid);
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.0.lock().map(|c| c.len()).unwrap_or(0)
     }
 }
 
@@ -362,7 +377,13 @@ pub async fn reconcile_pool(
     finalizer(&api, POOL_FINALIZER, pool, |event| async {
         match event {
             Finalizer::Apply(p) => apply(&p, &ctx).await,
-            Finalizer::Cleanup(p) => cleanup(&p, &ctx).await,
+            Finalizer::Cleanup(p) => {
+                let done = cleanup(&p, &ctx).await;
+                if done.is_ok() {
+                    ctx.corrections.forget(p.metadata.uid.as_deref());
+                }
+                done
+            }
         }
     })
     .await
@@ -476,7 +497,7 @@ async fn apply(p: &PrefectWorkPool, ctx: &SyncContext) -> Result<Action, SyncErr
                 queue_ids: done.queue_ids,
                 template_hash: Some(done.template_hash),
                 last_sync_time: Some(Time(Timestamp::now())),
-                drift_corrections: ctx.corrections_after(
+                drift_corrections: ctx.corrections.after(
                     p.metadata.uid.as_deref(),
                     previous.drift_corrections,
                     done.drift_corrections,
@@ -805,7 +826,13 @@ pub async fn reconcile_deployment(
     finalizer(&api, DEPLOYMENT_FINALIZER, d, |event| async {
         match event {
             Finalizer::Apply(d) => apply_deployment(&d, &ctx).await,
-            Finalizer::Cleanup(d) => cleanup_deployment(&d, &ctx).await,
+            Finalizer::Cleanup(d) => {
+                let done = cleanup_deployment(&d, &ctx).await;
+                if done.is_ok() {
+                    ctx.corrections.forget(d.metadata.uid.as_deref());
+                }
+                done
+            }
         }
     })
     .await
@@ -857,7 +884,7 @@ async fn apply_deployment(d: &PrefectDeployment, ctx: &SyncContext) -> Result<Ac
                 next_scheduled_run: s.next_scheduled_run,
                 spec_hash: Some(s.spec_hash),
                 last_sync_time: Some(Time(Timestamp::now())),
-                drift_corrections: ctx.corrections_after(
+                drift_corrections: ctx.corrections.after(
                     d.metadata.uid.as_deref(),
                     previous.drift_corrections,
                     s.drift_corrections,
@@ -1138,6 +1165,23 @@ async fn cleanup_deployment(d: &PrefectDeployment, ctx: &SyncContext) -> Result<
 mod tests {
     use super::*;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+
+    #[test]
+    fn drift_counts_survive_a_stale_status_and_go_with_their_resource() {
+        let counts = DriftCounts::default();
+        assert_eq!(counts.after(Some("a"), 0, 1), 1);
+        // The next sync started from a copy without that write: nothing is lost.
+        assert_eq!(counts.after(Some("a"), 0, 1), 2);
+        // A status ahead of what this process wrote (another replica) counts.
+        assert_eq!(counts.after(Some("a"), 5, 0), 5);
+        assert_eq!(counts.after(Some("b"), 0, 0), 0);
+        assert_eq!(counts.len(), 2);
+        counts.forget(Some("a"));
+        counts.forget(None);
+        assert_eq!(counts.len(), 1);
+        assert_eq!(counts.after(None, 3, 1), 4);
+        assert_eq!(counts.len(), 1);
+    }
 
     fn pool(ns: &str, name: &str, pool: &str, created_s: i64) -> Arc<PrefectWorkPool> {
         let mut p: PrefectWorkPool = serde_json::from_value(json!({
