@@ -5,6 +5,7 @@
 //! reads), so a claim holds only when it is the one PENDING state since the run was last
 //! SCHEDULED; everyone reads the same history, so everyone agrees who holds it.
 
+use chrono::{DateTime, Utc};
 use serde_json::Value;
 
 use super::wire::{ApiState, SetStateResponse};
@@ -83,6 +84,48 @@ pub fn displaced_by<'a>(history: &'a [ApiState], transition_id: &str) -> Option<
     (StateKind::parse(&before.kind) != StateKind::Scheduled).then_some(before)
 }
 
+/// The history in the order the server committed it, as far as it can be known: states
+/// are stamped when a request builds them, not when it commits, so a state stamped after
+/// ours may have been committed before it (Prefect's late-runs service marking a run
+/// "Late" a millisecond before our claim landed on it). The run's current state is the
+/// last committed one; it is moved to the end.
+pub fn in_commit_order(mut history: Vec<ApiState>, current: Option<&ApiState>) -> Vec<ApiState> {
+    let Some(current) = current else {
+        return history;
+    };
+    let same = |s: &ApiState| match (&s.id, &current.id) {
+        (Some(a), Some(b)) => a == b,
+        _ => {
+            s.kind == current.kind
+                && s.timestamp == current.timestamp
+                && s.state_details.get("transition_id")
+                    == current.state_details.get("transition_id")
+        }
+    };
+    if let Some(at) = history.iter().rposition(same) {
+        let state = history.remove(at);
+        history.push(state);
+    }
+    history
+}
+
+/// A run whose claim did not hold is SCHEDULED again and due by `now`: it is to be claimed
+/// again at once, as no poll may find it (the "Late" state above carries no scheduled
+/// time, and Prefect's poll orders and filters by it). A run rescheduled into the future
+/// is left to its time.
+pub fn due_again(current: Option<&ApiState>, now: DateTime<Utc>) -> bool {
+    let Some(current) = current else {
+        return false;
+    };
+    StateKind::parse(&current.kind) == StateKind::Scheduled
+        && current
+            .state_details
+            .get("scheduled_time")
+            .and_then(Value::as_str)
+            .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+            .is_none_or(|t| t <= now)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,6 +170,61 @@ mod tests {
         serde_json::from_value(json!({"type": kind, "timestamp": ts, "message": message,
             "state_details": {"transition_id": transition}}))
         .unwrap()
+    }
+
+    #[test]
+    fn a_late_marker_committed_before_our_claim_does_not_undo_it() {
+        let sched = state("SCHEDULED", "2026-01-01T00:00:00Z", None, None);
+        let ours = state(
+            "PENDING",
+            "2026-01-01T00:00:01.000Z",
+            Some("Claimed by agent a"),
+            Some("ta"),
+        );
+        let late = |scheduled: Value| -> ApiState {
+            serde_json::from_value(json!({"type": "SCHEDULED", "name": "Late",
+                "timestamp": "2026-01-01T00:00:01.002Z",
+                "state_details": {"scheduled_time": scheduled}}))
+            .unwrap()
+        };
+        // As seen on PostgreSQL: stamped after our claim, committed before it.
+        let stamped = vec![sched.clone(), ours.clone(), late(Value::Null)];
+        assert!(!verify_claim(&stamped, "ta"));
+        let committed = in_commit_order(stamped.clone(), Some(&ours));
+        assert!(verify_claim(&committed, "ta"));
+        assert_eq!(
+            claimant_of_record(&committed).unwrap().message.as_deref(),
+            Some("Claimed by agent a")
+        );
+        // Committed after it: the run is SCHEDULED again, nobody holds it.
+        let reopened = in_commit_order(stamped.clone(), Some(&late(Value::Null)));
+        assert!(!verify_claim(&reopened, "ta"));
+        assert!(displaced_by(&reopened, "ta").is_none());
+        // Nothing known about the current state: the stamps' order stands.
+        assert_eq!(in_commit_order(stamped.clone(), None).len(), 3);
+        assert!(!verify_claim(&in_commit_order(stamped, None), "ta"));
+    }
+
+    #[test]
+    fn a_run_scheduled_again_and_due_is_claimed_again_at_once() {
+        let now = "2026-01-01T00:00:03Z".parse().unwrap();
+        let at = |kind: &str, scheduled: Value| -> ApiState {
+            serde_json::from_value(
+                json!({"type": kind, "state_details": {"scheduled_time": scheduled}}),
+            )
+            .unwrap()
+        };
+        assert!(due_again(Some(&at("SCHEDULED", Value::Null)), now));
+        assert!(due_again(
+            Some(&at("SCHEDULED", json!("2026-01-01T00:00:00Z"))),
+            now
+        ));
+        assert!(!due_again(
+            Some(&at("SCHEDULED", json!("2026-01-01T01:00:00Z"))),
+            now
+        ));
+        assert!(!due_again(Some(&at("PENDING", Value::Null)), now));
+        assert!(!due_again(None, now));
     }
 
     #[test]

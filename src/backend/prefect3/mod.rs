@@ -14,7 +14,8 @@ mod claims;
 mod wire;
 
 pub use claims::{
-    claim_marker, claimant_of_record, displaced_by, interpret_claim, latest_claimant, verify_claim,
+    claim_marker, claimant_of_record, displaced_by, due_again, in_commit_order, interpret_claim,
+    latest_claimant, verify_claim,
 };
 pub use wire::{ApiFlowRun, ApiState, SetStateResponse};
 
@@ -561,31 +562,48 @@ impl Backend for Prefect3 {
                 now.state
             )));
         }
-        let transition_id = uuid::Uuid::new_v4().to_string();
-        let state = json!({
-            "state": {
-                "type": "PENDING",
-                "name": "Pending",
-                "message": self.marker(),
-                "state_details": {"transition_id": transition_id},
+        // A second try only where the server itself undid the first (`reopened_after`).
+        for _ in 0..2 {
+            let transition_id = uuid::Uuid::new_v4().to_string();
+            let state = json!({
+                "state": {
+                    "type": "PENDING",
+                    "name": "Pending",
+                    "message": self.marker(),
+                    "state_details": {"transition_id": transition_id},
+                }
+            });
+            let resp = self.set_state(&run.id, state).await?;
+            let claim = interpret_claim(&resp, &transition_id);
+            if claim != Claim::Claimed {
+                return Ok(claim);
             }
-        });
-        let resp = self.set_state(&run.id, state).await?;
-        let claim = interpret_claim(&resp, &transition_id);
-        if claim != Claim::Claimed {
-            return Ok(claim);
+            // ACCEPT is not proof: a SQLite-backed server has accepted two concurrent
+            // PENDING transitions. The history decides, the same way for every agent.
+            let history = self.history(&run.id).await?;
+            if verify_claim(&history, &transition_id) {
+                return Ok(Claim::Claimed);
+            }
+            // Stamps are not commit order; the run's current state settles what they
+            // leave open (read only here, where a claim did not hold at first sight).
+            let current = self.runs.call(run.id.clone()).await?.and_then(|r| r.state);
+            let history = in_commit_order(history, current.as_ref());
+            if verify_claim(&history, &transition_id) {
+                tracing::info!("the claim holds: a state stamped after it was committed before it");
+                return Ok(Claim::Claimed);
+            }
+            if let Some(previous) = displaced_by(&history, &transition_id) {
+                self.restore(&run.id, previous).await;
+            }
+            if !due_again(current.as_ref(), Utc::now()) {
+                return Ok(Claim::Taken(
+                    "another agent claimed it at the same moment".into(),
+                ));
+            }
+            tracing::info!("the run is scheduled and due again after our claim; claiming it again");
         }
-        // ACCEPT is not proof: a SQLite-backed server has accepted two concurrent PENDING
-        // transitions. The history decides, the same way for every agent.
-        let history = self.history(&run.id).await?;
-        if verify_claim(&history, &transition_id) {
-            return Ok(Claim::Claimed);
-        }
-        if let Some(previous) = displaced_by(&history, &transition_id) {
-            self.restore(&run.id, previous).await;
-        }
-        Ok(Claim::Taken(
-            "another agent claimed it at the same moment".into(),
+        Ok(Claim::Delayed(
+            "the run was scheduled again over two claims in a row".into(),
         ))
     }
 

@@ -41,6 +41,8 @@ impl SetStateResponse {
 
 #[derive(Clone, Debug, Deserialize)]
 pub struct ApiState {
+    #[serde(default)]
+    pub id: Option<String>,
     #[serde(rename = "type")]
     pub kind: String,
     #[serde(default)]
