@@ -3,7 +3,7 @@
 use pao_testkit as common;
 
 use std::collections::{BTreeSet, HashSet};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use nix::sys::signal::Signal;
@@ -48,17 +48,20 @@ async fn a_deployment_run_completes_with_its_logs_in_prefect() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn two_agents_racing_over_100_runs_execute_each_exactly_once() {
-    race(Setup::new("race").await).await;
+    race(Setup::new("race").await, Due::AllAtOnce).await;
 }
 
 /// The same on PostgreSQL, Prefect's production database: its locking differs from
 /// SQLite's (concurrent claims of one run race in the database, not behind a file lock).
+/// The runs are 30 s late, so Prefect's late-runs service marks them "Late" while the
+/// agents claim them; a Late state stamped after a claim but committed before it made
+/// the claim look lost, and the run was left PENDING with nobody to launch it.
 #[tokio::test(flavor = "multi_thread")]
 async fn on_postgres_two_agents_racing_over_100_runs_execute_each_exactly_once() {
     let setup = Setup::on(PrefectServer::on_postgres, "race-pg", json!({})).await;
     let db = setup.server.postgres.as_ref().expect("on PostgreSQL");
     let pool = setup.pool.clone();
-    race(setup).await;
+    race(setup, Due::Late).await;
     // The runs are PostgreSQL's rows, not a SQLite file's.
     let sql = format!(
         "SELECT count(*) FROM flow_run JOIN work_queue ON flow_run.work_queue_id = work_queue.id \
@@ -68,7 +71,15 @@ async fn on_postgres_two_agents_racing_over_100_runs_execute_each_exactly_once()
     assert_eq!(db.query(&sql), "100");
 }
 
-async fn race(setup: Setup) {
+/// When the race's runs are due.
+enum Due {
+    /// All at the same instant a few seconds ahead, so both agents see all at once.
+    AllAtOnce,
+    /// 30 s ago: late already, as a backlog is.
+    Late,
+}
+
+async fn race(setup: Setup, due: Due) {
     let Setup {
         server,
         api,
@@ -95,18 +106,41 @@ async fn race(setup: Setup) {
         )
         .await;
     }
-    // All due at the same instant, so both agents see all of them at once.
-    let due = chrono::Utc::now() + chrono::Duration::seconds(8);
+    let due = match due {
+        Due::AllAtOnce => chrono::Utc::now() + chrono::Duration::seconds(8),
+        Due::Late => chrono::Utc::now() - chrono::Duration::seconds(30),
+    };
     let mut runs = BTreeSet::new();
     for _ in 0..100 {
         runs.insert(api.create_run_at(&dep, due).await);
     }
 
-    wait_for("100 runs executed", Duration::from_secs(180), || async {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
         let done: BTreeSet<String> = recorded(&record).into_iter().collect();
-        (done.len() == 100).then_some(())
-    })
-    .await;
+        if done.len() == 100 {
+            break;
+        }
+        if Instant::now() > deadline {
+            let missing: Vec<&String> = runs.difference(&done).collect();
+            for run in missing.iter().take(3) {
+                explain(&api, run, &[&a, &b]).await;
+            }
+            for agent in [&a, &b] {
+                let out = agent.output();
+                let lines: Vec<&str> = out.lines().collect();
+                eprintln!(
+                    "TAIL\n{}",
+                    lines[lines.len().saturating_sub(40)..].join("\n")
+                );
+            }
+            panic!(
+                "{} of 100 runs executed after 180 s; not: {missing:?}",
+                done.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     // Give late duplicates (a second claim, a re-adoption) every chance to show:
     // several more polls and maintenance passes of both agents.
     for addr in [&addr_a, &addr_b] {
@@ -679,12 +713,18 @@ async fn a_run_environment_follows_the_documented_precedence() {
         !env.contains_key("PREFECT_LOGGING_TO_API_ENABLED"),
         "log shipping stays on"
     );
-    let logs = api.logs(&run).await;
-    assert!(
-        logs.iter()
-            .any(|l| l.starts_with("Submitted for execution")),
-        "{logs:?}"
-    );
+    // Shipped in the background: the run may complete before the agent's line lands.
+    wait_for(
+        "the agent's submission line in the run's logs",
+        Duration::from_secs(30),
+        || async {
+            let logs = api.logs(&run).await;
+            logs.iter()
+                .any(|l| l.starts_with("Submitted for execution"))
+                .then_some(())
+        },
+    )
+    .await;
     drop(agent);
 }
 
