@@ -109,6 +109,28 @@ pub fn in_commit_order(mut history: Vec<ApiState>, current: Option<&ApiState>) -
     history
 }
 
+/// Prefect marks only a SCHEDULED run "Late" (its `EnsureOnlyScheduledFlowsMarkedLate`
+/// rule), so a Late state stamped right after PENDING claims was committed before them:
+/// it is moved back before them. Every reader of the history (the claim check, orphan
+/// adoption, cancellation) then sees the order the server committed.
+pub fn late_marks_in_place(mut history: Vec<ApiState>) -> Vec<ApiState> {
+    let mut i = 1;
+    while i < history.len() {
+        let late = StateKind::parse(&history[i].kind) == StateKind::Scheduled
+            && history[i].name.as_deref() == Some("Late");
+        let mut at = i;
+        while late && at > 0 && StateKind::parse(&history[at - 1].kind) == StateKind::Pending {
+            at -= 1;
+        }
+        if at < i {
+            let state = history.remove(i);
+            history.insert(at, state);
+        }
+        i += 1;
+    }
+    history
+}
+
 /// A run whose claim did not hold is SCHEDULED again and due by `now`: it is to be claimed
 /// again at once, as no poll may find it (the "Late" state above carries no scheduled
 /// time, and Prefect's poll orders and filters by it). A run rescheduled into the future
@@ -203,6 +225,58 @@ mod tests {
         // Nothing known about the current state: the stamps' order stands.
         assert_eq!(in_commit_order(stamped.clone(), None).len(), 3);
         assert!(!verify_claim(&in_commit_order(stamped, None), "ta"));
+    }
+
+    #[test]
+    fn a_late_mark_stamped_after_claims_is_read_before_them() {
+        let named = |kind: &str, name: &str, ts: &str, t: Option<&str>| -> ApiState {
+            serde_json::from_value(json!({"type": kind, "name": name, "timestamp": ts,
+                "message": t.map(|t| format!("Claimed by agent {t}")),
+                "state_details": {"transition_id": t}}))
+            .unwrap()
+        };
+        let sched = named("SCHEDULED", "Scheduled", "2026-01-01T00:00:00Z", None);
+        let a = named("PENDING", "Pending", "2026-01-01T00:00:01Z", Some("a"));
+        let b = named("PENDING", "Pending", "2026-01-01T00:00:01.001Z", Some("b"));
+        let late = named("SCHEDULED", "Late", "2026-01-01T00:00:01.002Z", None);
+        let running = named("RUNNING", "Running", "2026-01-01T00:00:02Z", None);
+        let names = |h: &[ApiState]| -> Vec<String> {
+            h.iter()
+                .map(|s| {
+                    s.name.clone().unwrap_or_default() + &s.message.clone().unwrap_or_default()
+                })
+                .collect()
+        };
+        let fixed = late_marks_in_place(vec![
+            sched.clone(),
+            a.clone(),
+            late.clone(),
+            running.clone(),
+        ]);
+        assert_eq!(
+            names(&fixed),
+            names(&[sched.clone(), late.clone(), a.clone(), running.clone()])
+        );
+        assert!(verify_claim(&fixed[..3], "a"));
+        assert_eq!(
+            claimant_of_record(&fixed[..3]).unwrap().message.as_deref(),
+            Some("Claimed by agent a")
+        );
+        // Behind two claims: before both (the round still has two, as it had).
+        let fixed = late_marks_in_place(vec![sched.clone(), a.clone(), b.clone(), late.clone()]);
+        assert_eq!(
+            names(&fixed),
+            names(&[sched.clone(), late.clone(), a.clone(), b.clone()])
+        );
+        // A Late state after a SCHEDULED one, or a plain reschedule after a claim: as stamped.
+        let plain = vec![sched.clone(), late.clone(), a.clone()];
+        assert_eq!(names(&late_marks_in_place(plain.clone())), names(&plain));
+        let rescheduled = vec![sched.clone(), a.clone(), sched.clone()];
+        assert_eq!(
+            names(&late_marks_in_place(rescheduled.clone())),
+            names(&rescheduled)
+        );
+        assert!(late_marks_in_place(Vec::new()).is_empty());
     }
 
     #[test]

@@ -15,7 +15,7 @@ mod wire;
 
 pub use claims::{
     claim_marker, claimant_of_record, displaced_by, due_again, in_commit_order, interpret_claim,
-    latest_claimant, verify_claim,
+    late_marks_in_place, latest_claimant, verify_claim,
 };
 pub use wire::{ApiFlowRun, ApiState, SetStateResponse};
 
@@ -233,7 +233,7 @@ impl Prefect3 {
             )
             .await?;
         states.sort_by_key(|s| s.timestamp);
-        Ok(states)
+        Ok(late_marks_in_place(states))
     }
 
     /// The server's version (for the default image and the `prefect.io/version` label),
