@@ -383,6 +383,22 @@ async fn cancelling_a_running_flow_terminates_its_pod() {
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+    // And it stays cancelled: the runner's SIGTERM reschedule (AwaitingRetry) once landed
+    // after a CANCELLED written after the Job's deletion, and the run started again.
+    let kinds: Vec<String> = w
+        .api
+        .states(&run)
+        .await
+        .iter()
+        .map(|s| s["type"].as_str().unwrap_or_default().to_string())
+        .collect();
+    let cancelling = kinds.iter().position(|k| k == "CANCELLING");
+    // The runner, seeing the cancellation itself, may say CANCELLED once more.
+    assert!(
+        cancelling.is_some_and(|at| kinds[at + 1..].iter().all(|k| k == "CANCELLED")),
+        "nothing but CANCELLED after CANCELLING: {kinds:?}\n{}",
+        w.diagnostics(&run).await
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

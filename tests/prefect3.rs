@@ -450,7 +450,8 @@ async fn a_cancelling_event_wakes_the_cancellation_check() {
 }
 
 /// A run whose flow process runs is set CANCELLING: the agent (checking for cancellations
-/// every `maintenance`) kills the process and ends the run CANCELLED.
+/// every `maintenance`) ends the run CANCELLED and kills the process, whose SIGTERM handler
+/// (as Prefect's runner's) reschedules a run not final yet: it must find it CANCELLED.
 async fn cancel_a_running_run(prefix: &str, maintenance: &str, extra: &[&str]) {
     let Setup {
         server,
@@ -460,7 +461,7 @@ async fn cancel_a_running_run(prefix: &str, maintenance: &str, extra: &[&str]) {
         _dir,
     } = Setup::new(prefix).await;
     let dep = api
-        .create_deployment(&pool, json!({"command": fake_runner(&record, "sleep")}))
+        .create_deployment(&pool, json!({"command": fake_runner(&record, "sigterm")}))
         .await;
     let run = api.create_run(&dep).await;
     let mut args = agent_args(&server.url, &pool, "canceller");
@@ -501,6 +502,24 @@ async fn cancel_a_running_run(prefix: &str, maintenance: &str, extra: &[&str]) {
         || async { (!alive(pid)).then_some(()) },
     )
     .await;
+    let seen = std::fs::read_to_string(format!("{}.sigterm", record.display()))
+        .expect("the runner's SIGTERM handler ran");
+    assert_eq!(
+        seen, "CANCELLED",
+        "the run was final when its runner got SIGTERM"
+    );
+    let kinds: Vec<String> = api
+        .states(&run)
+        .await
+        .iter()
+        .map(|s| s["type"].as_str().unwrap_or_default().to_string())
+        .collect();
+    let cancelling = kinds.iter().position(|k| k == "CANCELLING").unwrap();
+    assert!(
+        kinds[cancelling + 1..].iter().all(|k| k == "CANCELLED"),
+        "nothing but CANCELLED after CANCELLING: {kinds:?}"
+    );
+    assert_eq!(recorded(&record).len(), 1, "launched once");
     drop(agent);
 }
 

@@ -1,6 +1,6 @@
 //! The agent's maintenance pass, on its own clock: runs this agent claimed but never
 //! launched (a crash between claim and launch) are adopted, and cancellations are carried
-//! out (the Job deleted, the run CANCELLED).
+//! out (the run CANCELLED, then its Job deleted).
 
 use std::sync::Arc;
 
@@ -9,8 +9,8 @@ use tracing::Instrument;
 
 use super::Inner;
 use super::stats::AgentStats;
-use crate::backend::Backend;
 use crate::backend::events::EventLink;
+use crate::backend::{Backend, FlowRun};
 use crate::deploy::{Deployer, Stopped};
 
 impl<B: Backend, D: Deployer> Inner<B, D> {
@@ -125,6 +125,7 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
     }
 
     pub(super) async fn carry_out_cancellations(&self, stop: &CancellationToken) {
+        self.stop_again().await;
         let runs = match self.backend.cancelling().await {
             Ok(runs) => runs,
             Err(e) => {
@@ -141,38 +142,84 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
                 let Some(_guard) = self.mark_busy(&run.id) else {
                     return;
                 };
-                match self.deployer.stop(&run).await {
-                    Ok(Stopped::Stopped) => tracing::info!("stopped the run's infrastructure"),
-                    // Ours but already gone.
-                    Ok(Stopped::NotFound) if run.infrastructure_pid.is_some() => {}
-                    // Claimed by us and never launched: nobody else will finish it.
-                    Ok(Stopped::NotFound) => match self.backend.claimed_by_me(&run).await {
-                        Ok(true) => tracing::info!("cancelled before it was launched"),
-                        Ok(false) => {
-                            tracing::debug!("cancelling run claimed by another agent; left to it");
-                            return;
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "could not read who claimed the run");
-                            return;
-                        }
-                    },
-                    Ok(Stopped::NotMine) => return,
-                    Err(e) => {
-                        tracing::error!(error = %e, "could not stop the run");
-                        return;
-                    }
+                if !self.ours_to_cancel(&run).await {
+                    return;
                 }
-                match self.backend.cancelled(&run.id).await {
-                    Ok(()) => {
-                        AgentStats::inc(&self.stats.runs_cancelled);
-                        tracing::info!("flow run cancelled");
-                    }
-                    Err(e) => tracing::error!(error = %e, "could not mark the run cancelled"),
+                // Recorded before the infrastructure is stopped: on the SIGTERM that
+                // follows, Prefect's runner reschedules a run that is not final yet, and
+                // Prefect accepts that reschedule even after a CANCELLED that lands later:
+                // the run would start again (seen on the real node).
+                if let Err(e) = self.backend.cancelled(&run.id).await {
+                    // Still CANCELLING: the next pass tries again.
+                    tracing::error!(error = %e, "could not mark the run cancelled");
+                    return;
                 }
+                AgentStats::inc(&self.stats.runs_cancelled);
+                tracing::info!("flow run cancelled");
+                self.stop_infrastructure(run).await;
             }
             .instrument(span)
             .await;
+        }
+    }
+
+    /// Whether a CANCELLING run is this agent's to cancel: its infrastructure is ours, or
+    /// it has none and we claimed it (nobody else will finish it then).
+    async fn ours_to_cancel(&self, run: &FlowRun) -> bool {
+        if !self.deployer.owns(run) {
+            return false;
+        }
+        if run.infrastructure_pid.is_some() {
+            return true;
+        }
+        match self.deployer.find(run).await {
+            Ok(Some(_)) => return true,
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "could not look for the run's infrastructure; will look again");
+                return false;
+            }
+        }
+        match self.backend.claimed_by_me(run).await {
+            Ok(true) => {
+                tracing::info!("cancelled before it was launched");
+                true
+            }
+            Ok(false) => {
+                tracing::debug!("cancelling run claimed by another agent; left to it");
+                false
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read who claimed the run");
+                false
+            }
+        }
+    }
+
+    /// Stops a cancelled run's infrastructure; one that could not be stopped is tried
+    /// again at every maintenance pass (the run is already CANCELLED in Prefect).
+    async fn stop_infrastructure(&self, run: FlowRun) {
+        match self.deployer.stop(&run).await {
+            Ok(Stopped::Stopped) => tracing::info!("stopped the run's infrastructure"),
+            Ok(Stopped::NotFound | Stopped::NotMine) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "could not stop the cancelled run's infrastructure; will try again");
+                if let Ok(mut unstopped) = self.unstopped.lock() {
+                    unstopped.push(run);
+                }
+            }
+        }
+    }
+
+    /// Tries again to stop what earlier cancellations could not.
+    async fn stop_again(&self) {
+        let runs = match self.unstopped.lock() {
+            Ok(mut unstopped) => std::mem::take(&mut *unstopped),
+            Err(_) => return,
+        };
+        for run in runs {
+            let span = tracing::info_span!("flow_run", flow_run = %run.id, name = %run.name);
+            self.stop_infrastructure(run).instrument(span).await;
         }
     }
 }

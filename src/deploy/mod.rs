@@ -91,6 +91,9 @@ pub trait Deployer: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Option<String>, DeployError>> + Send;
     /// Stops the run's infrastructure.
     fn stop(&self, run: &FlowRun) -> impl Future<Output = Result<Stopped, DeployError>> + Send;
+    /// Whether the run's infrastructure, if it has any, would be this deployer's to stop
+    /// (its recorded infra id points here). Asked before a cancellation is recorded.
+    fn owns(&self, run: &FlowRun) -> bool;
     /// The work pool type this deployer starts runs of, for hints ("create it with
     /// `--type kubernetes`").
     fn pool_type(&self) -> &'static str;

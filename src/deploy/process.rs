@@ -252,6 +252,15 @@ impl Deployer for ProcessDeployer {
         Ok(pids.first().map(|pid| format!("{}:{pid}", self.host)))
     }
 
+    fn owns(&self, run: &FlowRun) -> bool {
+        self.tracked(&run.id).is_some()
+            || run
+                .infrastructure_pid
+                .as_deref()
+                .and_then(|p| p.rsplit_once(':'))
+                .is_none_or(|(host, _)| host == self.host)
+    }
+
     async fn stop(&self, run: &FlowRun) -> Result<Stopped, DeployError> {
         let group = match self.tracked(&run.id) {
             Some(pgid) => Some(pgid),

@@ -714,7 +714,7 @@ impl Backend for Prefect3 {
 
     async fn cancelled(&self, run_id: &str) -> Result<(), BackendError> {
         let state = json!({"state": {"type": "CANCELLED", "name": "Cancelled",
-            "message": "Cancelled: the agent stopped the flow run's infrastructure"}});
+            "message": "Cancelled: the agent stops the flow run's infrastructure"}});
         let resp = self.set_state(run_id, state).await?;
         if resp.status != "ACCEPT" {
             tracing::warn!(run_id, status = %resp.status, reason = ?resp.reason(), "Prefect refused to mark the run cancelled");

@@ -183,6 +183,10 @@ impl Deployer for KubernetesDeployer {
         Ok(found.map(|_| format!("{namespace}:{name}")))
     }
 
+    fn owns(&self, run: &FlowRun) -> bool {
+        run.infrastructure_pid.is_none() || self.recorded_namespace(run).is_some()
+    }
+
     async fn stop(&self, run: &FlowRun) -> Result<Stopped, DeployError> {
         let namespace = match &run.infrastructure_pid {
             None => self.namespace(),
