@@ -20,6 +20,7 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
             t.since = std::time::Instant::now();
             t.cleared = false;
         }
+        self.trouble_poke.notify_one();
     }
 
     /// Cancellations and re-adoption of unlaunched claims, on their own clock. With the
@@ -31,7 +32,6 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
         stop: CancellationToken,
         events: Option<EventLink>,
     ) {
-        const EVENT_SAFETY_NET_TICKS: u32 = 6;
         let mut tick: u32 = 0;
         let mut woken = false;
         loop {
@@ -43,20 +43,29 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
                 Box::pin(self.carry_out_cancellations(&stop)).await;
             }
             tick = tick.wrapping_add(1);
+            let rounds = rounds_to_sleep(events_arrive, self.orphans_cleared(), tick);
+            tick = tick.wrapping_add(rounds - 1);
             let sleep = if events_arrive {
                 self.cfg.maintenance_interval
             } else {
                 self.cfg.maintenance_interval.min(self.cfg.poll_interval)
             };
             tokio::select! {
-                _ = tokio::time::sleep(sleep) => woken = false,
+                _ = tokio::time::sleep(sleep * rounds) => woken = false,
                 _ = self.cancel_poke.notified() => {
                     tracing::debug!("woken by a cancellation");
                     woken = true;
                 }
+                // A claim may have been left unlaunched: orphan scans start again.
+                _ = self.trouble_poke.notified() => woken = false,
                 _ = stop.cancelled() => return,
             }
         }
+    }
+
+    /// No claim of ours can be waiting for adoption (see `Trouble`).
+    fn orphans_cleared(&self) -> bool {
+        self.trouble.lock().map(|t| t.cleared).unwrap_or(false)
     }
 
     pub(super) async fn adopt_orphans(self: &Arc<Self>, stop: &CancellationToken) {
@@ -221,5 +230,48 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
             let span = tracing::info_span!("flow_run", flow_run = %run.id, name = %run.name);
             self.stop_infrastructure(run).instrument(span).await;
         }
+    }
+}
+
+/// With events arriving, every this many maintenance rounds the cancellations are scanned
+/// anyway (a missed event).
+const EVENT_SAFETY_NET_TICKS: u32 = 6;
+
+/// How many maintenance rounds to sleep through at once. With events arriving and no claim
+/// waiting for adoption, the rounds before the next safety-net scan have nothing to do:
+/// an idle agent wakes once a minute instead of every 10 s (a thousand agents, a hundred
+/// wakeups a second). `tick` is the round about to come.
+fn rounds_to_sleep(events_arrive: bool, orphans_cleared: bool, tick: u32) -> u32 {
+    if !(events_arrive && orphans_cleared) {
+        return 1;
+    }
+    match tick % EVENT_SAFETY_NET_TICKS {
+        0 => 1,
+        r => EVENT_SAFETY_NET_TICKS - r + 1,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_idle_agent_sleeps_until_its_next_safety_net_scan() {
+        // Round 0 scanned; rounds 1..=5 have nothing to do: woken for round 6.
+        assert_eq!(rounds_to_sleep(true, true, 1), 6);
+        assert_eq!(rounds_to_sleep(true, true, 4), 3);
+        assert_eq!(rounds_to_sleep(true, true, 6), 1);
+        // The rounds land on every sixth, as before.
+        let mut tick = 1;
+        let mut scans = Vec::new();
+        for _ in 0..4 {
+            tick += rounds_to_sleep(true, true, tick) - 1;
+            scans.push(tick);
+            tick += 1;
+        }
+        assert_eq!(scans, [6, 12, 18, 24]);
+        // Orphans to look for, or no events: every round.
+        assert_eq!(rounds_to_sleep(true, false, 1), 1);
+        assert_eq!(rounds_to_sleep(false, true, 1), 1);
     }
 }

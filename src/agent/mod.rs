@@ -150,6 +150,8 @@ struct Inner<B, D> {
     /// start (a previous process's claims) or since a launch went wrong. They become
     /// visible to a scan `adopt_after` later; one clean scan after that ends the need.
     trouble: Mutex<Trouble>,
+    /// Wakes the maintenance loop when a claim may have been left unlaunched.
+    trouble_poke: Notify,
     /// Cancelled runs whose infrastructure could not be stopped yet.
     unstopped: Mutex<Vec<FlowRun>>,
     /// Cancelled when `start` returns: the per-run exit watchers end with their agent, so
@@ -201,6 +203,7 @@ impl<B: Backend, D: Deployer> Agent<B, D> {
                 }),
                 busy: Arc::default(),
                 slots,
+                trouble_poke: Notify::new(),
                 unstopped: Mutex::default(),
                 stopped: CancellationToken::new(),
             }),
