@@ -163,12 +163,6 @@ fn operator(kubeconfig: &std::path::Path, ns: &str, port: u16, extra: &[&str]) -
     AgentProcess::start_with(cmd)
 }
 
-/// The last `n` lines of a log.
-fn last_lines(log: &str, n: usize) -> String {
-    let lines: Vec<&str> = log.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
 /// Sum of a counter over all agents in an operator's /metrics.
 async fn counter(port: u16, name: &str) -> Option<f64> {
     let text = probe(port, "/metrics").await?.1;
@@ -406,8 +400,7 @@ fn report(scenario: &str, row: Row, logs: &str) {
         row.wall.as_secs_f64()
     );
     // The operators' last words, to see why.
-    let lines: Vec<&str> = logs.lines().collect();
-    let tail = lines[lines.len().saturating_sub(80)..].join("\n");
+    let tail = last_lines(logs, 80);
     assert!(
         row.duplicates.is_empty(),
         "runs with two Jobs: {:?}\n{tail}",

@@ -127,12 +127,7 @@ async fn race(setup: Setup, due: Due) {
                 explain(&api, run, &[&a, &b]).await;
             }
             for agent in [&a, &b] {
-                let out = agent.output();
-                let lines: Vec<&str> = out.lines().collect();
-                eprintln!(
-                    "TAIL\n{}",
-                    lines[lines.len().saturating_sub(40)..].join("\n")
-                );
+                eprintln!("TAIL\n{}", last_lines(&agent.output(), 40));
             }
             panic!(
                 "{} of 100 runs executed after 180 s; not: {missing:?}",

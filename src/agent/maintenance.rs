@@ -70,11 +70,7 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
 
     pub(super) async fn adopt_orphans(self: &Arc<Self>, stop: &CancellationToken) {
         let started = std::time::Instant::now();
-        let due = match self.trouble.lock() {
-            Ok(t) => !t.cleared,
-            Err(_) => true,
-        };
-        if !due {
+        if self.orphans_cleared() {
             return;
         }
         let orphans = match self.backend.orphans(self.cfg.adopt_after).await {

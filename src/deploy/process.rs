@@ -265,13 +265,8 @@ impl Deployer for ProcessDeployer {
         let group = match self.tracked(&run.id) {
             Some(pgid) => Some(pgid),
             None => {
-                match run
-                    .infrastructure_pid
-                    .as_deref()
-                    .and_then(|p| p.rsplit_once(':'))
-                {
-                    Some((host, _)) if host != self.host => return Ok(Stopped::NotMine),
-                    _ => {}
+                if !self.owns(run) {
+                    return Ok(Stopped::NotMine);
                 }
                 let run_id = run.id.clone();
                 let pids = tokio::task::spawn_blocking(move || processes_of_run(&run_id))

@@ -72,6 +72,12 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// The last `n` lines of a log, to show why a test failed.
+pub fn last_lines(log: &str, n: usize) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 /// Polls `cond` until it returns `Some`, or panics with `what` at the deadline.
 pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut cond: F) -> T
 where

@@ -562,7 +562,8 @@ impl Backend for Prefect3 {
                 now.state
             )));
         }
-        // A second try only where the server itself undid the first (`reopened_after`).
+        // A second try only where the run is SCHEDULED and due again after the first
+        // (`due_again`).
         for _ in 0..2 {
             let transition_id = uuid::Uuid::new_v4().to_string();
             let state = json!({
