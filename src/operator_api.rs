@@ -113,7 +113,7 @@ struct AppState {
 type Field = fn(&AgentMetrics) -> f64;
 
 /// The agents' series: name, help, type, value.
-const AGENT_SERIES: [(&str, &str, MetricType, Field); 10] = [
+const AGENT_SERIES: [(&str, &str, MetricType, Field); 11] = [
     (
         "prefect_agent_polls_total",
         "Polls of Prefect for due runs.",
@@ -131,6 +131,12 @@ const AGENT_SERIES: [(&str, &str, MetricType, Field); 10] = [
         "Claims this agent won.",
         MetricType::COUNTER,
         |a| a.stats.runs_claimed as f64,
+    ),
+    (
+        "prefect_agent_claims_checked_by_history_total",
+        "Claims won whose answer left it open, proven by the run's state history.",
+        MetricType::COUNTER,
+        |a| a.stats.claims_checked_by_history as f64,
     ),
     (
         "prefect_agent_claim_conflicts_total",

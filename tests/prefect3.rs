@@ -179,6 +179,20 @@ async fn race(setup: Setup, due: Due) {
     .await;
     let (na, nb) = (submitted(a.output()), submitted(b.output()));
     eprintln!("racer-a launched {na}, racer-b launched {nb}");
+    // Prefect 3.9.1 runs a run's transitions one at a time: its answer proves a claim that
+    // displaced a SCHEDULED state, and the history is read only where it does not.
+    let (mut claimed, mut by_history) = (0, 0);
+    for addr in [&addr_a, &addr_b] {
+        let h = wait_for("health", Duration::from_secs(10), || health(addr)).await;
+        claimed += h["runsClaimed"].as_u64().unwrap_or(0);
+        by_history += h["claimsCheckedByHistory"].as_u64().unwrap_or(u64::MAX / 4);
+    }
+    eprintln!("claims won {claimed}, of them proven by the history {by_history}");
+    assert!(claimed >= 100, "every run claimed: {claimed}");
+    assert!(
+        by_history * 10 <= claimed,
+        "the answer proved the claims, the history was read for few: {by_history} of {claimed}"
+    );
     assert!(
         na > 0 && nb > 0,
         "both agents took part in the race: {na} + {nb}"

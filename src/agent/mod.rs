@@ -21,7 +21,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::backend::http::HttpError;
-use crate::backend::{Backend, BackendError, Claim, FlowRun};
+use crate::backend::{Backend, BackendError, Claim, FlowRun, Proof};
 use crate::deploy::Deployer;
 use backoff::Backoff;
 use stats::AgentStats;
@@ -422,9 +422,12 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
             return;
         };
         match self.backend.claim(&run).await {
-            Ok(Claim::Claimed) => {
-                tracing::info!("claimed");
+            Ok(Claim::Claimed(proof)) => {
+                tracing::info!(?proof, "claimed");
                 AgentStats::inc(&self.stats.runs_claimed);
+                if proof == Proof::History {
+                    AgentStats::inc(&self.stats.claims_checked_by_history);
+                }
                 if self.cfg.fault_abort_after_claim {
                     tracing::error!("fault injection: aborting between claim and launch");
                     std::process::abort();

@@ -21,6 +21,8 @@ pub struct AgentStats {
     pub runs_adopted: AtomicU64,
     /// Claims this agent won.
     pub runs_claimed: AtomicU64,
+    /// Of those, the ones whose answer left it open, proven by the run's state history.
+    pub claims_checked_by_history: AtomicU64,
     /// Claims another agent or worker won first.
     pub claim_conflicts: AtomicU64,
     /// A run's scheduled time → its infrastructure created.
@@ -59,6 +61,8 @@ pub struct StatsSnapshot {
     #[serde(default)]
     pub runs_claimed: u64,
     #[serde(default)]
+    pub claims_checked_by_history: u64,
+    #[serde(default)]
     pub claim_conflicts: u64,
     pub last_poll_time: Option<DateTime<Utc>>,
     pub last_error: Option<String>,
@@ -84,6 +88,7 @@ impl Default for AgentStats {
             runs_cancelled: AtomicU64::default(),
             runs_adopted: AtomicU64::default(),
             runs_claimed: AtomicU64::default(),
+            claims_checked_by_history: AtomicU64::default(),
             claim_conflicts: AtomicU64::default(),
             submission_latency: latency_histogram(SUBMISSION_LATENCY.0, SUBMISSION_LATENCY.1),
             last: Mutex::default(),
@@ -203,6 +208,7 @@ impl AgentStats {
             runs_cancelled: self.runs_cancelled.load(Ordering::Relaxed),
             runs_adopted: self.runs_adopted.load(Ordering::Relaxed),
             runs_claimed: self.runs_claimed.load(Ordering::Relaxed),
+            claims_checked_by_history: self.claims_checked_by_history.load(Ordering::Relaxed),
             claim_conflicts: self.claim_conflicts.load(Ordering::Relaxed),
             last_poll_time: last.poll_time,
             last_error: last.error,

@@ -105,12 +105,22 @@ impl FlowRun {
 /// The answer to a claim.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Claim {
-    /// The run is ours to launch.
-    Claimed,
+    /// The run is ours to launch; how we know.
+    Claimed(Proof),
     /// Another agent or worker has it.
     Taken(String),
     /// Not now (a concurrency limit, a WAIT); it will be offered again.
     Delayed(String),
+}
+
+/// What proved a claim.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proof {
+    /// The server's answer alone (Prefect 1's version lock; a Prefect 3 server that runs
+    /// transitions one at a time, see `prefect3::proven_by_answer`).
+    Answer,
+    /// The run's state history, read because the answer left it open.
+    History,
 }
 
 /// An environment variable value: the key must reach a Kubernetes Job only as a `secretKeyRef`.

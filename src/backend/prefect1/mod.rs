@@ -21,7 +21,7 @@ use self::graphql::{CORE_VERSION, GraphqlClient, GraphqlError, literal};
 use self::run_config::{FlowInfo, RunIdentity, default_env, fixed_env};
 use super::http::{ApiClient, Auth, RetryPolicy};
 use super::{
-    Backend, BackendError, Claim, ClaimLedger, FlowRun, LogLevel, Registration, RunContext,
+    Backend, BackendError, Claim, ClaimLedger, FlowRun, LogLevel, Proof, Registration, RunContext,
     RunSpec, StateKind, poll_horizon, timestamp,
 };
 use crate::secret::SecretString;
@@ -359,7 +359,7 @@ impl Prefect1 {
             )
             .await
         {
-            Ok(_) => Ok(Claim::Claimed),
+            Ok(_) => Ok(Claim::Claimed(Proof::Answer)),
             Err(GraphqlError::VersionLocked(m)) => Ok(Claim::Taken(m)),
             Err(e) => Err(e.into()),
         }
@@ -523,7 +523,7 @@ impl Backend for Prefect1 {
                 )
                 .await
             {
-                Ok((status, _)) if status == "SUCCESS" => Claim::Claimed,
+                Ok((status, _)) if status == "SUCCESS" => Claim::Claimed(Proof::Answer),
                 Ok((status, message)) if status == "QUEUED" => {
                     Claim::Delayed(format!("a concurrency limit queued it: {message}"))
                 }
@@ -532,7 +532,7 @@ impl Backend for Prefect1 {
                 Err(e) => return Err(e.into()),
             }
         };
-        if claim != Claim::Claimed {
+        if !matches!(claim, Claim::Claimed(_)) {
             self.forget(&run.id);
         }
         Ok(claim)

@@ -16,19 +16,69 @@ pub fn claim_marker(agent_name: &str, identity: &str) -> String {
     format!("Claimed by agent {agent_name} ({identity})")
 }
 
-/// What a claim's answer means, given the transition id we sent.
-pub fn interpret_claim(resp: &SetStateResponse, transition_id: &str) -> Claim {
+/// What a claim's answer means, given the transition id we sent: `None` when the answer
+/// gives us the run (whether that is proof enough is [`proven_by_answer`]'s to say), else
+/// why not.
+pub fn interpret_claim(resp: &SetStateResponse, transition_id: &str) -> Option<Claim> {
     let reason = resp.reason().unwrap_or_default();
     match resp.status.as_str() {
-        "ACCEPT" => Claim::Claimed,
+        "ACCEPT" => None,
         // Our own earlier attempt already moved the run (a lost response, retried).
-        "REJECT" | "ABORT" if resp.current_transition_id() == Some(transition_id) => Claim::Claimed,
-        "ABORT" => Claim::Taken(reason),
-        "REJECT" if resp.current_kind() == Some(StateKind::Scheduled) => Claim::Delayed(reason),
-        "REJECT" => Claim::Taken(reason),
-        "WAIT" => Claim::Delayed(format!("the server asked to wait: {reason}")),
-        other => Claim::Delayed(format!("unexpected orchestration answer {other}: {reason}")),
+        "REJECT" | "ABORT" if resp.current_transition_id() == Some(transition_id) => None,
+        "ABORT" => Some(Claim::Taken(reason)),
+        "REJECT" if resp.current_kind() == Some(StateKind::Scheduled) => {
+            Some(Claim::Delayed(reason))
+        }
+        "REJECT" => Some(Claim::Taken(reason)),
+        "WAIT" => Some(Claim::Delayed(format!(
+            "the server asked to wait: {reason}"
+        ))),
+        other => Some(Claim::Delayed(format!(
+            "unexpected orchestration answer {other}: {reason}"
+        ))),
     }
+}
+
+/// Whether the server runs a run's state transitions one at a time. Prefect 2.20 and 3.x
+/// do (read in their code: the run's row is locked on PostgreSQL, SQLite's transaction
+/// begins `IMMEDIATE`; two to six clients racing over the same runs got one `ACCEPT`
+/// each, on both databases), and their policy refuses PENDING after PENDING. An unknown
+/// or older server is not trusted with it.
+pub fn serialises_transitions(server_version: Option<&str>) -> bool {
+    let Some(version) = server_version else {
+        return false;
+    };
+    let mut parts = version.split('.').map(|p| {
+        let digits: String = p.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse::<u32>().ok()
+    });
+    match (parts.next().flatten(), parts.next().flatten()) {
+        (Some(major), Some(minor)) => (major, minor) >= (2, 20),
+        _ => false,
+    }
+}
+
+/// Whether a claim's answer alone proves it holds, on a server that
+/// [`serialises_transitions`]: our PENDING is the run's state and it displaced a
+/// SCHEDULED one. Prefect copies the displaced SCHEDULED state's `scheduled_time` into
+/// the PENDING it accepts (its `CopyScheduledTime` rule, SCHEDULED → PENDING only), and
+/// a claim carries none of its own; a PENDING accepted over anything else (a re-run of a
+/// finished run) has none. One transition at a time and no PENDING after PENDING: ours
+/// is then the one claim of its round, and the history has nothing to add.
+pub fn proven_by_answer(resp: &SetStateResponse, transition_id: &str) -> bool {
+    let Some(state) = resp.state.as_ref() else {
+        return false;
+    };
+    StateKind::parse(&state.kind) == StateKind::Pending
+        && state
+            .state_details
+            .get("transition_id")
+            .and_then(Value::as_str)
+            == Some(transition_id)
+        && state
+            .state_details
+            .get("scheduled_time")
+            .is_some_and(|t| !t.is_null())
 }
 
 /// The claim round: the PENDING states after the run was last SCHEDULED. `None` when the
@@ -165,27 +215,80 @@ mod tests {
                 &resp(json!({"status": "ACCEPT", "details": {"type": "accept_details"}})),
                 t
             ),
-            Claim::Claimed
+            None
         );
         // A retried claim whose first attempt went through.
         let again = json!({"status": "REJECT",
             "state": {"type": "PENDING", "state_details": {"transition_id": t}},
             "details": {"reason": "This run has already made this state transition."}});
-        assert_eq!(interpret_claim(&resp(again), t), Claim::Claimed);
+        assert_eq!(interpret_claim(&resp(again), t), None);
         let other = json!({"status": "ABORT",
             "state": {"type": "PENDING", "state_details": {"transition_id": "someone-else"}},
             "details": {"reason": "This run is in a PENDING state and cannot transition to a PENDING state."}});
         assert!(
-            matches!(interpret_claim(&resp(other), t), Claim::Taken(r) if r.contains("PENDING state"))
+            matches!(interpret_claim(&resp(other), t), Some(Claim::Taken(r)) if r.contains("PENDING state"))
         );
         let limit = json!({"status": "REJECT",
             "state": {"type": "SCHEDULED", "name": "AwaitingConcurrencySlot", "state_details": {}},
             "details": {"reason": "Deployment concurrency limit reached."}});
         assert!(
-            matches!(interpret_claim(&resp(limit), t), Claim::Delayed(r) if r.contains("concurrency"))
+            matches!(interpret_claim(&resp(limit), t), Some(Claim::Delayed(r)) if r.contains("concurrency"))
         );
         let wait = json!({"status": "WAIT", "details": {"delay_seconds": 5, "reason": "busy"}});
-        assert!(matches!(interpret_claim(&resp(wait), t), Claim::Delayed(_)));
+        assert!(matches!(
+            interpret_claim(&resp(wait), t),
+            Some(Claim::Delayed(_))
+        ));
+    }
+
+    /// Answers as Prefect 3.9.1 gave them (trimmed): a claim of a SCHEDULED run, the same
+    /// claim sent again, and a claim of a COMPLETED run (a re-run, accepted).
+    #[test]
+    fn an_accepted_claim_proves_itself_only_where_it_displaced_a_scheduled_state() {
+        let t = "9315d8c2";
+        let pending = |status: &str, scheduled: Value, transition: &str| {
+            resp(json!({"status": status,
+                "state": {"type": "PENDING", "name": "Pending",
+                    "message": "Claimed by agent x (id)",
+                    "state_details": {"scheduled_time": scheduled, "transition_id": transition,
+                        "flow_run_id": "ab9a550d"}},
+                "details": {"type": "accept_details"}}))
+        };
+        let when = json!("2026-12-07T17:17:43.074925Z");
+        assert!(proven_by_answer(&pending("ACCEPT", when.clone(), t), t));
+        assert!(proven_by_answer(&pending("REJECT", when.clone(), t), t));
+        // Over COMPLETED: Prefect copies no scheduled time.
+        assert!(!proven_by_answer(&pending("ACCEPT", Value::Null, t), t));
+        // Someone else's state, or none at all.
+        assert!(!proven_by_answer(
+            &pending("ACCEPT", when.clone(), "other"),
+            t
+        ));
+        assert!(!proven_by_answer(
+            &resp(json!({"status": "ACCEPT", "details": {}})),
+            t
+        ));
+        let scheduled = resp(json!({"status": "REJECT",
+            "state": {"type": "SCHEDULED", "state_details": {"scheduled_time": when, "transition_id": t}}}));
+        assert!(!proven_by_answer(&scheduled, t));
+    }
+
+    #[test]
+    fn only_servers_known_to_run_transitions_one_at_a_time_are_trusted_with_them() {
+        for v in [
+            "3.9.1",
+            "2.20.27",
+            "2.20.0",
+            "3.0.0rc1",
+            "3.4.25.dev3+g1234",
+            "10.1",
+        ] {
+            assert!(serialises_transitions(Some(v)), "{v}");
+        }
+        for v in ["2.19.9", "2.7", "1.4.1", "", "three", "3"] {
+            assert!(!serialises_transitions(Some(v)), "{v}");
+        }
+        assert!(!serialises_transitions(None));
     }
 
     fn state(kind: &str, ts: &str, message: Option<&str>, transition: Option<&str>) -> ApiState {

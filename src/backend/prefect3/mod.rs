@@ -15,7 +15,7 @@ mod wire;
 
 pub use claims::{
     claim_marker, claimant_of_record, displaced_by, due_again, in_commit_order, interpret_claim,
-    late_marks_in_place, latest_claimant, verify_claim,
+    late_marks_in_place, latest_claimant, proven_by_answer, serialises_transitions, verify_claim,
 };
 pub use wire::{ApiFlowRun, ApiState, SetStateResponse};
 
@@ -24,7 +24,7 @@ use wire::{ScheduledRun, Worker};
 use super::coalesce::{Coalescer, Memo};
 use super::http::{ApiClient, Auth, HttpError, RetryPolicy};
 use super::{
-    Backend, BackendError, Claim, ClaimLedger, Env, EnvValue, FlowRun, LogLevel, PoolInfo,
+    Backend, BackendError, Claim, ClaimLedger, Env, EnvValue, FlowRun, LogLevel, PoolInfo, Proof,
     Registration, RunAbout, RunContext, RunSpec, StateKind, poll_horizon, timestamp,
 };
 use crate::text::urlencode;
@@ -562,6 +562,7 @@ impl Backend for Prefect3 {
                 now.state
             )));
         }
+        let serialised = serialises_transitions(self.known.read().await.server_version.as_deref());
         // A second try only where the run is SCHEDULED and due again after the first
         // (`due_again`).
         for _ in 0..2 {
@@ -575,15 +576,18 @@ impl Backend for Prefect3 {
                 }
             });
             let resp = self.set_state(&run.id, state).await?;
-            let claim = interpret_claim(&resp, &transition_id);
-            if claim != Claim::Claimed {
-                return Ok(claim);
+            if let Some(not_ours) = interpret_claim(&resp, &transition_id) {
+                return Ok(not_ours);
             }
-            // ACCEPT is not proof: a SQLite-backed server has accepted two concurrent
-            // PENDING transitions. The history decides, the same way for every agent.
+            if serialised && proven_by_answer(&resp, &transition_id) {
+                return Ok(Claim::Claimed(Proof::Answer));
+            }
+            // The answer leaves it open (a server not known to run transitions one at a
+            // time, or a claim that landed on something other than SCHEDULED). The
+            // history decides, the same way for every agent.
             let history = self.history(&run.id).await?;
             if verify_claim(&history, &transition_id) {
-                return Ok(Claim::Claimed);
+                return Ok(Claim::Claimed(Proof::History));
             }
             // Stamps are not commit order; the run's current state settles what they
             // leave open (read only here, where a claim did not hold at first sight).
@@ -591,7 +595,7 @@ impl Backend for Prefect3 {
             let history = in_commit_order(history, current.as_ref());
             if verify_claim(&history, &transition_id) {
                 tracing::info!("the claim holds: a state stamped after it was committed before it");
-                return Ok(Claim::Claimed);
+                return Ok(Claim::Claimed(Proof::History));
             }
             if let Some(previous) = displaced_by(&history, &transition_id) {
                 self.restore(&run.id, previous).await;
