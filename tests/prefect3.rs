@@ -885,8 +885,9 @@ async fn a_burst_is_polled_again_only_when_its_runs_are_nearly_submitted() {
         .create_deployment(&pool, json!({"command": "true"}))
         .await;
     const RUNS: u64 = 100;
+    let mut runs = Vec::new();
     for _ in 0..RUNS {
-        api.create_run(&dep).await;
+        runs.push(api.create_run(&dep).await);
     }
     let addr = format!("127.0.0.1:{}", free_port());
     // Not the tests' 1 s poll interval: it bounds the wait for the slots.
@@ -938,4 +939,13 @@ async fn a_burst_is_polled_again_only_when_its_runs_are_nearly_submitted() {
         "{polls} polls while {RUNS} found runs were submitted over {drained:?}; output:\n{}",
         agent.output()
     );
+    // Their infrastructure ids were written after the burst, every one of them.
+    for run in &runs {
+        wait_for(
+            "the run's infrastructure id recorded",
+            Duration::from_secs(30),
+            || async { api.run(run).await["infrastructure_pid"].as_str().map(|_| ()) },
+        )
+        .await;
+    }
 }

@@ -29,10 +29,7 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
         let scheduled = run.scheduled_start;
         match self.try_launch(run).await {
             Ok((infra_id, description, exit)) => {
-                if let Err(e) = self.backend.launched(&run_id, &infra_id).await {
-                    self.trouble();
-                    tracing::warn!(error = %e, "could not record the infrastructure id");
-                }
+                self.record_later(&run_id, infra_id.clone());
                 self.stats.submitted();
                 if let Some(at) = scheduled {
                     // Early (prefetched) launches count as zero.

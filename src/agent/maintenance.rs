@@ -73,7 +73,8 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
         if self.orphans_cleared() {
             return;
         }
-        let orphans = match self.backend.orphans(self.cfg.adopt_after).await {
+        let launched = self.launched_unrecorded();
+        let orphans = match self.backend.orphans(self.cfg.adopt_after, &launched).await {
             Ok(runs) => runs,
             Err(e) => {
                 tracing::warn!(error = %e, "could not look for unlaunched claims");

@@ -6,6 +6,7 @@ pub mod env;
 pub mod health;
 mod launch;
 mod maintenance;
+mod record;
 pub mod stats;
 
 pub use any::AnyAgent;
@@ -154,6 +155,9 @@ struct Inner<B, D> {
     trouble_poke: Notify,
     /// Cancelled runs whose infrastructure could not be stopped yet.
     unstopped: Mutex<Vec<FlowRun>>,
+    /// Launched runs whose infrastructure id is still to be written (see `record`).
+    unrecorded: Mutex<record::Unrecorded>,
+    record_poke: Notify,
     /// Cancelled when `start` returns: the per-run exit watchers end with their agent, so
     /// that the ends they waited for go to its successor.
     stopped: CancellationToken,
@@ -205,6 +209,8 @@ impl<B: Backend, D: Deployer> Agent<B, D> {
                 slots,
                 trouble_poke: Notify::new(),
                 unstopped: Mutex::default(),
+                unrecorded: Mutex::default(),
+                record_poke: Notify::new(),
                 stopped: CancellationToken::new(),
             }),
         }
@@ -278,6 +284,9 @@ impl<B: Backend, D: Deployer> Agent<B, D> {
                 Inner::maintenance_loop(self.inner.clone(), background.clone(), events)
                     .in_current_span(),
             );
+            tasks.spawn(
+                Inner::record_loop(self.inner.clone(), background.clone()).in_current_span(),
+            );
             if let Some(exits) = inner.deployer.unwatched_exits() {
                 tasks.spawn(
                     Inner::report_unwatched(self.inner.clone(), exits, background.clone())
@@ -293,6 +302,8 @@ impl<B: Backend, D: Deployer> Agent<B, D> {
             background.cancel();
             tasks.close();
             tasks.wait().await;
+            // The submissions are done: what they launched is recorded before we go.
+            inner.record_all().await;
             let s = inner.stats.snapshot();
             tracing::info!(
                 polls = s.polls,

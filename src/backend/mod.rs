@@ -9,6 +9,7 @@ pub mod prefect3;
 
 pub use crate::work_pool::{JobConfiguration, References};
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -378,10 +379,12 @@ impl BackendError {
 /// This agent's claims as Prefect records them, for adopting the ones a crash left
 /// unlaunched; when to look and what to do with them is the agent's (`agent::maintenance`).
 pub trait ClaimLedger {
-    /// Runs this agent claimed at least `min_age` ago but never recorded as launched.
+    /// Runs this agent claimed at least `min_age` ago but never recorded as launched,
+    /// except `launched`: runs this process launched whose record is still to be written.
     fn orphans(
         &self,
         min_age: Duration,
+        launched: &HashSet<String>,
     ) -> impl Future<Output = Result<Vec<FlowRun>, BackendError>> + Send;
     /// Re-checks, once the run is held busy, that an [`ClaimLedger::orphans`] answer still
     /// stands: the scan may have read the run just before its launch was recorded.

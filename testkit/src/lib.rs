@@ -178,7 +178,7 @@ where
     namesake.register().await.expect("register");
     assert!(
         namesake
-            .orphans(Duration::ZERO)
+            .orphans(Duration::ZERO, &Default::default())
             .await
             .expect("orphans")
             .is_empty(),
@@ -186,7 +186,10 @@ where
     );
     let restarted = backend("one");
     restarted.register().await.expect("register");
-    let orphans = restarted.orphans(Duration::ZERO).await.expect("orphans");
+    let orphans = restarted
+        .orphans(Duration::ZERO, &Default::default())
+        .await
+        .expect("orphans");
     assert_eq!(
         orphans.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
         [run],

@@ -645,7 +645,11 @@ impl Backend for Prefect1 {
 }
 
 impl ClaimLedger for Prefect1 {
-    async fn orphans(&self, min_age: Duration) -> Result<Vec<FlowRun>, BackendError> {
+    async fn orphans(
+        &self,
+        min_age: Duration,
+        recording: &HashSet<String>,
+    ) -> Result<Vec<FlowRun>, BackendError> {
         let marker = self.marker();
         let rows = self
             .runs_where(&json!({"state": {"_eq": "Submitted"}, "state_message": {"_eq": marker}}))
@@ -661,9 +665,9 @@ impl ClaimLedger for Prefect1 {
             }
             Err(_) => HashSet::new(),
         };
-        let (old, rest): (Vec<_>, Vec<_>) = runs
-            .into_iter()
-            .partition(|r| r.state_age(now) >= min_age && !launched.contains(&r.id));
+        let (old, rest): (Vec<_>, Vec<_>) = runs.into_iter().partition(|r| {
+            r.state_age(now) >= min_age && !launched.contains(&r.id) && !recording.contains(&r.id)
+        });
         for r in rest {
             self.forget(&r.id);
         }

@@ -1,6 +1,6 @@
 //! The Prefect 3 work-pool backend: poll a pool, claim runs with a transition id, report back.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -778,13 +778,20 @@ impl Backend for Prefect3 {
 }
 
 impl ClaimLedger for Prefect3 {
-    async fn orphans(&self, min_age: Duration) -> Result<Vec<FlowRun>, BackendError> {
+    async fn orphans(
+        &self,
+        min_age: Duration,
+        launched: &HashSet<String>,
+    ) -> Result<Vec<FlowRun>, BackendError> {
         let marker = self.marker();
         let now = Utc::now();
         let mut orphans = Vec::new();
         for run in self.filter_runs("PENDING").await? {
             // Fresh claims are being launched right now: no history read for them.
-            if run.infrastructure_pid.is_some() || run.state_age(now) < min_age {
+            if run.infrastructure_pid.is_some()
+                || run.state_age(now) < min_age
+                || launched.contains(&run.id)
+            {
                 continue;
             }
             let history = self.history(&run.id).await?;
