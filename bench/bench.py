@@ -940,7 +940,8 @@ def scenarios(args, only, kube, database):
                     def counts(self_):
                         """The operator's Prefect requests so far, and its claims that
                         needed a history read."""
-                        return {"requests": op.metric("prefect_api_request_duration_seconds_count"),
+                        return {"cpu_s": cpu_ticks(op.proc.pid) / TICK,
+                                "requests": op.metric("prefect_api_request_duration_seconds_count"),
                                 "claims_checked_by_history":
                                     op.metric("prefect_agent_claims_checked_by_history_total")}
                 return Stop()
@@ -1097,7 +1098,12 @@ def burst(prefect, kube, n, start_runner, label, job_ns):
         result["requests_per_run"] = round((counts1["requests"] - counts0["requests"]) / max(1, len(times)), 2)
         result["claims_checked_by_history"] = int(counts1["claims_checked_by_history"]
                                                   - counts0["claims_checked_by_history"])
+        # The operator's own CPU over the burst, its records included (it shares the
+        # machine with the Prefect server and the API server).
+        result["operator_cpu_ms_per_run"] = round(1000 * (counts1["cpu_s"] - counts0["cpu_s"])
+                                                  / max(1, len(times)), 1)
         log(f"burst {label}: {result['requests_per_run']} Prefect requests per run, "
+            f"{result['operator_cpu_ms_per_run']} ms of the operator's CPU per run, "
             f"{result['claims_checked_by_history']} claims checked by the history")
     log(f"burst {label}: {seconds:.1f}s ({result['runs_per_second']:.1f} runs/s, {len(lost)} lost, "
         f"Prefect server {result['server_cpu_percent']} % of a core, "

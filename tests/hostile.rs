@@ -281,7 +281,7 @@ async fn exercise<B: Backend>(b: &B, mode: Mode) -> Vec<String> {
             errors.push(e.to_string());
         }
     }
-    let _ = b.log(RUN, LogLevel::Info, "x").await;
+    let _ = b.log(RUN, LogLevel::Info, "x", chrono::Utc::now()).await;
     errors
 }
 

@@ -944,7 +944,11 @@ async fn a_burst_is_polled_again_only_when_its_runs_are_nearly_submitted() {
         wait_for(
             "the run's infrastructure id recorded",
             Duration::from_secs(30),
-            || async { api.run(run).await["infrastructure_pid"].as_str().map(|_| ()) },
+            || async {
+                api.run(run).await["infrastructure_pid"]
+                    .as_str()
+                    .map(|_| ())
+            },
         )
         .await;
     }

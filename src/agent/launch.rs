@@ -29,7 +29,6 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
         let scheduled = run.scheduled_start;
         match self.try_launch(run).await {
             Ok((infra_id, description, exit)) => {
-                self.record_later(&run_id, infra_id.clone());
                 self.stats.submitted();
                 if let Some(at) = scheduled {
                     // Early (prefetched) launches count as zero.
@@ -37,12 +36,12 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
                     crate::metrics::observe(&self.stats.submission_latency, late);
                 }
                 tracing::info!(%infra_id, "submitted for execution");
-                self.run_log(
+                // Its run log line goes to Prefect with the id, after the burst.
+                self.record_later(
                     &run_id,
-                    LogLevel::Info,
-                    &format!("Submitted for execution: {description}"),
-                )
-                .await;
+                    infra_id,
+                    format!("Submitted for execution: {description}"),
+                );
                 if let Some(exit) = exit {
                     let this = self.clone();
                     tokio::spawn(
@@ -169,10 +168,22 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
     }
 
     pub(super) async fn run_log(&self, run_id: &str, level: LogLevel, message: &str) {
+        self.run_log_at(run_id, level, message, chrono::Utc::now())
+            .await;
+    }
+
+    /// A run log line written at `at` (shipped later, e.g. after a burst).
+    pub(super) async fn run_log_at(
+        &self,
+        run_id: &str,
+        level: LogLevel,
+        message: &str,
+        at: chrono::DateTime<chrono::Utc>,
+    ) {
         if self.cfg.no_cloud_logs {
             return;
         }
-        if let Err(e) = self.backend.log(run_id, level, message).await {
+        if let Err(e) = self.backend.log(run_id, level, message, at).await {
             tracing::debug!(error = %e, "could not ship a run log line");
         }
     }

@@ -1,5 +1,5 @@
-//! Where a launched run's infrastructure id is recorded in Prefect: once the burst it came
-//! in is over, not in the middle of it.
+//! Where a launched run's infrastructure id is recorded in Prefect, with its "Submitted
+//! for execution" log line: once the burst it came in is over, not in the middle of it.
 //!
 //! The id is for Prefect's UI and for readers who find runs by it (the orphan scan skips a
 //! run that has one). Nothing about exactly-once waits for it: a Job's name is its run's,
@@ -12,12 +12,13 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::Inner;
-use crate::backend::Backend;
+use crate::backend::{Backend, LogLevel};
 use crate::deploy::Deployer;
 
 /// Launched runs whose infrastructure id Prefect has not been told yet.
@@ -29,6 +30,9 @@ pub(super) struct Unrecorded {
 #[derive(Debug)]
 struct Pending {
     infra_id: String,
+    /// The run log line that says so, and when it was written.
+    line: String,
+    at: DateTime<Utc>,
     since: Instant,
 }
 
@@ -50,13 +54,16 @@ fn due(backlog: usize, ages: &[(String, Duration)]) -> Vec<String> {
 }
 
 impl<B: Backend, D: Deployer> Inner<B, D> {
-    /// Queues a launched run's infrastructure id for [`Inner::record_loop`].
-    pub(super) fn record_later(&self, run_id: &str, infra_id: String) {
+    /// Queues a launched run's infrastructure id and its log line for
+    /// [`Inner::record_loop`].
+    pub(super) fn record_later(&self, run_id: &str, infra_id: String, line: String) {
         if let Ok(mut u) = self.unrecorded.lock() {
             u.runs.insert(
                 run_id.to_string(),
                 Pending {
                     infra_id,
+                    line,
+                    at: Utc::now(),
                     since: Instant::now(),
                 },
             );
@@ -106,23 +113,24 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
     }
 
     async fn record(&self, ids: Vec<String>) {
-        let taken: Vec<(String, String)> = match self.unrecorded.lock() {
+        let taken: Vec<(String, Pending)> = match self.unrecorded.lock() {
             Ok(mut u) => ids
                 .into_iter()
-                .filter_map(|id| u.runs.remove(&id).map(|p| (id, p.infra_id)))
+                .filter_map(|id| u.runs.remove(&id).map(|p| (id, p)))
                 .collect(),
             Err(_) => return,
         };
         futures::stream::iter(taken)
-            .for_each_concurrent(WRITERS, |(run_id, infra_id)| {
+            .for_each_concurrent(WRITERS, |(run_id, p)| {
                 let span = tracing::info_span!("flow_run", flow_run = %run_id);
                 async move {
-                    if let Err(e) = self.backend.launched(&run_id, &infra_id).await {
+                    if let Err(e) = self.backend.launched(&run_id, &p.infra_id).await {
                         // Not lost: an orphan scan finds the run's Job by name and
                         // records it.
                         self.trouble();
-                        tracing::warn!(error = %e, %infra_id, "could not record the infrastructure id");
+                        tracing::warn!(error = %e, infra_id = %p.infra_id, "could not record the infrastructure id");
                     }
+                    self.run_log_at(&run_id, LogLevel::Info, &p.line, p.at).await;
                 }
                 .instrument(span)
             })

@@ -441,12 +441,13 @@ pub trait Backend: ClaimLedger + Send + Sync + 'static {
         &self,
         run_id: &str,
     ) -> impl Future<Output = Result<StateKind, BackendError>> + Send;
-    /// Ships one log line for a run.
+    /// Ships one log line for a run, written at `at`.
     fn log(
         &self,
         run_id: &str,
         level: LogLevel,
         message: &str,
+        at: chrono::DateTime<chrono::Utc>,
     ) -> impl Future<Output = Result<(), BackendError>> + Send;
     /// Asks to have the agent woken as soon as a new run may be waiting or a run is being
     /// cancelled (Prefect 3: its event stream), for as long as the wakers live. Without

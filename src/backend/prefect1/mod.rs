@@ -625,14 +625,20 @@ impl Backend for Prefect1 {
         Ok(state_kind(state))
     }
 
-    async fn log(&self, run_id: &str, level: LogLevel, message: &str) -> Result<(), BackendError> {
+    async fn log(
+        &self,
+        run_id: &str,
+        level: LogLevel,
+        message: &str,
+        at: DateTime<Utc>,
+    ) -> Result<(), BackendError> {
         let input = json!({"input": {"logs": [{
             "flow_run_id": run_id,
             // 1.4 names the agent's run log lines after the agent.
             "name": self.cfg.agent_name,
             "message": message,
             "level": level.name(),
-            "timestamp": timestamp(Utc::now()),
+            "timestamp": timestamp(at),
         }]}});
         self.gql
             .request(

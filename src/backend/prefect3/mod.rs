@@ -752,12 +752,18 @@ impl Backend for Prefect3 {
         }
     }
 
-    async fn log(&self, run_id: &str, level: LogLevel, message: &str) -> Result<(), BackendError> {
+    async fn log(
+        &self,
+        run_id: &str,
+        level: LogLevel,
+        message: &str,
+        at: chrono::DateTime<Utc>,
+    ) -> Result<(), BackendError> {
         let line = json!({
             "name": crate::APP_NAME,
             "level": level.number(),
             "message": message,
-            "timestamp": timestamp(Utc::now()),
+            "timestamp": timestamp(at),
             "flow_run_id": run_id,
         });
         self.logs.call(line).await?;
