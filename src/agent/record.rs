@@ -120,21 +120,27 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
                 .collect(),
             Err(_) => return,
         };
-        futures::stream::iter(taken)
+        futures::stream::iter(&taken)
             .for_each_concurrent(WRITERS, |(run_id, p)| {
                 let span = tracing::info_span!("flow_run", flow_run = %run_id);
                 async move {
-                    if let Err(e) = self.backend.launched(&run_id, &p.infra_id).await {
+                    if let Err(e) = self.backend.launched(run_id, &p.infra_id).await {
                         // Not lost: an orphan scan finds the run's Job by name and
                         // records it.
                         self.trouble();
                         tracing::warn!(error = %e, infra_id = %p.infra_id, "could not record the infrastructure id");
                     }
-                    self.run_log_at(&run_id, LogLevel::Info, &p.line, p.at).await;
                 }
                 .instrument(span)
             })
             .await;
+        // All at once, so that they go out in few requests (`coalesce`).
+        futures::future::join_all(
+            taken
+                .iter()
+                .map(|(run_id, p)| self.run_log_at(run_id, LogLevel::Info, &p.line, p.at)),
+        )
+        .await;
     }
 }
 
