@@ -6,7 +6,6 @@
 //! SCHEDULED; everyone reads the same history, so everyone agrees who holds it.
 
 use chrono::{DateTime, Utc};
-use serde_json::Value;
 
 use super::wire::{ApiState, SetStateResponse};
 use crate::backend::{Claim, StateKind};
@@ -70,15 +69,8 @@ pub fn proven_by_answer(resp: &SetStateResponse, transition_id: &str) -> bool {
         return false;
     };
     StateKind::parse(&state.kind) == StateKind::Pending
-        && state
-            .state_details
-            .get("transition_id")
-            .and_then(Value::as_str)
-            == Some(transition_id)
-        && state
-            .state_details
-            .get("scheduled_time")
-            .is_some_and(|t| !t.is_null())
+        && state.transition_id() == Some(transition_id)
+        && state.scheduled_time().is_some()
 }
 
 /// The claim round: the PENDING states after the run was last SCHEDULED. `None` when the
@@ -95,12 +87,7 @@ fn current_claims(history: &[ApiState]) -> Option<&[ApiState]> {
 /// A claim holds only when it is the one PENDING state since the run was last SCHEDULED.
 pub fn verify_claim(history: &[ApiState], transition_id: &str) -> bool {
     match current_claims(history) {
-        Some([only]) => {
-            only.state_details
-                .get("transition_id")
-                .and_then(Value::as_str)
-                == Some(transition_id)
-        }
+        Some([only]) => only.transition_id() == Some(transition_id),
         _ => false,
     }
 }
@@ -124,9 +111,9 @@ pub fn latest_claimant(history: &[ApiState]) -> Option<&ApiState> {
 
 /// The state our claim displaced, when it was not SCHEDULED: it must be put back.
 pub fn displaced_by<'a>(history: &'a [ApiState], transition_id: &str) -> Option<&'a ApiState> {
-    let ours = history.iter().rposition(|s| {
-        s.state_details.get("transition_id").and_then(Value::as_str) == Some(transition_id)
-    })?;
+    let ours = history
+        .iter()
+        .rposition(|s| s.transition_id() == Some(transition_id))?;
     let before = history[..ours]
         .iter()
         .rev()
@@ -148,8 +135,7 @@ pub fn in_commit_order(mut history: Vec<ApiState>, current: Option<&ApiState>) -
         _ => {
             s.kind == current.kind
                 && s.timestamp == current.timestamp
-                && s.state_details.get("transition_id")
-                    == current.state_details.get("transition_id")
+                && s.transition_id() == current.transition_id()
         }
     };
     if let Some(at) = history.iter().rposition(same) {
@@ -191,9 +177,7 @@ pub fn due_again(current: Option<&ApiState>, now: DateTime<Utc>) -> bool {
     };
     StateKind::parse(&current.kind) == StateKind::Scheduled
         && current
-            .state_details
-            .get("scheduled_time")
-            .and_then(Value::as_str)
+            .scheduled_time()
             .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
             .is_none_or(|t| t <= now)
 }
@@ -201,7 +185,7 @@ pub fn due_again(current: Option<&ApiState>, now: DateTime<Utc>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     fn resp(body: Value) -> SetStateResponse {
         serde_json::from_value(body).unwrap()

@@ -27,11 +27,7 @@ impl SetStateResponse {
     }
 
     pub fn current_transition_id(&self) -> Option<&str> {
-        self.state
-            .as_ref()?
-            .state_details
-            .get("transition_id")?
-            .as_str()
+        self.state.as_ref()?.transition_id()
     }
 
     pub fn current_kind(&self) -> Option<StateKind> {
@@ -55,6 +51,19 @@ pub struct ApiState {
     pub name: Option<String>,
     #[serde(default)]
     pub data: Value,
+}
+
+impl ApiState {
+    /// The transition id its proposer gave it.
+    pub fn transition_id(&self) -> Option<&str> {
+        self.state_details.get("transition_id")?.as_str()
+    }
+
+    /// The time it was scheduled for (SCHEDULED states, and PENDING ones Prefect copied
+    /// it into).
+    pub fn scheduled_time(&self) -> Option<&str> {
+        self.state_details.get("scheduled_time")?.as_str()
+    }
 }
 
 /// A flow run as the Prefect 3 API returns it (decoded leniently: missing fields default).
