@@ -14,6 +14,25 @@ pub fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u64 {
     })
 }
 
+/// A version string's release numbers, in order, as far as they are numbers: each dotted
+/// part's leading digits, before any local part (`3.4.25.dev3+g1` → `3`, `4`, `25`;
+/// `3.0.0rc1` → `3`, `0`, `0`).
+pub fn release_numbers(version: &str) -> Vec<&str> {
+    let public = version
+        .split_once('+')
+        .map_or(version, |(public, _)| public);
+    public
+        .split('.')
+        .map(|part| {
+            let end = part
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(part.len());
+            &part[..end]
+        })
+        .take_while(|n| !n.is_empty())
+        .collect()
+}
+
 /// Percent-encodes a URL path segment (pool, queue and deployment names may hold
 /// spaces or slashes).
 pub fn urlencode(s: &str) -> String {
@@ -44,6 +63,15 @@ pub fn clip(text: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn release_numbers_stop_at_the_first_part_without_a_number() {
+        assert_eq!(release_numbers("3.4.25.dev3+g1234"), ["3", "4", "25"]);
+        assert_eq!(release_numbers("3.0.0rc1"), ["3", "0", "0"]);
+        assert_eq!(release_numbers("2.20+local"), ["2", "20"]);
+        assert!(release_numbers("three").is_empty());
+        assert!(release_numbers("").is_empty());
+    }
 
     #[test]
     fn urlencodes_names() {

@@ -47,12 +47,12 @@ pub fn serialises_transitions(server_version: Option<&str>) -> bool {
     let Some(version) = server_version else {
         return false;
     };
-    let mut parts = version.split('.').map(|p| {
-        let digits: String = p.chars().take_while(char::is_ascii_digit).collect();
-        digits.parse::<u32>().ok()
-    });
-    match (parts.next().flatten(), parts.next().flatten()) {
-        (Some(major), Some(minor)) => (major, minor) >= (2, 20),
+    let numbers = crate::text::release_numbers(version);
+    match numbers.as_slice() {
+        [major, minor, ..] => match (major.parse::<u32>(), minor.parse::<u32>()) {
+            (Ok(major), Ok(minor)) => (major, minor) >= (2, 20),
+            _ => false,
+        },
         _ => false,
     }
 }

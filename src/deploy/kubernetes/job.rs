@@ -43,19 +43,10 @@ pub fn default_image(server_version: Option<&str>) -> String {
     let Some(version) = server_version.map(str::trim).filter(|v| !v.is_empty()) else {
         return DEFAULT_IMAGE.into();
     };
-    let (public, local) = version.split_once('+').unwrap_or((version, ""));
+    let local = version.split_once('+').map_or("", |(_, local)| local);
     // The release without pre-release or post-release suffixes (`3.0.0rc1` → `3.0.0`).
-    let numbers: Vec<&str> = public
-        .split('.')
-        .map(|part| {
-            let end = part
-                .find(|c: char| !c.is_ascii_digit())
-                .unwrap_or(part.len());
-            &part[..end]
-        })
-        .take_while(|n| !n.is_empty())
-        .take(3)
-        .collect();
+    let mut numbers = crate::text::release_numbers(version);
+    numbers.truncate(3);
     match numbers.as_slice() {
         [major, ..] if !local.is_empty() || numbers.len() < 3 => {
             format!("prefecthq/prefect:{major}-latest")
