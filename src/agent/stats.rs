@@ -10,9 +10,14 @@ use tokio::sync::Notify;
 
 use crate::metrics::{SUBMISSION_LATENCY, latency_histogram};
 
+/// Polls failed in a row after which an agent that polled well before counts as degraded.
+pub const DEGRADED_AFTER_POLL_ERRORS: u64 = 3;
+
 /// Live counters, updated by the loop and read by the health API.
 #[derive(Debug)]
 pub struct AgentStats {
+    /// When this agent (this process's instance of it) started.
+    pub started_at: DateTime<Utc>,
     pub polls: AtomicU64,
     pub poll_errors: AtomicU64,
     pub runs_submitted: AtomicU64,
@@ -65,6 +70,10 @@ pub struct StatsSnapshot {
     #[serde(default)]
     pub claim_conflicts: u64,
     pub last_poll_time: Option<DateTime<Utc>>,
+    /// When this instance of the agent started (its poll figures before that are an
+    /// earlier instance's).
+    #[serde(default)]
+    pub started_at: Option<DateTime<Utc>>,
     pub last_error: Option<String>,
     /// Polls failed in a row (0 after a poll that worked).
     #[serde(default)]
@@ -81,6 +90,7 @@ pub struct StatsSnapshot {
 impl Default for AgentStats {
     fn default() -> Self {
         Self {
+            started_at: Utc::now(),
             polls: AtomicU64::default(),
             poll_errors: AtomicU64::default(),
             runs_submitted: AtomicU64::default(),
@@ -120,8 +130,9 @@ impl AgentStats {
         self.touch();
     }
 
-    /// One poll, failed with `error` or not; a change only when polling starts or stops
-    /// failing, or fails differently.
+    /// One poll, failed with `error` or not; a change only for this instance's first
+    /// poll, when polling starts or stops failing, fails differently, or has failed
+    /// `DEGRADED_AFTER_POLL_ERRORS` times in a row.
     pub fn polled(&self, error: Option<String>) {
         Self::inc(&self.polls);
         if error.is_some() {
@@ -130,11 +141,12 @@ impl AgentStats {
         let Ok(mut last) = self.last.lock() else {
             return;
         };
-        last.poll_time = Some(Utc::now());
+        let first = last.poll_time.replace(Utc::now()).is_none();
         let failing = error.is_some();
-        let changed = failing != last.failing || (failing && error != last.error);
+        let mut changed = first || failing != last.failing || (failing && error != last.error);
         if failing {
             last.consecutive_poll_errors += 1;
+            changed |= last.consecutive_poll_errors == DEGRADED_AFTER_POLL_ERRORS;
             last.error = error;
         } else {
             last.consecutive_poll_errors = 0;
@@ -211,6 +223,7 @@ impl AgentStats {
             claims_checked_by_history: self.claims_checked_by_history.load(Ordering::Relaxed),
             claim_conflicts: self.claim_conflicts.load(Ordering::Relaxed),
             last_poll_time: last.poll_time,
+            started_at: Some(self.started_at),
             last_error: last.error,
             consecutive_poll_errors: last.consecutive_poll_errors,
             finished: last.finished,
@@ -248,8 +261,10 @@ mod tests {
         assert!(!signalled(&stats));
         stats.set_agent_id("a-1");
         assert!(signalled(&stats));
-        // Polls alone change nothing worth a write.
+        // This instance's first poll is worth a write (its figures replace an earlier
+        // instance's); later polls alone are not.
         stats.polled(None);
+        assert!(signalled(&stats));
         stats.polled(None);
         assert!(!signalled(&stats));
         // Polling starts failing: once; the same failure again: nothing; recovery: once.
@@ -272,5 +287,20 @@ mod tests {
         assert_eq!(stats.snapshot().runs_submitted, 1);
         assert_eq!(stats.snapshot().runs_failed, 1);
         assert_eq!(stats.snapshot().polls, 6);
+    }
+
+    /// The failure that makes a healthy agent degraded is signalled, even when it is
+    /// the same failure as the ones before: the status says so at once, not at the next
+    /// refresh minutes later.
+    #[test]
+    fn the_failure_that_degrades_an_agent_signals_a_change() {
+        let stats = AgentStats::default();
+        stats.polled(None);
+        assert!(signalled(&stats));
+        for n in 1..=DEGRADED_AFTER_POLL_ERRORS + 2 {
+            stats.polled(Some("down".into()));
+            let expected = n == 1 || n == DEGRADED_AFTER_POLL_ERRORS;
+            assert_eq!(signalled(&stats), expected, "failure {n}");
+        }
     }
 }

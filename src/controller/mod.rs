@@ -42,8 +42,12 @@ pub const FINALIZER: &str = "prefect.io/agent";
 /// The field manager of every status write.
 pub const FIELD_MANAGER: &str = crate::APP_NAME;
 /// How often a running agent's status is refreshed when nothing else changed (its poll
-/// count and time); everything else is written when the agent says it changed.
-const STATUS_INTERVAL: Duration = Duration::from_secs(30);
+/// count and time); everything else is written when the agent says it changed. Five
+/// minutes, as the kubelet refreshes an unchanged Node status: a thousand idle agents
+/// cost the API server three writes a second, not thirty.
+const STATUS_REFRESH: Duration = Duration::from_secs(300);
+/// The same while the agent's polls fail.
+const FAILING_REFRESH: Duration = Duration::from_secs(30);
 /// The least time between two status writes an agent's changes cause.
 const STATUS_WRITE_GAP: Duration = Duration::from_secs(1);
 

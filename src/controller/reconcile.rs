@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{ApiResource, DynamicObject, Patch, PatchParams};
 use kube::core::error_boundary::InvalidObject;
 use kube::runtime::controller::Action;
@@ -16,7 +17,10 @@ use tokio_util::sync::CancellationToken;
 use super::config::{Credentials, SpecError, agent_config, backend_config, check_spec};
 use super::status::{MAX_NOTE, clip, desired_status, status_changed, transition_event};
 use super::supervisor::{AgentPhase, Counts, RESTART_FIRST};
-use super::{Context, Error, FIELD_MANAGER, FINALIZER, Guarded, STATUS_INTERVAL, STATUS_WRITE_GAP};
+use super::{
+    Context, Error, FAILING_REFRESH, FIELD_MANAGER, FINALIZER, Guarded, STATUS_REFRESH,
+    STATUS_WRITE_GAP,
+};
 use crate::agent::{AnyAgent, StopReason};
 use crate::crd::{JobSpec, PrefectAgent, PrefectAgentStatus};
 use crate::deploy::kubernetes::KubernetesDeployer;
@@ -87,7 +91,13 @@ impl PrefectAgent {
             AgentPhase::Waiting { .. } => Action::requeue(Duration::from_secs(30)),
             AgentPhase::Failed { retry_in, .. } => Action::requeue(retry_in),
             AgentPhase::Suspended | AgentPhase::Finished { .. } => Action::await_change(),
-            AgentPhase::Running { .. } => Action::requeue(STATUS_INTERVAL),
+            // What the agent changes is written when it says so (`AgentStats::touch`); the
+            // refresh brings the poll figures up to date. While polls fail, the Secrets
+            // are looked at again sooner (a fixed key is picked up).
+            AgentPhase::Running { stats } if stats.consecutive_poll_errors > 0 => {
+                Action::requeue(FAILING_REFRESH)
+            }
+            AgentPhase::Running { .. } => Action::requeue(STATUS_REFRESH),
         })
     }
 
@@ -260,10 +270,16 @@ impl PrefectAgent {
         (before.polls, before.runs_submitted, before.runs_failed) =
             (c.polls, c.runs_submitted, c.runs_failed);
         let status = desired_status(phase, self.metadata.generation, Some(&before), active_jobs);
+        let agent_started = match phase {
+            AgentPhase::Running { stats } | AgentPhase::Finished { stats } => stats
+                .started_at
+                .and_then(|t| Timestamp::from_microsecond(t.timestamp_micros()).ok()),
+            _ => None,
+        };
         if self
             .status
             .as_ref()
-            .is_some_and(|s| !status_changed(s, &status))
+            .is_some_and(|s| !status_changed(s, &status, agent_started))
         {
             return Ok(());
         }

@@ -5,6 +5,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
 use super::supervisor::AgentPhase;
+pub use crate::agent::stats::DEGRADED_AFTER_POLL_ERRORS;
 use crate::crd::PrefectAgentStatus;
 pub use crate::text::clip;
 
@@ -13,9 +14,6 @@ pub use crate::text::clip;
 pub const MAX_MESSAGE: usize = 1024;
 /// Longest Event note Kubernetes accepts (events.k8s.io/v1: 1 KiB).
 pub const MAX_NOTE: usize = 1024;
-
-/// Polls failed in a row that make a healthy agent Degraded.
-pub const DEGRADED_AFTER_POLL_ERRORS: u64 = 3;
 
 /// A condition's status, reason and message.
 pub type Cond<'a> = (&'a str, &'a str, String);
@@ -222,14 +220,21 @@ pub fn transition_event(
     None
 }
 
-/// How stale an idle agent's poll count and time may get in its status. They move with
-/// every poll; writing them for every agent every few seconds (and the watch event and
-/// reconcile each write causes) would be most of what an idle operator does.
+/// How stale an idle agent's poll count and time may get in its status when something
+/// else is written anyway. They move with every poll; writing them for every agent at
+/// every poll (and the watch event and reconcile each write causes) would be most of
+/// what an idle operator does. Without other changes they are written at the agent's
+/// periodic refresh (`STATUS_REFRESH`), and once for each new instance of the agent.
 const POLL_FIGURES_EVERY: SignedDuration = SignedDuration::from_secs(30);
 
 /// Whether `new` is worth a write over `old`: anything but the poll figures (and the
-/// condition timestamps) changed, or those figures are older than `POLL_FIGURES_EVERY`.
-pub fn status_changed(old: &PrefectAgentStatus, new: &PrefectAgentStatus) -> bool {
+/// condition timestamps) changed, or those figures are older than `POLL_FIGURES_EVERY`,
+/// or they are an earlier instance's and the agent started at `agent_started` has polled.
+pub fn status_changed(
+    old: &PrefectAgentStatus,
+    new: &PrefectAgentStatus,
+    agent_started: Option<Timestamp>,
+) -> bool {
     let strip = |s: &PrefectAgentStatus| {
         let mut s = s.clone();
         for c in &mut s.conditions {
@@ -243,7 +248,10 @@ pub fn status_changed(old: &PrefectAgentStatus, new: &PrefectAgentStatus) -> boo
         return true;
     }
     match (&old.last_poll_time, &new.last_poll_time) {
-        (Some(Time(then)), Some(Time(now))) => now.duration_since(*then) >= POLL_FIGURES_EVERY,
+        (Some(Time(then)), Some(Time(now))) => {
+            let earlier_instance = agent_started.is_some_and(|t| *then < t && *now >= t);
+            earlier_instance || now.duration_since(*then) >= POLL_FIGURES_EVERY
+        }
         (None, Some(_)) => true,
         _ => false,
     }
@@ -277,7 +285,7 @@ mod tests {
     }
 
     #[test]
-    fn poll_figures_alone_are_written_every_30_seconds() {
+    fn poll_figures_alone_are_written_when_30_seconds_old_or_from_a_new_instance() {
         let at = |secs: i64| Some(Time(Timestamp::from_second(1_800_000_000 + secs).unwrap()));
         let old = PrefectAgentStatus {
             polls: 10,
@@ -289,16 +297,25 @@ mod tests {
             last_poll_time: at(secs),
             ..old.clone()
         };
-        assert!(!status_changed(&old, &old));
-        assert!(!status_changed(&old, &polled(12, 20)));
-        assert!(status_changed(&old, &polled(13, 30)));
+        let started = |secs: i64| Some(Timestamp::from_second(1_800_000_000 + secs).unwrap());
+        assert!(!status_changed(&old, &old, None));
+        assert!(!status_changed(&old, &polled(12, 20), started(-100)));
+        assert!(status_changed(&old, &polled(13, 30), started(-100)));
         let submitted = PrefectAgentStatus {
             runs_submitted: 1,
             ..polled(11, 1)
         };
         assert!(
-            status_changed(&old, &submitted),
+            status_changed(&old, &submitted, None),
             "a launch is written at once"
+        );
+        // A new instance of the agent (an operator restart): its first poll is written
+        // even seconds after the old instance's figures; its next ones are not.
+        assert!(status_changed(&old, &polled(11, 5), started(2)));
+        assert!(!status_changed(&polled(11, 5), &polled(12, 10), started(2)));
+        assert!(
+            !status_changed(&old, &polled(11, 1), started(2)),
+            "not before the new instance has polled"
         );
     }
 
