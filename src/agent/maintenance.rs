@@ -34,13 +34,18 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
     ) {
         let mut tick: u32 = 0;
         let mut woken = false;
+        // Whether the last scan found and dealt with every cancellation there was: the
+        // first one of this instance covers what earlier instances (a restart) left.
+        let mut scanned = false;
         loop {
             // Boxed: a launch inside is a large future, and inline it would make every
             // idle agent's sleeping loop that large (a thousand agents, a thousand copies).
             Box::pin(self.adopt_orphans(&stop)).await;
             let events_arrive = events.as_ref().is_some_and(EventLink::connected);
-            if woken || !events_arrive || tick.is_multiple_of(EVENT_SAFETY_NET_TICKS) {
-                Box::pin(self.carry_out_cancellations(&stop)).await;
+            if scan_due(woken, events_arrive, tick, scanned, || {
+                self.may_need_cancelling()
+            }) {
+                scanned = Box::pin(self.carry_out_cancellations(&stop)).await;
             }
             tick = tick.wrapping_add(1);
             let rounds = rounds_to_sleep(events_arrive, self.orphans_cleared(), tick);
@@ -61,6 +66,17 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
                 _ = stop.cancelled() => return,
             }
         }
+    }
+
+    /// Whether a run of this agent could be cancelling: some of its infrastructure may be
+    /// unfinished, a claim may wait for adoption or is being launched, or a cancelled
+    /// run's infrastructure is still to stop. When none is, a scan can find nothing of
+    /// ours (a run claimed and left unlaunched by an earlier instance is found by this
+    /// instance's first scan), and an idle agent makes one request a minute fewer.
+    fn may_need_cancelling(&self) -> bool {
+        let busy = self.busy.lock().map(|b| !b.is_empty()).unwrap_or(true);
+        let unstopped = self.unstopped.lock().map(|u| !u.is_empty()).unwrap_or(true);
+        busy || unstopped || !self.orphans_cleared() || self.deployer.may_have_running()
     }
 
     /// No claim of ours can be waiting for adoption (see `Trouble`).
@@ -130,26 +146,33 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
         }
     }
 
-    pub(super) async fn carry_out_cancellations(&self, stop: &CancellationToken) {
+    /// One scan for cancelling runs, each carried out if it is ours; whether the scan was
+    /// made and every run in it dealt with (a failure is tried again at the next scan).
+    pub(super) async fn carry_out_cancellations(&self, stop: &CancellationToken) -> bool {
         self.stop_again().await;
         let runs = match self.backend.cancelling().await {
             Ok(runs) => runs,
             Err(e) => {
                 tracing::warn!(error = %e, "could not look for cancellations");
-                return;
+                return false;
             }
         };
+        let mut complete = true;
         for run in runs {
             if stop.is_cancelled() {
-                return;
+                return false;
             }
             let span = tracing::info_span!("flow_run", flow_run = %run.id, name = %run.name);
-            async {
+            complete &= async {
+                // Busy elsewhere: a launch or an adoption under way, which the next
+                // scan sees through.
                 let Some(_guard) = self.mark_busy(&run.id) else {
-                    return;
+                    return true;
                 };
-                if !self.ours_to_cancel(&run).await {
-                    return;
+                match self.ours_to_cancel(&run).await {
+                    Some(true) => {}
+                    Some(false) => return true,
+                    None => return false,
                 }
                 // Recorded before the infrastructure is stopped: on the SIGTERM that
                 // follows, Prefect's runner reschedules a run that is not final yet, and
@@ -158,46 +181,49 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
                 if let Err(e) = self.backend.cancelled(&run.id).await {
                     // Still CANCELLING: the next pass tries again.
                     tracing::error!(error = %e, "could not mark the run cancelled");
-                    return;
+                    return false;
                 }
                 AgentStats::inc(&self.stats.runs_cancelled);
                 tracing::info!("flow run cancelled");
                 self.stop_infrastructure(run).await;
+                true
             }
             .instrument(span)
             .await;
         }
+        complete
     }
 
     /// Whether a CANCELLING run is this agent's to cancel: its infrastructure is ours, or
-    /// it has none and we claimed it (nobody else will finish it then).
-    async fn ours_to_cancel(&self, run: &FlowRun) -> bool {
+    /// it has none and we claimed it (nobody else will finish it then). None when that
+    /// could not be told now.
+    async fn ours_to_cancel(&self, run: &FlowRun) -> Option<bool> {
         if !self.deployer.owns(run) {
-            return false;
+            return Some(false);
         }
         if run.infrastructure_pid.is_some() {
-            return true;
+            return Some(true);
         }
         match self.deployer.find(run).await {
-            Ok(Some(_)) => return true,
+            Ok(Some(_)) => return Some(true),
             Ok(None) => {}
             Err(e) => {
                 tracing::warn!(error = %e, "could not look for the run's infrastructure; will look again");
-                return false;
+                return None;
             }
         }
         match self.backend.claimed_by_me(run).await {
             Ok(true) => {
                 tracing::info!("cancelled before it was launched");
-                true
+                Some(true)
             }
             Ok(false) => {
                 tracing::debug!("cancelling run claimed by another agent; left to it");
-                false
+                Some(false)
             }
             Err(e) => {
                 tracing::warn!(error = %e, "could not read who claimed the run");
-                false
+                None
             }
         }
     }
@@ -234,6 +260,23 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
 /// anyway (a missed event).
 const EVENT_SAFETY_NET_TICKS: u32 = 6;
 
+/// Whether round `tick` scans for cancellations: when an event woke it, at every round
+/// while no events arrive and every `EVENT_SAFETY_NET_TICKS` rounds while they do; and
+/// then only until a scan succeeded while nothing of the agent's could be cancelling.
+fn scan_due(
+    woken: bool,
+    events_arrive: bool,
+    tick: u32,
+    scanned: bool,
+    may_need_cancelling: impl FnOnce() -> bool,
+) -> bool {
+    if woken {
+        return true;
+    }
+    let round = !events_arrive || tick.is_multiple_of(EVENT_SAFETY_NET_TICKS);
+    round && (!scanned || may_need_cancelling())
+}
+
 /// How many maintenance rounds to sleep through at once. With events arriving and no claim
 /// waiting for adoption, the rounds before the next safety-net scan have nothing to do:
 /// an idle agent wakes once a minute instead of every 10 s (a thousand agents, a hundred
@@ -251,6 +294,38 @@ fn rounds_to_sleep(events_arrive: bool, orphans_cleared: bool, tick: u32) -> u32
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_agent_with_nothing_to_cancel_scans_once_then_only_when_woken() {
+        let nothing = || false;
+        let something = || true;
+        // The first scan of an instance is made, whatever it has.
+        assert!(scan_due(false, true, 0, false, nothing));
+        // Then, with nothing that could be cancelling: no safety-net scan, events or not.
+        assert!(!scan_due(false, true, 0, true, nothing));
+        assert!(!scan_due(false, false, 3, true, nothing));
+        // A cancellation event wakes a scan regardless.
+        assert!(scan_due(true, true, 3, true, nothing));
+        // With a Job unfinished or a claim under way: at the safety-net rounds with
+        // events, at every round without.
+        assert!(scan_due(
+            false,
+            true,
+            EVENT_SAFETY_NET_TICKS,
+            true,
+            something
+        ));
+        assert!(!scan_due(false, true, 1, true, something));
+        assert!(scan_due(false, false, 1, true, something));
+        // A scan that failed is made again at the next round that is due.
+        assert!(scan_due(
+            false,
+            true,
+            EVENT_SAFETY_NET_TICKS,
+            false,
+            nothing
+        ));
+    }
 
     #[test]
     fn an_idle_agent_sleeps_until_its_next_safety_net_scan() {

@@ -102,6 +102,11 @@ pub trait Deployer: Send + Sync + 'static {
     fn suits(&self, _pool: &PoolInfo) -> Result<(), String> {
         Ok(())
     }
+    /// Whether some infrastructure of this agent may still be unfinished (so that a run
+    /// of it may need cancelling). A deployer that cannot tell says yes.
+    fn may_have_running(&self) -> bool {
+        true
+    }
     /// How many more runs may be started now (a concurrency limit); `None` = no limit.
     fn room(&self) -> Option<usize> {
         None

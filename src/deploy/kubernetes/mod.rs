@@ -118,6 +118,11 @@ impl Deployer for KubernetesDeployer {
         job::suits_pool(pool)
     }
 
+    fn may_have_running(&self) -> bool {
+        self.observer
+            .may_have_active(&agent_label(&self.agent_namespace, &self.agent_name))
+    }
+
     fn unwatched_exits(
         &self,
     ) -> Option<tokio::sync::mpsc::UnboundedReceiver<(String, crate::deploy::Exit)>> {

@@ -4,6 +4,7 @@
 //! Job deleted.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -39,6 +40,9 @@ pub struct JobObserver {
     /// Jobs whose end was already routed that way (a finished Job is seen again on
     /// every later change).
     routed: Mutex<HashSet<String>>,
+    /// Whether `active` holds every Job the watch lists (false until the first list
+    /// completes, and again during a relist).
+    listed: AtomicBool,
     grace: Duration,
 }
 
@@ -225,6 +229,7 @@ impl JobObserver {
             unclaimed: Mutex::default(),
             job_uids: Mutex::default(),
             routed: Mutex::default(),
+            listed: AtomicBool::new(false),
             grace,
         })
     }
@@ -467,6 +472,25 @@ impl JobObserver {
             .collect()
     }
 
+    /// The watch lists every Job again: counts are rebuilt from what it lists.
+    fn relisting(&self) {
+        self.listed.store(false, Ordering::Relaxed);
+        if let Ok(mut a) = self.active.lock() {
+            a.clear();
+        }
+    }
+
+    /// The watch listed every Job.
+    fn listed(&self) {
+        self.listed.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the agent with this label may have an unfinished Job: it has one, or not
+    /// every Job is known yet (before the watch's first list, during a relist).
+    pub fn may_have_active(&self, agent: &str) -> bool {
+        !self.listed.load(Ordering::Relaxed) || self.active(agent) > 0
+    }
+
     /// Unfinished Jobs of the agent with this `prefect.io/agent` label.
     pub fn active(&self, agent: &str) -> usize {
         self.active
@@ -584,7 +608,7 @@ impl JobObserver {
                 watcher::Event::Delete(j) => Seen::JobGone(Box::new(j)),
                 // A relist: counts are rebuilt from the InitApply events that follow.
                 watcher::Event::Init => Seen::Relist,
-                watcher::Event::InitDone => Seen::Nothing,
+                watcher::Event::InitDone => Seen::Listed,
             });
         let pods = watcher(pods, config)
             .default_backoff()
@@ -612,11 +636,8 @@ impl JobObserver {
                         Vec::new()
                     }
                     Ok(Some(Seen::JobGone(job))) => { self.gone(&job); Vec::new() }
-                    Ok(Some(Seen::Relist)) => {
-                        if let Ok(mut a) = self.active.lock() { a.clear(); }
-                        Vec::new()
-                    }
-                    Ok(Some(Seen::Nothing)) => Vec::new(),
+                    Ok(Some(Seen::Relist)) => { self.relisting(); Vec::new() }
+                    Ok(Some(Seen::Listed)) => { self.listed(); Vec::new() }
                     Ok(Some(Seen::Pod(pod))) => self.observe_pod(&pod, Timestamp::now())
                         .map(|(ns, j)| (ns, j, "its pod is stuck"))
                         .into_iter()
@@ -646,7 +667,7 @@ enum Seen {
     JobGone(Box<Job>),
     Pod(Box<Pod>),
     Relist,
-    Nothing,
+    Listed,
 }
 
 #[cfg(test)]
@@ -844,6 +865,27 @@ mod tests {
         ));
         assert_eq!(o.active("n.etl"), 1);
         assert_eq!(o.active("other"), 0);
+    }
+
+    /// An agent is known to have no unfinished Job only once the watch listed them all:
+    /// not before its first list, not during a relist.
+    #[test]
+    fn no_unfinished_job_is_known_only_after_a_complete_list() {
+        let o = JobObserver::new(Duration::from_secs(60));
+        let running: Job = serde_json::from_value(json!({"metadata": {"name": "a",
+            "namespace": "n", "labels": {"prefect.io/agent": "n.etl"}}}))
+        .unwrap();
+        assert!(o.may_have_active("n.idle"), "nothing listed yet");
+        o.observe(&running);
+        o.listed();
+        assert!(!o.may_have_active("n.idle"));
+        assert!(o.may_have_active("n.etl"));
+        o.relisting();
+        assert!(o.may_have_active("n.idle"), "during a relist");
+        o.observe(&running);
+        o.listed();
+        assert!(!o.may_have_active("n.idle"));
+        assert!(o.may_have_active("n.etl"), "the relist counted it again");
     }
 
     #[test]
