@@ -578,7 +578,11 @@ def idle(prefect, kube, binary, counts, settle, window, poll_interval):
             except TimeoutError:
                 pass
             registered = op.ready_agents()
-            out[n] = dict(idle_cost(op.proc, settle, window), registered=registered)
+            requests = op.metric("prefect_api_request_duration_seconds_count")
+            started = time.monotonic()
+            cost = idle_cost(op.proc, settle, window)
+            rate = (op.metric("prefect_api_request_duration_seconds_count") - requests) / (time.monotonic() - started)
+            out[n] = dict(cost, registered=registered, prefect_requests_per_s=round(rate, 1))
         finally:
             op.stop()
             kube.kubectl("delete", "namespace", ns, "--wait=false")

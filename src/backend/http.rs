@@ -355,6 +355,21 @@ impl ApiClient {
         self.send_with_headers(method, path, body, &[]).await
     }
 
+    /// Sends a request once, without retrying: for what is sent again on its own clock
+    /// anyway (a heartbeat), where a retry would only add to a struggling server's load.
+    pub async fn send_unretried(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<String, HttpError> {
+        let url = format!("{}{}", self.base, path);
+        match self.send_once(method, &url, body, &[]).await {
+            Ok((_, text)) => Ok(text),
+            Err(Attempt::Final(err) | Attempt::Retry { err, .. }) => Err(err),
+        }
+    }
+
     /// [`Self::send`] with extra request headers.
     pub async fn send_with_headers(
         &self,

@@ -407,7 +407,7 @@ pub trait ClaimLedger {
 pub trait Backend: ClaimLedger + Send + Sync + 'static {
     /// Announces the agent (Prefect 3: checks the pool and queues, first heartbeat).
     fn register(&self) -> impl Future<Output = Result<Registration, BackendError>> + Send;
-    /// Tells Prefect the agent is alive.
+    /// Tells Prefect the agent is alive (need not be retried: the next one follows).
     fn heartbeat(&self) -> impl Future<Output = Result<(), BackendError>> + Send;
     /// Runs due now or within the prefetch window, not yet claimed.
     fn poll(&self) -> impl Future<Output = Result<Vec<FlowRun>, BackendError>> + Send;

@@ -445,6 +445,29 @@ impl HasId for Value {
     }
 }
 
+impl Prefect3 {
+    /// One worker heartbeat, retried or not.
+    async fn beat(&self, retried: bool) -> Result<(), BackendError> {
+        let body = json!({
+            "name": self.cfg.agent_name,
+            "heartbeat_interval_seconds": self.cfg.heartbeat_interval.as_secs().max(1),
+        });
+        let path = format!("{}/workers/heartbeat", self.pool_path());
+        if retried {
+            self.api.send(Method::POST, &path, Some(&body)).await?;
+        } else {
+            self.api
+                .send_unretried(Method::POST, &path, Some(&body))
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// How many of a pool's latest-beating workers are looked through for this agent's id
+/// right after its heartbeat.
+const WORKER_LOOKUP: usize = 20;
+
 impl Backend for Prefect3 {
     async fn register(&self) -> Result<Registration, BackendError> {
         // First, so that a URL that is not the API is said as such, not as a missing pool.
@@ -474,13 +497,17 @@ impl Backend for Prefect3 {
                 Err(e) => return Err(e.into()),
             }
         }
-        self.heartbeat().await?;
+        // Retried: registration waits for it.
+        self.beat(true).await?;
+        // The server lists a pool's workers by their last heartbeat, latest first: ours
+        // is among the first few (a pool's every worker is a lot of rows for the server
+        // when a thousand agents start at once).
         let workers: Vec<Worker> = self
             .api
             .call(
                 Method::POST,
                 &format!("{}/workers/filter", self.pool_path()),
-                Some(&json!({"limit": 200})),
+                Some(&json!({"limit": WORKER_LOOKUP})),
             )
             .await
             .unwrap_or_default();
@@ -506,19 +533,12 @@ impl Backend for Prefect3 {
         })
     }
 
+    /// Not retried: the next one follows within the interval, and Prefect counts a worker
+    /// offline only after three intervals without one. A server that refuses heartbeats
+    /// for load (SQLite's "database is locked" with a thousand workers) gets no more of
+    /// them for it.
     async fn heartbeat(&self) -> Result<(), BackendError> {
-        let body = json!({
-            "name": self.cfg.agent_name,
-            "heartbeat_interval_seconds": self.cfg.heartbeat_interval.as_secs().max(1),
-        });
-        self.api
-            .send(
-                Method::POST,
-                &format!("{}/workers/heartbeat", self.pool_path()),
-                Some(&body),
-            )
-            .await?;
-        Ok(())
+        self.beat(false).await
     }
 
     async fn poll(&self) -> Result<Vec<FlowRun>, BackendError> {
