@@ -582,6 +582,69 @@ async fn an_agent_killed_between_claim_and_launch_still_runs_the_run_exactly_onc
     );
 }
 
+/// A claim sent by a process killed mid-request can land after the run was claimed
+/// again, ran and finished (the request waited in a busy server; seen in the fault suite
+/// on SQLite): Prefect takes it as a re-run and the run would stay PENDING for good. The
+/// agent's next process puts the finished state back and launches nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_late_claim_over_a_finished_run_is_undone_by_the_next_process() {
+    let Setup {
+        server,
+        api,
+        pool,
+        record,
+        _dir,
+    } = Setup::new("lateclaim").await;
+    let dep = api
+        .create_deployment(&pool, json!({"command": fake_runner(&record, "complete")}))
+        .await;
+    let run = api.create_run(&dep).await;
+    let args = agent_args(&server.url, &pool, "lazarus");
+    let first = AgentProcess::start(&args);
+    api.wait_state(&run, "COMPLETED", Duration::from_secs(60))
+        .await;
+    drop(first);
+    // The late claim: this agent's marker, a transition id, as its claims carry.
+    let states = api.states(&run).await;
+    let marker = states
+        .iter()
+        .find(|s| s["type"] == "PENDING")
+        .and_then(|s| s["message"].as_str())
+        .expect("the first process's claim")
+        .to_string();
+    let late = api
+        .call(
+            reqwest::Method::POST,
+            &format!("/flow_runs/{run}/set_state"),
+            Some(
+                json!({"state": {"type": "PENDING", "name": "Pending", "message": marker,
+                "state_details": {"transition_id": uuid::Uuid::new_v4().to_string()}}}),
+            ),
+        )
+        .await;
+    assert_eq!(
+        late["status"], "ACCEPT",
+        "Prefect takes a claim over a finished run: {late}"
+    );
+    assert_eq!(api.state(&run).await, "PENDING");
+
+    let second = AgentProcess::start(&args);
+    api.wait_state(&run, "COMPLETED", Duration::from_secs(60))
+        .await;
+    assert!(
+        second
+            .output()
+            .contains("a late claim displaced the run's state; restored it"),
+        "{}",
+        second.output()
+    );
+    assert_eq!(
+        recorded(&record),
+        std::slice::from_ref(&run),
+        "executed once, not again"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_run_cancelled_between_claim_and_launch_ends_cancelled() {
     let Setup {

@@ -99,9 +99,10 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
         };
         if orphans.is_empty()
             && let Ok(mut t) = self.trouble.lock()
-            && started >= t.since + self.cfg.adopt_after
+            && started >= t.since + LATE_CLAIMS + self.cfg.adopt_after
         {
-            // Whatever was left unlaunched before `since` would have shown by now.
+            // Whatever was left unlaunched before `since` would have shown by now, and a
+            // claim an earlier process sent would have landed.
             t.cleared = true;
         }
         for run in orphans {
@@ -255,6 +256,12 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
         }
     }
 }
+
+/// How long a claim sent by an earlier process (killed mid-request) may take to land: its
+/// request can wait in a busy server (SQLite's lock, a queue) for seconds. Orphan scans go
+/// on this much longer after a start, so that such a claim is seen and, where it landed
+/// on a finished run, undone.
+const LATE_CLAIMS: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// With events arriving, every this many maintenance rounds the cancellations are scanned
 /// anyway (a missed event).

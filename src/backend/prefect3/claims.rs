@@ -121,6 +121,24 @@ pub fn displaced_by<'a>(history: &'a [ApiState], transition_id: &str) -> Option<
     (StateKind::parse(&before.kind) != StateKind::Scheduled).then_some(before)
 }
 
+/// A claim with `marker` (this agent's, from any of its processes) that is the run's
+/// current state and displaced a finished state: the final state to put back. Such a
+/// claim was sent by a process killed before it could undo it itself, its request still
+/// waiting in the server while the run was claimed again, ran and finished (Prefect
+/// accepts PENDING after a final state, as a re-run); left alone, the run would stay
+/// PENDING for good.
+pub fn late_claim_over_final<'a>(history: &'a [ApiState], marker: &str) -> Option<&'a ApiState> {
+    let last = history.last()?;
+    if StateKind::parse(&last.kind) != StateKind::Pending || last.message.as_deref() != Some(marker)
+    {
+        return None;
+    }
+    let previous = displaced_by(history, last.transition_id()?)?;
+    StateKind::parse(&previous.kind)
+        .is_final()
+        .then_some(previous)
+}
+
 /// The history in the order the server committed it, as far as it can be known: states
 /// are stamped when a request builds them, not when it commits, so a state stamped after
 /// ours may have been committed before it (Prefect's late-runs service marking a run
@@ -449,6 +467,23 @@ mod tests {
             Some("COMPLETED")
         );
         assert!(displaced_by(&h, "tc").is_none(), "tc followed SCHEDULED");
+        assert_eq!(
+            late_claim_over_final(&h, "Claimed by agent b").map(|s| s.kind.as_str()),
+            Some("COMPLETED")
+        );
+        assert!(
+            late_claim_over_final(&h, "Claimed by agent a").is_none(),
+            "another agent's late claim is its own to undo"
+        );
+        assert!(
+            late_claim_over_final(&h[..4], "Claimed by agent b").is_none(),
+            "a finished run"
+        );
+        let over_running = [h[0].clone(), h[1].clone(), h[2].clone(), h[4].clone()];
+        assert!(
+            late_claim_over_final(&over_running, "Claimed by agent b").is_none(),
+            "a run still running moves on by itself"
+        );
         // A run cancelled before anyone launched it still names its claimant.
         let cancelling = state("CANCELLING", "2026-01-01T00:00:09Z", Some("by user"), None);
         let claimed_then_cancelled = [h[0].clone(), h[1].clone(), cancelling.clone()];

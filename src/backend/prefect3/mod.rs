@@ -15,7 +15,8 @@ mod wire;
 
 pub use claims::{
     claim_marker, claimant_of_record, displaced_by, due_again, in_commit_order, interpret_claim,
-    late_marks_in_place, latest_claimant, proven_by_answer, serialises_transitions, verify_claim,
+    late_claim_over_final, late_marks_in_place, latest_claimant, proven_by_answer,
+    serialises_transitions, verify_claim,
 };
 pub use wire::{ApiFlowRun, ApiState, SetStateResponse};
 
@@ -147,6 +148,12 @@ impl Prefect3 {
     }
 
     async fn filter_runs(&self, state: &str) -> Result<Vec<FlowRun>, BackendError> {
+        let runs = self.filter_api_runs(state).await?;
+        Ok(runs.into_iter().map(FlowRun::from).collect())
+    }
+
+    /// The pool's runs in `state`, as the API gives them.
+    async fn filter_api_runs(&self, state: &str) -> Result<Vec<ApiFlowRun>, BackendError> {
         let mut body = json!({
             "flow_runs": {"state": {"type": {"any_": [state]}}},
             "work_pools": {"name": {"any_": [self.cfg.pool]}},
@@ -155,11 +162,10 @@ impl Prefect3 {
         if !self.cfg.queues.is_empty() {
             body["work_queues"] = json!({"name": {"any_": self.cfg.queues}});
         }
-        let runs: Vec<ApiFlowRun> = self
+        Ok(self
             .api
             .call(Method::POST, "/flow_runs/filter", Some(&body))
-            .await?;
-        Ok(runs.into_iter().map(FlowRun::from).collect())
+            .await?)
     }
 
     /// The run as it is now.
@@ -811,8 +817,24 @@ impl ClaimLedger for Prefect3 {
     ) -> Result<Vec<FlowRun>, BackendError> {
         let marker = self.marker();
         let now = Utc::now();
+        let serialised = serialises_transitions(self.known.read().await.server_version.as_deref());
         let mut orphans = Vec::new();
-        for run in self.filter_runs("PENDING").await? {
+        for found in self.filter_api_runs("PENDING").await? {
+            // A claim of ours that displaced a finished run (`late_claim_over_final`): on a
+            // server that copies a SCHEDULED state's time into the claim that follows it,
+            // the one claim without that time. Put right whoever sent it.
+            let late = serialised
+                && found.state.as_ref().is_some_and(|s| {
+                    s.message.as_deref() == Some(marker.as_str()) && s.scheduled_time().is_none()
+                });
+            let run = FlowRun::from(found);
+            if late && run.state_age(now) >= min_age && !launched.contains(&run.id) {
+                let history = self.history(&run.id).await?;
+                if let Some(previous) = late_claim_over_final(&history, &marker) {
+                    self.restore(&run.id, previous).await;
+                    continue;
+                }
+            }
             // Fresh claims are being launched right now: no history read for them.
             if run.infrastructure_pid.is_some()
                 || run.state_age(now) < min_age
