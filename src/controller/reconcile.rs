@@ -4,7 +4,6 @@
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::ObjectReference;
-use k8s_openapi::jiff::Timestamp;
 use kube::api::{ApiResource, DynamicObject, Patch, PatchParams};
 use kube::core::error_boundary::InvalidObject;
 use kube::runtime::controller::Action;
@@ -15,7 +14,9 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use super::config::{Credentials, SpecError, agent_config, backend_config, check_spec};
-use super::status::{MAX_NOTE, clip, desired_status, status_changed, transition_event};
+use super::status::{
+    MAX_NOTE, agent_started, clip, desired_status, status_changed, transition_event,
+};
 use super::supervisor::{AgentPhase, Counts, RESTART_FIRST};
 use super::{
     Context, Error, FAILING_REFRESH, FIELD_MANAGER, FINALIZER, Guarded, STATUS_REFRESH,
@@ -270,16 +271,10 @@ impl PrefectAgent {
         (before.polls, before.runs_submitted, before.runs_failed) =
             (c.polls, c.runs_submitted, c.runs_failed);
         let status = desired_status(phase, self.metadata.generation, Some(&before), active_jobs);
-        let agent_started = match phase {
-            AgentPhase::Running { stats } | AgentPhase::Finished { stats } => stats
-                .started_at
-                .and_then(|t| Timestamp::from_microsecond(t.timestamp_micros()).ok()),
-            _ => None,
-        };
         if self
             .status
             .as_ref()
-            .is_some_and(|s| !status_changed(s, &status, agent_started))
+            .is_some_and(|s| !status_changed(s, &status, agent_started(phase)))
         {
             return Ok(());
         }

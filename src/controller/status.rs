@@ -158,10 +158,7 @@ pub fn desired_status(
     previous: Option<&PrefectAgentStatus>,
     active_jobs: u64,
 ) -> PrefectAgentStatus {
-    let stats = match phase {
-        AgentPhase::Running { stats } | AgentPhase::Finished { stats } => Some(stats),
-        _ => None,
-    };
+    let stats = agent_stats(phase);
     let before = |count: fn(&PrefectAgentStatus) -> u64| previous.map_or(0, count);
     let conditions_before = previous.map_or(&[][..], |p| &p.conditions);
     let last_error = match phase {
@@ -176,7 +173,7 @@ pub fn desired_status(
         agent_id: stats.and_then(|s| s.agent_id.clone()),
         last_poll_time: stats
             .and_then(|s| s.last_poll_time)
-            .and_then(|t| Timestamp::from_microsecond(t.timestamp_micros()).ok())
+            .and_then(kube_time)
             .map(Time),
         polls: stats.map_or_else(|| before(|p| p.polls), |s| s.polls),
         runs_submitted: stats.map_or_else(|| before(|p| p.runs_submitted), |s| s.runs_submitted),
@@ -185,6 +182,24 @@ pub fn desired_status(
         last_error: last_error.map(|e| clip(&e, MAX_MESSAGE)),
         message: None,
     }
+}
+
+/// The figures of the agent a phase has (running, or finished its polls).
+fn agent_stats(phase: &AgentPhase) -> Option<&crate::agent::stats::StatsSnapshot> {
+    match phase {
+        AgentPhase::Running { stats } | AgentPhase::Finished { stats } => Some(stats),
+        _ => None,
+    }
+}
+
+/// When the phase's agent (this instance of it) started, for [`status_changed`].
+pub fn agent_started(phase: &AgentPhase) -> Option<Timestamp> {
+    agent_stats(phase)?.started_at.and_then(kube_time)
+}
+
+/// An agent's time as Kubernetes' (microseconds, as the API server keeps them).
+fn kube_time(t: chrono::DateTime<chrono::Utc>) -> Option<Timestamp> {
+    Timestamp::from_microsecond(t.timestamp_micros()).ok()
 }
 
 /// The Event a status change deserves: Ready turning True, or a new problem (Degraded

@@ -168,6 +168,23 @@ impl Prefect3 {
             .await?)
     }
 
+    /// One worker heartbeat, retried or not.
+    async fn beat(&self, retried: bool) -> Result<(), BackendError> {
+        let body = json!({
+            "name": self.cfg.agent_name,
+            "heartbeat_interval_seconds": self.cfg.heartbeat_interval.as_secs().max(1),
+        });
+        let path = format!("{}/workers/heartbeat", self.pool_path());
+        if retried {
+            self.api.send(Method::POST, &path, Some(&body)).await?;
+        } else {
+            self.api
+                .send_unretried(Method::POST, &path, Some(&body))
+                .await?;
+        }
+        Ok(())
+    }
+
     /// The run as it is now.
     async fn read(&self, run_id: &str) -> Result<FlowRun, BackendError> {
         match self.runs.call(run_id.to_string()).await? {
@@ -448,25 +465,6 @@ impl HasId for ApiFlowRun {
 impl HasId for Value {
     fn id(&self) -> Option<String> {
         self["id"].as_str().map(str::to_string)
-    }
-}
-
-impl Prefect3 {
-    /// One worker heartbeat, retried or not.
-    async fn beat(&self, retried: bool) -> Result<(), BackendError> {
-        let body = json!({
-            "name": self.cfg.agent_name,
-            "heartbeat_interval_seconds": self.cfg.heartbeat_interval.as_secs().max(1),
-        });
-        let path = format!("{}/workers/heartbeat", self.pool_path());
-        if retried {
-            self.api.send(Method::POST, &path, Some(&body)).await?;
-        } else {
-            self.api
-                .send_unretried(Method::POST, &path, Some(&body))
-                .await?;
-        }
-        Ok(())
     }
 }
 
@@ -828,21 +826,25 @@ impl ClaimLedger for Prefect3 {
                     s.message.as_deref() == Some(marker.as_str()) && s.scheduled_time().is_none()
                 });
             let run = FlowRun::from(found);
-            if late && run.state_age(now) >= min_age && !launched.contains(&run.id) {
-                let history = self.history(&run.id).await?;
-                if let Some(previous) = late_claim_over_final(&history, &marker) {
+            let old_enough = run.state_age(now) >= min_age && !launched.contains(&run.id);
+            let mut history = None;
+            if late && old_enough {
+                let states = self.history(&run.id).await?;
+                if let Some(previous) = late_claim_over_final(&states, &marker) {
                     self.restore(&run.id, previous).await;
                     continue;
                 }
+                history = Some(states);
             }
             // Fresh claims are being launched right now: no history read for them.
-            if run.infrastructure_pid.is_some()
-                || run.state_age(now) < min_age
-                || launched.contains(&run.id)
-            {
+            if run.infrastructure_pid.is_some() || !old_enough {
                 continue;
             }
-            let history = self.history(&run.id).await?;
+            // Read once: the late-claim check above may have read it already.
+            let history = match history {
+                Some(states) => states,
+                None => self.history(&run.id).await?,
+            };
             if claimant_of_record(&history).and_then(|s| s.message.as_deref()) == Some(&marker) {
                 orphans.push(run);
             }
