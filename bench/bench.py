@@ -78,12 +78,13 @@ def percentile(values, p):
 class Proc:
     """A child process in its own group, with its output in a file."""
 
-    def __init__(self, args, env=None, log_path=None):
+    def __init__(self, args, env=None, log_path=None, cpus=None):
         self.log_path = log_path or tempfile.mktemp(prefix="pao-bench-", suffix=".log")
         self.out = open(self.log_path, "wb")
         self.p = subprocess.Popen(
             args, env=env, stdout=self.out, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True,
+            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
         )
         self.started = time.monotonic()
 
@@ -130,10 +131,12 @@ def rss_kib(pid):
     return 0
 
 
-def cpu_ticks(pid):
+def cpu_ticks(pid, reaped=False):
+    """A process's CPU ticks; with `reaped`, also those of its children that ended and
+    were waited for (short-lived PostgreSQL backends, say)."""
     try:
         fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-        return int(fields[11]) + int(fields[12])
+        return int(fields[11]) + int(fields[12]) + (int(fields[13]) + int(fields[14]) if reaped else 0)
     except FileNotFoundError:
         return 0
 
@@ -152,19 +155,44 @@ def idle_cost(proc, settle, window):
 
 class ServerCpu:
     """The Prefect server's CPU use from now until `percent()` (% of one core): its
-    processes, and its PostgreSQL server's where it has one (whose backends, one per
-    pooled connection, last as long as the server's pool)."""
+    processes, and its PostgreSQL server's where it has one. The process trees are read
+    again at each reading and ended children count through their parents: a PostgreSQL
+    backend lives only as long as its connection, and a Prefect server opens and closes
+    connections beyond its pool's five as its load asks."""
 
     def __init__(self, prefect):
-        self.pids = prefect.proc.pids() + (prefect.db.proc.pids() if prefect.db else [])
-        self.t0, self.c0 = time.monotonic(), sum(cpu_ticks(p) for p in self.pids)
+        self.procs = [prefect.proc] + ([prefect.db.proc] if prefect.db else [])
+        self.t0, self.c0 = time.monotonic(), self.ticks()
+
+    def ticks(self):
+        return sum(cpu_ticks(p, reaped=True) for proc in self.procs for p in proc.pids())
 
     def seconds(self):
         """CPU-seconds used since the start."""
-        return (sum(cpu_ticks(p) for p in self.pids) - self.c0) / TICK
+        return (self.ticks() - self.c0) / TICK
 
     def percent(self):
         return round(100 * self.seconds() / (time.monotonic() - self.t0), 1)
+
+
+class ServerProfile:
+    """py-spy's samples of the Prefect server from now until `stop()` (collapsed stacks in
+    `--profile-server DIR`, one file per part): where the server's time goes. Nothing
+    unless asked."""
+
+    def __init__(self, prefect, label):
+        self.p = None
+        if PROFILE:
+            pyspy, out = PROFILE
+            path = Path(out) / f"server-{prefect.database}-{label.replace(' ', '-')}.txt"
+            self.p = subprocess.Popen([pyspy, "record", "--pid", str(prefect.proc.pid), "--subprocesses", "--format", "raw",
+                                       "--rate", "200", "--output", str(path), "--nonblocking"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop(self):
+        if self.p:
+            self.p.send_signal(signal.SIGINT)
+            self.p.wait(timeout=30)
 
 
 # ---------------------------------------------------------------- the servers
@@ -178,7 +206,7 @@ class Postgres:
         self.dir = Path(tempfile.mkdtemp(prefix="pao-bench-postgres-"))
         data = self.dir / "data"
         self.proc = Proc(["bash", str(REPO / "scripts/postgres.sh"), "run", str(data), str(self.port)],
-                         log_path=str(self.dir / "postgres.log"))
+                         log_path=str(self.dir / "postgres.log"), cpus=SERVER_CPUS)
         wait_until("the PostgreSQL server", 120, lambda: (data / "ready").exists(), 0.2)
         self.url = f"postgresql+asyncpg://prefect@127.0.0.1:{self.port}/prefect"
 
@@ -203,7 +231,8 @@ class Prefect:
         if self.db:
             env["PREFECT_API_DATABASE_CONNECTION_URL"] = self.db.url
         self.proc = Proc([f"{venv}/bin/prefect", "server", "start", "--host", host,
-                          "--port", str(self.port)], env=env, log_path=str(self.home / "server.log"))
+                          "--port", str(self.port)], env=env, log_path=str(self.home / "server.log"),
+                         cpus=SERVER_CPUS)
         self.url = f"http://{host}:{self.port}/api"
         self.http = httpx.Client(base_url=self.url, timeout=60)
 
@@ -429,8 +458,9 @@ def kubernetes_template(venv):
 # ---------------------------------------------------------------- scenarios
 
 
-def claim_only(prefect, n):
-    """The server's own ceiling: poll and claim (PENDING) with nothing else to do."""
+def claim_only(prefect, n, concurrency=8):
+    """The server's own ceiling: poll and claim (PENDING) with nothing else to do,
+    `concurrency` claims at a time."""
     pool = prefect.pool(f"claim-{uuid.uuid4().hex[:6]}", kind="process")
     dep = prefect.deployment(pool)
     runs = set(prefect.runs(dep, n))
@@ -438,7 +468,7 @@ def claim_only(prefect, n):
     async def go():
         claimed = set()
         async with httpx.AsyncClient(base_url=prefect.url, timeout=60) as http:
-            sem = asyncio.Semaphore(8)
+            sem = asyncio.Semaphore(concurrency)
 
             async def claim(run_id):
                 async with sem:
@@ -460,13 +490,15 @@ def claim_only(prefect, n):
 
     t0 = time.monotonic()
     server = ServerCpu(prefect)
+    profile = ServerProfile(prefect, f"claim-only-{concurrency}")
     claimed = asyncio.run(go())
+    profile.stop()
     seconds = time.monotonic() - t0
     assert claimed == runs
     result = {"runs": n, "seconds": seconds, "runs_per_second": n / seconds,
               "server_cpu_percent": server.percent(),
               "server_cpu_ms_per_run": round(1000 * server.seconds() / n, 1)}
-    log(f"claim-only: {seconds:.1f}s ({result['runs_per_second']:.1f} runs/s, "
+    log(f"claim-only, {concurrency} at a time: {seconds:.1f}s ({result['runs_per_second']:.1f} runs/s, "
         f"Prefect server {result['server_cpu_percent']} % of a core)")
     return result
 
@@ -856,6 +888,9 @@ def plot(r, path, database):
 
 TEMPLATE = None
 WRAP = []
+PROFILE = None
+# With --pin-server: the CPUs of the Prefect server and its PostgreSQL (the rest run elsewhere).
+SERVER_CPUS = None
 
 
 def main():
@@ -884,12 +919,25 @@ def main():
                     help="the parts to run, comma-separated (a partial run writes partial results)")
     ap.add_argument("--without-worker", action="store_true",
                     help="leave Prefect's official worker out of the burst (quicker runs while working on the operator)")
+    ap.add_argument("--profile-server", default="", metavar="PY_SPY,DIR",
+                    help="sample the Prefect server with py-spy during each burst (collapsed stacks in DIR)")
+    ap.add_argument("--pin-server", action="store_true",
+                    help="the Prefect server and its database on CPU 0, everything else (API server, etcd, "
+                         "the runners, this script) on the other CPUs, as when they run on machines of their own")
     ap.add_argument("--wrap", default="",
                     help="a command the operator runs under, e.g. 'heaptrack -o /tmp/op' (profiling)")
     args = ap.parse_args()
     only = set(args.only.split(","))
-    global WRAP
+    global WRAP, PROFILE
     WRAP = args.wrap.split()
+    PROFILE = args.profile_server.split(",") if args.profile_server else None
+    global SERVER_CPUS
+    if args.pin_server:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            sys.exit("--pin-server needs two CPUs or more")
+        SERVER_CPUS = {cpus[0]}
+        os.sched_setaffinity(0, set(cpus[1:]))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     TEMPLATE = kubernetes_template(args.venv)
@@ -979,6 +1027,15 @@ def scenarios(args, only, kube, database):
                 results["burst"]["official worker"] = burst(prefect, kube, args.burst, worker_runner,
                                                             "official worker", None)
             results["calls"] = call_costs(prefect)
+        if "concurrency" in only:
+            # How the server's claim rate depends on how many claims it is sent at once
+            # (what --submit-concurrency is set from): each level twice, taking turns.
+            levels = (4, 8, 16, 32)
+            rounds = {str(c): [] for c in levels}
+            for _ in range(2):
+                for c in levels:
+                    rounds[str(c)].append(claim_only(prefect, args.burst, c))
+            results["claim concurrency"] = rounds
         if "cancellation" in only:
             results["cancellation"] = {
                 "operator": cancellation(prefect, kube, args.cancellations, operator_runner(True),
@@ -1042,6 +1099,7 @@ def burst(prefect, kube, n, start_runner, label, job_ns):
     watch = JobWatch(kube, ns)
     t0 = time.monotonic()
     server = ServerCpu(prefect)
+    profile = ServerProfile(prefect, f"burst-{label}")
     runner = start_runner(ns, pool)
     counts = getattr(runner, "counts", None)
     counts0 = counts() if counts else None
@@ -1067,6 +1125,7 @@ def burst(prefect, kube, n, start_runner, label, job_ns):
 
         wait_until(f"{label}: {n} Jobs", 1200, settled, 1)
         jobs_cpu, jobs_percent = server.seconds(), server.percent()
+        profile.stop()
         # The server's bill is not paid when the last Job exists: each runner also records
         # each run's infrastructure id (the operator after the burst). Counted until every
         # launched run carries one, or a minute without progress.

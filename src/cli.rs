@@ -242,7 +242,8 @@ pub struct AgentArgs {
     /// A run this agent claimed this long ago without launching it is launched again.
     #[arg(long, env = "PAO_ADOPT_AFTER", default_value = "15s", value_parser = humantime::parse_duration, help_heading = "Polling")]
     pub adopt_after: Duration,
-    /// Claims and launches under way at once (default: 32).
+    /// Claims under way at once (default: 4, within the Prefect server's pool of five
+    /// database connections; raise it with the server's pool size).
     #[arg(long, env = "PAO_SUBMIT_CONCURRENCY", help_heading = "Polling")]
     pub submit_concurrency: Option<usize>,
 

@@ -11,6 +11,7 @@ use std::future::Future;
 use std::hash::Hash;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -162,10 +163,134 @@ impl<K: Eq + Hash, V: Clone> Memo<K, V> {
     }
 }
 
+/// Answers read ahead for the runs next in line. A burst's claims go out a few at a time
+/// (the submission slots), each after a read of its run, so one at a time the reads would
+/// be a request each. Instead the read that one run's claim needs also reads the runs the
+/// last poll listed after it, the ones whose slots come next; their answers serve their
+/// own claims if still `fresh` by then, and are read again otherwise. Each answer serves
+/// once.
+pub struct ReadAhead<V> {
+    fresh: Duration,
+    ahead: usize,
+    state: Mutex<ReadAheadState<V>>,
+}
+
+struct ReadAheadState<V> {
+    /// The last poll's runs, in its order, and where each is in it.
+    order: Vec<String>,
+    position: HashMap<String, usize>,
+    /// Answers read ahead, with when their read was sent.
+    read: HashMap<String, (Instant, V)>,
+}
+
+impl<V> ReadAhead<V> {
+    pub fn new(fresh: Duration, ahead: usize) -> Self {
+        Self {
+            fresh,
+            ahead,
+            state: Mutex::new(ReadAheadState {
+                order: Vec::new(),
+                position: HashMap::new(),
+                read: HashMap::new(),
+            }),
+        }
+    }
+
+    /// A poll sent at `at` found these runs, in this order (the order their claims go out
+    /// in): the poll is a read of each, as fresh as any.
+    pub fn polled(&self, answers: impl IntoIterator<Item = (String, V)>, at: Instant) {
+        if let Ok(mut state) = self.state.lock() {
+            state.order.clear();
+            for (id, answer) in answers {
+                state.order.push(id.clone());
+                state.read.insert(id, (at, answer));
+            }
+            let position = state
+                .order
+                .iter()
+                .enumerate()
+                .map(|(i, id)| (id.clone(), i))
+                .collect();
+            state.position = position;
+        }
+    }
+
+    /// `id`'s answer if one was read ahead at most `fresh` before `now`; otherwise the ids
+    /// to read now: `id` first, then up to `ahead` runs polled after it without a fresh
+    /// answer.
+    pub fn take(&self, id: &str, now: Instant) -> Result<V, Vec<String>> {
+        let Ok(mut state) = self.state.lock() else {
+            return Err(vec![id.to_string()]);
+        };
+        let fresh = self.fresh;
+        state
+            .read
+            .retain(|_, (at, _)| now.saturating_duration_since(*at) <= fresh);
+        if let Some((_, answer)) = state.read.remove(id) {
+            return Ok(answer);
+        }
+        let mut ids = vec![id.to_string()];
+        if let Some(&at) = state.position.get(id) {
+            ids.extend(
+                state.order[at + 1..]
+                    .iter()
+                    .filter(|next| !state.read.contains_key(*next))
+                    .take(self.ahead)
+                    .cloned(),
+            );
+        }
+        Err(ids)
+    }
+
+    /// Keeps an answer for `id` read (sent) at `at`.
+    pub fn keep(&self, id: String, answer: V, at: Instant) {
+        if let Ok(mut state) = self.state.lock() {
+            state.read.insert(id, (at, answer));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn ids(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn a_read_takes_the_next_polled_runs_along_and_their_answers_serve_once_while_fresh() {
+        let ra = ReadAhead::new(Duration::from_secs(1), 2);
+        let t0 = Instant::now();
+        let polled = |names: &[&str], at| ra.polled(names.iter().map(|n| (n.to_string(), 0)), at);
+        polled(&["a", "b", "c", "d", "e"], t0 - Duration::from_secs(5));
+        // `a`'s poll is too old: its read also reads the two after it.
+        assert_eq!(ra.take("a", t0), Err(ids(&["a", "b", "c"])));
+        ra.keep("b".into(), 2, t0);
+        ra.keep("c".into(), 3, t0);
+        assert_eq!(ra.take("b", t0 + Duration::from_millis(500)), Ok(2));
+        // Served once: read again, with the next ones that have no answer (`c` has).
+        assert_eq!(
+            ra.take("b", t0 + Duration::from_millis(600)),
+            Err(ids(&["b", "d", "e"]))
+        );
+        // Too old by the time its slot came: read again.
+        assert_eq!(
+            ra.take("c", t0 + Duration::from_millis(1500)),
+            Err(ids(&["c", "d", "e"]))
+        );
+        // A run no poll listed (an adopted claim, say) is read alone.
+        assert_eq!(ra.take("z", t0), Err(ids(&["z"])));
+        // A new poll's order replaces the last one's, and its answers serve while fresh.
+        polled(&["e", "f"], t0);
+        assert_eq!(ra.take("e", t0 + Duration::from_millis(900)), Ok(0));
+        assert_eq!(ra.take("d", t0), Err(ids(&["d"])));
+        assert_eq!(
+            ra.take("f", t0 + Duration::from_millis(1100)),
+            Err(ids(&["f"]))
+        );
+    }
 
     #[tokio::test]
     async fn concurrent_calls_share_requests_and_get_their_own_answers() {

@@ -449,6 +449,8 @@ impl ApiClient {
             }
         };
         let status = resp.status();
+        // Where a burst's time goes, call by call (off unless asked for at trace level).
+        tracing::trace!(%method, path, status = status.as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, "prefect call");
         let retry_after = resp
             .headers()
             .get(reqwest::header::RETRY_AFTER)

@@ -22,7 +22,7 @@ pub use wire::{ApiFlowRun, ApiState, SetStateResponse};
 
 use wire::{ScheduledRun, Worker};
 
-use super::coalesce::{Coalescer, Memo};
+use super::coalesce::{Coalescer, Memo, ReadAhead};
 use super::http::{ApiClient, Auth, HttpError, RetryPolicy};
 use super::{
     Backend, BackendError, Claim, ClaimLedger, Env, EnvValue, FlowRun, LogLevel, PoolInfo, Proof,
@@ -78,6 +78,8 @@ pub struct Prefect3 {
     polled_deployments: Memo<String, Option<Value>>,
     /// Flows by id, for their names only (which Prefect never changes).
     flow_names: Memo<String, Option<Value>>,
+    /// Runs re-read before their claims, read a few at a time (see `ReadAhead`).
+    read_ahead: ReadAhead<Option<ApiFlowRun>>,
 }
 
 /// What registration learnt about the pool, the worker and the server.
@@ -92,6 +94,11 @@ struct Known {
 const BATCH: usize = 100;
 /// How many deployments and flows are kept between reads at most.
 const MEMO: usize = 1000;
+/// A run's state read before its claim serves the claim this long: about as long as a
+/// claim waits in a busy server's queue, what a read right before it leaves open anyway.
+const READ_FRESH: Duration = Duration::from_secs(1);
+/// Runs read along with the one whose claim is next: four rounds of the default slots.
+const READ_AHEAD: usize = 16;
 
 impl Prefect3 {
     /// This agent's claim marker: its name and its identity.
@@ -126,6 +133,7 @@ impl Prefect3 {
             }),
             polled_deployments: Memo::new(MEMO),
             flow_names: Memo::new(MEMO),
+            read_ahead: ReadAhead::new(READ_FRESH, READ_AHEAD),
             api,
             cfg,
             pool_template: RwLock::new(Arc::new(Value::Null)),
@@ -186,6 +194,33 @@ impl Prefect3 {
     }
 
     /// The run as it is now.
+    /// A run as it is just before its claim: as its poll or the read of an earlier run
+    /// found it, if that was under a second ago; else read with the runs polled after it
+    /// (see [`ReadAhead`]).
+    async fn read_before_claim(&self, run_id: &str) -> Result<FlowRun, BackendError> {
+        let sent = std::time::Instant::now();
+        let ids = match self.read_ahead.take(run_id, sent) {
+            Ok(Some(run)) => return Ok(run.into()),
+            Ok(None) => return Err(not_found("flow run", run_id).into()),
+            Err(ids) => ids,
+        };
+        let reads =
+            futures::future::join_all(ids.iter().map(|id| self.runs.call(id.clone()))).await;
+        let mut mine = None;
+        for (id, read) in ids.into_iter().zip(reads) {
+            if id == run_id {
+                mine = Some(read);
+            } else if let Ok(read) = read {
+                self.read_ahead.keep(id, read, sent);
+            }
+        }
+        match mine {
+            Some(Ok(Some(run))) => Ok(run.into()),
+            Some(Err(e)) => Err(e.into()),
+            _ => Err(not_found("flow run", run_id).into()),
+        }
+    }
+
     async fn read(&self, run_id: &str) -> Result<FlowRun, BackendError> {
         match self.runs.call(run_id.to_string()).await? {
             Some(run) => Ok(run.into()),
@@ -555,6 +590,7 @@ impl Backend for Prefect3 {
             body["work_queue_names"] = json!(self.cfg.queues);
         }
         self.polled_deployments.clear();
+        let sent = std::time::Instant::now();
         let runs: Vec<ScheduledRun> = match self
             .api
             .call(
@@ -573,13 +609,18 @@ impl Backend for Prefect3 {
             }
             Err(e) => return Err(e.into()),
         };
+        self.read_ahead.polled(
+            runs.iter()
+                .filter_map(|r| Some((r.flow_run.id()?, Some(r.flow_run.clone())))),
+            sent,
+        );
         Ok(runs.into_iter().map(|r| r.flow_run.into()).collect())
     }
 
     async fn claim(&self, run: &FlowRun) -> Result<Claim, BackendError> {
         // The poll may be seconds old (a burst waits for submission slots): a run that
         // moved on meanwhile must not be claimed, as Prefect would accept it as a re-run.
-        let now = self.read(&run.id).await?;
+        let now = self.read_before_claim(&run.id).await?;
         if now.state != StateKind::Scheduled {
             return Ok(Claim::Taken(format!(
                 "no longer scheduled: {:?}",
