@@ -200,6 +200,12 @@ impl<V> ReadAhead<V> {
     /// in): the poll is a read of each, as fresh as any.
     pub fn polled(&self, answers: impl IntoIterator<Item = (String, V)>, at: Instant) {
         if let Ok(mut state) = self.state.lock() {
+            // Answers no claim took (runs left for later polls) go once stale: the poll of
+            // an agent at its concurrency limit finds runs it does not claim, again and again.
+            let fresh = self.fresh;
+            state
+                .read
+                .retain(|_, (read, _)| at.saturating_duration_since(*read) <= fresh);
             state.order.clear();
             for (id, answer) in answers {
                 state.order.push(id.clone());
@@ -282,8 +288,11 @@ mod tests {
         );
         // A run no poll listed (an adopted claim, say) is read alone.
         assert_eq!(ra.take("z", t0), Err(ids(&["z"])));
-        // A new poll's order replaces the last one's, and its answers serve while fresh.
+        // A new poll's order replaces the last one's, and its answers serve while fresh;
+        // stale answers nobody took are dropped with it.
+        ra.keep("y".into(), 9, t0 - Duration::from_secs(2));
         polled(&["e", "f"], t0);
+        assert_eq!(ra.state.lock().unwrap().read.len(), 2);
         assert_eq!(ra.take("e", t0 + Duration::from_millis(900)), Ok(0));
         assert_eq!(ra.take("d", t0), Err(ids(&["d"])));
         assert_eq!(
