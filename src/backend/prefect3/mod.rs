@@ -609,12 +609,18 @@ impl Backend for Prefect3 {
             }
             Err(e) => return Err(e.into()),
         };
+        let runs: Vec<(ApiFlowRun, FlowRun)> = runs
+            .into_iter()
+            .map(|r| (r.flow_run.clone(), r.flow_run.into()))
+            .collect();
+        // Only an answer that shows the run SCHEDULED stands for the read before its claim.
         self.read_ahead.polled(
             runs.iter()
-                .filter_map(|r| Some((r.flow_run.id()?, Some(r.flow_run.clone())))),
+                .filter(|(_, run)| run.state == StateKind::Scheduled)
+                .map(|(api, run)| (run.id.clone(), Some(api.clone()))),
             sent,
         );
-        Ok(runs.into_iter().map(|r| r.flow_run.into()).collect())
+        Ok(runs.into_iter().map(|(_, run)| run).collect())
     }
 
     async fn claim(&self, run: &FlowRun) -> Result<Claim, BackendError> {
@@ -920,6 +926,17 @@ fn deployment_job_variables(deployment: &Value) -> Map<String, Value> {
 mod tests {
     use super::*;
     use crate::secret::SecretString;
+
+    #[test]
+    fn a_run_whose_answer_has_no_state_object_takes_its_state_type() {
+        // What a Prefect 2.20 poll answers: `state` null, `state_type` set.
+        let polled: ApiFlowRun = serde_json::from_value(json!({
+            "id": "r", "name": "n", "state": null, "state_type": "SCHEDULED"}))
+        .unwrap();
+        assert_eq!(FlowRun::from(polled).state, StateKind::Scheduled);
+        let neither: ApiFlowRun = serde_json::from_value(json!({"id": "r"})).unwrap();
+        assert_eq!(FlowRun::from(neither).state, StateKind::Unknown);
+    }
 
     #[test]
     fn a_prefect_2_deployment_s_infra_overrides_are_its_job_variables() {

@@ -78,6 +78,9 @@ pub struct ApiFlowRun {
     pub deployment_id: Option<String>,
     #[serde(default)]
     pub state: Option<ApiState>,
+    /// The state's type alone: what a Prefect 2.20 poll answers (its `state` is null there).
+    #[serde(default)]
+    pub state_type: Option<String>,
     #[serde(default)]
     pub next_scheduled_start_time: Option<DateTime<Utc>>,
     #[serde(default)]
@@ -98,7 +101,9 @@ impl From<ApiFlowRun> for FlowRun {
             flow_id: r.flow_id,
             deployment_id: r.deployment_id,
             state: state
-                .map(|s| StateKind::parse(&s.kind))
+                .map(|s| s.kind.as_str())
+                .or(r.state_type.as_deref())
+                .map(StateKind::parse)
                 .unwrap_or(StateKind::Unknown),
             state_since: state.and_then(|s| s.timestamp),
             state_message: state
