@@ -72,7 +72,12 @@ async fn a_run_completes_through_the_dev_runner() {
     ] {
         assert!(names.contains(&name), "{name} in {names:?}");
     }
-    assert_eq!(job.status.unwrap().succeeded, Some(1));
+    // Prefect hears COMPLETED from the flow before its pod exits: the Job's success follows.
+    wait_for("the Job succeeded", Duration::from_secs(30), || async {
+        let job = jobs.get(&format!("prefect-run-{run}")).await.ok()?;
+        (job.status?.succeeded == Some(1)).then_some(())
+    })
+    .await;
     wait_for("runsSubmitted = 1", Duration::from_secs(30), || async {
         let s = agents.get("runner").await.ok()?.status?;
         (s.runs_submitted == 1 && s.runs_failed == 0).then_some(())
