@@ -79,7 +79,7 @@ pub struct Prefect3 {
     /// Flows by id, for their names only (which Prefect never changes).
     flow_names: Memo<String, Option<Value>>,
     /// Runs re-read before their claims, read a few at a time (see `ReadAhead`).
-    read_ahead: ReadAhead<Option<ApiFlowRun>>,
+    read_ahead: ReadAhead<Option<FlowRun>>,
 }
 
 /// What registration learnt about the pool, the worker and the server.
@@ -193,14 +193,13 @@ impl Prefect3 {
         Ok(())
     }
 
-    /// The run as it is now.
     /// A run as it is just before its claim: as its poll or the read of an earlier run
     /// found it, if that was under a second ago; else read with the runs polled after it
     /// (see [`ReadAhead`]).
     async fn read_before_claim(&self, run_id: &str) -> Result<FlowRun, BackendError> {
         let sent = std::time::Instant::now();
         let ids = match self.read_ahead.take(run_id, sent) {
-            Ok(Some(run)) => return Ok(run.into()),
+            Ok(Some(run)) => return Ok(run),
             Ok(None) => return Err(not_found("flow run", run_id).into()),
             Err(ids) => ids,
         };
@@ -211,7 +210,7 @@ impl Prefect3 {
             if id == run_id {
                 mine = Some(read);
             } else if let Ok(read) = read {
-                self.read_ahead.keep(id, read, sent);
+                self.read_ahead.keep(id, read.map(FlowRun::from), sent);
             }
         }
         match mine {
@@ -221,6 +220,7 @@ impl Prefect3 {
         }
     }
 
+    /// The run as it is now.
     async fn read(&self, run_id: &str) -> Result<FlowRun, BackendError> {
         match self.runs.call(run_id.to_string()).await? {
             Some(run) => Ok(run.into()),
@@ -609,18 +609,15 @@ impl Backend for Prefect3 {
             }
             Err(e) => return Err(e.into()),
         };
-        let runs: Vec<(ApiFlowRun, FlowRun)> = runs
-            .into_iter()
-            .map(|r| (r.flow_run.clone(), r.flow_run.into()))
-            .collect();
+        let runs: Vec<FlowRun> = runs.into_iter().map(|r| r.flow_run.into()).collect();
         // Only an answer that shows the run SCHEDULED stands for the read before its claim.
         self.read_ahead.polled(
             runs.iter()
-                .filter(|(_, run)| run.state == StateKind::Scheduled)
-                .map(|(api, run)| (run.id.clone(), Some(api.clone()))),
+                .filter(|run| run.state == StateKind::Scheduled)
+                .map(|run| (run.id.clone(), Some(run.clone()))),
             sent,
         );
-        Ok(runs.into_iter().map(|(_, run)| run).collect())
+        Ok(runs)
     }
 
     async fn claim(&self, run: &FlowRun) -> Result<Claim, BackendError> {
