@@ -150,7 +150,12 @@ async fn run_operator(args: OperatorArgs) -> Result<(), CliError> {
         job_namespaces: crate::scope::JobNamespaces::from_list(&args.job_namespaces),
         pod_security: args.pod_security,
     };
-    let ctx = crate::controller::Context::new(client.clone(), args.pod_grace, scope);
+    let agent_defaults = crate::controller::AgentDefaults {
+        heartbeat_interval: args.heartbeat_interval,
+        submit_concurrency: args.submit_concurrency,
+    };
+    let ctx =
+        crate::controller::Context::new(client.clone(), args.pod_grace, scope, agent_defaults);
     crate::operator_api::serve(
         args.health_address,
         readiness.clone(),

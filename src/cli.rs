@@ -79,6 +79,16 @@ pub struct OperatorArgs {
     /// marked crashed and its Job deleted.
     #[arg(long, env = "PAO_POD_GRACE", default_value = "60s", value_parser = humantime::parse_duration)]
     pub pod_grace: std::time::Duration,
+    /// How often each agent tells Prefect it is alive. A thousand agents at 30 s are 33
+    /// heartbeats a second, more than one Prefect server process takes on two cores;
+    /// Prefect counts a worker offline after three missed heartbeats.
+    #[arg(long, env = "PAO_HEARTBEAT_INTERVAL", default_value = "30s", value_parser = nonzero_duration)]
+    pub heartbeat_interval: std::time::Duration,
+    /// Claims each agent has under way at once (default: 4, within the Prefect server's
+    /// pool of five database connections; raise it with the server's pool size).
+    #[arg(long, env = "PAO_SUBMIT_CONCURRENCY", default_value_t = crate::agent::default_submit_concurrency(),
+          value_parser = at_least_one)]
+    pub submit_concurrency: usize,
     /// How often PrefectWorkPools are compared with Prefect again; a change made in
     /// Prefect behind the operator's back is put back within this time.
     #[arg(long, env = "PAO_SYNC_INTERVAL", default_value = "60s", value_parser = humantime::parse_duration)]
@@ -266,6 +276,24 @@ pub struct AgentArgs {
     /// Fault injection for tests: abort right after a claim, before the launch.
     #[arg(long, env = "PAO_FAULT_ABORT_AFTER_CLAIM", hide = true)]
     pub fault_abort_after_claim: bool,
+}
+
+/// A count of one or more.
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be 1 or more".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A duration above zero (`30s`, `1m`).
+fn nonzero_duration(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if d.is_zero() => Err("must be more than zero".into()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// The process deployer's command when none is given (`ProcessConfig`'s default).

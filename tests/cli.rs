@@ -245,3 +245,24 @@ fn help_reads_well() {
     }
     assert!(!help.contains("--fault"), "test hooks stay hidden");
 }
+
+/// The operator's settings for every agent are refused at zero, by flag name, before it
+/// reaches for a cluster.
+#[test]
+fn the_operator_names_a_zero_setting() {
+    for (flag, value) in [
+        ("--submit-concurrency", "0"),
+        ("--heartbeat-interval", "0s"),
+        ("--heartbeat-interval", "soon"),
+    ] {
+        let out = std::process::Command::new(operator_binary())
+            .args(["operator", flag, value])
+            .env("KUBECONFIG", "/nonexistent")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}");
+        let text = String::from_utf8_lossy(&out.stderr);
+        let err = the_error(&text);
+        assert!(err.contains(flag), "{flag} {value}: {err}");
+    }
+}

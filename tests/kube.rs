@@ -5,7 +5,7 @@ use pao_testkit as common;
 use common::cluster::{KubeApiServer, install_crd, namespace};
 use kube::Client;
 use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
-use prefect_agent_operator::controller::agent_config;
+use prefect_agent_operator::controller::{AgentDefaults, agent_config};
 use prefect_agent_operator::crd::{
     PrefectAgent, PrefectAgentStatus, PrefectDeployment, PrefectWorkPool,
 };
@@ -435,7 +435,11 @@ async fn every_spec_the_api_server_stores_decodes() {
         "keySecretRef": {"name": "prefect-api", "key": "key"}}});
     hostile_corpus::<PrefectAgent>("prefectagent.yaml", base, 500, |a| {
         // It configures an agent or says why, by a condition's reason.
-        match agent_config(&a.metadata.name.clone().unwrap_or_default(), &a.spec) {
+        match agent_config(
+            &a.metadata.name.clone().unwrap_or_default(),
+            &a.spec,
+            AgentDefaults::default(),
+        ) {
             Ok(_) => Ok(()),
             Err(e) => {
                 assert!(!e.reason().is_empty());

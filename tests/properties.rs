@@ -10,7 +10,7 @@ use prefect_agent_operator::backend::prefect3::{
     verify_claim,
 };
 use prefect_agent_operator::backend::{Env, EnvValue, FlowRun, References};
-use prefect_agent_operator::controller::agent_config;
+use prefect_agent_operator::controller::{AgentDefaults, agent_config};
 use prefect_agent_operator::crd::{PrefectAgentSpec, SecretKeyRef};
 use prefect_agent_operator::deploy::kubernetes::job::{JobInputs, build_job, configuration_for};
 use prefect_agent_operator::deploy::kubernetes::run_config::kubernetes_run;
@@ -184,7 +184,7 @@ proptest! {
         let Ok(spec) = serde_json::from_value::<PrefectAgentSpec>(spec) else {
             return Ok(()); // the shape is wrong: the CRD schema rejects it first
         };
-        if let Err(e) = agent_config("x", &spec) {
+        if let Err(e) = agent_config("x", &spec, AgentDefaults::default()) {
             prop_assert!(!e.reason().is_empty() && !e.to_string().is_empty());
         }
         let vars = vars.as_object().cloned().unwrap_or_default();

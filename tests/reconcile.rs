@@ -13,6 +13,7 @@ use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::runtime::controller::Action;
 use prefect_agent_operator::backend::http::Auth;
+use prefect_agent_operator::controller::AgentDefaults;
 use prefect_agent_operator::controller::{Context, FINALIZER, reconcile};
 use prefect_agent_operator::crd::PrefectAgent;
 use prefect_agent_operator::scope::{JobNamespaces, Scope};
@@ -24,7 +25,12 @@ fn context(client: kube::Client, ns: &str) -> Arc<Context> {
         job_namespaces: JobNamespaces::from_list(&[]),
         ..Scope::default()
     };
-    Context::new(client, Duration::from_secs(60), scope)
+    Context::new(
+        client,
+        Duration::from_secs(60),
+        scope,
+        AgentDefaults::default(),
+    )
 }
 
 fn condition(agent: &PrefectAgent, kind: &str) -> (String, String, String) {

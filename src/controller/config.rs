@@ -279,8 +279,30 @@ fn is_quantity(s: &str) -> bool {
     number_ok && suffix_ok
 }
 
+/// What the operator's flags set for every agent it runs: the Prefect server's limits,
+/// which the platform team knows and a PrefectAgent's author need not.
+#[derive(Clone, Copy, Debug)]
+pub struct AgentDefaults {
+    pub heartbeat_interval: Duration,
+    pub submit_concurrency: usize,
+}
+
+impl Default for AgentDefaults {
+    fn default() -> Self {
+        let agent = AgentConfig::default();
+        Self {
+            heartbeat_interval: agent.heartbeat_interval,
+            submit_concurrency: agent.submit_concurrency,
+        }
+    }
+}
+
 /// The agent settings a spec asks for, or why it cannot be run.
-pub fn agent_config(name: &str, spec: &PrefectAgentSpec) -> Result<AgentConfig, SpecError> {
+pub fn agent_config(
+    name: &str,
+    spec: &PrefectAgentSpec,
+    defaults: AgentDefaults,
+) -> Result<AgentConfig, SpecError> {
     let poll_interval = match &spec.poll_interval {
         Some(s) => humantime::parse_duration(s)
             .map_err(|e| SpecError::Invalid(format!("spec.pollInterval `{s}`: {e}")))?,
@@ -304,6 +326,8 @@ pub fn agent_config(name: &str, spec: &PrefectAgentSpec) -> Result<AgentConfig, 
         max_polls: spec.max_polls,
         no_cloud_logs: spec.no_cloud_logs,
         poll_interval: poll_interval.max(Duration::from_millis(250)),
+        heartbeat_interval: defaults.heartbeat_interval,
+        submit_concurrency: defaults.submit_concurrency.max(1),
         ..AgentConfig::default()
     })
 }
@@ -317,13 +341,17 @@ mod tests {
         let spec: PrefectAgentSpec = serde_json::from_value(serde_json::json!({
             "api": {"url": "http://p/api", "workPool": "k"}, "agentAddress": "0.0.0.0:22"}))
         .unwrap();
-        let err = agent_config("a", &spec).unwrap_err().to_string();
+        let err = agent_config("a", &spec, AgentDefaults::default())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("/agents/<namespace>/<name>/health"), "{err}");
         let spec: PrefectAgentSpec = serde_json::from_value(serde_json::json!({
             "api": {"url": "http://p/api", "workPool": "k"},
             "job": {"resources": {"limits": {"cpu": "lots"}}}}))
         .unwrap();
-        let err = agent_config("a", &spec).unwrap_err().to_string();
+        let err = agent_config("a", &spec, AgentDefaults::default())
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("spec.job.resources.limits.cpu `lots`"),
             "{err}"
@@ -347,14 +375,26 @@ mod tests {
             "api": {"url": "http://p/api", "workPool": "k"}, "pollInterval": "2s", "maxPolls": 3,
             "envVars": {"A": "1"}, "noCloudLogs": true}))
         .unwrap();
-        let cfg = agent_config("etl", &spec).unwrap();
+        let defaults = AgentDefaults {
+            heartbeat_interval: Duration::from_secs(90),
+            submit_concurrency: 2,
+        };
+        let cfg = agent_config("etl", &spec, defaults).unwrap();
         assert_eq!(cfg.name, "etl");
+        // The operator's flags reach every agent.
+        assert_eq!(cfg.heartbeat_interval, Duration::from_secs(90));
+        assert_eq!(cfg.submit_concurrency, 2);
         assert_eq!(cfg.poll_interval, Duration::from_secs(2));
         assert_eq!(cfg.max_polls, Some(3));
         assert!(cfg.no_cloud_logs);
         let bad: PrefectAgentSpec = serde_json::from_value(json!({
             "api": {"url": "http://p/api"}, "agentAddress": "nowhere"}))
         .unwrap();
-        assert_eq!(agent_config("x", &bad).unwrap_err().reason(), "InvalidSpec");
+        assert_eq!(
+            agent_config("x", &bad, AgentDefaults::default())
+                .unwrap_err()
+                .reason(),
+            "InvalidSpec"
+        );
     }
 }

@@ -11,7 +11,7 @@ mod reconcile;
 pub mod status;
 pub mod supervisor;
 
-pub use config::{SpecError, agent_config, backend_config};
+pub use config::{AgentDefaults, SpecError, agent_config, backend_config};
 pub use supervisor::{AgentPhase, Supervisor};
 
 use std::sync::atomic::Ordering;
@@ -35,6 +35,7 @@ use crate::deploy::kubernetes::job::agent_label;
 use crate::deploy::kubernetes::observe::JobObserver;
 use crate::operator_api::{AgentMetrics, ControllerMetrics, MetricsSource, Readiness};
 use crate::scope::Scope;
+
 use prometheus::Registry;
 
 /// The finalizer that lets the operator stop an agent before its resource goes.
@@ -75,6 +76,8 @@ pub struct Context {
     pub registry: Registry,
     /// Where resources may put their Jobs.
     pub scope: Scope,
+    /// The operator's settings for every agent.
+    pub agent_defaults: AgentDefaults,
     /// Resources whose agent changed something their status shows: reconciled at once.
     changes: mpsc::UnboundedSender<ObjectRef<Guarded>>,
     changed: Mutex<Option<mpsc::UnboundedReceiver<ObjectRef<Guarded>>>>,
@@ -120,7 +123,12 @@ fn error_policy(agent: Arc<Guarded>, error: &Error, _ctx: Arc<Context>) -> Actio
 }
 
 impl Context {
-    pub fn new(client: Client, pod_grace: Duration, scope: Scope) -> Arc<Self> {
+    pub fn new(
+        client: Client,
+        pod_grace: Duration,
+        scope: Scope,
+        agent_defaults: AgentDefaults,
+    ) -> Arc<Self> {
         let reporter = Reporter {
             controller: crate::APP_NAME.into(),
             instance: std::env::var("POD_NAME").ok(),
@@ -143,6 +151,7 @@ impl Context {
             registry: crate::operator_api::registry(this.clone(), &metrics),
             metrics,
             scope,
+            agent_defaults,
         })
     }
 }

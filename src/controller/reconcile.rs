@@ -146,7 +146,7 @@ impl PrefectAgent {
         check_spec(&self.spec)?;
         let resolved = self.with_referenced_pool(ctx).await?;
         let spec = resolved.as_ref().unwrap_or(&self.spec);
-        let cfg = agent_config(&self.name_any(), spec)?;
+        let cfg = agent_config(&self.name_any(), spec, ctx.agent_defaults)?;
         let job_namespace = ctx
             .scope
             .job_namespace(&ns, spec.job.namespace.as_deref())

@@ -29,6 +29,16 @@ async fn an_agent_resource_launches_one_job_per_run_and_reports_back() {
         ready.finalizers().iter().any(|f| f == "prefect.io/agent"),
         "finalizer added"
     );
+    // The operator's --heartbeat-interval (20s in `setup`) is what the worker registers.
+    let workers = prefect
+        .api
+        .call(
+            reqwest::Method::POST,
+            &format!("/work_pools/{}/workers/filter", prefect.pool),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(workers[0]["heartbeat_interval_seconds"], 20, "{workers}");
 
     let dep = prefect
         .api

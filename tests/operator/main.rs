@@ -28,7 +28,8 @@ async fn setup(prefix: &str) -> (kube::Client, String, Setup, AgentProcess) {
     let prefect = Setup::new(prefix).await;
     // Each test's operator watches its own namespace only: tests run side by side.
     let mut cmd = operator_command(&kube_server.kubeconfig);
-    cmd.args(["--namespace", &ns]);
+    // Not the default heartbeat, so a test can see the flag reach the agents.
+    cmd.args(["--namespace", &ns, "--heartbeat-interval", "20s"]);
     let operator = AgentProcess::start_with(cmd);
     (client, ns, prefect, operator)
 }
