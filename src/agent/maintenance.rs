@@ -74,7 +74,7 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
     /// ours (a run claimed and left unlaunched by an earlier instance is found by this
     /// instance's first scan), and an idle agent makes one request a minute fewer.
     fn may_need_cancelling(&self) -> bool {
-        let busy = self.busy.lock().map(|b| !b.is_empty()).unwrap_or(true);
+        let busy = self.busy.runs.lock().map(|b| !b.is_empty()).unwrap_or(true);
         let unstopped = self.unstopped.lock().map(|u| !u.is_empty()).unwrap_or(true);
         busy || unstopped || !self.orphans_cleared() || self.deployer.may_have_running()
     }

@@ -13,6 +13,7 @@ pub use any::AnyAgent;
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -148,7 +149,10 @@ struct Inner<B, D> {
     /// Wakes the maintenance loop (a run is being cancelled).
     cancel_poke: Arc<Notify>,
     /// Runs being claimed, launched, adopted or stopped right now: never twice at once.
-    busy: Arc<Mutex<HashSet<String>>>,
+    busy: Arc<Busy>,
+    /// The last poll found runs not seen before: a burst may be under way, and the
+    /// infrastructure ids wait (see `record`).
+    bursting: AtomicBool,
     slots: Semaphore,
     /// Orphan scans are needed only while a claim may have been left unlaunched: since
     /// start (a previous process's claims) or since a launch went wrong. They become
@@ -173,17 +177,32 @@ struct Trouble {
     cleared: bool,
 }
 
+/// The runs being worked on, and a wake-up each time one is done with (the poll loop of a
+/// burst waits for the backlog to go down).
+#[derive(Default)]
+struct Busy {
+    runs: Mutex<HashSet<String>>,
+    released: Notify,
+}
+
+impl Busy {
+    fn len(&self) -> usize {
+        self.runs.lock().map(|b| b.len()).unwrap_or(0)
+    }
+}
+
 /// Releases a run from the busy set when its work ends, however it ends.
 struct BusyGuard {
-    busy: Arc<Mutex<HashSet<String>>>,
+    busy: Arc<Busy>,
     id: String,
 }
 
 impl Drop for BusyGuard {
     fn drop(&mut self) {
-        if let Ok(mut busy) = self.busy.lock() {
-            busy.remove(&self.id);
+        if let Ok(mut runs) = self.busy.runs.lock() {
+            runs.remove(&self.id);
         }
+        self.busy.released.notify_one();
     }
 }
 
@@ -213,6 +232,7 @@ impl<B: Backend, D: Deployer> Agent<B, D> {
                     cleared: false,
                 }),
                 busy: Arc::default(),
+                bursting: AtomicBool::new(false),
                 slots,
                 trouble_poke: Notify::new(),
                 unstopped: Mutex::default(),
@@ -348,6 +368,9 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
     ) -> StopReason {
         let mut backoff = Backoff::new(this.cfg.poll_interval);
         let mut polls = 0u64;
+        // The runs the last poll answered: one it answers again (a claim Prefect told to
+        // wait for a concurrency slot, say) is no sign of a burst.
+        let mut last_answer: HashSet<String> = HashSet::new();
         // Checked before the first poll (max_polls 0) and after each one (no sleep after the last).
         let exhausted = |polls: u64| this.cfg.max_polls.is_some_and(|max| polls >= max);
         if exhausted(polls) {
@@ -358,12 +381,14 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
                 return StopReason::Shutdown;
             }
             polls += 1;
-            let found = match this.backend.poll().await {
+            // Runs taken up by this poll, and how many of them the last poll had not answered.
+            let (found, fresh) = match this.backend.poll().await {
                 Ok(runs) => {
                     this.stats.polled(None);
-                    let mut found = false;
+                    let (mut found, mut fresh) = (false, 0usize);
+                    let answer: HashSet<String> = runs.iter().map(|r| r.id.clone()).collect();
                     // A concurrency limit: claims under way count against it too.
-                    let in_flight = this.busy.lock().map(|b| b.len()).unwrap_or(0);
+                    let in_flight = this.busy.len();
                     let room = this.deployer.room().map(|r| r.saturating_sub(in_flight));
                     if room.is_some_and(|r| runs.len() > r) {
                         tracing::debug!(
@@ -375,6 +400,7 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
                     for run in runs.into_iter().take(room.unwrap_or(usize::MAX)) {
                         if let Some(guard) = this.mark_busy(&run.id) {
                             found = true;
+                            fresh += usize::from(!last_answer.contains(&run.id));
                             let this = this.clone();
                             let span = tracing::info_span!("flow_run", flow_run = %run.id, name = %run.name);
                             tasks.spawn(
@@ -386,31 +412,38 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
                             );
                         }
                     }
-                    found
+                    last_answer = answer;
+                    (found, fresh)
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "poll failed");
                     this.stats.polled(Some(e.to_string()));
-                    false
+                    (false, 0)
                 }
             };
+            this.bursting.store(fresh > 0, Ordering::Relaxed);
             if exhausted(polls) {
                 return StopReason::MaxPolls;
             }
             let sleep = backoff.after_poll(found);
             if found {
-                // A burst: what this poll found still waits for submission slots, and a
-                // poll now would find it again at a poll's full price on the server (the
-                // dearest call there is). The next one waits until at most one round of
-                // slots' work is left, or a poll interval has passed.
+                // What this poll found still waits for submission slots, and a poll now
+                // would find it again at a poll's full price on the server (the dearest
+                // call there is). The next one waits until a few rounds of slots' work
+                // are left, or a poll interval has passed.
                 let deadline = tokio::time::Instant::now() + this.cfg.poll_interval;
-                while !poll_again(this.backlog(), this.cfg.submit_concurrency)
-                    && tokio::time::Instant::now() < deadline
-                {
+                while !poll_again(this.backlog(), this.cfg.submit_concurrency) {
                     tokio::select! {
-                        _ = tokio::time::sleep(sleep) => {}
+                        _ = this.busy.released.notified() => {}
+                        _ = tokio::time::sleep_until(deadline) => break,
                         _ = shutdown.cancelled() => return StopReason::Shutdown,
                     }
+                }
+                // A burst (more than those rounds found): more runs are likely due, and
+                // the slots would run dry during the seed's pause; the next poll goes
+                // out now.
+                if !poll_again(fresh, this.cfg.submit_concurrency) {
+                    continue;
                 }
             }
             tokio::select! {
@@ -423,12 +456,12 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
 
     /// Runs found and not yet done with: queued for a slot, being claimed or launched.
     fn backlog(&self) -> usize {
-        self.busy.lock().map(|b| b.len()).unwrap_or(0)
+        self.busy.len()
     }
 
     /// Marks a run busy unless it already is; the guard releases it.
     fn mark_busy(&self, id: &str) -> Option<BusyGuard> {
-        let mut busy = self.busy.lock().ok()?;
+        let mut busy = self.busy.runs.lock().ok()?;
         busy.insert(id.to_string()).then(|| BusyGuard {
             busy: self.busy.clone(),
             id: id.to_string(),

@@ -44,11 +44,14 @@ const LOOK_EVERY: Duration = Duration::from_millis(500);
 /// Writes under way at once.
 const WRITERS: usize = 4;
 
-/// Which ids to write now: all of them once nothing waits for a submission slot, else
-/// those that waited [`RECORD_WITHIN`].
-fn due(backlog: usize, ages: &[(String, Duration)]) -> Vec<String> {
+/// Which ids to write now: all of them once the burst is over (nothing being worked on,
+/// and the last poll found nothing new), else those that waited [`RECORD_WITHIN`].
+/// Between a burst's polls the backlog can touch zero for a moment; writing then put a
+/// poll's worth of ids among the next poll's claims.
+fn due(backlog: usize, bursting: bool, ages: &[(String, Duration)]) -> Vec<String> {
+    let over = backlog == 0 && !bursting;
     ages.iter()
-        .filter(|(_, age)| backlog == 0 || *age >= RECORD_WITHIN)
+        .filter(|(_, age)| over || *age >= RECORD_WITHIN)
         .map(|(id, _)| id.clone())
         .collect()
 }
@@ -102,7 +105,8 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
                     .collect(),
                 Err(_) => return,
             };
-            self.record(due(self.backlog(), &ages)).await;
+            let bursting = self.bursting.load(std::sync::atomic::Ordering::Relaxed);
+            self.record(due(self.backlog(), bursting, &ages)).await;
         }
     }
 
@@ -154,11 +158,13 @@ mod tests {
             ("fresh".to_string(), Duration::from_secs(1)),
             ("old".to_string(), RECORD_WITHIN),
         ];
-        assert_eq!(due(5, &ages), ["old"]);
-        let mut all = due(0, &ages);
+        assert_eq!(due(5, false, &ages), ["old"]);
+        let mut all = due(0, false, &ages);
         all.sort();
         assert_eq!(all, ["fresh", "old"]);
-        assert!(due(3, &ages[..1]).is_empty());
-        assert!(due(0, &[]).is_empty());
+        assert!(due(3, false, &ages[..1]).is_empty());
+        assert!(due(0, false, &[]).is_empty());
+        // Nothing under way, but the last poll found runs: the next poll may find more.
+        assert_eq!(due(0, true, &ages), ["old"]);
     }
 }
