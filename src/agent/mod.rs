@@ -213,6 +213,15 @@ fn poll_again(backlog: usize, slots: usize) -> bool {
     backlog <= POLL_AGAIN_ROUNDS * slots.max(1)
 }
 
+/// After a poll that took up runs: whether it was a burst, so that the next poll goes out
+/// as soon as the backlog allows instead of after the seed's pause. `fresh` counts the runs
+/// taken up that the poll before had not answered; runs answered again (claims Prefect
+/// told to wait for a concurrency slot) are no burst, or their polls would follow each
+/// other without a pause.
+fn burst(fresh: usize, slots: usize) -> bool {
+    !poll_again(fresh, slots)
+}
+
 /// Rounds of submission slots left when the next poll of a burst goes out.
 const POLL_AGAIN_ROUNDS: usize = 4;
 
@@ -442,7 +451,7 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
                 // A burst (more than those rounds found): more runs are likely due, and
                 // the slots would run dry during the seed's pause; the next poll goes
                 // out now.
-                if !poll_again(fresh, this.cfg.submit_concurrency) {
+                if burst(fresh, this.cfg.submit_concurrency) {
                     continue;
                 }
             }
@@ -520,7 +529,7 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
 
 #[cfg(test)]
 mod tests {
-    use super::poll_again;
+    use super::{burst, poll_again};
 
     #[test]
     fn a_burst_is_polled_again_once_its_runs_are_down_to_a_few_rounds_of_slots() {
@@ -531,5 +540,14 @@ mod tests {
         // No slots configured still means one at a time, not never.
         assert!(poll_again(4, 0));
         assert!(!poll_again(5, 0));
+    }
+
+    #[test]
+    fn a_burst_is_more_new_runs_than_a_few_rounds_of_slots() {
+        assert!(burst(184, 4));
+        assert!(burst(17, 4));
+        assert!(!burst(16, 4));
+        // A poll that answers only what it answered before.
+        assert!(!burst(0, 4));
     }
 }
