@@ -869,7 +869,7 @@ def plot(r, path, database):
     axes[0].set_ylabel("seconds (log)")
     axes[0].set_title("submission latency")
     axes[0].legend()
-    names = list(r["burst"])
+    names = [n for n, x in r["burst"].items() if isinstance(x, dict)]
     axes[1].bar(names, [r["burst"][n]["runs_per_second"] for n in names], color="tab:green")
     axes[1].set_ylabel("runs per second")
     axes[1].set_title(f"burst of {r['burst']['operator']['runs']} runs")
