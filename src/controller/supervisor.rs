@@ -2,7 +2,6 @@
 //! doubling delay when it fails, and what each is doing for the resource's status.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -87,10 +86,6 @@ pub struct Supervisor {
     agents: Mutex<HashMap<String, Running>>,
     /// The counts of agents stopped or replaced, by resource, until it is deleted.
     carried: Mutex<HashMap<String, Counts>>,
-    /// Agents stopped for good so far, and how many of them the last
-    /// [`release_memory`](Self::release_memory) saw.
-    stopped: AtomicU64,
-    released: AtomicU64,
 }
 
 /// What the supervisor knows about one resource's agent, for its status.
@@ -130,7 +125,6 @@ impl Supervisor {
     pub fn stop(&self, key: &str) {
         let removed = self.agents().remove(key);
         if let Some(r) = removed {
-            self.stopped.fetch_add(1, Ordering::Relaxed);
             r.token.cancel();
             self.carry(key, &r);
         }
@@ -164,7 +158,6 @@ impl Supervisor {
         let Some(r) = removed else {
             return;
         };
-        self.stopped.fetch_add(1, Ordering::Relaxed);
         r.token.cancel();
         if tokio::time::timeout(within, r.handle).await.is_err() {
             tracing::warn!(
@@ -277,24 +270,6 @@ impl Supervisor {
         out
     }
 
-    /// Hands the heap that agents stopped since the last call left free (or, with
-    /// `anyway`, whatever else was freed) back to the system. glibc's allocator otherwise
-    /// keeps its high-water mark: after a thousand resources were deleted the operator
-    /// stayed at the size it had with them. Returns whether it released.
-    pub fn release_memory(&self, anyway: bool) -> bool {
-        let stopped = self.stopped.load(Ordering::Relaxed);
-        if self.released.swap(stopped, Ordering::Relaxed) == stopped && !anyway {
-            return false;
-        }
-        #[cfg(all(target_os = "linux", target_env = "gnu"))]
-        // SAFETY: malloc_trim only returns free pages of the allocator's own arenas to
-        // the system; it takes no pointers and is safe to call from any thread.
-        unsafe {
-            nix::libc::malloc_trim(0);
-        }
-        true
-    }
-
     /// Stops every agent (operator shutdown) and waits, at most `within`, for them to
     /// finish what they were launching.
     pub async fn stop_all(&self, within: Duration) {
@@ -347,12 +322,6 @@ mod tests {
             .await;
         assert!(token.is_cancelled(), "the agent was told to stop");
         assert!(supervisor.current("ns/a", Some(1)).is_none());
-        assert!(
-            supervisor.release_memory(false),
-            "a stopped agent's memory is released"
-        );
-        assert!(!supervisor.release_memory(false), "once");
-        assert!(supervisor.release_memory(true), "and whenever asked");
     }
 
     /// An agent's counts outlive it (suspension, a new generation), not the resource.
