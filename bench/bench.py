@@ -1038,14 +1038,14 @@ def scenarios(args, only, kube, database):
                     "claim-only": max(ceilings, key=lambda x: x["runs_per_second"]),
                     "claim-only, each": ceilings,
                 })
-            for r in rounds:
-                r["share"] = r["operator"]["runs_per_second"] / r["claim-only"]["runs_per_second"]
-            median = sorted(rounds, key=lambda r: r["share"])[len(rounds) // 2]
-            results["burst"] = {k: v for k, v in median.items() if k != "share"}
+            def share(r):
+                return r["operator"]["runs_per_second"] / r["claim-only"]["runs_per_second"]
+
+            results["burst"] = sorted(rounds, key=share)[len(rounds) // 2]
             results["burst rounds"] = [
                 {"operator_runs_per_second": round(r["operator"]["runs_per_second"], 1),
                  "claim_only_runs_per_second": round(r["claim-only"]["runs_per_second"], 1),
-                 "share_percent": round(100 * r["share"], 1)} for r in rounds]
+                 "share_percent": round(100 * share(r), 1)} for r in rounds]
             log("burst rounds (operator / ceiling): " + ", ".join(
                 f"{x['operator_runs_per_second']}/{x['claim_only_runs_per_second']} ({x['share_percent']} %)"
                 for x in results["burst rounds"]))

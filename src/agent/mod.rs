@@ -397,7 +397,7 @@ impl<B: Backend, D: Deployer> Inner<B, D> {
                     let (mut found, mut fresh) = (false, 0usize);
                     let answer: HashSet<String> = runs.iter().map(|r| r.id.clone()).collect();
                     // A concurrency limit: claims under way count against it too.
-                    let in_flight = this.busy.len();
+                    let in_flight = this.backlog();
                     let room = this.deployer.room().map(|r| r.saturating_sub(in_flight));
                     if room.is_some_and(|r| runs.len() > r) {
                         tracing::debug!(

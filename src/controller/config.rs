@@ -327,7 +327,7 @@ pub fn agent_config(
         no_cloud_logs: spec.no_cloud_logs,
         poll_interval: poll_interval.max(Duration::from_millis(250)),
         heartbeat_interval: defaults.heartbeat_interval,
-        submit_concurrency: defaults.submit_concurrency.max(1),
+        submit_concurrency: defaults.submit_concurrency,
         ..AgentConfig::default()
     })
 }

@@ -35,7 +35,6 @@ use crate::deploy::kubernetes::job::agent_label;
 use crate::deploy::kubernetes::observe::JobObserver;
 use crate::operator_api::{AgentMetrics, ControllerMetrics, MetricsSource, Readiness};
 use crate::scope::Scope;
-
 use prometheus::Registry;
 
 /// The finalizer that lets the operator stop an agent before its resource goes.

@@ -203,29 +203,22 @@ impl Prefect3 {
             Ok(None) => return Err(not_found("flow run", run_id).into()),
             Err(ids) => ids,
         };
-        let reads =
-            futures::future::join_all(ids.iter().map(|id| self.runs.call(id.clone()))).await;
-        let mut mine = None;
-        for (id, read) in ids.into_iter().zip(reads) {
-            if id == run_id {
-                mine = Some(read);
-            } else if let Ok(read) = read {
+        // `take` lists `run_id` first, then the runs read along with it.
+        let mut reads = futures::future::join_all(ids.iter().map(|id| self.runs.call(id.clone())))
+            .await
+            .into_iter();
+        let mine = reads.next().unwrap_or(Ok(None));
+        for (id, read) in ids.into_iter().skip(1).zip(reads) {
+            if let Ok(read) = read {
                 self.read_ahead.keep(id, read.map(FlowRun::from), sent);
             }
         }
-        match mine {
-            Some(Ok(Some(run))) => Ok(run.into()),
-            Some(Err(e)) => Err(e.into()),
-            _ => Err(not_found("flow run", run_id).into()),
-        }
+        found(run_id, mine?)
     }
 
     /// The run as it is now.
     async fn read(&self, run_id: &str) -> Result<FlowRun, BackendError> {
-        match self.runs.call(run_id.to_string()).await? {
-            Some(run) => Ok(run.into()),
-            None => Err(not_found("flow run", run_id).into()),
-        }
+        found(run_id, self.runs.call(run_id.to_string()).await?)
     }
 
     /// Puts back a state our late claim overwrote (best effort; logged either way).
@@ -478,6 +471,12 @@ async fn remembered(
 }
 
 /// The error a read by id gives for an object the server does not have.
+/// A run as read, or the error that says it is not there.
+fn found(run_id: &str, read: Option<ApiFlowRun>) -> Result<FlowRun, BackendError> {
+    read.map(FlowRun::from)
+        .ok_or_else(|| not_found("flow run", run_id).into())
+}
+
 fn not_found(what: &str, id: &str) -> HttpError {
     HttpError::NotFound {
         method: Method::POST,
